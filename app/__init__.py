@@ -1,0 +1,1 @@
+"""Model service: scikit-learn regression with conformal intervals, served by FastAPI."""

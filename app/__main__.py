@@ -1,0 +1,93 @@
+"""Command line: ``python -m app {serve,train,retrain,versions,rollback,drift}``.
+
+``retrain``, ``versions``, ``rollback`` and ``drift`` talk to the running service's private /admin routes on the
+loopback address, so the serving process is the one that swaps models. The host's cron runs
+``docker exec <model container> python -m app retrain``: it never goes through the public proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from app.settings import get_settings
+
+
+def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
+    from app.service import load_admin_token
+
+    settings = get_settings()
+    url = f"http://127.0.0.1:{settings.port}{path}"
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {load_admin_token(settings)}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"{method} {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{method} {path}: cannot reach the service at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(payload, indent=2, sort_keys=True))
+    return 1 if payload.get("outcome") == "failed" else 0
+
+
+def _train() -> int:
+    """Offline: make sure a current model exists (used at first start or in an image build)."""
+    from prometheus_client import CollectorRegistry
+
+    from app.metrics import ServiceMetrics
+    from app.service import ModelService
+
+    service = ModelService(get_settings(), ServiceMetrics(CollectorRegistry()))
+    try:
+        service.start()
+        if service.current is None:
+            print(f"current model unusable: {service.load_error}", file=sys.stderr)
+            return 1
+        print(json.dumps(service.current.metadata.model_dump(include={"version", "metrics"}), indent=2))
+        return 0
+    finally:
+        service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP service (uvicorn)")
+    commands.add_parser("train", help="train the first model into the registry if there is none")
+    commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
+    commands.add_parser("versions", help="list model versions and retrain history")
+    rollback = commands.add_parser("rollback", help="serve an earlier version")
+    rollback.add_argument("version", help="e.g. v0001")
+    drift = commands.add_parser("drift", help="population stability per feature over recent predictions")
+    drift.add_argument("--window", type=int, default=1000)
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        import uvicorn
+
+        settings = get_settings()
+        uvicorn.run("app.main:app", host=settings.host, port=settings.port, proxy_headers=True, forwarded_allow_ips="*")
+        return 0
+    if args.command == "train":
+        return _train()
+    if args.command == "retrain":
+        return _admin_call("POST", "/admin/retrain")
+    if args.command == "versions":
+        return _admin_call("GET", "/admin/versions")
+    if args.command == "rollback":
+        return _admin_call("POST", "/admin/rollback", {"version": args.version})
+    return _admin_call("GET", f"/admin/drift?window={args.window}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""FastAPI application: public prediction routes and the private /admin routes."""
+
+import hmac
+import logging
+import math
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from app.data import load_dataset
+from app.metrics import ServiceMetrics
+from app.predlog import PredictionRecord
+from app.registry import RegistryError
+from app.schemas import (
+    BatchResponse,
+    ObservationsResponse,
+    PredictionResult,
+    PredictResponse,
+    RollbackRequest,
+    build_request_schemas,
+)
+from app.service import ModelService, NotReady, RetrainBusy, load_admin_token
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+bearer = HTTPBearer(auto_error=False)
+
+
+def _json_safe(value: Any) -> Any:
+    """Echoed input may hold NaN or infinity, which JSON cannot carry: spell those out."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": _json_safe(jsonable_encoder(exc.errors(), custom_encoder={float: _json_safe}))},
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    feature_names = load_dataset(settings.dataset, settings.target_column).feature_names
+    schemas = build_request_schemas(feature_names, settings)
+    metrics_registry = CollectorRegistry()
+    metrics = ServiceMetrics(metrics_registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = ModelService(settings, metrics)
+        service.start()
+        app.state.service = service
+        app.state.admin_token = load_admin_token(settings)
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="mlapi",
+        description="Regression predictions with conformal prediction intervals and out-of-distribution flags.",
+        version="1.0.0",
+        lifespan=lifespan,
+        exception_handlers={RequestValidationError: validation_error},
+    )
+    Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=True
+    )
+
+    def service_of(request: Request) -> ModelService:
+        return request.app.state.service
+
+    Service = Annotated[ModelService, Depends(service_of)]
+
+    def require_admin(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> None:
+        expected: str = request.app.state.admin_token
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing or wrong bearer token in the Authorization header",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def rows_of(records: list[Any]) -> np.ndarray:
+        return np.array([[getattr(r, name) for name in feature_names] for r in records], dtype=np.float64)
+
+    def run_predictions(service: ModelService, X: np.ndarray, confidence: float, route: str):
+        started = time.perf_counter()
+        try:
+            result = service.predict(X, confidence)
+        except NotReady as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"model not ready: {exc}") from exc
+        latency_ms = (time.perf_counter() - started) * 1000 / len(X)
+        now = time.time()
+        items, records = [], []
+        for i in range(len(X)):
+            prediction_id = uuid.uuid4().hex
+            reasons = [reason.__dict__ for reason in result.ood[i]]
+            items.append(
+                PredictionResult(
+                    prediction_id=prediction_id,
+                    prediction=float(result.points[i]),
+                    interval={
+                        "lower": float(result.lower[i]),
+                        "upper": float(result.upper[i]),
+                        "confidence": confidence,
+                    },
+                    out_of_distribution={"flag": bool(reasons), "reasons": reasons},
+                )
+            )
+            records.append(
+                PredictionRecord(
+                    prediction_id,
+                    now,
+                    result.version,
+                    X[i].tolist(),
+                    float(result.points[i]),
+                    float(result.lower[i]),
+                    float(result.upper[i]),
+                    confidence,
+                    bool(reasons),
+                    latency_ms,
+                )
+            )
+        service.prediction_log.record(records)
+        service.metrics.predictions.labels(route).inc(len(X))
+        flagged = sum(1 for reasons in result.ood if reasons)
+        if flagged:
+            service.metrics.ood.inc(flagged)
+        return result.version, items
+
+    # -- public ----------------------------------------------------------------------------------------------
+    @app.get("/health", tags=["public"], summary="The process is alive.")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["public"], summary="A model is loaded and answers.")
+    def ready(service: Service) -> dict[str, str]:
+        predictor = service.current
+        if predictor is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
+        probe = np.array([[feature.mean for feature in predictor.metadata.features]])
+        if not np.isfinite(predictor.point(probe)).all():
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model answers with non-finite values")
+        return {"status": "ready", "model_version": predictor.metadata.version}
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        tags=["public"],
+        summary="One record → prediction, interval at the requested confidence, out-of-distribution flag.",
+    )
+    def predict(body: schemas.predict, service: Service) -> PredictResponse:  # type: ignore[valid-type]
+        version, items = run_predictions(service, rows_of([body.features]), body.confidence, "predict")
+        return PredictResponse(model_version=version, **items[0].model_dump())
+
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        tags=["public"],
+        summary=f"Many records in one call (at most {settings.max_batch_rows}).",
+    )
+    def predict_batch(body: schemas.batch, service: Service) -> BatchResponse:  # type: ignore[valid-type]
+        version, items = run_predictions(service, rows_of(body.records), body.confidence, "predict_batch")
+        return BatchResponse(model_version=version, predictions=items)
+
+    @app.get("/model", tags=["public"], summary="The served version: metrics, coverage, data, feature schema.")
+    def model_info(service: Service) -> dict[str, Any]:
+        predictor = service.current
+        if predictor is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
+        return predictor.metadata.model_dump(exclude={"sha256"})
+
+    @app.post(
+        "/observations",
+        response_model=ObservationsResponse,
+        status_code=201,
+        tags=["public"],
+        summary="Ground truth for past inputs; used by the next retrain.",
+    )
+    def observations(body: schemas.observations, service: Service) -> ObservationsResponse:  # type: ignore[valid-type]
+        service.prediction_log.flush(timeout=2)  # so a prediction_id from a moment ago is found
+        wanted = [o.prediction_id for o in body.observations if o.prediction_id is not None]
+        known = service.prediction_log.prediction_features(wanted)
+        rows, errors = [], []
+        for index, item in enumerate(body.observations):
+            if item.prediction_id is not None:
+                if item.prediction_id not in known:
+                    errors.append(
+                        {
+                            "loc": ["body", "observations", index, "prediction_id"],
+                            "msg": f"unknown prediction_id {item.prediction_id!r}",
+                            "type": "value_error",
+                        }
+                    )
+                    continue
+                rows.append((item.prediction_id, known[item.prediction_id], item.target))
+            else:
+                rows.append((None, rows_of([item.features])[0].tolist(), item.target))
+        if errors:
+            raise RequestValidationError(errors)
+        stored = service.prediction_log.add_observations(rows)
+        service.metrics.observations.inc(stored)
+        return ObservationsResponse(stored=stored)
+
+    # -- private: never routed by the public proxy, and guarded by a token anyway -------------------------------
+    admin = [Depends(require_admin)]
+
+    @app.post("/admin/retrain", tags=["admin"], dependencies=admin, summary="Retrain now; promote only if better.")
+    def retrain(service: Service) -> dict[str, Any]:
+        try:
+            return service.retrain().__dict__
+        except RetrainBusy as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+    @app.get("/admin/versions", tags=["admin"], dependencies=admin, summary="All versions and the current one.")
+    def versions(service: Service) -> dict[str, Any]:
+        current = service.current.metadata.version if service.current else None
+        return {
+            "current": current,
+            "versions": [
+                m.model_dump(
+                    include={"version", "parent", "created_at", "data_fingerprint", "metrics", "n_observations"}
+                )
+                for m in service.registry.list()
+            ],
+            "history": service.history(),
+        }
+
+    @app.post("/admin/rollback", tags=["admin"], dependencies=admin, summary="Serve an earlier version.")
+    def rollback(body: RollbackRequest, service: Service) -> dict[str, str]:
+        try:
+            predictor = service.rollback(body.version)
+        except RegistryError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"rollback refused, current model kept: {exc}") from exc
+        return {"current": predictor.metadata.version}
+
+    @app.get(
+        "/admin/drift",
+        tags=["admin"],
+        dependencies=admin,
+        summary="Population stability index per feature: recent predictions vs training data.",
+    )
+    def drift(service: Service, window: Annotated[int, Query(ge=10, le=100_000)] = 1000) -> dict[str, Any]:
+        try:
+            return service.drift(window)
+        except NotReady as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,164 @@
+"""Model versions on the data directory: one skops file plus metadata each, and an atomic "current" pointer.
+
+Files are loaded with skops and an explicit allow-list of types, never with pickle or joblib: a model file is data
+that may have been tampered with, and loading it must not run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import skops.io as sio
+
+from app.data import Dataset
+from app.model import ModelMetadata, Predictor
+
+# Types skops does not trust by default but that our estimators and MAPIE's split conformal regressor consist of.
+TRUSTED_TYPES: frozenset[str] = frozenset(
+    {
+        "mapie.conformity_scores.bounds.absolute.AbsoluteConformityScore",
+        "mapie.estimator.regressor.EnsembleRegressor",
+        "mapie.regression.regression.SplitConformalRegressor",
+        "mapie.regression.regression._MapieRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    }
+)
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+MODEL_FILE = "model.skops"
+METADATA_FILE = "metadata.json"
+
+
+class RegistryError(RuntimeError):
+    """A version is missing, unreadable or untrusted; the message says which and why."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Registry:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "models"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.holdout_path = data_dir / "holdout.npz"
+        self.pointer = self.root / "CURRENT"
+
+    # -- versions ---------------------------------------------------------------------------------------------
+    def version_names(self) -> list[str]:
+        names = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        return sorted(names, key=lambda name: int(VERSION_PATTERN.match(name).group(1)))
+
+    def metadata(self, version: str) -> ModelMetadata:
+        path = self._version_dir(version) / METADATA_FILE
+        try:
+            return ModelMetadata.model_validate_json(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"version {version}: unreadable metadata ({exc})") from exc
+
+    def list(self) -> list[ModelMetadata]:
+        return [self.metadata(name) for name in self.version_names()]
+
+    def save(self, predictor: Predictor, parent: str | None) -> str:
+        """Store a new version and return its name; it is not made current here."""
+        while True:
+            names = self.version_names()
+            number = int(VERSION_PATTERN.match(names[-1]).group(1)) + 1 if names else 1
+            version = f"v{number:04d}"
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+            blob = sio.dumps(predictor.conformal)
+            (staging / MODEL_FILE).write_bytes(blob)
+            metadata = predictor.metadata.model_copy(
+                update={"version": version, "parent": parent, "sha256": hashlib.sha256(blob).hexdigest()}
+            )
+            (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2))
+            try:
+                staging.rename(self.root / version)  # atomic; fails if another writer took the name
+            except OSError:
+                for child in staging.iterdir():
+                    child.unlink()
+                staging.rmdir()
+                continue
+            predictor.metadata = metadata
+            return version
+
+    def load(self, version: str) -> Predictor:
+        metadata = self.metadata(version)
+        blob_path = self._version_dir(version) / MODEL_FILE
+        try:
+            blob = blob_path.read_bytes()
+        except OSError as exc:
+            raise RegistryError(f"version {version}: cannot read {blob_path} ({exc})") from exc
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != metadata.sha256:
+            raise RegistryError(f"version {version}: {MODEL_FILE} does not match its recorded sha256 (tampered?)")
+        try:
+            untrusted = set(sio.get_untrusted_types(data=blob))
+        except Exception as exc:  # skops raises several types for a malformed archive
+            raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
+        unknown = sorted(untrusted - TRUSTED_TYPES)
+        if unknown:
+            raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
+        try:
+            conformal = sio.loads(blob, trusted=sorted(untrusted))
+        except Exception as exc:
+            raise RegistryError(f"version {version}: loading failed ({exc})") from exc
+        return Predictor(conformal, metadata)
+
+    # -- current pointer --------------------------------------------------------------------------------------
+    def current(self) -> str | None:
+        try:
+            version = self.pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def set_current(self, version: str) -> None:
+        self._version_dir(version)
+        _atomic_write(self.pointer, f"{version}\n".encode())
+
+    # -- holdout: fixed once, so every version is judged on the same rows -------------------------------------
+    def load_holdout(self, feature_names: tuple[str, ...]) -> Dataset | None:
+        if not self.holdout_path.exists():
+            return None
+        with np.load(self.holdout_path, allow_pickle=False) as stored:
+            names = tuple(str(name) for name in stored["feature_names"])
+            if names != feature_names:
+                raise RegistryError(
+                    f"{self.holdout_path} was made for features {list(names)}, the dataset has {list(feature_names)}"
+                )
+            return Dataset(names, stored["X"], stored["y"])
+
+    def save_holdout(self, holdout: Dataset) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.holdout_path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, X=holdout.X, y=holdout.y, feature_names=np.array(holdout.feature_names))
+        os.replace(tmp, self.holdout_path)
+
+    def _version_dir(self, version: str) -> Path:
+        if not VERSION_PATTERN.match(version):
+            raise RegistryError(f"version must look like v0001, got {version!r}")
+        path = self.root / version
+        if not path.is_dir():
+            raise RegistryError(f"version {version} does not exist (known: {self.version_names()})")
+        return path
+
+
+def write_json_line(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,122 @@
+"""Request and response bodies. Feature fields are generated from the dataset, so the OpenAPI docs name them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from app.settings import Settings
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Interval(BaseModel):
+    lower: float
+    upper: float
+    confidence: float
+
+
+class OutOfDistributionReason(BaseModel):
+    feature: str
+    value: float
+    z_score: float
+    train_min: float
+    train_max: float
+
+
+class OutOfDistribution(BaseModel):
+    flag: bool
+    reasons: list[OutOfDistributionReason]
+
+
+class PredictionResult(BaseModel):
+    prediction_id: str
+    prediction: float
+    interval: Interval
+    out_of_distribution: OutOfDistribution
+
+
+class PredictResponse(PredictionResult):
+    model_version: str
+
+
+class BatchResponse(BaseModel):
+    model_version: str
+    predictions: list[PredictionResult]
+
+
+class ObservationsResponse(BaseModel):
+    stored: int
+
+
+class RollbackRequest(BaseModel):
+    model_config = STRICT
+    version: str = Field(pattern=r"^v\d{4,}$", examples=["v0001"])
+
+
+@dataclass(frozen=True)
+class RequestSchemas:
+    features: type[BaseModel]
+    predict: type[BaseModel]
+    batch: type[BaseModel]
+    observations: type[BaseModel]
+
+
+def build_request_schemas(feature_names: tuple[str, ...], settings: Settings) -> RequestSchemas:
+    levels = settings.confidence_levels
+
+    def check_confidence(cls: Any, value: float) -> float:
+        if value not in levels:
+            raise ValueError(f"confidence must be one of {levels}")
+        return value
+
+    features = create_model(
+        "Features",
+        __config__=STRICT,
+        **{name: (float, Field(description=f"feature {name!r}")) for name in feature_names},
+    )
+    confidence_field = (float, Field(settings.default_confidence, description=f"one of {levels}"))
+    validators = {"confidence_allowed": field_validator("confidence")(check_confidence)}
+    predict = create_model(
+        "PredictRequest",
+        __config__=STRICT,
+        __validators__=validators,
+        features=(features, ...),
+        confidence=confidence_field,
+    )
+    batch = create_model(
+        "BatchPredictRequest",
+        __config__=STRICT,
+        __validators__=validators,
+        records=(
+            list[features],
+            Field(
+                min_length=1,
+                max_length=settings.max_batch_rows,
+                description=f"at most {settings.max_batch_rows} records",
+            ),
+        ),
+        confidence=confidence_field,
+    )
+
+    def one_source(self: Any) -> Any:
+        if (self.features is None) == (self.prediction_id is None):
+            raise ValueError("give exactly one of 'features' or 'prediction_id'")
+        return self
+
+    observation = create_model(
+        "Observation",
+        __config__=STRICT,
+        __validators__={"one_source": model_validator(mode="after")(one_source)},
+        features=(features | None, None),
+        prediction_id=(str | None, Field(None, description="id returned by /predict; its inputs are reused")),
+        target=(float, Field(description="the true value")),
+    )
+    observations = create_model(
+        "ObservationsRequest",
+        __config__=STRICT,
+        observations=(list[observation], Field(min_length=1, max_length=settings.max_observations_per_call)),
+    )
+    return RequestSchemas(features, predict, batch, observations)

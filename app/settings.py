@@ -1,0 +1,68 @@
+"""Service configuration, read from the environment (prefix ``MLAPI_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EstimatorName = Literal["hist_gradient_boosting", "random_forest", "ridge"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLAPI_", extra="ignore")
+
+    data_dir: Path = Field(Path("/data"), description="Registry, prediction log and admin token live here.")
+    dataset: str = Field(
+        "diabetes",
+        description="'diabetes' (bundled with scikit-learn) or a path to a CSV file with a header row.",
+    )
+    target_column: str = Field("target", description="Target column of a CSV dataset.")
+    estimator: EstimatorName = "ridge"  # best holdout RMSE of the three on the bundled data
+    seed: int = 42
+    confidence_levels: list[float] = Field(
+        [0.5, 0.8, 0.9, 0.95], description="Interval levels the conformal model is calibrated for."
+    )
+    default_confidence: float = 0.9
+    max_batch_rows: int = Field(10_000, ge=1)
+    max_observations_per_call: int = Field(10_000, ge=1)
+    promotion_margin: float = Field(
+        0.0, ge=0.0, lt=1.0, description="A candidate must cut holdout RMSE by at least this fraction."
+    )
+    ood_z_threshold: float = Field(4.0, gt=0)
+    ood_range_tolerance: float = Field(0.1, ge=0, description="Fraction of the training range allowed beyond it.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin; generated into data_dir if unset.")
+    log_queue_size: int = Field(10_000, ge=1)
+    host: str = "0.0.0.0"  # noqa: S104 (inside the container; only Traefik reaches it, over the internal network)
+    port: int = 8000
+
+    @field_validator("confidence_levels")
+    @classmethod
+    def _levels_in_range(cls, levels: list[float]) -> list[float]:
+        if not levels or any(not 0 < level < 1 for level in levels):
+            raise ValueError("every confidence level must be strictly between 0 and 1")
+        return sorted(set(levels))
+
+    @field_validator("default_confidence")
+    @classmethod
+    def _default_in_open_interval(cls, level: float) -> float:
+        if not 0 < level < 1:
+            raise ValueError("default_confidence must be strictly between 0 and 1")
+        return level
+
+    @model_validator(mode="after")
+    def _default_is_calibrated(self) -> Settings:
+        if self.default_confidence not in self.confidence_levels:
+            raise ValueError(
+                f"MLAPI_DEFAULT_CONFIDENCE={self.default_confidence} must be one of "
+                f"MLAPI_CONFIDENCE_LEVELS={self.confidence_levels}"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

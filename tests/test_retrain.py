@@ -1,0 +1,263 @@
+"""Retrain → evaluate on the fixed holdout → promote only if better; reject, fail, roll back, hot swap."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skops.io as sio
+from fastapi.testclient import TestClient
+from sklearn.datasets import load_diabetes
+from sklearn.preprocessing import FunctionTransformer
+
+import app.service
+from app.registry import Registry
+from tests.conftest import FEATURES, admin_headers, metric_value, write_csv
+
+BASE_ROWS = list(range(0, 120))  # the service starts from these; the rest of the bundled data arrives later
+FRESH_ROWS = list(range(120, 442))
+
+
+@pytest.fixture
+def small_base(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "base.csv", BASE_ROWS)
+
+
+@pytest.fixture
+def make_client(make_client):
+    """Gradient boosting: unlike ridge (saturated at ~100 rows here), it measurably gains from more real data."""
+    return lambda **settings: make_client(**{"estimator": "hist_gradient_boosting", **settings})
+
+
+def fresh_observations(rows: list[int], target_noise: float = 0.0, seed: int = 0) -> list[dict]:
+    data = load_diabetes()
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "features": dict(zip(FEATURES, data.data[i].tolist(), strict=True)),
+            "target": float(data.target[i] + rng.normal(0, target_noise)) if target_noise else float(data.target[i]),
+        }
+        for i in rows
+    ]
+
+
+def retrain(client: TestClient) -> dict:
+    response = client.post("/admin/retrain", headers=admin_headers())
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_more_real_data_is_promoted(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    before = client.get("/model").json()
+    stored = client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    assert stored.status_code == 201
+
+    outcome = retrain(client)
+
+    assert outcome["outcome"] == "promoted", outcome["reason"]
+    assert outcome["candidate_version"] == outcome["current_version"] == "v0002"
+    assert outcome["candidate_metrics"]["rmse"] < outcome["current_metrics"]["rmse"]
+    after = client.get("/model").json()
+    assert after["version"] == "v0002" and after["parent"] == "v0001"
+    assert after["n_observations"] == len(FRESH_ROWS)
+    assert after["n_holdout"] == before["n_holdout"]  # judged on the same rows
+    assert after["data_fingerprint"] != before["data_fingerprint"]
+    assert (
+        client.post("/predict", json={"features": fresh_observations([0])[0]["features"]}).json()["model_version"]
+        == "v0002"
+    )
+    text = client.get("/metrics").text
+    assert metric_value(text, "mlapi_retrains_total", outcome="promoted") == 1.0
+    assert metric_value(text, "mlapi_last_retrain_promoted") == 1.0
+    assert metric_value(text, "mlapi_model_info", version="v0002", estimator="hist_gradient_boosting") == 1.0
+
+
+def test_worse_candidate_is_rejected_and_recorded(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    garbage = fresh_observations(FRESH_ROWS, target_noise=400.0)  # ground truth that is mostly noise
+    client.post("/observations", json={"observations": garbage})
+
+    outcome = retrain(client)
+
+    assert outcome["outcome"] == "rejected"
+    assert "not below" in outcome["reason"]
+    assert outcome["candidate_metrics"]["rmse"] >= outcome["current_metrics"]["rmse"]
+    assert client.get("/model").json()["version"] == "v0001"
+    versions = client.get("/admin/versions", headers=admin_headers()).json()
+    assert [v["version"] for v in versions["versions"]] == ["v0001"]
+    assert versions["history"][-1]["outcome"] == "rejected"
+    assert metric_value(client.get("/metrics").text, "mlapi_last_retrain_promoted") == 0.0
+
+
+def test_margin_blocks_a_marginal_improvement(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base), promotion_margin=0.9)
+    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    outcome = retrain(client)
+    assert outcome["outcome"] == "rejected"
+    assert "margin 0.9" in outcome["reason"]
+
+
+def test_broken_candidate_fails_and_current_keeps_serving(
+    make_client, small_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(dataset=str(small_base))
+
+    def exploding_train(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(app.service, "train", exploding_train)
+    response = client.post("/admin/retrain", headers=admin_headers())
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "failed"
+    assert "SVD did not converge" in response.json()["reason"]
+    assert client.post("/predict", json={"features": fresh_observations([0])[0]["features"]}).status_code == 200
+    assert metric_value(client.get("/metrics").text, "mlapi_retrains_total", outcome="failed") == 1.0
+
+
+def test_candidate_with_non_finite_predictions_fails(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    huge = fresh_observations(FRESH_ROWS[:50])
+    for item in huge:
+        item["target"] = 1.7e308  # finite alone, overflows once the model sums them
+    client.post("/observations", json={"observations": huge})
+    outcome = retrain(client)
+    assert outcome["outcome"] in {"failed", "rejected"}
+    assert client.get("/model").json()["version"] == "v0001"
+
+
+def test_rollback_and_refusals(make_client, small_base: Path, tmp_path: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    assert retrain(client)["outcome"] == "promoted"
+
+    rolled = client.post("/admin/rollback", json={"version": "v0001"}, headers=admin_headers())
+    assert rolled.json() == {"current": "v0001"}
+    assert client.get("/model").json()["version"] == "v0001"
+    assert (tmp_path / "data" / "models" / "CURRENT").read_text().strip() == "v0001"
+
+    missing = client.post("/admin/rollback", json={"version": "v0099"}, headers=admin_headers())
+    assert missing.status_code == 409 and "does not exist" in missing.text
+
+    # A flipped byte: refused by its hash before skops parses it.
+    model_file = tmp_path / "data" / "models" / "v0002" / "model.skops"
+    original = model_file.read_bytes()
+    model_file.write_bytes(original[:-10] + bytes(10))
+    tampered = client.post("/admin/rollback", json={"version": "v0002"}, headers=admin_headers())
+    assert tampered.status_code == 409 and "sha256" in tampered.text
+    assert client.get("/model").json()["version"] == "v0001"
+
+
+def test_untrusted_type_is_refused_even_with_a_matching_hash(make_client, small_base: Path, tmp_path: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    assert retrain(client)["outcome"] == "promoted"
+    version_dir = tmp_path / "data" / "models" / "v0001"
+    # An attacker who can write the volume swaps in an object that would call os.system, and fixes the hash.
+    import hashlib
+    import os
+
+    evil = sio.dumps(FunctionTransformer(func=os.system))
+    (version_dir / "model.skops").write_bytes(evil)
+    metadata = json.loads((version_dir / "metadata.json").read_text())
+    metadata["sha256"] = hashlib.sha256(evil).hexdigest()
+    (version_dir / "metadata.json").write_text(json.dumps(metadata))
+
+    refused = client.post("/admin/rollback", json={"version": "v0001"}, headers=admin_headers())
+    assert refused.status_code == 409
+    assert "untrusted types" in refused.text and "system" in refused.text
+    assert client.get("/model").json()["version"] == "v0002"
+
+
+def test_restart_with_tampered_current_is_not_ready_then_recovers(make_client, tmp_path: Path) -> None:
+    client = make_client()
+    client.__exit__(None, None, None)
+    model_file = tmp_path / "data" / "models" / "v0001" / "model.skops"
+    model_file.write_bytes(b"not a model")
+    restarted = make_client()
+    ready = restarted.get("/ready")
+    assert ready.status_code == 503 and "sha256" in ready.text
+    assert restarted.post("/predict", json={"features": fresh_observations([0])[0]["features"]}).status_code == 503
+
+
+def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    features = fresh_observations([200])[0]["features"]
+    results: list[tuple[int, str | None, float | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set() or len(results) < 50:
+            response = client.post("/predict", json={"features": features})
+            body = response.json() if response.status_code == 200 else {}
+            results.append((response.status_code, body.get("model_version"), body.get("prediction")))
+            if len(results) > 2000:
+                break
+
+    workers = [threading.Thread(target=hammer) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    outcome = retrain(client)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+
+    assert outcome["outcome"] == "promoted"
+    assert {status for status, _, _ in results} == {200}
+    seen = Counter(version for _, version, _ in results)
+    assert set(seen) <= {"v0001", "v0002"} and seen["v0002"] > 0
+    # Each answer is exactly what the version it names computes: no request was served by a half-swapped model.
+    registry = Registry(client.app.state.service.settings.data_dir)
+    X = np.array([[features[name] for name in FEATURES]])
+    expected = {version: float(registry.load(version).point(X)[0]) for version in seen}
+    for _, version, prediction in results:
+        assert prediction == pytest.approx(expected[version], rel=1e-12)
+    assert expected["v0001"] != pytest.approx(expected["v0002"], rel=1e-6)
+
+
+def test_concurrent_retrain_is_refused(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base))
+    service = client.app.state.service
+    assert service._retrain_lock.acquire()
+    try:
+        busy = client.post("/admin/retrain", headers=admin_headers())
+    finally:
+        service._retrain_lock.release()
+    assert busy.status_code == 409 and "already running" in busy.text
+
+
+def test_cli_retrain_talks_to_the_private_route(make_client, small_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """`python -m app retrain` (what host cron runs) reaches /admin/retrain with the token from the data dir."""
+    import uvicorn
+
+    from app.__main__ import main
+    from app.main import create_app
+    from app.settings import Settings, get_settings
+
+    settings = Settings(data_dir=tmp_path / "data", dataset=str(small_base), port=18765, host="127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=18765, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        monkeypatch.setenv("MLAPI_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("MLAPI_PORT", "18765")
+        monkeypatch.delenv("MLAPI_ADMIN_TOKEN", raising=False)
+        get_settings.cache_clear()
+        assert main(["retrain"]) == 0
+        assert main(["versions"]) == 0
+        monkeypatch.setenv("MLAPI_ADMIN_TOKEN", "wrong")
+        get_settings.cache_clear()
+        assert main(["retrain"]) == 1
+    finally:
+        get_settings.cache_clear()
+        server.should_exit = True
+        thread.join(timeout=10)
