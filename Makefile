@@ -1,0 +1,47 @@
+# The commands that matter: `make local-up` (whole stack on a local Docker engine) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint unit local-up local-down local-destroy local-status bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt app/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+## Everything CI runs: lint, unit tests, program tests under mocks, real-stack and VM stand-in tests.
+test: venv lint
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## Only the fast tests (no Docker engine needed).
+unit: venv
+	$(PY) -m pytest -m "not stack and not standin"
+
+## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
+local-up: venv
+	$(PY) -m infra.local up
+
+local-status: venv
+	$(PY) -m infra.local status
+
+## Stop the local stack; data (models, prediction log, acme.json) is kept.
+local-down: venv
+	$(PY) -m infra.local down
+
+## Stop the local stack and delete its data.
+local-destroy: venv
+	$(PY) -m infra.local down --delete-data
+
+bench: venv
+	$(PY) -m benchmarks.bench_service
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

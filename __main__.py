@@ -1,0 +1,52 @@
+"""mlapi: a scikit-learn model as an HTTPS API on one Hetzner VM.
+
+config → spec (what runs on the VM) → Host (server, firewall, volume, DNS) → ModelStack (Traefik + model) → exports
+"""
+
+from pathlib import Path
+
+import pulumi
+
+from infra.components import Host, ModelStack
+from infra.config import ConfigError, load_config
+from infra.spec import StackInputs, build_stack, source_tag
+
+PROJECT_DIR = Path(__file__).parent
+APP_DIR = PROJECT_DIR / "app"
+
+try:
+    cfg = load_config(pulumi.Config().get)
+except ConfigError as error:
+    raise pulumi.RunError(str(error)) from None
+
+if cfg.ssh_cidrs_defaulted:
+    pulumi.log.warn(
+        "sshAllowedCidrs is not set: port 22 is open to the world (key-only login). Narrow it with "
+        "`pulumi config set sshAllowedCidrs '[\"<your IP>/32\"]'`."
+    )
+
+spec = build_stack(
+    StackInputs(
+        domain=cfg.domain,
+        acme_email=cfg.acme_email,
+        acme_staging=cfg.acme_staging,
+        retrain_schedule=cfg.retrain_schedule,
+        model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
+    )
+)
+name = f"mlapi-{pulumi.get_stack()}"
+host = Host(name, cfg, spec, data_root=StackInputs.model_fields["data_root"].default)
+stack = ModelStack(
+    name,
+    cfg,
+    spec,
+    host,
+    app_dir=APP_DIR,
+    known_hosts=Path.home() / ".ssh" / f"known_hosts.{pulumi.get_project()}-{pulumi.get_stack()}",
+)
+
+pulumi.export("url", f"https://{spec.domain}")
+pulumi.export("ipv4", host.ipv4)
+pulumi.export("ipv6", host.ipv6)
+pulumi.export("sshCommand", host.ipv4.apply(lambda ip: f"ssh root@{ip}"))
+pulumi.export("serverId", host.server.id)

@@ -1,0 +1,1 @@
+"""Infrastructure: one description of what runs on the VM (spec), pure renderers, and Pulumi components."""

@@ -1,0 +1,183 @@
+"""Operator configuration: read from Pulumi config, validated, with errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from infra.spec import DEFAULT_RETRAIN_SCHEDULE, StackInputs, check_cron
+
+HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
+WORLD = ("0.0.0.0/0", "::/0")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key and how to set it."""
+
+
+class DeployConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    domain: str
+    acme_email: str
+    cloudflare_zone_id: str
+    ssh_public_key: str
+    ssh_allowed_cidrs: tuple[str, ...] = WORLD
+    ssh_cidrs_defaulted: bool = True
+    ssh_private_key_path: str | None = None
+    server_type: str = "cx23"
+    location: str = "nbg1"
+    image: str = "ubuntu-24.04"
+    acme_staging: bool = False
+    model_image: str | None = None
+    retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
+    volume_size: int = 10
+    keep_data_volume: bool = True
+    data_volume_id: int | None = None
+    dns_proxied: bool = False
+
+
+# key: (required, example shown in the error, description)
+KEYS: dict[str, tuple[bool, str, str]] = {
+    "domain": (True, "api.example.com", "fully-qualified domain name to serve"),
+    "acmeEmail": (True, "ops@example.com", "Let's Encrypt account email"),
+    "cloudflareZoneId": (True, "0123456789abcdef0123456789abcdef", "Cloudflare zone ID (32 hex) holding domain"),
+    "sshPublicKey": (True, '"$(cat ~/.ssh/id_ed25519.pub)"', "OpenSSH public key (ed25519, ecdsa or rsa)"),
+    "sshAllowedCidrs": (False, "'[\"203.0.113.7/32\"]'", "CIDRs allowed on port 22 (JSON list or comma list)"),
+    "sshPrivateKeyPath": (False, "~/.ssh/id_ed25519", "private key file for the deploy (default: ssh-agent)"),
+    "serverType": (False, "cx23", "Hetzner server type"),
+    "location": (False, "nbg1", f"Hetzner location, one of {', '.join(HETZNER_LOCATIONS)}"),
+    "image": (False, "ubuntu-24.04", "Hetzner OS image"),
+    "acmeStaging": (False, "true", "use Let's Encrypt's staging CA (true/false)"),
+    "modelImage": (False, "ghcr.io/acme/model:1.2", "registry image instead of building app/ on the host"),
+    "retrainSchedule": (False, '"0 3 * * *"', "cron expression for scheduled retraining"),
+    "volumeSize": (False, "10", "data volume size in GB (10-10240)"),
+    "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
+    "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
+    "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (true/false)"),
+}
+
+
+def _error(key: str, problem: str) -> ConfigError:
+    _, example, description = KEYS[key]
+    return ConfigError(
+        f"configuration '{key}' ({description}): {problem}. Set it with: pulumi config set {key} {example}"
+    )
+
+
+def _bool(key: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise _error(key, f"{raw!r} is not true or false")
+
+
+def _ssh_public_key(raw: str) -> str:
+    key = raw.strip()
+    parts = key.split()
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise _error("sshPublicKey", f"must start with one of {', '.join(SSH_KEY_TYPES)} followed by the key data")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise _error("sshPublicKey", "the key data is not valid base64") from None
+    length = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if blob[4 : 4 + length].decode(errors="replace") != parts[0]:
+        raise _error("sshPublicKey", f"the key data does not encode a {parts[0]} key (truncated or mismatched?)")
+    if len(parts) > 2 and ("\n" in key or len(key) > 16384):
+        raise _error("sshPublicKey", "give exactly one key on one line")
+    return key
+
+
+def _cidrs(raw: str) -> tuple[str, ...]:
+    text = raw.strip()
+    try:
+        items = json.loads(text) if text.startswith("[") else [part for part in text.split(",")]
+    except json.JSONDecodeError as exc:
+        raise _error("sshAllowedCidrs", f"not a JSON list ({exc.msg})") from None
+    if not isinstance(items, list) or not items or not all(isinstance(item, str) for item in items):
+        raise _error("sshAllowedCidrs", "needs at least one CIDR string")
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=True)))
+        except ValueError as exc:
+            raise _error("sshAllowedCidrs", f"{item.strip()!r} is not a CIDR ({exc})") from None
+    return tuple(networks)
+
+
+def load_config(get: Callable[[str], str | None]) -> DeployConfig:
+    """Build the deploy configuration from a ``get(key) -> str | None`` (``pulumi.Config().get``)."""
+    raw = {key: get(key) for key in KEYS}
+    for key, (required, _, _) in KEYS.items():
+        if required and (raw[key] is None or not str(raw[key]).strip()):
+            raise _error(key, "is required and not set")
+    values: dict[str, object] = {
+        "domain": raw["domain"],
+        "acme_email": raw["acmeEmail"],
+        "ssh_public_key": _ssh_public_key(raw["sshPublicKey"]),
+    }
+    zone = raw["cloudflareZoneId"].strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", zone):
+        raise _error("cloudflareZoneId", f"{zone!r} is not a 32-character hex zone ID (dashboard → Overview)")
+    values["cloudflare_zone_id"] = zone
+    if raw["sshAllowedCidrs"]:
+        values["ssh_allowed_cidrs"] = _cidrs(raw["sshAllowedCidrs"])
+        values["ssh_cidrs_defaulted"] = False
+    if raw["sshPrivateKeyPath"]:
+        values["ssh_private_key_path"] = raw["sshPrivateKeyPath"].strip()
+    if raw["serverType"]:
+        if not re.fullmatch(r"[a-z]{2,4}\d{2,3}[a-z]*", raw["serverType"].strip()):
+            raise _error("serverType", f"{raw['serverType']!r} does not look like a Hetzner type (cx23, cax11, …)")
+        values["server_type"] = raw["serverType"].strip()
+    if raw["location"]:
+        if raw["location"].strip() not in HETZNER_LOCATIONS:
+            raise _error("location", f"{raw['location']!r} is not a Hetzner location")
+        values["location"] = raw["location"].strip()
+    if raw["image"]:
+        values["image"] = raw["image"].strip()
+    for key, field in (
+        ("acmeStaging", "acme_staging"),
+        ("keepDataVolume", "keep_data_volume"),
+        ("dnsProxied", "dns_proxied"),
+    ):
+        if raw[key]:
+            values[field] = _bool(key, raw[key])
+    if raw["modelImage"]:
+        image = raw["modelImage"].strip()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._/:@-]*", image):
+            raise _error("modelImage", f"{image!r} is not an image reference")
+        values["model_image"] = image
+    if raw["retrainSchedule"]:
+        try:
+            values["retrain_schedule"] = check_cron(raw["retrainSchedule"])
+        except ValueError as exc:
+            raise _error("retrainSchedule", str(exc)) from None
+    for key, field, low, high in (
+        ("volumeSize", "volume_size", 10, 10240),
+        ("dataVolumeId", "data_volume_id", 1, None),
+    ):
+        if raw[key]:
+            text = raw[key].strip()
+            if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+                allowed = f"{low}-{high}" if high else f">= {low}"
+                raise _error(key, f"{text!r} is not a whole number in {allowed}")
+            values[field] = int(text)
+    # The stack-level fields are validated by the same model the VM spec uses, so both reject the same input.
+    try:
+        StackInputs(domain=values["domain"], acme_email=values["acme_email"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = {"domain": "domain", "acme_email": "acmeEmail"}[first["loc"][0]]
+        raise _error(key, first["msg"].removeprefix("Value error, ")) from None
+    values["domain"] = StackInputs(domain=values["domain"], acme_email=values["acme_email"]).domain
+    return DeployConfig(**values)

@@ -1,0 +1,132 @@
+"""Run __main__.py under pulumi.runtime.set_mocks and record every resource's inputs and options.
+
+Mocks answer like the real providers do on the wire: camelCase names, numeric hcloud ids, and a remote command
+whose stdout is a host key. Tests may pass other configs to prove the program does not depend on ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+MAIN = PROJECT_DIR / "__main__.py"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMockServer0000000000000 root@mlapi"
+
+VALID_CONFIG = {
+    "domain": "api.example.com",
+    "acmeEmail": "ops@example.com",
+    "cloudflareZoneId": "0123456789abcdef0123456789abcdef",
+    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example",
+}
+
+
+@dataclass
+class Recorded:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+    provider: str | None
+    id: str = ""
+    opts: pulumi.ResourceOptions | None = None
+
+
+@dataclass
+class Deployment:
+    resources: list[Recorded] = field(default_factory=list)
+    exports: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def of_type(self, typ: str) -> list[Recorded]:
+        return [r for r in self.resources if r.typ == typ]
+
+    def one(self, typ: str, name_suffix: str = "") -> Recorded:
+        found = [r for r in self.of_type(typ) if r.name.endswith(name_suffix)]
+        assert len(found) == 1, f"expected one {typ} named *{name_suffix}, found {[r.name for r in found]}"
+        return found[0]
+
+
+SIGNATURE_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's wire marker for secrets and other special values
+
+
+def unwrap(value: Any) -> Any:
+    """Inputs as the program meant them: secrets (marked on the wire) replaced by their plain value."""
+    if isinstance(value, dict):
+        if SIGNATURE_KEY in value and "value" in value:
+            return unwrap(value["value"])
+        return {key: unwrap(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [unwrap(item) for item in value]
+    return value
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    def __init__(self, deployment: Deployment, preview: bool) -> None:
+        self.deployment = deployment
+        self.preview = preview
+        self.ids = itertools.count(1000001)
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        state = dict(args.inputs)
+        # hcloud ids are numbers on the wire; others are opaque strings.
+        resource_id = str(next(self.ids)) if args.typ.startswith("hcloud:") else f"{args.name}-id"
+        self.deployment.resources.append(
+            Recorded(args.typ, args.name, unwrap(dict(args.inputs)), args.provider, resource_id)
+        )
+        if args.typ == "hcloud:index/server:Server":
+            state.update(ipv4Address="203.0.113.10", ipv6Address="2001:db8::1", status="running")
+        if self.preview and args.typ.startswith("command:"):
+            return resource_id, state  # a command's output is unknown until it has run, as in a real preview
+        if args.typ == "command:remote:Command":
+            state["stdout"] = HOST_KEY + "\n"
+        if args.typ == "command:local:Command":
+            state["stdout"] = args.inputs.get("environment", {}).get("KNOWN_HOSTS", "")
+        if args.typ == "docker:index/remoteImage:RemoteImage":
+            state["imageId"] = "sha256:" + "ab" * 32
+        if args.typ == "docker:index/image:Image":
+            state["repoDigest"] = ""
+        return resource_id, state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
+        return {}, None
+
+
+def run_program(
+    config: dict[str, str], *, stack: str = "dev", project: str = "mlapi", preview: bool = False
+) -> Deployment:
+    deployment = Deployment()
+    pulumi.runtime.set_mocks(RecordingMocks(deployment, preview), project=project, stack=stack, preview=preview)
+    pulumi.runtime.set_all_config({f"{project}:{key}": value for key, value in config.items()})
+    options: dict[tuple[str, str], pulumi.ResourceOptions] = {}
+
+    def capture(args: pulumi.ResourceTransformationArgs) -> None:
+        options[(args.type_, args.name)] = args.opts
+        return None
+
+    original_warn = pulumi.log.warn
+
+    def warn(message: str, *args: Any, **kwargs: Any) -> None:
+        deployment.warnings.append(message)
+        original_warn(message, *args, **kwargs)
+
+    @pulumi.runtime.test
+    def program() -> pulumi.Output:
+        pulumi.runtime.register_stack_transformation(capture)
+        pulumi.log.warn = warn
+        try:
+            runpy.run_path(str(MAIN), run_name="__main__")
+        finally:
+            pulumi.log.warn = original_warn
+        root = pulumi.runtime.get_root_resource()
+        exported = dict(root.outputs) if root is not None else {}
+        return pulumi.Output.all(**exported).apply(deployment.exports.update)
+
+    program()
+    for recorded in deployment.resources:
+        recorded.opts = options.get((recorded.typ, recorded.name))
+    return deployment

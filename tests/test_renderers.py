@@ -1,0 +1,166 @@
+"""Pure renderers, tested without Pulumi: cloud-init, Traefik flags, labels, cron, smoke check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.cloud_init import (
+    DOCKER_CE_PACKAGES,
+    PREPARE_SCRIPT,
+    _prepare_host_script,
+    render_user_data,
+    user_data_document,
+)
+from infra.smoke import wait_healthy
+from infra.spec import MODEL_UID, StackInputs, build_stack, check_cron, source_tag, traefik_flags
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example"
+INPUTS = StackInputs(domain="api.example.com", acme_email="ops@example.com")
+SPEC = build_stack(INPUTS)
+
+
+def render(**kwargs) -> str:
+    return render_user_data(
+        SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device="/dev/disk/by-id/scsi-0HC_Volume_42", **kwargs
+    )
+
+
+def cloud_init_schema(path: Path) -> subprocess.CompletedProcess:
+    if shutil.which("cloud-init") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's cloud-init (see .ci/run)")
+        pytest.skip("SKIPPED LOUDLY: cloud-init is not installed (apt-get install cloud-init)")
+    return subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("docker_source", ["docker-ce", "debian"])
+def test_user_data_passes_cloud_init_schema(tmp_path: Path, docker_source: str) -> None:
+    path = tmp_path / "user-data"
+    path.write_text(render(docker_source=docker_source))
+    result = cloud_init_schema(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid" in result.stdout
+
+
+def test_schema_check_catches_a_broken_document(tmp_path: Path) -> None:
+    """The schema check is not a rubber stamp: a wrong type is reported."""
+    document = yaml.safe_load(render())
+    document["ssh_pwauth"] = {"not": "a bool"}
+    path = tmp_path / "user-data"
+    path.write_text("#cloud-config\n" + yaml.safe_dump(document))
+    assert cloud_init_schema(path).returncode != 0
+
+
+def test_stand_in_variant_differs_only_in_the_docker_block() -> None:
+    production = yaml.safe_load(render())
+    standin = yaml.safe_load(render(docker_source="debian"))
+    assert production.pop("apt")["sources"]["docker.list"]["keyid"]
+    assert "apt" not in standin
+    production_packages = production.pop("packages")
+    standin_packages = standin.pop("packages")
+    assert [p for p in production_packages if p not in DOCKER_CE_PACKAGES] == [
+        p for p in standin_packages if p != "docker.io"
+    ]
+    assert "docker.io" in standin_packages and not set(DOCKER_CE_PACKAGES) & set(standin_packages)
+    assert production == standin
+
+
+def test_user_data_contents() -> None:
+    document = yaml.safe_load(render())
+    assert document["ssh_pwauth"] is False and document["disable_root"] is False
+    files = {f["path"]: f["content"] for f in document["write_files"]}
+    daemon = yaml.safe_load(files["/etc/docker/daemon.json"])
+    assert daemon == {"log-driver": "json-file", "log-opts": {"max-size": "10m", "max-file": "5"}}
+    assert "PasswordAuthentication no" in files["/etc/ssh/sshd_config.d/10-mlapi.conf"]
+    assert 'Unattended-Upgrade "1"' in files["/etc/apt/apt.conf.d/20auto-upgrades"]
+    assert "unattended-upgrades" in document["packages"]
+    assert SPEC.retrain_cron in files["/etc/cron.d/mlapi-retrain"]
+    assert "scsi-0HC_Volume_42" in files[PREPARE_SCRIPT]
+    assert document["runcmd"] == [[PREPARE_SCRIPT]]
+
+
+def test_prepare_script_lays_out_the_data_directories(tmp_path: Path) -> None:
+    """Run the script for real on an already-mounted path (what the stand-in sees): it only lays out dirs."""
+    if os.geteuid() != 0:
+        pytest.skip("SKIPPED LOUDLY: chown needs root")
+    root = tmp_path / "srv"
+    spec = build_stack(INPUTS.model_copy(update={"data_root": str(root)}))
+    script = tmp_path / "prepare"
+    script.write_text(_prepare_host_script(spec, str(root), volume_device=None))
+    script.chmod(0o755)
+    for _ in range(2):  # idempotent
+        subprocess.run([str(script)], check=True)
+    model = (root / "model").stat()
+    assert (model.st_uid, stat.S_IMODE(model.st_mode)) == (MODEL_UID, 0o750)
+    assert stat.S_IMODE((root / "traefik").stat().st_mode) == 0o700
+
+
+def test_prepare_script_fails_clearly_when_the_volume_never_appears(tmp_path: Path) -> None:
+    script = _prepare_host_script(SPEC, str(tmp_path / "data"), "/dev/disk/by-id/does-not-exist")
+    script = script.replace("-lt 300", "-lt 1")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "data volume /dev/disk/by-id/does-not-exist did not appear" in result.stderr
+
+
+def test_user_data_renders_for_the_config_only() -> None:
+    document = user_data_document(SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device=None)
+    assert "DEVICE=" not in next(f for f in document["write_files"] if f["path"] == PREPARE_SCRIPT)["content"]
+
+
+def test_traefik_flags_switch_ca_and_trust() -> None:
+    local = StackInputs(
+        domain="api.localtest",
+        acme_email="ops@example.com",
+        acme_ca_server="https://pebble:14000/dir",
+        acme_ca_certificates="/pebble/ca.pem",
+    )
+    flags = traefik_flags(local)
+    assert "--certificatesresolvers.letsencrypt.acme.caserver=https://pebble:14000/dir" in flags
+    assert "--certificatesresolvers.letsencrypt.acme.cacertificates=/pebble/ca.pem" in flags
+    assert not any("cacertificates" in f for f in traefik_flags(INPUTS))
+
+
+@pytest.mark.parametrize("good", ["0 * * * *", "*/15 2-4 * * 1-5", "5,35 * 1 1,6 0", "@hourly", " 0  3 * * * "])
+def test_cron_accepts(good: str) -> None:
+    assert check_cron(good) == " ".join(good.split())
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("* * * *", "5 fields"),
+        ("60 * * * *", "minute"),
+        ("0 24 * * *", "hour"),
+        ("0 0 0 * *", "day-of-month"),
+        ("*/0 * * * *", "step"),
+        ("a * * * *", "numbers"),
+        ("0 0 * 13 *", "month"),
+    ],
+)
+def test_cron_rejects(bad: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        check_cron(bad)
+
+
+def test_source_tag_follows_the_build_context(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x = 1\n")
+    first = source_tag(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"junk")
+    assert source_tag(tmp_path) == first
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_tag(tmp_path) != first
+
+
+def test_smoke_check_fails_with_hints_when_nothing_answers() -> None:
+    ok, message = wait_healthy("https://127.0.0.1:9/health", attempts=2, delay=0, timeout=1)
+    assert not ok
+    assert "after 2 attempts" in message and "DNS" in message and "docker logs mlapi-traefik" in message
