@@ -30,6 +30,7 @@ DEFAULT_DATA_ROOT = "/srv/mlapi"
 DEFAULT_RETRAIN_SCHEDULE = "0 * * * *"
 RETRAIN_LOG = "/var/log/mlapi-retrain.log"
 PRIVATE_PREFIX = "/admin"
+ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)([a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -75,7 +76,7 @@ class StackInputs(BaseModel):
     data_root: str = DEFAULT_DATA_ROOT
     # Local differences (see infra/local.py): where ACME lives, which CA to trust, where ports bind.
     acme_ca_server: str | None = None
-    acme_ca_certificates: str | None = Field(None, description="PEM path inside the Traefik container to trust")
+    acme_ca_bundle: str | None = Field(None, description="host path of a PEM CA that Traefik trusts for ACME")
     # Every IPv4 and IPv6 interface on the VM (the cloud firewall is the boundary); 127.0.0.1 locally.
     publish_ips: tuple[str, ...] = ("0.0.0.0", "::")  # noqa: S104
     http_port: int = Field(80, ge=1, le=65535)
@@ -190,8 +191,8 @@ def traefik_flags(inputs: StackInputs) -> tuple[str, ...]:
         "--global.checknewversion=false",
         "--global.sendanonymoususage=false",
     ]
-    if inputs.acme_ca_certificates:
-        flags.append(f"{resolver}.cacertificates={inputs.acme_ca_certificates}")
+    if inputs.acme_ca_bundle:
+        flags.append(f"{resolver}.cacertificates={ACME_CA_BUNDLE_PATH}")
     return tuple(flags)
 
 
@@ -225,6 +226,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         mounts=(
             Mount("/var/run/docker.sock", "/var/run/docker.sock", read_only=True),
             Mount(f"{root}/traefik", "/acme"),
+            *((Mount(inputs.acme_ca_bundle, ACME_CA_BUNDLE_PATH, read_only=True),) if inputs.acme_ca_bundle else ()),
         ),
         ports=tuple(
             PublishedPort(ip, host_port, container_port)

@@ -120,12 +120,15 @@ def test_traefik_flags_switch_ca_and_trust() -> None:
         domain="api.localtest",
         acme_email="ops@example.com",
         acme_ca_server="https://pebble:14000/dir",
-        acme_ca_certificates="/pebble/ca.pem",
+        acme_ca_bundle="/tmp/ca.pem",
     )
     flags = traefik_flags(local)
     assert "--certificatesresolvers.letsencrypt.acme.caserver=https://pebble:14000/dir" in flags
-    assert "--certificatesresolvers.letsencrypt.acme.cacertificates=/pebble/ca.pem" in flags
+    assert "--certificatesresolvers.letsencrypt.acme.cacertificates=/etc/mlapi/acme-ca.pem" in flags
     assert not any("cacertificates" in f for f in traefik_flags(INPUTS))
+    mounts = build_stack(local).traefik.mounts
+    assert mounts[-1].source == "/tmp/ca.pem" and mounts[-1].read_only
+    assert len(build_stack(INPUTS).traefik.mounts) == len(mounts) - 1
 
 
 @pytest.mark.parametrize("good", ["0 * * * *", "*/15 2-4 * * 1-5", "5,35 * 1 1,6 0", "@hourly", " 0  3 * * * "])
