@@ -73,3 +73,12 @@ def metric_value(exposition: str, sample_name: str, **labels: str) -> float | No
             if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tests.stack_support import TIMINGS
+
+    if TIMINGS:
+        terminalreporter.section("measured stack timings")
+        for line in TIMINGS:
+            terminalreporter.write_line(line)

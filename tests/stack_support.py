@@ -1,0 +1,78 @@
+"""Helpers for tests that run real containers: engine detection, free ports, HTTPS to the local stack."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import pytest
+
+from infra.local import LocalStack
+
+TIMINGS: list[str] = []  # printed at the end of the run (tests/conftest.py: pytest_terminal_summary)
+
+
+def docker_engine() -> docker.DockerClient:
+    """The engine, or a loud skip outside CI; in CI a missing engine is a failure, never a skip."""
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-stack tests but no Docker engine answers: {exc}")
+        pytest.skip(f"SKIPPED LOUDLY: no Docker engine ({exc}); start dockerd to run the real-stack tests")
+    return client
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tls_context(stack: LocalStack) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(stack.ca_root))
+
+
+def https(stack: LocalStack, method: str, path: str, body: Any = None, headers: dict | None = None,
+          timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """A request to the stack over verified HTTPS, dialing 127.0.0.1 with the domain as SNI and Host."""
+    domain, port = stack.options.domain, stack.options.https_port
+    context = tls_context(stack)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    connection = http.client.HTTPSConnection(domain, port, timeout=timeout, context=context)
+    connection.sock = context.wrap_socket(raw, server_hostname=domain)
+    payload = json.dumps(body).encode() if body is not None else None
+    all_headers = {"Host": domain, **({"Content-Type": "application/json"} if payload else {}), **(headers or {})}
+    try:
+        connection.request(method, path, body=payload, headers=all_headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def peer_certificate(stack: LocalStack) -> dict:
+    context = tls_context(stack)
+    with socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=stack.options.domain) as tls:
+        return tls.getpeercert()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
