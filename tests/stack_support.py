@@ -41,8 +41,9 @@ def tls_context(stack: LocalStack) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(stack.ca_root))
 
 
-def https(stack: LocalStack, method: str, path: str, body: Any = None, headers: dict | None = None,
-          timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def https(
+    stack: LocalStack, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
     """A request to the stack over verified HTTPS, dialing 127.0.0.1 with the domain as SNI and Host."""
     domain, port = stack.options.domain, stack.options.https_port
     context = tls_context(stack)
@@ -61,8 +62,10 @@ def https(stack: LocalStack, method: str, path: str, body: Any = None, headers: 
 
 def peer_certificate(stack: LocalStack) -> dict:
     context = tls_context(stack)
-    with socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname=stack.options.domain) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=stack.options.domain) as tls,
+    ):
         return tls.getpeercert()
 
 
