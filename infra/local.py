@@ -107,7 +107,7 @@ def local_inputs(options: LocalOptions, model_image: str, traefik_image: str, ca
 
 
 # -- Pebble -----------------------------------------------------------------------------------------------------
-def _pebble_files(state_dir: Path) -> Path:
+def pebble_files(state_dir: Path, extra_ips: tuple[str, ...] = ()) -> Path:
     """A throwaway CA and listener certificate for Pebble's own HTTPS API, plus its config (made once)."""
     directory = state_dir / "pebble"
     if (directory / "config.json").exists():
@@ -143,7 +143,9 @@ def _pebble_files(state_dir: Path) -> Path:
         "-subj",
         "/CN=pebble",
     )
-    (directory / "san.ext").write_text(f"subjectAltName=DNS:pebble,DNS:{PEBBLE_CONTAINER},DNS:localhost,IP:127.0.0.1\n")
+    names = ["DNS:pebble", f"DNS:{PEBBLE_CONTAINER}", "DNS:localhost", "IP:127.0.0.1"]
+    names += [f"IP:{ip}" for ip in extra_ips]
+    (directory / "san.ext").write_text(f"subjectAltName={','.join(names)}\n")
     run(
         "openssl",
         "x509",
@@ -184,9 +186,11 @@ def _pebble_files(state_dir: Path) -> Path:
     return directory
 
 
-def _fetch_pebble_root(client: docker.DockerClient, pebble_dir: Path, target: Path, timeout: float = 60) -> Path:
+def fetch_pebble_root(
+    client: docker.DockerClient, pebble_dir: Path, target: Path, timeout: float = 60, name: str = PEBBLE_CONTAINER
+) -> Path:
     """Pebble makes a new root at every start: fetch it from its management API after each start."""
-    container = client.containers.get(PEBBLE_CONTAINER)
+    container = client.containers.get(name)
     context = ssl.create_default_context(cafile=str(pebble_dir / "ca.pem"))
     deadline = time.monotonic() + timeout
     last = ""
@@ -202,7 +206,33 @@ def _fetch_pebble_root(client: docker.DockerClient, pebble_dir: Path, target: Pa
             except OSError as exc:
                 last = str(exc)
         time.sleep(0.2)
-    raise LocalStackError(f"Pebble's root could not be fetched: {last}; see `docker logs {PEBBLE_CONTAINER}`")
+    raise LocalStackError(f"Pebble's root could not be fetched: {last}; see `docker logs {name}`")
+
+
+def run_pebble(
+    client: docker.DockerClient,
+    image: str,
+    pebble_dir: Path,
+    network: str,
+    *,
+    name: str = PEBBLE_CONTAINER,
+    ip: str | None = None,
+):
+    """Pebble on the stack's network as `pebble`; its management port is published on 127.0.0.1 only."""
+    args = {
+        "image": image,
+        "command": ["-config", "/pebble/config.json", "-strict"],
+        # No artificial validation delay, and no random nonce rejections: tests stay deterministic.
+        "environment": {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"},
+        "mounts": [Mount(target="/pebble", source=str(pebble_dir), type="bind", read_only=True)],
+        "ports": {"15000/tcp": ("127.0.0.1", None)},
+        "restart_policy": {"Name": "unless-stopped"},
+        "network": network,
+        "networking_config": {network: client.api.create_endpoint_config(aliases=["pebble"], ipv4_address=ip)},
+    }
+    return _ensure(
+        client, name, _config_hash(args["command"], args["environment"], ip, client.images.get(image).id), args
+    )
 
 
 # -- containers -------------------------------------------------------------------------------------------------
@@ -302,7 +332,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     images_ready = time.monotonic()
 
     options.state_dir.mkdir(parents=True, exist_ok=True)
-    pebble_dir = _pebble_files(options.state_dir)
+    pebble_dir = pebble_files(options.state_dir)
     inputs = local_inputs(options, built["model"], built["traefik"], pebble_dir / "ca.pem")
     spec = build_stack(inputs)
     try:
@@ -310,23 +340,8 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     except docker.errors.NotFound:
         client.networks.create(spec.network, driver="bridge")
 
-    pebble_args = {
-        "image": built["pebble"],
-        "command": ["-config", "/pebble/config.json", "-strict"],
-        "environment": {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"},
-        "mounts": [Mount(target="/pebble", source=str(pebble_dir), type="bind", read_only=True)],
-        "ports": {"15000/tcp": ("127.0.0.1", None)},
-        "restart_policy": {"Name": "unless-stopped"},
-        "network": spec.network,
-        "networking_config": {spec.network: client.api.create_endpoint_config(aliases=["pebble"])},
-    }
-    _ensure(
-        client,
-        PEBBLE_CONTAINER,
-        _config_hash(pebble_args["command"], pebble_args["environment"], client.images.get(built["pebble"]).id),
-        pebble_args,
-    )
-    ca_root = _fetch_pebble_root(client, pebble_dir, options.state_dir / "pebble-root.pem")
+    run_pebble(client, built["pebble"], pebble_dir, spec.network)
+    ca_root = fetch_pebble_root(client, pebble_dir, options.state_dir / "pebble-root.pem")
 
     prepare_host(client, spec, options.data_root, base)
     for container_spec in spec.containers:

@@ -79,3 +79,10 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
             pass
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# Run inside the model container (`python -c`): how many predictions the log on the data volume holds.
+COUNT_PREDICTIONS = (
+    "import sqlite3; "
+    "print(sqlite3.connect('/data/predictions.sqlite3').execute('select count(*) from predictions').fetchone()[0])"
+)

@@ -24,7 +24,15 @@ from infra.smoke import wait_healthy
 from infra.spec import ACME_CA_BUNDLE_PATH, LETSENCRYPT_PRODUCTION, MODEL_CONTAINER, TRAEFIK_CONTAINER
 from tests.conftest import FEATURES, record
 from tests.pulumi_harness import VALID_CONFIG, run_program
-from tests.stack_support import TIMINGS, docker_engine, free_port, https, peer_certificate, wait_until
+from tests.stack_support import (
+    COUNT_PREDICTIONS,
+    TIMINGS,
+    docker_engine,
+    free_port,
+    https,
+    peer_certificate,
+    wait_until,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -145,12 +153,11 @@ def test_killed_model_comes_back_and_data_survives_recreation(stack: LocalStack)
     assert client.containers.get(MODEL_CONTAINER).attrs["RestartCount"] >= 1
 
     def counts() -> tuple[int, list[str]]:
-        query = (
-            "import sqlite3; print(sqlite3.connect('/data/predictions.sqlite3').execute("
-            "'select count(*) from predictions').fetchone()[0])"
-        )
         logged = subprocess.run(
-            ["docker", "exec", MODEL_CONTAINER, "python", "-c", query], capture_output=True, text=True, check=True
+            ["docker", "exec", MODEL_CONTAINER, "python", "-c", COUNT_PREDICTIONS],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
         return int(logged), versions

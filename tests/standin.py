@@ -1,0 +1,193 @@
+"""A container that behaves like a freshly booted VM ("VM stand-in"), to run our cloud-init for real.
+
+Debian bookworm with cloud-init (NoCloud datasource), sshd, cron; no systemd, so a small boot script plays init:
+it runs cloud-init's stages, starts sshd and cron, and on later boots the Docker engine our user-data installed.
+The image is cached by a hash of its inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+
+from infra.images import _has_image, _run, _short_hash, apt_mirror
+
+PACKAGES = (
+    "cloud-init",
+    "python3-cffi-backend",
+    "openssh-server",
+    "sudo",
+    "cron",
+    "iproute2",
+    "ca-certificates",
+    "locales",
+    "curl",
+)
+BOOT = "/usr/local/sbin/standin-boot"
+
+BOOT_SCRIPT = """#!/bin/sh
+# Plays init for the VM stand-in: what systemd would start on a cloud VM, in boot order.
+mount -o remount,rw /sys 2>/dev/null || true
+# The Docker engine our user-data installs needs writable cgroups. cgroup2: remount read-write. cgroup v1: each
+# read-only hierarchy is mounted afresh (a remount answers "busy"); with a private cgroup namespace that is ours.
+mount -o remount,rw /sys/fs/cgroup 2>/dev/null || true
+grep ' cgroup ' /proc/self/mounts | while read -r _ dir _ opts _; do
+  case "$opts" in ro,*) ;; *) continue ;; esac
+  controllers=$(echo "$opts" | tr ',' '\n' | grep -vE '^(ro|rw|nosuid|nodev|noexec|relatime)$' | paste -sd, -)
+  umount "$dir" && mount -t cgroup -o "$controllers" cgroup "$dir"
+done
+start_dockerd() {
+  if [ -x /usr/sbin/dockerd ] && ! [ -S /var/run/docker.sock ]; then
+    nohup /usr/sbin/dockerd >/var/log/dockerd.log 2>&1 &
+  fi
+}
+start_dockerd
+cloud-init init --local
+cloud-init init
+service ssh start
+service cron start
+cloud-init modules --mode config
+cloud-init modules --mode final
+exec sleep infinity
+"""
+
+# Without an init system, installing docker.io starts nothing: start the engine after dpkg has run, as a VM would.
+APT_HOOK = (
+    'DPkg::Post-Invoke { "if [ -x /usr/sbin/dockerd ] && ! [ -S /var/run/docker.sock ]; then '
+    'nohup /usr/sbin/dockerd >/var/log/dockerd.log 2>&1 & sleep 2; fi"; };\n'
+)
+CLOUD_CFG = "datasource_list: [NoCloud, None]\nnetwork: {config: disabled}\n"
+
+
+def build_standin_image(client: docker.DockerClient) -> str:
+    tag = f"mlapi-standin:{_short_hash('bookworm', *PACKAGES, BOOT_SCRIPT, APT_HOOK, CLOUD_CFG)}"
+    if _has_image(client, tag):
+        return tag
+    with tempfile.TemporaryDirectory(prefix="mlapi-standin-") as rootfs:
+        root = Path(rootfs)
+        _run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "bookworm", rootfs, apt_mirror()],
+            "debootstrap of the VM stand-in",
+        )
+        (root / "etc/locale.gen").write_text("en_US.UTF-8 UTF-8\n")
+        _run(["chroot", rootfs, "locale-gen"], "locale-gen in the stand-in")
+        (root / "etc/default/locale").write_text("LANG=en_US.UTF-8\n")
+        (root / "etc/cloud/cloud.cfg.d/99-standin.cfg").write_text(CLOUD_CFG)
+        (root / "etc/apt/apt.conf.d/99-standin-start-dockerd").write_text(APT_HOOK)
+        boot = root / BOOT.lstrip("/")
+        boot.write_text(BOOT_SCRIPT)
+        boot.chmod(0o755)
+        for key in (root / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()  # made fresh at first boot, like a VM image
+        (root / "etc/machine-id").write_text("")
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (root / cache).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        _run(["docker", "import", "-c", f'CMD ["{BOOT}"]', "-", tag], "docker import of the stand-in", stdin=tar.stdout)
+        tar.wait()
+    return tag
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@dataclass
+class StandIn:
+    container: docker.models.containers.Container
+    instance_id: str
+
+    @property
+    def ip(self) -> str:
+        self.container.reload()
+        return next(iter(self.container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+    def exec(self, command: str, timeout: float = 600) -> tuple[int, str]:
+        code, output = self.container.exec_run(["sh", "-c", command], demux=False)
+        return code, output.decode(errors="replace")
+
+    def host_key(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, output = self.exec("cat /etc/ssh/ssh_host_ed25519_key.pub")
+            if code == 0 and output.startswith("ssh-ed25519"):
+                return output.strip()
+            time.sleep(0.5)
+        raise AssertionError("the stand-in made no SSH host key (cloud-init init did not run?)")
+
+
+def boot_standin(
+    client: docker.DockerClient,
+    image: str,
+    *,
+    name: str,
+    network: str,
+    aliases: list[str],
+    user_data: str,
+    data_volume: str,
+    docker_volume: str,
+) -> StandIn:
+    """Boot a stand-in with a NoCloud seed, like a VM created with this user-data and this data volume."""
+    instance_id = f"i-{uuid.uuid4().hex[:12]}"
+    api = client.api
+    host_config = api.create_host_config(
+        init=True,
+        cap_add=["ALL"],
+        cap_drop=["SYS_RESOURCE"],  # not in this host's bounding set, so --privileged is refused here
+        security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+        cgroupns="private",
+        tmpfs={"/run": "exec,mode=755", "/run/lock": ""},
+        sysctls={"net.ipv6.conf.all.disable_ipv6": "0"},  # a VM has IPv6; Traefik also binds [::]:80/443
+        binds={
+            data_volume: {"bind": "/srv/mlapi", "mode": "rw"},
+            docker_volume: {"bind": "/var/lib/docker", "mode": "rw"},
+        },
+        network_mode=network,
+    )
+    # `--security-opt systempaths=unconfined` is a CLI spelling: on the API it is empty masked/read-only path lists,
+    # which the inner Docker engine needs to write /proc/sys.
+    host_config["MaskedPaths"] = []
+    host_config["ReadonlyPaths"] = []
+    created = api.create_container(
+        image,
+        name=name,
+        hostname=name,
+        detach=True,
+        host_config=host_config,
+        networking_config=api.create_networking_config({network: api.create_endpoint_config(aliases=aliases)}),
+    )
+    container = client.containers.get(created["Id"])
+    seed = _tar(
+        {"user-data": user_data.encode(), "meta-data": f"instance-id: {instance_id}\nlocal-hostname: {name}\n".encode()}
+    )
+    # The seed is in place before the first boot, as a NoCloud seed disk would be.
+    container.put_archive("/", _seed_dir_tar())
+    container.put_archive("/var/lib/cloud/seed/nocloud", seed)
+    container.start()
+    return StandIn(container, instance_id)
+
+
+def _seed_dir_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for directory in ("var/lib/cloud", "var/lib/cloud/seed", "var/lib/cloud/seed/nocloud"):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            archive.addfile(info)
+    return buffer.getvalue()

@@ -1,0 +1,406 @@
+"""The production path on a VM stand-in: the user-data the program renders boots a host, the stack deploys
+over ssh:// with the Docker provider's own SSH options, and Traefik gets its certificate from Pebble.
+
+The only difference from production in the user-data is the Docker package source (Debian's docker.io; Docker's
+repository cannot be reached here), covered by tests/test_renderers.py. These tests run in CI, never skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+
+from infra import images, local
+from infra.cloud_init import READINESS_COMMAND, hcloud_volume_device, render_user_data
+from infra.deploy import docker_ssh_options
+from infra.smoke import wait_healthy
+from infra.spec import MODEL_CONTAINER, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
+from tests.conftest import record
+from tests.stack_support import COUNT_PREDICTIONS, TIMINGS, docker_engine, wait_until
+from tests.standin import StandIn, boot_standin, build_standin_image
+
+pytestmark = pytest.mark.standin
+
+DOMAIN = "vm.mlapi.test"
+STANDIN = "mlapi-standin"
+PEBBLE = "mlapi-standin-pebble"
+CA_ON_HOST = "/etc/mlapi-test/pebble-ca.pem"  # where the stand-in keeps the test CA Traefik must trust
+
+
+def free_subnet(client: docker.DockerClient) -> ipaddress.IPv4Network:
+    used = [
+        ipaddress.ip_network(config["Subnet"])
+        for network in client.networks.list(greedy=True)
+        for config in (network.attrs.get("IPAM", {}).get("Config") or [])
+        if "Subnet" in config
+    ]
+    for third in range(200, 250):
+        candidate = ipaddress.ip_network(f"10.231.{third}.0/24")
+        if not any(candidate.overlaps(existing) for existing in used):
+            return candidate
+    raise AssertionError("no free /24 for the stand-in test network")
+
+
+@dataclass
+class Environment:
+    client: docker.DockerClient
+    network: str
+    pebble_root: Path
+    spec: StackSpec
+    user_data: str
+    key: Path
+    known_hosts: Path
+    ssh_options: list[str]
+    data_volume: str
+    standin_image: str
+    standin: StandIn | None = None
+    docker_volume: str = ""
+
+    # -- the transport `pulumi up` uses --------------------------------------------------------------------------
+    def ssh(self, command: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["ssh", *self.ssh_options, f"root@{self.standin.ip}", command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"ssh {command!r} exited {result.returncode}: {result.stdout}{result.stderr}")
+        return result
+
+    def remote_docker(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=f"ssh://root@{self.standin.ip}", use_ssh_client=True, timeout=600)
+
+    def https(self, path: str) -> tuple[int, dict, bytes, dict]:
+        context = ssl.create_default_context(cafile=str(self.pebble_root))
+        with (
+            socket.create_connection((self.standin.ip, 443), timeout=15) as raw,
+            context.wrap_socket(raw, server_hostname=DOMAIN) as tls,
+        ):
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            certificate = tls.getpeercert()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line)
+        return status, {k.lower(): v for k, v in headers.items()}, body, certificate
+
+    def serial(self) -> str:
+        return self.https("/health")[3]["serialNumber"]
+
+    def pebble_orders(self) -> int:
+        return len(re.findall(r"Added order", self.client.containers.get(PEBBLE).logs().decode(errors="replace")))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def boot(self) -> float:
+        """Create a "server": a new stand-in with the user-data and the (kept) data volume; wait like pulumi up."""
+        started = time.monotonic()
+        self.docker_volume = f"mlapi-standin-docker-{uuid.uuid4().hex[:8]}"
+        self.standin = boot_standin(
+            self.client,
+            self.standin_image,
+            name=STANDIN,
+            network=self.network,
+            aliases=[DOMAIN],
+            user_data=self.user_data,
+            data_volume=self.data_volume,
+            docker_volume=self.docker_volume,
+        )
+        # First contact pins the host key read out of band (a VM console would show it), then key checking is on.
+        self.known_hosts.write_text(f"{self.standin.ip} {self.standin.host_key()}\n")
+        wait_until(lambda: self.ssh("true", timeout=20, check=False).returncode == 0, 120, "sshd on the stand-in")
+        ready = self.ssh(READINESS_COMMAND)  # the exact command of the program's wait step
+        assert ready.stdout.strip() == self.standin.host_key(), "the wait step prints the host key it pins"
+        return time.monotonic() - started
+
+    def deploy(self) -> float:
+        """What ModelStack does: images onto the host over ssh://, then the spec's containers."""
+        started = time.monotonic()
+        ca = (self.pebble_root.parent / "pebble" / "ca.pem").read_bytes()
+        subprocess.run(
+            [
+                "ssh",
+                *self.ssh_options,
+                f"root@{self.standin.ip}",
+                f"mkdir -p {Path(CA_ON_HOST).parent} && cat > {CA_ON_HOST}",
+            ],
+            input=ca,
+            check=True,
+            timeout=60,
+        )
+        remote = self.remote_docker()
+        try:
+            for tag in {self.spec.traefik.image, self.spec.model.image}:
+                remote.images.load(self.client.images.get(tag).save(named=True))
+            try:
+                remote.networks.get(self.spec.network)
+            except docker.errors.NotFound:
+                remote.networks.create(self.spec.network, driver="bridge")
+            for container in self.spec.containers:
+                local.run_spec_container(remote, container, self.spec.network)
+        finally:
+            remote.close()
+        ok, message = wait_healthy(
+            f"https://{DOMAIN}/health",
+            attempts=240,
+            delay=0.5,
+            cacert=str(self.pebble_root),
+            connect_to=self.standin.ip,
+        )
+        if not ok:
+            logs = self.ssh(f"docker logs --tail 40 {TRAEFIK_CONTAINER} 2>&1", check=False).stdout
+            raise AssertionError(f"{message}\n--- Traefik on the stand-in ---\n{logs}")
+        return time.monotonic() - started
+
+    def remove_server(self) -> None:
+        if self.standin is not None:
+            self.standin.container.remove(force=True)
+            self.standin = None
+        if self.docker_volume:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.volumes.get(self.docker_volume).remove(force=True)
+            self.docker_volume = ""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
+    client = docker_engine()
+    tmp = tmp_path_factory.mktemp("standin")
+    started = time.monotonic()
+    base = images.build_base(client)
+    built = {
+        "traefik": images.build_traefik(client),
+        "pebble": images.build_pebble(client, base),
+        "model": images.build_model(client, base),
+        "standin": build_standin_image(client),
+    }
+    images_s = time.monotonic() - started
+
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    known_hosts = tmp / "known_hosts"
+    known_hosts.touch()
+    ssh_options = [*docker_ssh_options(known_hosts, str(key)), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+    # docker's ssh:// transport runs plain `ssh` and takes no options: a wrapper first on PATH supplies exactly
+    # the options the Pulumi Docker provider gets (infra.deploy.docker_ssh_options).
+    wrapper_dir = tmp / "bin"
+    wrapper_dir.mkdir()
+    (wrapper_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh {shlex.join(ssh_options)} "$@"\n')
+    (wrapper_dir / "ssh").chmod(0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{wrapper_dir}:{old_path}"
+
+    network = f"mlapi-standin-{uuid.uuid4().hex[:6]}"
+    subnet = free_subnet(client)
+    hosts = list(subnet.hosts())
+    pebble_ip = str(hosts[-1])
+    created = []
+    data_volume = f"mlapi-standin-data-{uuid.uuid4().hex[:8]}"
+    environment: Environment | None = None
+    try:
+        client.networks.create(
+            network,
+            driver="bridge",
+            ipam=docker.types.IPAMConfig(
+                pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=str(hosts[0]))]
+            ),
+        )
+        created.append(("network", network))
+        pebble_dir = local.pebble_files(tmp, extra_ips=(pebble_ip,))
+        local.run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
+        created.append(("container", PEBBLE))
+        pebble_root = local.fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
+        client.volumes.create(data_volume)
+        created.append(("volume", data_volume))
+
+        inputs = StackInputs(
+            domain=DOMAIN,
+            acme_email="ops@example.com",
+            acme_ca_server=f"https://{pebble_ip}:14000/dir",
+            acme_ca_bundle=CA_ON_HOST,
+            model_image=built["model"],
+            traefik_image=built["traefik"],
+        )
+        spec = build_stack(inputs)
+        user_data = render_user_data(
+            spec,
+            ssh_public_key=(tmp / "id_ed25519.pub").read_text().strip(),
+            data_root=inputs.data_root,
+            volume_device=hcloud_volume_device(4242),
+            docker_source="debian",
+        )
+        environment = Environment(
+            client, network, pebble_root, spec, user_data, key, known_hosts, ssh_options, data_volume, built["standin"]
+        )
+        boot_s = environment.boot()
+        deploy_s = environment.deploy()
+        TIMINGS.append(
+            f"VM stand-in: images {images_s:.1f} s, boot + cloud-init (installs docker.io) "
+            f"{boot_s:.1f} s, deploy over ssh:// to first verified HTTPS 200 {deploy_s:.1f} s"
+        )
+        yield environment
+    finally:
+        if environment is not None:
+            environment.remove_server()
+        for kind, name in reversed(created):
+            try:
+                if kind == "container":
+                    client.containers.get(name).remove(force=True)
+                elif kind == "volume":
+                    client.volumes.get(name).remove(force=True)
+                else:
+                    client.networks.get(name).remove()
+            except docker.errors.NotFound:
+                pass
+        os.environ["PATH"] = old_path
+
+
+# 1
+def test_cloud_init_finished_from_the_nocloud_seed_without_errors(env: Environment) -> None:
+    status = env.ssh("cloud-init status --long", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "status: done" in status.stdout
+    assert "DataSourceNoCloud" in status.stdout  # a missing seed would silently be DataSourceNone
+    result = json.loads(env.ssh("cat /run/cloud-init/result.json").stdout)
+    assert result["v1"]["errors"] == []
+    schema = env.ssh("cloud-init schema --system", check=False)
+    assert schema.returncode == 0 and "Valid" in schema.stdout, schema.stdout + schema.stderr
+
+
+# 2
+def test_docker_runs_with_log_rotation_and_only_traefik_publishes(env: Environment) -> None:
+    info = json.loads(env.ssh("docker info --format '{{json .}}'").stdout)
+    assert info["LoggingDriver"] == "json-file"
+    inspect = json.loads(env.ssh(f"docker inspect {MODEL_CONTAINER}").stdout)[0]
+    assert inspect["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "10m"}}
+    publishing = {}
+    for line in env.ssh("docker ps --format '{{.Names}} {{.Ports}}'").stdout.splitlines():
+        name, _, ports = line.partition(" ")
+        if "->" in ports:
+            publishing[name] = ports
+    assert list(publishing) == [TRAEFIK_CONTAINER]
+    assert "0.0.0.0:443->443/tcp" in publishing[TRAEFIK_CONTAINER]
+
+
+# 3
+def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
+    attempt = subprocess.run(
+        [
+            "ssh",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={env.known_hosts}",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            f"root@{env.standin.ip}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert attempt.returncode == 255
+    assert "Permission denied (publickey)" in attempt.stderr
+    effective = env.ssh("sshd -T").stdout
+    assert "passwordauthentication no" in effective and "permitrootlogin without-password" in effective
+    assert 'APT::Periodic::Unattended-Upgrade "1"' in env.ssh("cat /etc/apt/apt.conf.d/20auto-upgrades").stdout
+    assert env.ssh("dpkg-query -W -f='${Status}' unattended-upgrades").stdout == "install ok installed"
+
+
+# 4
+def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
+    entry = env.ssh("cat /etc/cron.d/mlapi-retrain").stdout
+    assert env.spec.retrain_cron in entry
+    schedule_and_user = env.spec.retrain_cron.split(" root ", 1)
+    command = schedule_and_user[1]  # exactly what cron runs, log redirection included
+    env.ssh(command)
+    outcome = json.loads(env.ssh("cat /var/log/mlapi-retrain.log").stdout.split("\n}\n")[-2] + "\n}")
+    assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
+    assert env.https("/admin/retrain")[0] == 404
+    assert env.https("/admin/versions")[0] == 404
+
+
+# 5
+def test_https_verifies_against_pebble_and_http_redirects(env: Environment) -> None:
+    status, headers, _, certificate = env.https("/health")
+    assert status == 200 and "strict-transport-security" in headers
+    assert ("DNS", DOMAIN) in certificate["subjectAltName"]
+    with socket.create_connection((env.standin.ip, 80), timeout=10) as plain:
+        plain.sendall(f"GET /model?x=1 HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        head = plain.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 301")
+    assert f"Location: https://{DOMAIN}/model?x=1" in head
+
+
+def _data_snapshot(env: Environment) -> tuple[list[str], int]:
+    versions = env.ssh("ls /srv/mlapi/model/models").stdout.split()
+    count = env.ssh(f"docker exec {MODEL_CONTAINER} python -c {shlex.quote(COUNT_PREDICTIONS)}")
+    return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
+
+
+# 6
+def test_reboot_brings_the_stack_back_with_the_same_certificate(env: Environment) -> None:
+    serial, orders = env.serial(), env.pebble_orders()
+    env.standin.container.restart(timeout=20)
+    wait_until(lambda: env.ssh("docker ps -q", timeout=20, check=False).returncode == 0, 180, "ssh and docker back")
+    ok, message = wait_healthy(
+        f"https://{DOMAIN}/health", attempts=360, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
+    )
+    assert ok, message
+    assert env.serial() == serial
+    assert env.pebble_orders() == orders
+
+
+# 7
+def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -> None:
+    assert env.https("/health")[0] == 200
+    # Some traffic, so the prediction log has rows to keep.
+    remote = env.remote_docker()
+    try:
+        model = remote.containers.get(MODEL_CONTAINER)
+        body = json.dumps({"features": record()})
+        model.exec_run(
+            [
+                "python",
+                "-c",
+                "import urllib.request as u; u.urlopen(u.Request("
+                f"'http://127.0.0.1:8000/predict', data={body!r}.encode(), "
+                "headers={'Content-Type': 'application/json'}))",
+            ]
+        )
+    finally:
+        remote.close()
+    time.sleep(1)
+    before = _data_snapshot(env)
+    assert before[0] and before[1] >= 1
+    serial, orders = env.serial(), env.pebble_orders()
+
+    env.remove_server()  # the server is gone; its volume is kept
+    env.boot()  # a new server, same user-data, same data volume, new host key (pinned again)
+    env.deploy()
+
+    assert _data_snapshot(env) == before
+    assert env.serial() == serial, "acme.json on the volume: the certificate is reused"
+    assert env.pebble_orders() == orders, "no new ACME order after a server replacement"
