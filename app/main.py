@@ -24,7 +24,6 @@ from app.registry import RegistryError
 from app.schemas import (
     BatchResponse,
     ObservationsResponse,
-    PredictionResult,
     PredictResponse,
     RollbackRequest,
     build_request_schemas,
@@ -111,33 +110,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"model not ready: {exc}") from exc
         latency_ms = (time.perf_counter() - started) * 1000 / len(X)
         now = time.time()
-        items, records = [], []
-        for i in range(len(X)):
+        # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
+        # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
+        points, lower, upper = result.points.tolist(), result.lower.tolist(), result.upper.tolist()
+        rows = X.tolist()
+        items: list[dict[str, Any]] = []
+        records: list[PredictionRecord] = []
+        for i, reasons in enumerate(result.ood):
             prediction_id = uuid.uuid4().hex
-            reasons = [reason.__dict__ for reason in result.ood[i]]
+            flagged = [reason.__dict__ for reason in reasons]
             items.append(
-                PredictionResult(
-                    prediction_id=prediction_id,
-                    prediction=float(result.points[i]),
-                    interval={
-                        "lower": float(result.lower[i]),
-                        "upper": float(result.upper[i]),
-                        "confidence": confidence,
-                    },
-                    out_of_distribution={"flag": bool(reasons), "reasons": reasons},
-                )
+                {
+                    "prediction_id": prediction_id,
+                    "prediction": points[i],
+                    "interval": {"lower": lower[i], "upper": upper[i], "confidence": confidence},
+                    "out_of_distribution": {"flag": bool(flagged), "reasons": flagged},
+                }
             )
             records.append(
                 PredictionRecord(
                     prediction_id,
                     now,
                     result.version,
-                    X[i].tolist(),
-                    float(result.points[i]),
-                    float(result.lower[i]),
-                    float(result.upper[i]),
+                    rows[i],
+                    points[i],
+                    lower[i],
+                    upper[i],
                     confidence,
-                    bool(reasons),
+                    bool(flagged),
                     latency_ms,
                 )
             )
@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     def predict(body: schemas.predict, service: Service) -> PredictResponse:  # type: ignore[valid-type]
         version, items = run_predictions(service, rows_of([body.features]), body.confidence, "predict")
-        return PredictResponse(model_version=version, **items[0].model_dump())
+        return PredictResponse(model_version=version, **items[0])
 
     @app.post(
         "/predict/batch",
@@ -179,9 +179,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tags=["public"],
         summary=f"Many records in one call (at most {settings.max_batch_rows}).",
     )
-    def predict_batch(body: schemas.batch, service: Service) -> BatchResponse:  # type: ignore[valid-type]
+    def predict_batch(body: schemas.batch, service: Service) -> JSONResponse:  # type: ignore[valid-type]
         version, items = run_predictions(service, rows_of(body.records), body.confidence, "predict_batch")
-        return BatchResponse(model_version=version, predictions=items)
+        # Serialized directly; `response_model=BatchResponse` above still documents the shape in OpenAPI.
+        return JSONResponse({"model_version": version, "predictions": items})
 
     @app.get("/model", tags=["public"], summary="The served version: metrics, coverage, data, feature schema.")
     def model_info(service: Service) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pulumi
@@ -103,28 +104,20 @@ class Host(pulumi.ComponentResource):
         self.ipv4: pulumi.Output[str] = self.server.ipv4_address
         self.ipv6: pulumi.Output[str] = self.server.ipv6_address
 
-        dns_opts = pulumi.ResourceOptions(parent=self)
-        self.dns_a = cloudflare.DnsRecord(
-            f"{name}-dns-a",
-            zone_id=cfg.cloudflare_zone_id,
-            name=spec.domain,
-            type="A",
-            content=self.ipv4,
-            ttl=300 if not cfg.dns_proxied else 1,
-            proxied=cfg.dns_proxied,
-            comment="mlapi (pulumi)",
-            opts=dns_opts,
-        )
-        self.dns_aaaa = cloudflare.DnsRecord(
-            f"{name}-dns-aaaa",
-            zone_id=cfg.cloudflare_zone_id,
-            name=spec.domain,
-            type="AAAA",
-            content=self.ipv6,
-            ttl=300 if not cfg.dns_proxied else 1,
-            proxied=cfg.dns_proxied,
-            comment="mlapi (pulumi)",
-            opts=dns_opts,
+        # Not proxied by default: the ACME challenge needs a direct connection to Traefik.
+        self.dns_a, self.dns_aaaa = (
+            cloudflare.DnsRecord(
+                f"{name}-dns-{record_type.lower()}",
+                zone_id=cfg.cloudflare_zone_id,
+                name=spec.domain,
+                type=record_type,
+                content=address,
+                ttl=1 if cfg.dns_proxied else 300,  # 1 = "automatic", which Cloudflare requires when proxied
+                proxied=cfg.dns_proxied,
+                comment="mlapi (pulumi)",
+                opts=child,
+            )
+            for record_type, address in (("A", self.ipv4), ("AAAA", self.ipv6))
         )
 
         self.ready = command.remote.Command(
@@ -228,7 +221,11 @@ class ModelStack(pulumi.ComponentResource):
             self.model_image = docker.Image(
                 f"{name}-model-image",
                 image_name=spec.model.image,
-                build=docker.DockerBuildArgs(context=str(app_dir), dockerfile=str(app_dir / "Dockerfile")),
+                # Relative to the project directory (Pulumi's working directory), so that previews made on
+                # different machines (an operator's laptop, CI) do not differ by an absolute path.
+                build=docker.DockerBuildArgs(
+                    context=os.path.relpath(app_dir), dockerfile=os.path.relpath(app_dir / "Dockerfile")
+                ),
                 skip_push=True,
                 opts=on_host,
             )

@@ -7,6 +7,7 @@ whose stdout is a host key. Tests may pass other configs to prove the program do
 from __future__ import annotations
 
 import itertools
+import os
 import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,12 @@ def run_program(
     def program() -> pulumi.Output:
         pulumi.runtime.register_stack_transformation(capture)
         pulumi.log.warn = warn
+        cwd = os.getcwd()
+        os.chdir(PROJECT_DIR)  # Pulumi runs the program from the project directory
         try:
             runpy.run_path(str(MAIN), run_name="__main__")
         finally:
+            os.chdir(cwd)
             pulumi.log.warn = original_warn
         root = pulumi.runtime.get_root_resource()
         exported = dict(root.outputs) if root is not None else {}

@@ -293,3 +293,15 @@ def test_drift_shows_the_shifted_feature(client: TestClient) -> None:
     psi = drift["psi"]
     assert psi["bmi"] > 1.0
     assert psi["bmi"] == max(psi.values())
+
+
+def test_batch_response_matches_its_documented_schema(client: TestClient) -> None:
+    """The batch route serializes plain dicts for speed; they must still be exactly the documented model."""
+    from app.schemas import BatchResponse
+
+    body = client.post("/predict/batch", json={"records": [record(), record(bmi=5.0)]}).json()
+    parsed = BatchResponse.model_validate(body, strict=True)
+    assert parsed.model_dump(mode="json") == body
+    assert parsed.predictions[1].out_of_distribution.reasons[0].feature == "bmi"
+    documented = client.get("/openapi.json").json()["paths"]["/predict/batch"]["post"]["responses"]["200"]
+    assert documented["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/BatchResponse"}

@@ -195,7 +195,8 @@ def test_model_container(deployment: Deployment) -> None:
     assert model.inputs["networksAdvanced"][0]["name"] == network.inputs["name"] == "mlapi"
     image = deployment.one("docker:index/image:Image")
     assert image.inputs["skipPush"] is True
-    assert image.inputs["build"]["context"].endswith("/app")
+    assert image.inputs["build"]["context"] == "app"  # relative: no machine-specific path in the inputs
+    assert image.inputs["build"]["dockerfile"] == "app/Dockerfile"
     assert image.inputs["imageName"].startswith("mlapi-model:")
     assert model.inputs["image"] == image.inputs["imageName"]
 
@@ -308,3 +309,10 @@ def test_example_stack_file_is_complete() -> None:
     }
     dev = run_program(config)
     assert dev.exports["url"] == "https://api.example.com"
+
+
+def test_dns_proxied_opt_in_uses_automatic_ttl() -> None:
+    proxied = run_program({**VALID_CONFIG, "dnsProxied": "true"})
+    for suffix in ("dns-a", "dns-aaaa"):
+        record = proxied.one(DNS, suffix).inputs
+        assert (record["proxied"], record["ttl"]) == (True, 1)
