@@ -376,22 +376,13 @@ def test_reboot_brings_the_stack_back_with_the_same_certificate(env: Environment
 # 7
 def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -> None:
     assert env.https("/health")[0] == 200
-    # Some traffic, so the prediction log has rows to keep.
-    remote = env.remote_docker()
-    try:
-        model = remote.containers.get(MODEL_CONTAINER)
-        body = json.dumps({"features": record()})
-        model.exec_run(
-            [
-                "python",
-                "-c",
-                "import urllib.request as u; u.urlopen(u.Request("
-                f"'http://127.0.0.1:8000/predict', data={body!r}.encode(), "
-                "headers={'Content-Type': 'application/json'}))",
-            ]
-        )
-    finally:
-        remote.close()
+    # Some traffic, so the prediction log has rows to keep (sent from inside the host, as an operator would).
+    body = json.dumps({"features": record()})
+    request = (
+        "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/predict', "
+        f"data={body!r}.encode(), headers={{'Content-Type': 'application/json'}}))"
+    )
+    env.ssh(f"docker exec {MODEL_CONTAINER} python -c {shlex.quote(request)}")
     time.sleep(1)
     before = _data_snapshot(env)
     assert before[0] and before[1] >= 1
