@@ -184,7 +184,7 @@ def _traefik_binary() -> bytes:
     return target.read_bytes()
 
 
-def _import(client: docker.DockerClient, tag: str, files: dict[str, tuple[bytes, int]], changes: list[str]) -> None:
+def _import(tag: str, files: dict[str, tuple[bytes, int]], changes: list[str]) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for directory in sorted({str(Path(p).parent) for p in files} | {"tmp"}):
@@ -209,7 +209,6 @@ def build_traefik(client: docker.DockerClient) -> str:
     tag = f"mlapi-traefik:{TRAEFIK_VERSION}-{_short_hash(binary, CA_BUNDLE.read_bytes())}"
     if not _has_image(client, tag):
         _import(
-            client,
             tag,
             {
                 "usr/local/bin/traefik": (binary, 0o755),
