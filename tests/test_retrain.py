@@ -188,34 +188,40 @@ def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> No
     client = make_client(dataset=str(small_base))
     client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
     features = fresh_observations([200])[0]["features"]
-    results: list[tuple[int, str | None, float | None]] = []
-    stop = threading.Event()
+    # (status, version, prediction, started after the promotion had returned)
+    results: list[tuple[int, str | None, float | None, bool]] = []
+    promoted = threading.Event()
+    requests_after_promotion = 10  # per worker: the swap must be seen, not just survived
 
     def hammer() -> None:
-        while not stop.is_set() or len(results) < 50:
+        after = 0
+        while after < requests_after_promotion and len(results) < 20_000:
+            started_after = promoted.is_set()
             response = client.post("/predict", json={"features": features})
             body = response.json() if response.status_code == 200 else {}
-            results.append((response.status_code, body.get("model_version"), body.get("prediction")))
-            if len(results) > 2000:
-                break
+            results.append((response.status_code, body.get("model_version"), body.get("prediction"), started_after))
+            after += started_after
 
     workers = [threading.Thread(target=hammer) for _ in range(4)]
     for worker in workers:
         worker.start()
     outcome = retrain(client)
-    stop.set()
+    promoted.set()
     for worker in workers:
-        worker.join(timeout=30)
+        worker.join(timeout=60)
 
     assert outcome["outcome"] == "promoted"
-    assert {status for status, _, _ in results} == {200}
-    seen = Counter(version for _, version, _ in results)
-    assert set(seen) <= {"v0001", "v0002"} and seen["v0002"] > 0
+    assert {status for status, *_ in results} == {200}
+    seen = Counter(version for _, version, _, _ in results)
+    assert set(seen) <= {"v0001", "v0002"}
+    after = [version for _, version, _, started_after in results if started_after]
+    assert len(after) >= 4 * requests_after_promotion
+    assert set(after) == {"v0002"}, "a request that starts after the promotion returned is served by it"
     # Each answer is exactly what the version it names computes: no request was served by a half-swapped model.
     registry = Registry(client.app.state.service.settings.data_dir)
     X = np.array([[features[name] for name in FEATURES]])
     expected = {version: float(registry.load(version).point(X)[0]) for version in seen}
-    for _, version, prediction in results:
+    for _, version, prediction, _ in results:
         assert prediction == pytest.approx(expected[version], rel=1e-12)
     assert expected["v0001"] != pytest.approx(expected["v0002"], rel=1e-6)
 
