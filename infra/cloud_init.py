@@ -10,7 +10,7 @@ from typing import Literal
 
 import yaml
 
-from infra.spec import StackSpec
+from infra.spec import RETRAIN_LOG, StackSpec
 
 DockerSource = Literal["docker-ce", "debian"]
 # Docker's release signing key (https://docs.docker.com/engine/install/ubuntu/), fetched by fingerprint.
@@ -90,6 +90,7 @@ def user_data_document(
             *(DOCKER_CE_PACKAGES if docker_source == "docker-ce" else ["docker.io"]),
             "unattended-upgrades",
             "cron",
+            "logrotate",
         ],
         "ssh_pwauth": False,
         "disable_root": False,  # Pulumi's remote command and Docker provider log in as root, with the key only
@@ -117,6 +118,11 @@ def user_data_document(
                 "content": "# Scheduled retraining through the model's private route (never the public proxy).\n"
                 f"SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
                 f"{spec.retrain_cron}\n",
+            },
+            {
+                "path": "/etc/logrotate.d/mlapi-retrain",
+                "permissions": "0644",
+                "content": f"{RETRAIN_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n",
             },
             {
                 "path": PREPARE_SCRIPT,

@@ -82,6 +82,9 @@ def test_user_data_contents() -> None:
     assert 'Unattended-Upgrade "1"' in files["/etc/apt/apt.conf.d/20auto-upgrades"]
     assert "unattended-upgrades" in document["packages"]
     assert SPEC.retrain_cron in files["/etc/cron.d/mlapi-retrain"]
+    rotation = files["/etc/logrotate.d/mlapi-retrain"]
+    assert rotation.startswith("/var/log/mlapi-retrain.log {") and "rotate 8" in rotation
+    assert "logrotate" in document["packages"]
     assert "scsi-0HC_Volume_42" in files[PREPARE_SCRIPT]
     assert document["runcmd"] == [[PREPARE_SCRIPT]]
 

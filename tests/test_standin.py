@@ -340,6 +340,9 @@ def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
     assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
     assert env.https("/admin/retrain")[0] == 404
     assert env.https("/admin/versions")[0] == 404
+    # The log it appends to is rotated: the installed logrotate accepts the policy the user-data wrote.
+    check = env.ssh("logrotate --debug /etc/logrotate.d/mlapi-retrain 2>&1", check=False)
+    assert check.returncode == 0 and "error" not in check.stdout.lower(), check.stdout
 
 
 # 5
