@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -77,10 +78,32 @@ def apt_mirror() -> str:
     raise BuildError("no Debian mirror found in /etc/apt/sources.list{,.d}: debootstrap needs one")
 
 
+def debootstrap_image(
+    tag: str, packages: tuple[str, ...], cmd: str, customize: Callable[[Path], None] = lambda rootfs: None
+) -> None:
+    """Debian (SUITE, minbase) with ``packages`` from this host's mirror, adjusted by ``customize``, imported."""
+    if shutil.which("debootstrap") is None:
+        raise BuildError("debootstrap is not installed: apt-get install -y debootstrap")
+    with tempfile.TemporaryDirectory(prefix="mlapi-rootfs-") as rootfs:
+        _run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, rootfs, apt_mirror()],
+            f"debootstrap for {tag}",
+        )
+        customize(Path(rootfs))
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (Path(rootfs) / cache).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        _run(["docker", "import", "-c", f"CMD {cmd}", "-", tag], f"docker import of {tag}", stdin=tar.stdout)
+        tar.wait()
+
+
 def build_base(client: docker.DockerClient, packages: tuple[str, ...] = BASE_PACKAGES) -> str:
     tag = f"mlapi-base:{_short_hash(SUITE, *packages)}"
-    if _has_image(client, tag):
-        return tag
+    if not _has_image(client, tag):
+        debootstrap_image(tag, packages, '["/bin/bash"]')
+    return tag
     if shutil.which("debootstrap") is None:
         raise BuildError("debootstrap is not installed: apt-get install -y debootstrap")
     with tempfile.TemporaryDirectory(prefix="mlapi-rootfs-") as rootfs:

@@ -8,9 +8,7 @@ The image is cached by a hash of its inputs.
 from __future__ import annotations
 
 import io
-import subprocess
 import tarfile
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import docker
 
-from infra.images import _has_image, _run, _short_hash, apt_mirror
+from infra.images import SUITE, _has_image, _run, _short_hash, debootstrap_image
 
 PACKAGES = (
     "cloud-init",
@@ -67,34 +65,25 @@ APT_HOOK = (
 CLOUD_CFG = "datasource_list: [NoCloud, None]\nnetwork: {config: disabled}\n"
 
 
+def _prepare_rootfs(root: Path) -> None:
+    """What a cloud image has that debootstrap does not: a locale, NoCloud config, a boot script, fresh identity."""
+    (root / "etc/locale.gen").write_text("en_US.UTF-8 UTF-8\n")
+    _run(["chroot", str(root), "locale-gen"], "locale-gen in the stand-in")  # else cloud-init's locale module errs
+    (root / "etc/default/locale").write_text("LANG=en_US.UTF-8\n")
+    (root / "etc/cloud/cloud.cfg.d/99-standin.cfg").write_text(CLOUD_CFG)
+    (root / "etc/apt/apt.conf.d/99-standin-start-dockerd").write_text(APT_HOOK)
+    boot = root / BOOT.lstrip("/")
+    boot.write_text(BOOT_SCRIPT)
+    boot.chmod(0o755)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # made fresh at first boot, like a VM image
+    (root / "etc/machine-id").write_text("")
+
+
 def build_standin_image(client: docker.DockerClient) -> str:
-    tag = f"mlapi-standin:{_short_hash('bookworm', *PACKAGES, BOOT_SCRIPT, APT_HOOK, CLOUD_CFG)}"
-    if _has_image(client, tag):
-        return tag
-    with tempfile.TemporaryDirectory(prefix="mlapi-standin-") as rootfs:
-        root = Path(rootfs)
-        _run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "bookworm", rootfs, apt_mirror()],
-            "debootstrap of the VM stand-in",
-        )
-        (root / "etc/locale.gen").write_text("en_US.UTF-8 UTF-8\n")
-        _run(["chroot", rootfs, "locale-gen"], "locale-gen in the stand-in")
-        (root / "etc/default/locale").write_text("LANG=en_US.UTF-8\n")
-        (root / "etc/cloud/cloud.cfg.d/99-standin.cfg").write_text(CLOUD_CFG)
-        (root / "etc/apt/apt.conf.d/99-standin-start-dockerd").write_text(APT_HOOK)
-        boot = root / BOOT.lstrip("/")
-        boot.write_text(BOOT_SCRIPT)
-        boot.chmod(0o755)
-        for key in (root / "etc/ssh").glob("ssh_host_*"):
-            key.unlink()  # made fresh at first boot, like a VM image
-        (root / "etc/machine-id").write_text("")
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for item in (root / cache).glob("*"):
-                if item.is_file():
-                    item.unlink()
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        _run(["docker", "import", "-c", f'CMD ["{BOOT}"]', "-", tag], "docker import of the stand-in", stdin=tar.stdout)
-        tar.wait()
+    tag = f"mlapi-standin:{_short_hash(SUITE, *PACKAGES, BOOT_SCRIPT, APT_HOOK, CLOUD_CFG)}"
+    if not _has_image(client, tag):
+        debootstrap_image(tag, PACKAGES, f'["{BOOT}"]', customize=_prepare_rootfs)
     return tag
 
 
