@@ -132,6 +132,17 @@ def user_data_document(
         ],
         "runcmd": [[PREPARE_SCRIPT]],
     }
+    if volume_device:
+        # The volume's fstab entry is `nofail` (the VM stays reachable if it is missing), and systemd does not
+        # wait for nofail mounts: without this, Docker could start the containers on an empty directory of the
+        # root disk after a reboot. With it, Docker waits for the mount, and does not start without it.
+        document["write_files"].append(
+            {
+                "path": "/etc/systemd/system/docker.service.d/10-mlapi-data-volume.conf",
+                "permissions": "0644",
+                "content": f"[Unit]\nRequiresMountsFor={data_root}\n",
+            }
+        )
     if docker_source == "docker-ce":
         document["apt"] = {
             "sources": {

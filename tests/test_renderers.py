@@ -113,6 +113,15 @@ def test_prepare_script_fails_clearly_when_the_volume_never_appears(tmp_path: Pa
     assert "data volume /dev/disk/by-id/does-not-exist did not appear" in result.stderr
 
 
+def test_docker_waits_for_the_data_volume_after_a_reboot() -> None:
+    files = {f["path"]: f["content"] for f in yaml.safe_load(render())["write_files"]}
+    drop_in = files["/etc/systemd/system/docker.service.d/10-mlapi-data-volume.conf"]
+    assert drop_in == "[Unit]\nRequiresMountsFor=/srv/mlapi\n"
+    assert "nofail" in files[PREPARE_SCRIPT]  # the VM itself still boots (and takes SSH) without the volume
+    without_volume = user_data_document(SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device=None)
+    assert not any("docker.service.d" in f["path"] for f in without_volume["write_files"])
+
+
 def test_user_data_renders_for_the_config_only() -> None:
     document = user_data_document(SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device=None)
     assert "DEVICE=" not in next(f for f in document["write_files"] if f["path"] == PREPARE_SCRIPT)["content"]
