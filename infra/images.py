@@ -104,21 +104,6 @@ def build_base(client: docker.DockerClient, packages: tuple[str, ...] = BASE_PAC
     if not _has_image(client, tag):
         debootstrap_image(tag, packages, '["/bin/bash"]')
     return tag
-    if shutil.which("debootstrap") is None:
-        raise BuildError("debootstrap is not installed: apt-get install -y debootstrap")
-    with tempfile.TemporaryDirectory(prefix="mlapi-rootfs-") as rootfs:
-        _run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, rootfs, apt_mirror()],
-            "debootstrap",
-        )
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for item in (Path(rootfs) / cache).glob("*"):
-                if item.is_file():
-                    item.unlink()
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        _run(["docker", "import", "-c", 'CMD ["/bin/bash"]', "-", tag], "docker import", stdin=tar.stdout)
-        tar.wait()
-    return tag
 
 
 def _wheel_platforms() -> list[str]:

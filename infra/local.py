@@ -34,7 +34,15 @@ from docker.types import Healthcheck, Mount
 from infra import images
 from infra.cloud_init import _prepare_host_script
 from infra.smoke import wait_healthy
-from infra.spec import ContainerSpec, StackInputs, StackSpec, build_stack
+from infra.spec import (
+    MODEL_CONTAINER,
+    NETWORK,
+    TRAEFIK_CONTAINER,
+    ContainerSpec,
+    StackInputs,
+    StackSpec,
+    build_stack,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LOCAL_DIR = PROJECT_DIR / ".local"
@@ -305,6 +313,20 @@ def run_spec_container(client: docker.DockerClient, spec: ContainerSpec, network
     )
 
 
+def ensure_network(client: docker.DockerClient, name: str) -> None:
+    try:
+        client.networks.get(name)
+    except docker.errors.NotFound:
+        client.networks.create(name, driver="bridge")
+
+
+def run_stack(client: docker.DockerClient, spec: StackSpec) -> None:
+    """Deploy the spec's network and containers onto an engine: this machine's, or a host's over ssh://."""
+    ensure_network(client, spec.network)
+    for container_spec in spec.containers:
+        run_spec_container(client, container_spec, spec.network)
+
+
 def prepare_host(client: docker.DockerClient, spec: StackSpec, data_root: Path, base_image: str) -> None:
     """The cloud-init host-preparation script itself, run as root in a throwaway container (no sudo needed)."""
     data_root.mkdir(parents=True, exist_ok=True)
@@ -335,24 +357,29 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     pebble_dir = pebble_files(options.state_dir)
     inputs = local_inputs(options, built["model"], built["traefik"], pebble_dir / "ca.pem")
     spec = build_stack(inputs)
-    try:
-        client.networks.get(spec.network)
-    except docker.errors.NotFound:
-        client.networks.create(spec.network, driver="bridge")
-
+    ensure_network(client, spec.network)
     run_pebble(client, built["pebble"], pebble_dir, spec.network)
     ca_root = fetch_pebble_root(client, pebble_dir, options.state_dir / "pebble-root.pem")
+    # The root the certificates in acme.json chain to, recorded after the last verified start.
+    store_root = options.state_dir / "acme-store-root.pem"
+    if not store_root.exists() or store_root.read_bytes() != ca_root.read_bytes():
+        # Pebble makes a new root at every start (after `local-down`, a reboot): certificates Traefik kept chain
+        # to a root that no longer exists. Drop them and the Traefik serving them; it obtains a new certificate.
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(TRAEFIK_CONTAINER).remove(force=True)
+        remove_as_root(client, options.data_root, "traefik/acme.json")
 
     prepare_host(client, spec, options.data_root, base)
-    for container_spec in spec.containers:
-        run_spec_container(client, container_spec, spec.network)
+    run_stack(client, spec)
 
     url = f"https://{spec.domain}:{options.https_port}"
     ok, message = wait_healthy(
         f"{url}/health", attempts=240, delay=0.5, cacert=str(ca_root), connect_to="127.0.0.1", timeout=5
     )
     if not ok:
-        raise LocalStackError(f"{message}\n(locally: `docker logs mlapi-traefik`, `docker logs {PEBBLE_CONTAINER}`)")
+        logs = f"`docker logs {TRAEFIK_CONTAINER}`, `docker logs {PEBBLE_CONTAINER}`"
+        raise LocalStackError(f"{message}\n(locally: {logs})")
+    store_root.write_bytes(ca_root.read_bytes())
     finished = time.monotonic()
     stack = LocalStack(
         spec,
@@ -380,21 +407,13 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
 def down(options: LocalOptions | None = None, *, delete_data: bool = False, quiet: bool = False) -> None:
     options = options or LocalOptions()
     client = engine()
-    for name in ("mlapi-model", "mlapi-traefik", PEBBLE_CONTAINER):
+    for name in (MODEL_CONTAINER, TRAEFIK_CONTAINER, PEBBLE_CONTAINER):
         with contextlib.suppress(docker.errors.NotFound):
             client.containers.get(name).remove(force=True)
     with contextlib.suppress(docker.errors.NotFound):
-        client.networks.get("mlapi").remove()
+        client.networks.get(NETWORK).remove()
     if delete_data:
-        if options.data_root.exists():
-            # Files belong to the service's uid: remove them as root in a throwaway container.
-            base = images.build_base(client)
-            client.containers.run(
-                base,
-                ["rm", "-rf", "/target/data"],
-                remove=True,
-                mounts=[Mount(target="/target", source=str(options.data_root.parent), type="bind")],
-            )
+        delete_data_root(client, options.data_root)
         shutil.rmtree(options.state_dir, ignore_errors=True)
     if not quiet:
         print(
@@ -402,11 +421,29 @@ def down(options: LocalOptions | None = None, *, delete_data: bool = False, quie
         )
 
 
+def remove_as_root(client: docker.DockerClient, directory: Path, relative: str) -> None:
+    """rm -rf directory/relative, as root in a throwaway container: the files belong to the services' users."""
+    if not directory.exists():
+        return
+    client.containers.run(
+        images.build_base(client),
+        ["rm", "-rf", f"/target/{relative}"],
+        remove=True,
+        mounts=[Mount(target="/target", source=str(directory), type="bind")],
+    )
+
+
+def delete_data_root(client: docker.DockerClient, data_root: Path) -> None:
+    """Remove the data root itself, whatever its name (and nothing beside it)."""
+    if data_root.exists():
+        remove_as_root(client, data_root.parent, data_root.name)
+
+
 def status(options: LocalOptions | None = None) -> int:
     options = options or LocalOptions()
     client = engine()
     running = 0
-    for name in ("mlapi-traefik", "mlapi-model", PEBBLE_CONTAINER):
+    for name in (TRAEFIK_CONTAINER, MODEL_CONTAINER, PEBBLE_CONTAINER):
         try:
             container = client.containers.get(name)
         except docker.errors.NotFound:

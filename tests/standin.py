@@ -107,7 +107,7 @@ class StandIn:
         self.container.reload()
         return next(iter(self.container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
 
-    def exec(self, command: str, timeout: float = 600) -> tuple[int, str]:
+    def exec(self, command: str) -> tuple[int, str]:
         code, output = self.container.exec_run(["sh", "-c", command], demux=False)
         return code, output.decode(errors="replace")
 

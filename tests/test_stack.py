@@ -280,3 +280,31 @@ def test_smoke_check_of_pulumi_up_passes_against_the_real_stack(stack: LocalStac
     )
     assert result.returncode == 0, result.stderr
     assert "healthy after 1 attempt" in result.stdout
+
+
+def test_down_then_up_keeping_data_serves_a_verifiable_certificate(stack: LocalStack) -> None:
+    """`make local-down && make local-up`: Pebble comes back with a new root, so the stored certificate must be
+    replaced, while models and the prediction log are kept. (Runs after the tests that use the first Pebble.)"""
+    versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
+    old_serial = serial(stack)
+    local.down(stack.options, quiet=True)
+    again = local.up(stack.options, quiet=True)
+    assert again.ca_root == stack.ca_root  # the fixture's handle now trusts the new root
+    status, _, _ = https(stack, "GET", "/health")  # verifies against Pebble's new root
+    assert status == 200
+    assert serial(stack) != old_serial
+    assert sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*")) == versions
+
+
+def test_deleting_data_removes_the_configured_root_only(tmp_path: Path) -> None:
+    """`make local-destroy` deletes the data root it was given, whatever it is called, and nothing beside it."""
+    client = docker_engine()
+    data_root = tmp_path / "models-and-logs"
+    (data_root / "model").mkdir(parents=True)
+    (data_root / "model" / "predictions.sqlite3").write_bytes(b"x")
+    os.chown(data_root / "model", 10001, 10001)  # as the service leaves it
+    neighbour = tmp_path / "data"
+    neighbour.mkdir()
+    local.delete_data_root(client, data_root)
+    assert not data_root.exists()
+    assert neighbour.exists()

@@ -149,12 +149,7 @@ class Environment:
         try:
             for tag in {self.spec.traefik.image, self.spec.model.image}:
                 remote.images.load(self.client.images.get(tag).save(named=True))
-            try:
-                remote.networks.get(self.spec.network)
-            except docker.errors.NotFound:
-                remote.networks.create(self.spec.network, driver="bridge")
-            for container in self.spec.containers:
-                local.run_spec_container(remote, container, self.spec.network)
+            local.run_stack(remote, self.spec)
         finally:
             remote.close()
         ok, message = wait_healthy(
