@@ -73,10 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
+        import logging
+
         import uvicorn
 
+        from app.lifecycle import DrainingServer
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
         settings = get_settings()
-        uvicorn.run("app.main:app", host=settings.host, port=settings.port, proxy_headers=True, forwarded_allow_ips="*")
+        config = uvicorn.Config(
+            "app.main:app",
+            host=settings.host,
+            port=settings.port,
+            proxy_headers=True,
+            forwarded_allow_ips="*",
+            timeout_keep_alive=settings.keep_alive_s,
+            timeout_graceful_shutdown=settings.graceful_timeout_s,
+            server_header=False,
+        )
+        DrainingServer(config, drain_seconds=settings.drain_seconds).run()
         return 0
     if args.command == "train":
         return _train()

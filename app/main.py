@@ -3,6 +3,7 @@
 import hmac
 import logging
 import math
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.data import load_dataset
+from app.lifecycle import DRAINING
 from app.metrics import ServiceMetrics
 from app.predlog import PredictionRecord
 from app.registry import RegistryError
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return request.app.state.service
 
     Service = Annotated[ModelService, Depends(service_of)]
+    replica = socket.gethostname()
 
     def require_admin(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -149,12 +152,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return result.version, items
 
     # -- public ----------------------------------------------------------------------------------------------
-    @app.get("/health", tags=["public"], summary="The process is alive.")
+    def refuse_if_draining() -> None:
+        if DRAINING.is_set():  # shutting down: the proxy's health check takes this replica out first
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "draining: this replica is shutting down")
+
+    @app.get("/health", tags=["public"], summary="The process is alive (503 while it drains before shutdown).")
     def health() -> dict[str, str]:
+        refuse_if_draining()
         return {"status": "ok"}
 
     @app.get("/ready", tags=["public"], summary="A model is loaded and answers.")
     def ready(service: Service) -> dict[str, str]:
+        refuse_if_draining()
         predictor = service.current
         if predictor is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
@@ -189,7 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictor = service.current
         if predictor is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
-        return predictor.metadata.model_dump(exclude={"sha256"})
+        # Which replica answered: each one follows the registry on its own, so clients can see them converge.
+        return {**predictor.metadata.model_dump(exclude={"sha256"}), "served_by": replica}
 
     @app.post(
         "/observations",

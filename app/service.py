@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,10 +56,30 @@ class Prediction:
     ood: list[list[OutOfRange]]
 
 
+class AdminTokenError(RuntimeError):
+    """The admin token is configured but empty or unreadable: refuse to start rather than fail open."""
+
+
 def load_admin_token(settings: Settings) -> str:
-    """The configured token, or one generated once into the data directory (readable by the service user only)."""
+    """The configured token (env or file, e.g. a swarm secret), or one generated once into the data directory.
+
+    An empty token is an error, never "no authentication": an empty file (a full disk, a race) must not open /admin.
+    """
     if settings.admin_token is not None:
-        return settings.admin_token.get_secret_value()
+        token, source = settings.admin_token.get_secret_value().strip(), "MLAPI_ADMIN_TOKEN"
+    elif settings.admin_token_file is not None:
+        try:
+            token, source = settings.admin_token_file.read_text().strip(), str(settings.admin_token_file)
+        except OSError as exc:
+            raise AdminTokenError(f"MLAPI_ADMIN_TOKEN_FILE: cannot read {settings.admin_token_file}: {exc}") from exc
+    else:
+        token, source = _generated_token(settings), str(settings.data_dir / "admin-token")
+    if not token:
+        raise AdminTokenError(f"the admin token from {source} is empty: set a non-empty token")
+    return token
+
+
+def _generated_token(settings: Settings) -> str:
     path = settings.data_dir / "admin-token"
     if not path.exists():
         token = secrets.token_urlsafe(32)
@@ -81,29 +104,73 @@ class ModelService:
             settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=metrics.log_dropped.inc
         )
         self.history_path: Path = settings.data_dir / "retrain-history.jsonl"
+        self.lock_path: Path = settings.data_dir / "registry.lock"
         self.load_error: str | None = None
         self._current: Predictor | None = None
-        self._retrain_lock = threading.Lock()
+        self._failed_version: str | None = None
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
+
+    @contextlib.contextmanager
+    def registry_lock(self, *, blocking: bool) -> Iterator[None]:
+        """One writer of the registry at a time across every replica on the volume (an flock on a shared file).
+
+        Non-blocking callers get RetrainBusy when another replica (or thread) holds it.
+        """
+        with open(self.lock_path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise RetrainBusy("a retrain or rollback is already running (in this or another replica)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Serve the current version; on an empty registry, train the first one from the base data."""
+        """Serve the current version; on an empty registry, train the first one from the base data. Then follow
+        the registry's current pointer, so a promotion or rollback made by any replica reaches this one."""
+        if self.registry.current() is None:
+            with self.registry_lock(blocking=True):  # replicas starting together train one first version
+                if self.registry.current() is None:
+                    development, holdout = self._splits()
+                    predictor = self._train(development, holdout, n_observations=0)
+                    version = self.registry.save(predictor, parent=None)
+                    self.registry.set_current(version)
+                    log.info("trained initial model %s", version)
+        self.sync_with_registry()
+        self._watcher.start()
+
+    def sync_with_registry(self) -> bool:
+        """Serve the registry's current version if it is not the one served; True if a swap happened."""
         version = self.registry.current()
-        if version is None:
-            development, holdout = self._splits()
-            predictor = self._train(development, holdout, n_observations=0)
-            version = self.registry.save(predictor, parent=None)
-            self.registry.set_current(version)
-            self._swap(predictor)
-            log.info("trained initial model %s", version)
-            return
+        served = self._current.metadata.version if self._current else None
+        if version is None or version == served or version == self._failed_version:
+            return False
         try:
-            self._swap(self.registry.load(version))
+            predictor = self.registry.load(version)
         except RegistryError as exc:
+            self._failed_version = version  # logged once, retried when the pointer moves again
             self.load_error = str(exc)
-            log.error("not serving: %s (roll back to a good version via /admin/rollback)", exc)
+            log.error("not serving %s: %s (the previous model, if any, keeps serving)", version, exc)
+            return False
+        self._failed_version = None
+        self._swap(predictor)
+        log.info("now serving %s (was %s)", version, served)
+        return True
+
+    def _watch_registry(self) -> None:
+        while not self._stop.wait(self.settings.reload_interval_s):
+            try:
+                self.sync_with_registry()
+            except Exception:  # never let the watcher die: the next tick tries again
+                log.exception("registry watch failed")
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5)
         self.prediction_log.close()
 
     @property
@@ -147,12 +214,9 @@ class ModelService:
 
     def retrain(self) -> RetrainOutcome:
         """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin."""
-        if not self._retrain_lock.acquire(blocking=False):
-            raise RetrainBusy("a retrain is already running")
-        try:
+        with self.registry_lock(blocking=False):
+            self.sync_with_registry()  # judge against what the registry says is current, not a stale copy
             outcome = self._retrain_locked()
-        finally:
-            self._retrain_lock.release()
         self.metrics.retrains.labels(outcome.outcome).inc()
         self.metrics.last_retrain.set(time.time())
         self.metrics.last_retrain_promoted.set(1 if outcome.outcome == "promoted" else 0)
@@ -207,7 +271,7 @@ class ModelService:
 
     def rollback(self, version: str) -> Predictor:
         """Serve an earlier version; a missing or untrusted one raises and the current model keeps serving."""
-        with self._retrain_lock:
+        with self.registry_lock(blocking=True):
             predictor = self.registry.load(version)
             self.registry.set_current(version)
             self._swap(predictor)

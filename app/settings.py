@@ -34,8 +34,20 @@ class Settings(BaseSettings):
     )
     ood_z_threshold: float = Field(4.0, gt=0)
     ood_range_tolerance: float = Field(0.1, ge=0, description="Fraction of the training range allowed beyond it.")
-    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin; generated into data_dir if unset.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin (prefer admin_token_file).")
+    admin_token_file: Path | None = Field(
+        None, description="File holding the bearer token of /admin (a swarm secret); generated into data_dir if unset."
+    )
     log_queue_size: int = Field(10_000, ge=1)
+    reload_interval_s: float = Field(
+        2.0, gt=0, description="How often a replica checks the registry's current pointer (promotions, rollbacks)."
+    )
+    drain_seconds: float = Field(
+        6.0, ge=0, description="After SIGTERM, keep serving (health answers 503) this long before shutting down."
+    )
+    graceful_timeout_s: int = Field(10, ge=1, description="Then wait at most this long for in-flight requests.")
+    # Above the proxy's idle timeout for backend connections (infra/spec.py), so the proxy closes them first.
+    keep_alive_s: int = Field(75, ge=1)
     host: str = "0.0.0.0"  # noqa: S104 (inside the container; only Traefik reaches it, over the internal network)
     port: int = 8000
 

@@ -227,14 +227,13 @@ def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> No
 
 
 def test_concurrent_retrain_is_refused(make_client, small_base: Path) -> None:
+    """Another replica on the same volume holds the registry lock: this one answers 409, not a second retrain."""
     client = make_client(dataset=str(small_base))
-    service = client.app.state.service
-    assert service._retrain_lock.acquire()
-    try:
+    other_replica = make_client(dataset=str(small_base)).app.state.service
+    with other_replica.registry_lock(blocking=False):
         busy = client.post("/admin/retrain", headers=admin_headers())
-    finally:
-        service._retrain_lock.release()
     assert busy.status_code == 409 and "already running" in busy.text
+    assert client.post("/admin/retrain", headers=admin_headers()).status_code == 200  # released: it runs
 
 
 def test_cli_retrain_talks_to_the_private_route(make_client, small_base: Path, tmp_path: Path, monkeypatch) -> None:
