@@ -10,27 +10,41 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TRAEFIK_VERSION = "3.6.15"  # >= 3.6.1: older 3.x cannot talk to Docker 29 engines (traefik#12253)
+TRAEFIK_VERSION = "3.7.15"  # >= 3.7: retry on status codes with a buffered body (3.6.1: Docker 29, traefik#12253)
 LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
-NETWORK = "mlapi"
+NETWORK = "mlapi"  # an attachable overlay: the model's tasks and the Traefik container meet on it
 TRAEFIK_CONTAINER = "mlapi-traefik"
-MODEL_CONTAINER = "mlapi-model"
+MODEL_SERVICE = "mlapi-model"
 MODEL_PORT = 8000
 MODEL_UID = 10001  # the image's non-root user (app/Dockerfile)
 CERT_RESOLVER = "letsencrypt"
 ROUTER = "mlapi"
+PREDICT_ROUTER = "mlapi-predict"
+RETRY_BODY_LIMIT = 4 * 1024 * 1024  # a 10,000-row batch is ~2.5 MB; bigger bodies are not replayed
 DEFAULT_DATA_ROOT = "/srv/mlapi"
 DEFAULT_RETRAIN_SCHEDULE = "0 * * * *"
+DEFAULT_MODEL_REPLICAS = 2
 RETRAIN_LOG = "/var/log/mlapi-retrain.log"
+APP_COMMAND = "/usr/local/bin/mlapi-app"  # on the host: `mlapi-app retrain|versions|rollback vN|drift`
 PRIVATE_PREFIX = "/admin"
 ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
+ADMIN_SECRET = "mlapi-admin-token"  # noqa: S105 — swarm secrets are immutable: the real name carries a digest of the value
+ADMIN_SECRET_FILE = "admin_token"  # noqa: S105 — /run/secrets/admin_token inside each task
+# Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
+SWARM_ADVERTISE_ADDR = "127.0.0.1"
+SWARM_LISTEN_ADDR = "127.0.0.1:2377"
+# Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
+PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
+PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
+DRAIN_S = 6  # a stopping task keeps serving (health 503) this long: > refresh + health interval
+BACKEND_IDLE_TIMEOUT_S = 30  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)([a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -71,7 +85,8 @@ class StackInputs(BaseModel):
     acme_email: str
     acme_staging: bool = False
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
-    model_image: str = Field("mlapi-model:latest", description="image the model container runs")
+    model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)
+    model_image: str = Field("mlapi-model:latest", description="image the model service runs")
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
     data_root: str = DEFAULT_DATA_ROOT
     # Local differences (see infra/local.py): where ACME lives, which CA to trust, where ports bind.
@@ -110,6 +125,34 @@ class StackInputs(BaseModel):
         return LETSENCRYPT_STAGING if self.acme_staging else LETSENCRYPT_PRODUCTION
 
 
+def acme_storage(ca_server: str) -> str:
+    """One certificate store per CA: switching staging → production must not keep serving staging certificates
+    (Traefik reuses whatever valid certificate its store holds for the domain)."""
+    known = {LETSENCRYPT_PRODUCTION: "letsencrypt", LETSENCRYPT_STAGING: "letsencrypt-staging"}
+    name = known.get(ca_server) or "ca-" + hashlib.sha256(ca_server.encode()).hexdigest()[:12]
+    return f"/acme/{name}.json"
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go's time.Duration prints it (2s, 1m0s, 1m30s, 500ms), which is how the Docker provider reads
+    durations back: any other spelling of the same value ("60s") shows as a diff on every `pulumi up`."""
+    if seconds < 0:
+        raise ValueError(f"negative duration {seconds}")
+    millis = round(seconds * 1000)
+    if millis == 0:
+        return "0s"
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}" + (f".{rest % 1000:03d}".rstrip("0") if rest % 1000 else "")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
 @dataclass(frozen=True)
 class Mount:
     source: str  # a host path
@@ -131,6 +174,55 @@ class Healthcheck:
     timeout_s: int = 5
     retries: int = 3
     start_period_s: int = 60
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How swarm replaces tasks during an update (or a rollback)."""
+
+    failure_action: str  # rollback | pause | continue
+    parallelism: int = 1
+    order: str = "start-first"  # the new task is healthy before the old one stops
+    monitor_s: int = 10  # a task failing this soon after it started counts as a failed update
+    delay_s: int = 0
+    max_failure_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    condition: str = "any"
+    delay_s: int = 2
+    max_attempts: int = 0  # forever: a crashed replica always comes back
+    window_s: int = 0
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    secret: str  # the swarm secret's base name (ADMIN_SECRET)
+    file_name: str  # under /run/secrets/
+    uid: int
+    mode: int = 0o400
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A replicated swarm service. ``labels`` are service labels, which Traefik's swarm provider reads."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    labels: dict[str, str]
+    mounts: tuple[Mount, ...]
+    healthcheck: Healthcheck
+    replicas: int
+    update: RolloutPolicy
+    rollback: RolloutPolicy
+    restart: RestartPolicy
+    secrets: tuple[SecretFile, ...]
+    stop_grace_period_s: int
+    endpoint_mode: str = "dnsrr"  # Traefik balances across task IPs; swarm's VIP (IPVS) is not needed
+    init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
 
 
 @dataclass(frozen=True)
@@ -158,31 +250,34 @@ class HostDirectory:
 class StackSpec:
     network: str
     traefik: ContainerSpec
-    model: ContainerSpec
+    model: ServiceSpec
     host_directories: tuple[HostDirectory, ...]
-    retrain_command: tuple[str, ...]
+    app_script: str  # installed on the host as APP_COMMAND
     retrain_cron: str
     domain: str
-    containers: tuple[ContainerSpec, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "containers", (self.traefik, self.model))
 
 
 def traefik_flags(inputs: StackInputs) -> tuple[str, ...]:
-    """Traefik's static configuration: Docker labels opt-in, HTTP→HTTPS, one ACME resolver, no dashboard."""
+    """Traefik's static configuration: swarm service labels opt-in, HTTP→HTTPS, one ACME resolver, no dashboard."""
     resolver = f"--certificatesresolvers.{CERT_RESOLVER}.acme"
     flags = [
-        "--providers.docker=true",
-        "--providers.docker.exposedbydefault=false",
-        f"--providers.docker.network={NETWORK}",
+        "--providers.swarm=true",
+        "--providers.swarm.endpoint=unix:///var/run/docker.sock",
+        "--providers.swarm.exposedbydefault=false",
+        f"--providers.swarm.network={NETWORK}",
+        f"--providers.swarm.refreshseconds={go_duration(PROVIDER_REFRESH_S)}",
+        # A router whose tasks are all unhealthy answers 503, not 404 (the router would vanish without this).
+        "--providers.swarm.allowemptyservices=true",
+        # A task that is gone refuses connections at once; fail over quickly instead of waiting 30 s.
+        f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(2)}",
+        f"--serverstransport.forwardingtimeouts.idleconntimeout={go_duration(BACKEND_IDLE_TIMEOUT_S)}",
         "--entrypoints.web.address=:80",
         "--entrypoints.web.http.redirections.entrypoint.to=websecure",
         "--entrypoints.web.http.redirections.entrypoint.scheme=https",
         "--entrypoints.web.http.redirections.entrypoint.permanent=true",
         "--entrypoints.websecure.address=:443",
         f"{resolver}.email={inputs.acme_email}",
-        f"{resolver}.storage=/acme/acme.json",
+        f"{resolver}.storage={acme_storage(inputs.ca_server)}",
         f"{resolver}.tlschallenge=true",
         f"{resolver}.caserver={inputs.ca_server}",
         "--ping=true",
@@ -197,26 +292,63 @@ def traefik_flags(inputs: StackInputs) -> tuple[str, ...]:
 
 
 def model_labels(inputs: StackInputs) -> dict[str, str]:
-    """Route `Host(domain)` on websecure with the resolver; never the private prefix; HSTS on every answer."""
+    """Route `Host(domain)` on websecure with the resolver; never the private prefix; HSTS on every answer.
+
+    Traefik balances across the task IPs, checks each on /health itself (a draining task answers 503), and retries:
+    every route on connection errors before the request reached a task, and the prediction routes, which are pure
+    functions of their input, also when a task died with the request in flight (502/504) or none was ready (503).
+    Other POSTs (/observations) are not replayed: storing ground truth twice is worse than an error."""
     router = f"traefik.http.routers.{ROUTER}"
-    headers = f"traefik.http.middlewares.{ROUTER}-headers.headers"
+    predict = f"traefik.http.routers.{PREDICT_ROUTER}"
+    middleware = "traefik.http.middlewares"
+    service = f"traefik.http.services.{ROUTER}.loadbalancer"
+    tls = {"entrypoints": "websecure", "tls": "true", "tls.certresolver": CERT_RESOLVER, "service": ROUTER}
     return {
         "traefik.enable": "true",
-        "traefik.docker.network": NETWORK,
+        "traefik.swarm.network": NETWORK,
+        "traefik.swarm.lbswarm": "false",
         f"{router}.rule": f"Host(`{inputs.domain}`) && !PathPrefix(`{PRIVATE_PREFIX}`)",
-        f"{router}.entrypoints": "websecure",
-        f"{router}.tls": "true",
-        f"{router}.tls.certresolver": CERT_RESOLVER,
-        f"{router}.middlewares": f"{ROUTER}-headers",
-        f"{headers}.stsseconds": "31536000",
-        f"{headers}.stsincludesubdomains": "true",
-        f"traefik.http.services.{ROUTER}.loadbalancer.server.port": str(MODEL_PORT),
+        f"{router}.priority": "10",
+        f"{router}.middlewares": f"{ROUTER}-retry,{ROUTER}-headers",
+        **{f"{router}.{key}": value for key, value in tls.items()},
+        f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
+        f"{predict}.priority": "20",
+        f"{predict}.middlewares": f"{PREDICT_ROUTER}-retry,{ROUTER}-headers",
+        **{f"{predict}.{key}": value for key, value in tls.items()},
+        f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
+        f"{middleware}.{ROUTER}-retry.retry.initialinterval": go_duration(0.1),
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.attempts": "5",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.initialinterval": go_duration(0.1),
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.status": "502-504",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.retrynonidempotentmethod": "true",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.maxrequestbodybytes": str(RETRY_BODY_LIMIT),
+        f"{middleware}.{ROUTER}-headers.headers.stsseconds": "31536000",
+        f"{middleware}.{ROUTER}-headers.headers.stsincludesubdomains": "true",
+        f"{service}.server.port": str(MODEL_PORT),
+        f"{service}.healthcheck.path": "/health",
+        f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),
+        f"{service}.healthcheck.timeout": go_duration(1),
     }
+
+
+def app_script() -> str:
+    """``mlapi-app <command>`` on the host: ``python -m app <command>`` inside one healthy replica, on its loopback,
+    so cron's retrain and an operator's ``mlapi-app versions`` use the private routes, never the public proxy."""
+    return f"""#!/bin/sh
+# Installed by the deploy step (infra/spec.py: app_script). Usage: mlapi-app retrain|versions|rollback vNNNN|drift
+set -eu
+task=$(docker ps --quiet --filter label=com.docker.swarm.service.name={MODEL_SERVICE} --filter health=healthy \
+  | head -n 1)
+if [ -z "$task" ]; then
+  echo "mlapi-app: no healthy replica of {MODEL_SERVICE} on this node (docker service ps {MODEL_SERVICE})" >&2
+  exit 1
+fi
+exec docker exec "$task" python -m app "$@"
+"""
 
 
 def build_stack(inputs: StackInputs) -> StackSpec:
     root = inputs.data_root.rstrip("/")
-    retrain_command = ("docker", "exec", MODEL_CONTAINER, "python", "-m", "app", "retrain")
     traefik = ContainerSpec(
         name=TRAEFIK_CONTAINER,
         image=inputs.traefik_image,
@@ -236,23 +368,38 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         aliases=inputs.traefik_aliases,
         healthcheck=Healthcheck(("CMD", "traefik", "healthcheck", "--ping"), start_period_s=10),
     )
-    model = ContainerSpec(
-        name=MODEL_CONTAINER,
+    model = ServiceSpec(
+        name=MODEL_SERVICE,
         image=inputs.model_image,
         command=("python", "-m", "app", "serve"),
-        env={"MLAPI_DATA_DIR": "/data", "MLAPI_PORT": str(MODEL_PORT)},
+        env={
+            "MLAPI_DATA_DIR": "/data",
+            "MLAPI_PORT": str(MODEL_PORT),
+            "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
+            "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
+        },
         labels=model_labels(inputs),
         mounts=(Mount(f"{root}/model", "/data"),),
-        ports=(),  # reachable only through Traefik on the internal network
-        aliases=("model",),
+        # Gates traffic twice: swarm counts a task as running only once healthy (so a start-first update waits
+        # for it), and kills a task that turns unhealthy.
         healthcheck=Healthcheck(
             (
                 "CMD",
                 "python",
                 "-c",
-                f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{MODEL_PORT}/ready', timeout=4)",
+                f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{MODEL_PORT}/ready', timeout=2)",
             ),
+            interval_s=3,
+            timeout_s=3,
+            retries=3,
+            start_period_s=30,
         ),
+        replicas=inputs.model_replicas,
+        update=RolloutPolicy(failure_action="rollback"),
+        rollback=RolloutPolicy(failure_action="pause"),
+        restart=RestartPolicy(),
+        secrets=(SecretFile(ADMIN_SECRET, ADMIN_SECRET_FILE, MODEL_UID),),
+        stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
     )
     return StackSpec(
         network=NETWORK,
@@ -262,10 +409,15 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             HostDirectory(f"{root}/model", MODEL_UID, "0750"),
             HostDirectory(f"{root}/traefik", 0, "0700"),
         ),
-        retrain_command=retrain_command,
-        retrain_cron=f"{inputs.retrain_schedule} root {' '.join(retrain_command)} >> {RETRAIN_LOG} 2>&1",
+        app_script=app_script(),
+        retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
         domain=inputs.domain,
     )
+
+
+def secret_name(base: str, value: str) -> str:
+    """Swarm secrets cannot change: a new value gets a new name (a short digest, which reveals nothing usable)."""
+    return f"{base}-{hashlib.sha256(value.encode()).hexdigest()[:10]}"
 
 
 def source_tag(app_dir: Path) -> str:

@@ -1,0 +1,98 @@
+"""What the deploy step runs on the host at every `pulumi up` whose inputs changed (a remote command), and what it
+runs before the data volume is detached (its delete). Pure renderers: the stand-in test runs the same scripts.
+
+Settings that change (the retrain schedule, host scripts, the directory layout) live here and not in user-data:
+cloud-init runs once, and a change to user-data replaces the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from dataclasses import dataclass
+
+from infra.spec import (
+    APP_COMMAND,
+    MODEL_SERVICE,
+    RETRAIN_LOG,
+    SWARM_ADVERTISE_ADDR,
+    SWARM_LISTEN_ADDR,
+    TRAEFIK_CONTAINER,
+    StackSpec,
+)
+
+CRON_FILE = "/etc/cron.d/mlapi-retrain"
+LOGROTATE_FILE = "/etc/logrotate.d/mlapi-retrain"
+
+
+@dataclass(frozen=True)
+class HostFile:
+    path: str
+    content: str
+    mode: str = "0644"
+
+
+def host_files(spec: StackSpec) -> tuple[HostFile, ...]:
+    return (
+        HostFile(APP_COMMAND, spec.app_script, "0755"),
+        HostFile(
+            CRON_FILE,
+            "# Scheduled retraining through the model's private route (never the public proxy).\n"
+            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"{spec.retrain_cron}\n",
+        ),
+        HostFile(
+            LOGROTATE_FILE,
+            f"{RETRAIN_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n",
+        ),
+    )
+
+
+def layout_script(spec: StackSpec) -> str:
+    """The data directories with their owners and modes (idempotent)."""
+    lines = []
+    for directory in spec.host_directories:
+        path = shlex.quote(directory.path)
+        lines += [
+            f"mkdir -p {path}",
+            f"chown {directory.owner_uid}:{directory.owner_uid} {path}",
+            f"chmod {directory.mode} {path}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+SWARM_INIT = (
+    'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" != active ]; then\n'
+    f"  docker swarm init --advertise-addr {SWARM_ADVERTISE_ADDR} --listen-addr {SWARM_LISTEN_ADDR} >/dev/null\n"
+    "  echo 'joined swarm mode (single-node manager)'\n"
+    "fi\n"
+)
+
+
+def render_host_setup(spec: StackSpec) -> str:
+    """The deploy step: install the host files, lay out the data directories, join swarm mode. Idempotent."""
+    lines = ["set -eu", "umask 022"]
+    for item in host_files(spec):
+        encoded = base64.b64encode(item.content.encode()).decode()
+        path = shlex.quote(item.path)
+        lines += [  # written beside, then renamed: cron never reads a half-written file
+            f"mkdir -p {shlex.quote(item.path.rsplit('/', 1)[0])}",
+            f"printf %s {encoded} | base64 -d > {path}.new",
+            f"chmod {item.mode} {path}.new && mv {path}.new {path}",
+        ]
+    return "\n".join(lines) + "\n" + layout_script(spec) + SWARM_INIT + "echo host ready\n"
+
+
+def render_graceful_stop(data_root: str) -> str:
+    """Before the volume is detached (`pulumi destroy`, or a server replacement): stop the model's tasks with their
+    grace period (the prediction log is closed and checkpointed), stop Traefik, flush and unmount the volume."""
+    return (
+        f"docker service rm {MODEL_SERVICE} >/dev/null 2>&1 || true\n"
+        "i=0\n"
+        f'while [ -n "$(docker ps --quiet --filter label=com.docker.swarm.service.name={MODEL_SERVICE})" ] '
+        '&& [ "$i" -lt 60 ]; do sleep 1; i=$((i+1)); done\n'
+        f"docker stop --time 10 {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true\n"
+        "sync\n"
+        f"if mountpoint -q {shlex.quote(data_root)}; then umount {shlex.quote(data_root)}; fi\n"
+        "echo stopped and unmounted\n"
+    )
