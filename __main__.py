@@ -1,6 +1,7 @@
 """mlapi: a scikit-learn model as an HTTPS API on one Hetzner VM.
 
-config → spec (what runs on the VM) → Host (server, firewall, volume, DNS) → ModelStack (Traefik + model) → exports
+config → spec (what runs on the VM) → Host (server, host key, firewall, volume, DNS)
+       → ModelStack (deploy step, swarm: Traefik + the model service) → exports
 """
 
 from pathlib import Path
@@ -25,25 +26,18 @@ if cfg.ssh_cidrs_defaulted:
         "`pulumi config set sshAllowedCidrs '[\"<your IP>/32\"]'`."
     )
 
-spec = build_stack(
-    StackInputs(
-        domain=cfg.domain,
-        acme_email=cfg.acme_email,
-        acme_staging=cfg.acme_staging,
-        retrain_schedule=cfg.retrain_schedule,
-        model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
-    )
+inputs = StackInputs(
+    domain=cfg.domain,
+    acme_email=cfg.acme_email,
+    acme_staging=cfg.acme_staging,
+    retrain_schedule=cfg.retrain_schedule,
+    model_replicas=cfg.model_replicas,
+    model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
 )
+spec = build_stack(inputs)
 name = f"mlapi-{pulumi.get_stack()}"
-host = Host(name, cfg, spec, data_root=StackInputs.model_fields["data_root"].default)
-stack = ModelStack(
-    name,
-    cfg,
-    spec,
-    host,
-    app_dir=APP_DIR,
-    known_hosts=Path.home() / ".ssh" / f"known_hosts.{pulumi.get_project()}-{pulumi.get_stack()}",
-)
+host = Host(name, cfg, spec, data_root=inputs.data_root)
+stack = ModelStack(name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root)
 
 pulumi.export("url", f"https://{spec.domain}")
 pulumi.export("ipv4", host.ipv4)

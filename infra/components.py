@@ -1,7 +1,16 @@
-"""Pulumi components: they only map the spec (infra/spec.py) and the config (infra/config.py) to resources."""
+"""Pulumi components: they only map the spec (infra/spec.py) and the config (infra/config.py) to resources.
+
+Lifecycle rules that make every later `pulumi up` safe (README: "Changing things later"):
+- everything on the VM is bound to the server: `replace_with=[server]` recreates it on a new server, and
+  `deleted_with=server` skips deleting it from a server that is going away anyway;
+- the SSH host key is generated here and pinned by every connection, from any machine, from the first one;
+- settings that change are applied by the deploy step on every `up`, never through user-data.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,27 +19,70 @@ import pulumi_cloudflare as cloudflare
 import pulumi_command as command
 import pulumi_docker as docker
 import pulumi_hcloud as hcloud
+import pulumi_random as random
+import pulumi_tls as tls
 
-from infra.cloud_init import READINESS_COMMAND, hcloud_volume_device, render_user_data
-from infra.config import ConfigError, DeployConfig
-from infra.deploy import KNOWN_HOSTS_SCRIPT, docker_ssh_options, firewall_rules, smoke_command
-from infra.spec import ContainerSpec, StackSpec
+from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
+from infra.config import DeployConfig
+from infra.deploy import docker_ssh_options, firewall_rules, platform_for, smoke_command
+from infra.host_setup import render_graceful_stop, render_host_setup
+from infra.spec import ADMIN_SECRET, ContainerSpec, ServiceSpec, StackSpec, go_duration, secret_name
+
+CONVERGE_TIMEOUT_S = 600
 
 
 def _private_key(cfg: DeployConfig) -> pulumi.Output[str] | None:
     if not cfg.ssh_private_key_path:
         return None  # the remote command falls back to SSH_AUTH_SOCK, like the Docker provider's ssh
-    path = Path(cfg.ssh_private_key_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"configuration 'sshPrivateKeyPath': {path} is not a readable file. "
-            "Set it with: pulumi config set sshPrivateKeyPath ~/.ssh/id_ed25519"
-        )
-    return pulumi.Output.secret(path.read_text())
+    return pulumi.Output.secret(Path(cfg.ssh_private_key_path).expanduser().read_text())  # checked by load_config
+
+
+def _look_up(what: str, invoke):
+    """A read-only look-up in the Hetzner project; if it cannot be made, say so and carry on as if nothing was found
+    (the create that follows then fails with the provider's own error, naming the conflict)."""
+    try:
+        return invoke()
+    except Exception as exc:
+        pulumi.log.warn(f"could not look up {what} in the Hetzner project ({exc}); assuming there is none")
+        return None
+
+
+def _existing_ssh_key_id(public_key: str) -> str | None:
+    """A key with the same fingerprint already in the Hetzner project: reuse it (creating it again fails)."""
+    fingerprint = md5_fingerprint(public_key)
+    found = _look_up("existing SSH keys", hcloud.get_ssh_keys)
+    for key in (found.ssh_keys if found else None) or []:
+        if getattr(key, "fingerprint", None) == fingerprint:
+            pulumi.log.info(f"reusing the SSH key {key.name!r} (id {key.id}) already in the Hetzner project")
+            return str(key.id)
+    return None
+
+
+def md5_fingerprint(public_key: str) -> str:
+    """OpenSSH's MD5 fingerprint (aa:bb:…), the form Hetzner shows and stores."""
+    blob = base64.b64decode(public_key.split()[1])
+    digest = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def _kept_volume_id(stack_labels: dict[str, str]) -> int | None:
+    """A data volume of this stack that outlived `pulumi destroy` (kept by default): adopt it instead of failing on
+    its name. Only when no server of the stack exists, i.e. not on an ordinary second `up`."""
+    selector = ",".join(f"{key}={value}" for key, value in stack_labels.items())
+    found_volumes = _look_up("kept data volumes", lambda: hcloud.get_volumes(with_selector=selector))
+    found_servers = _look_up("servers of this stack", lambda: hcloud.get_servers(with_selector=selector))
+    if found_volumes is None or found_servers is None:
+        return None
+    volumes, servers = found_volumes.volumes or [], found_servers.servers or []
+    if len(volumes) == 1 and not servers:
+        volume_id = int(volumes[0].id)
+        pulumi.log.info(f"adopting the kept data volume {volumes[0].name!r} (id {volume_id}) of this stack")
+        return volume_id
+    return None
 
 
 class Host(pulumi.ComponentResource):
-    """The VM: SSH key, cloud firewall, data volume, server with our user-data, DNS, and the wait for cloud-init."""
+    """The VM: SSH key, host key, cloud firewall, data volume, server with our user-data, DNS, the cloud-init wait."""
 
     def __init__(
         self, name: str, cfg: DeployConfig, spec: StackSpec, data_root: str, opts: pulumi.ResourceOptions | None = None
@@ -39,9 +91,17 @@ class Host(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         labels = {"app": "mlapi", "stack": pulumi.get_stack()}
 
-        self.ssh_key = hcloud.SshKey(
-            f"{name}-ssh-key", name=f"{name}-deploy", public_key=cfg.ssh_public_key, labels=labels, opts=child
-        )
+        existing_key = _existing_ssh_key_id(cfg.ssh_public_key)
+        if existing_key is None:
+            self.ssh_key: hcloud.SshKey | None = hcloud.SshKey(
+                f"{name}-ssh-key", name=f"{name}-deploy", public_key=cfg.ssh_public_key, labels=labels, opts=child
+            )
+            ssh_key_id: pulumi.Input[str] = self.ssh_key.id
+        else:
+            self.ssh_key, ssh_key_id = None, existing_key
+        # The server's SSH host key: made here, installed by cloud-init, pinned by every connection from the first.
+        self.host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child)
+        self.host_public_key: pulumi.Output[str] = self.host_key.public_key_openssh.apply(str.strip)
         self.firewall = hcloud.Firewall(
             f"{name}-firewall",
             name=name,
@@ -62,8 +122,9 @@ class Host(pulumi.ComponentResource):
             self.volume = None
             volume_id: pulumi.Output[int] = pulumi.Output.from_input(cfg.data_volume_id)
         else:
-            # Models, prediction log and acme.json outlive the server; `pulumi destroy` keeps the volume unless
-            # keepDataVolume=false (re-attach a kept one with dataVolumeId).
+            # Models, prediction log and certificates outlive the server; `pulumi destroy` keeps the volume unless
+            # keepDataVolume=false, and the next `up` of the stack adopts it.
+            kept = _kept_volume_id(labels)
             self.volume = hcloud.Volume(
                 f"{name}-data",
                 name=f"{name}-data",
@@ -71,13 +132,21 @@ class Host(pulumi.ComponentResource):
                 location=cfg.location,
                 format="ext4",
                 labels=labels,
-                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=cfg.keep_data_volume),
+                opts=pulumi.ResourceOptions(
+                    parent=self, retain_on_delete=cfg.keep_data_volume, import_=str(kept) if kept else None
+                ),
             )
             volume_id = self.volume.id.apply(int)
 
-        user_data = volume_id.apply(
-            lambda vid: render_user_data(
-                spec, ssh_public_key=cfg.ssh_public_key, data_root=data_root, volume_device=hcloud_volume_device(vid)
+        user_data = pulumi.Output.all(
+            volume_id, self.host_key.private_key_openssh, self.host_key.public_key_openssh
+        ).apply(
+            lambda values: render_user_data(
+                spec,
+                ssh_public_key=cfg.ssh_public_key,
+                data_root=data_root,
+                volume_device=hcloud_volume_device(values[0]),
+                host_key=HostKey(values[1], values[2].strip()),
             )
         )
         self.server = hcloud.Server(
@@ -86,8 +155,8 @@ class Host(pulumi.ComponentResource):
             server_type=cfg.server_type,
             image=cfg.image,
             location=cfg.location,
-            ssh_keys=[self.ssh_key.id],
-            user_data=user_data,
+            ssh_keys=[ssh_key_id],
+            user_data=pulumi.Output.secret(user_data),
             firewall_ids=[self.firewall.id.apply(int)],
             public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=True, ipv6_enabled=True)],
             labels=labels,
@@ -104,7 +173,7 @@ class Host(pulumi.ComponentResource):
         self.ipv4: pulumi.Output[str] = self.server.ipv4_address
         self.ipv6: pulumi.Output[str] = self.server.ipv6_address
 
-        # Not proxied by default: the ACME challenge needs a direct connection to Traefik.
+        # Not proxied (config refuses it): the ACME challenge needs a direct connection to Traefik.
         self.dns_a, self.dns_aaaa = (
             cloudflare.DnsRecord(
                 f"{name}-dns-{record_type.lower()}",
@@ -112,29 +181,40 @@ class Host(pulumi.ComponentResource):
                 name=spec.domain,
                 type=record_type,
                 content=address,
-                ttl=1 if cfg.dns_proxied else 300,  # 1 = "automatic", which Cloudflare requires when proxied
-                proxied=cfg.dns_proxied,
+                ttl=300,
+                proxied=False,
                 comment="mlapi (pulumi)",
                 opts=child,
             )
             for record_type, address in (("A", self.ipv4), ("AAAA", self.ipv6))
         )
 
+        self.connection = command.remote.ConnectionArgs(
+            host=self.ipv4,
+            user="root",
+            private_key=_private_key(cfg),
+            host_key=self.host_public_key,
+            dial_error_limit=60,
+            per_dial_timeout=10,
+        )
         self.ready = command.remote.Command(
             f"{name}-cloud-init-ready",
-            connection=command.remote.ConnectionArgs(
-                host=self.ipv4,
-                user="root",
-                private_key=_private_key(cfg),
-                dial_error_limit=60,
-                per_dial_timeout=10,
-            ),
+            connection=self.connection,
             create=READINESS_COMMAND,
             triggers=[self.server.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.attachment]),
         )
-        self.host_key: pulumi.Output[str] = self.ready.stdout.apply(lambda out: out.strip())
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "serverId": self.server.id})
+
+
+def _health(check) -> dict:
+    return {
+        "tests": list(check.test),
+        "interval": go_duration(check.interval_s),
+        "timeout": go_duration(check.timeout_s),
+        "retries": check.retries,
+        "start_period": go_duration(check.start_period_s),
+    }
 
 
 def container(
@@ -145,7 +225,6 @@ def container(
     opts: pulumi.ResourceOptions,
 ) -> docker.Container:
     """One spec container as a docker.Container: every field comes from the spec, nothing is added here."""
-    check = spec.healthcheck
     return docker.Container(
         resource_name,
         name=spec.name,
@@ -162,20 +241,84 @@ def container(
             for p in spec.ports
         ],
         networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(spec.aliases))],
-        healthcheck=docker.ContainerHealthcheckArgs(
-            tests=list(check.test),
-            interval=f"{check.interval_s}s",
-            timeout=f"{check.timeout_s}s",
-            retries=check.retries,
-            start_period=f"{check.start_period_s}s",
-        ),
+        healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)),
         restart=spec.restart,
         opts=opts,
     )
 
 
+def _rollout(policy) -> dict:
+    return {
+        "parallelism": policy.parallelism,
+        "delay": go_duration(policy.delay_s),
+        "failure_action": policy.failure_action,
+        "monitor": go_duration(policy.monitor_s),
+        "max_failure_ratio": f"{policy.max_failure_ratio:g}",
+        "order": policy.order,
+    }
+
+
+def service(
+    resource_name: str,
+    spec: ServiceSpec,
+    image: pulumi.Input[str],
+    network: docker.Network,
+    secret: docker.Secret,
+    opts: pulumi.ResourceOptions,
+) -> docker.Service:
+    """The spec's swarm service as a docker.Service. With converge_config, `pulumi up` waits for the rolling update
+    and fails ("service rollback completed: …") when swarm had to roll it back; the old version keeps serving."""
+    secrets = {ADMIN_SECRET: secret}
+    restart = spec.restart
+    return docker.Service(
+        resource_name,
+        name=spec.name,
+        labels=[docker.ServiceLabelArgs(label=key, value=value) for key, value in spec.labels.items()],
+        task_spec=docker.ServiceTaskSpecArgs(
+            container_spec=docker.ServiceTaskSpecContainerSpecArgs(
+                image=image,
+                commands=list(spec.command),
+                env=dict(spec.env),
+                mounts=[
+                    docker.ServiceTaskSpecContainerSpecMountArgs(
+                        type="bind", source=m.source, target=m.target, read_only=m.read_only
+                    )
+                    for m in spec.mounts
+                ],
+                healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**_health(spec.healthcheck)),
+                stop_grace_period=go_duration(spec.stop_grace_period_s),
+                secrets=[
+                    docker.ServiceTaskSpecContainerSpecSecretArgs(
+                        secret_id=secrets[item.secret].id,
+                        secret_name=secrets[item.secret].name,
+                        file_name=item.file_name,  # under /run/secrets/
+                        file_uid=str(item.uid),
+                        file_gid=str(item.uid),
+                        file_mode=item.mode,
+                    )
+                    for item in spec.secrets
+                ],
+                init=spec.init,
+            ),
+            restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(
+                condition=restart.condition,
+                delay=go_duration(restart.delay_s),
+                max_attempts=restart.max_attempts,
+                window=go_duration(restart.window_s),
+            ),
+            networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=network.id)],
+        ),
+        mode=docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas)),
+        update_config=docker.ServiceUpdateConfigArgs(**_rollout(spec.update)),
+        rollback_config=docker.ServiceRollbackConfigArgs(**_rollout(spec.rollback)),
+        endpoint_spec=docker.ServiceEndpointSpecArgs(mode=spec.endpoint_mode),
+        converge_config=docker.ServiceConvergeConfigArgs(delay=go_duration(5), timeout=go_duration(CONVERGE_TIMEOUT_S)),
+        opts=opts,
+    )
+
+
 class ModelStack(pulumi.ComponentResource):
-    """Traefik and the model container on the VM's Docker engine, reached over ssh:// with a pinned host key."""
+    """The deploy step, then Traefik and the model's swarm service on the VM's engine over ssh:// (pinned key)."""
 
     def __init__(
         self,
@@ -184,37 +327,57 @@ class ModelStack(pulumi.ComponentResource):
         spec: StackSpec,
         host: Host,
         app_dir: Path,
-        known_hosts: Path,
+        data_root: str,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("mlapi:infra:ModelStack", name, None, opts)
-        child = pulumi.ResourceOptions(parent=self)
-        self.known_hosts = command.local.Command(
-            f"{name}-known-hosts",
-            create=KNOWN_HOSTS_SCRIPT,
-            delete='rm -f "$KNOWN_HOSTS"',
-            environment={"KNOWN_HOSTS": str(known_hosts), "HOST_IP": host.ipv4, "HOST_KEY": host.host_key},
-            triggers=[host.host_key],
-            opts=child,
+        after_boot = pulumi.ResourceOptions(parent=self, depends_on=[host.ready])
+        # Runs at every `up` whose host files, layout or server changed; never replaces the server.
+        self.host_setup = command.remote.Command(
+            f"{name}-host-setup",
+            connection=host.connection,
+            create=render_host_setup(spec),
+            triggers=[host.server.id],
+            opts=after_boot,
         )
-        # Derived from the pinning step's output, which needs the readiness step's output: the provider cannot
-        # connect before cloud-init is done, even where providers ignore depends_on.
-        docker_host = pulumi.Output.all(host.ipv4, self.known_hosts.stdout).apply(lambda v: f"ssh://root@{v[0]}")
+        # Nothing to do on create; on delete (destroy, or the server being replaced) it stops the stack gracefully and
+        # unmounts the volume before the volume is detached. Its inputs change only with the server.
+        self.data_guard = command.remote.Command(
+            f"{name}-data-guard",
+            connection=host.connection,
+            create="true",
+            delete=render_graceful_stop(data_root),
+            triggers=[host.server.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[host.ready, host.attachment]),
+        )
+        # Derived from the deploy step's output: the provider cannot connect before the host is set up, even where
+        # providers ignore depends_on.
+        docker_host = pulumi.Output.all(host.ipv4, self.host_setup.stdout).apply(lambda v: f"ssh://root@{v[0]}")
         self.provider = docker.Provider(
             f"{name}-docker",
             host=docker_host,
-            ssh_opts=docker_ssh_options(known_hosts, cfg.ssh_private_key_path),
-            opts=child,
+            ssh_opts=host.host_public_key.apply(lambda key: docker_ssh_options(key, cfg.ssh_private_key_path)),
+            opts=pulumi.ResourceOptions(parent=self),
         )
-        on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
+        on_host = pulumi.ResourceOptions(
+            parent=self,
+            provider=self.provider,
+            replace_with=[host.server],
+            deleted_with=host.server,
+            depends_on=[self.data_guard],
+        )
+        platform = platform_for(cfg.server_type)
 
-        self.network = docker.Network(f"{name}-network", name=spec.network, opts=on_host)
+        self.network = docker.Network(
+            f"{name}-network", name=spec.network, driver="overlay", attachable=True, opts=on_host
+        )
         self.traefik_image = docker.RemoteImage(
-            f"{name}-traefik-image", name=spec.traefik.image, keep_locally=True, opts=on_host
+            f"{name}-traefik-image", name=spec.traefik.image, platform=platform, keep_locally=True, opts=on_host
         )
         if cfg.model_image:
+            # Pulled for the server's platform: an image without it fails here, naming the platform.
             self.model_image = docker.RemoteImage(
-                f"{name}-model-image", name=spec.model.image, keep_locally=True, opts=on_host
+                f"{name}-model-image", name=spec.model.image, platform=platform, keep_locally=True, opts=on_host
             )
             model_image_ref = self.model_image.image_id
         else:
@@ -224,23 +387,35 @@ class ModelStack(pulumi.ComponentResource):
                 # Relative to the project directory (Pulumi's working directory), so that previews made on
                 # different machines (an operator's laptop, CI) do not differ by an absolute path.
                 build=docker.DockerBuildArgs(
-                    context=os.path.relpath(app_dir), dockerfile=os.path.relpath(app_dir / "Dockerfile")
+                    context=os.path.relpath(app_dir),
+                    dockerfile=os.path.relpath(app_dir / "Dockerfile"),
+                    platform=platform,
                 ),
                 skip_push=True,
                 opts=on_host,
             )
             model_image_ref = self.model_image.image_name
+        self.admin_token = random.RandomPassword(
+            f"{name}-admin-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=self)
+        )
+        self.admin_secret = docker.Secret(
+            f"{name}-admin-secret",
+            name=self.admin_token.result.apply(lambda token: secret_name(ADMIN_SECRET, token)),
+            data=self.admin_token.result.apply(lambda token: base64.urlsafe_b64encode(token.encode()).decode()),
+            opts=on_host,
+        )
         self.traefik = container(f"{name}-traefik", spec.traefik, self.traefik_image.image_id, self.network, on_host)
-        self.model = container(
+        self.model = service(
             f"{name}-model",
             spec.model,
             model_image_ref,
             self.network,
-            pulumi.ResourceOptions(parent=self, provider=self.provider, depends_on=[self.traefik]),
+            self.admin_secret,
+            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.traefik])),
         )
         self.smoke = command.local.Command(
             f"{name}-smoke-check",
-            create=smoke_command(spec.domain, staging=cfg.acme_staging),
+            create=host.ipv4.apply(lambda ip: smoke_command(spec.domain, ip, staging=cfg.acme_staging)),
             triggers=[host.server.id, self.traefik.id, self.model.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.traefik, self.model, host.dns_a, host.dns_aaaa]),
         )

@@ -6,12 +6,14 @@ import base64
 import binascii
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from infra.spec import DEFAULT_RETRAIN_SCHEDULE, StackInputs, check_cron
+from infra.spec import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, check_cron
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -38,6 +40,7 @@ class DeployConfig(BaseModel):
     acme_staging: bool = False
     model_image: str | None = None
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
+    model_replicas: int = DEFAULT_MODEL_REPLICAS
     volume_size: int = 10
     keep_data_volume: bool = True
     data_volume_id: int | None = None
@@ -58,10 +61,11 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "acmeStaging": (False, "true", "use Let's Encrypt's staging CA (true/false)"),
     "modelImage": (False, "ghcr.io/acme/model:1.2", "registry image instead of building app/ on the host"),
     "retrainSchedule": (False, '"0 3 * * *"', "cron expression for scheduled retraining"),
+    "modelReplicas": (False, "2", "replicas of the model service (1-64)"),
     "volumeSize": (False, "10", "data volume size in GB (10-10240)"),
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
-    "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (true/false)"),
+    "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
 }
 
 
@@ -134,7 +138,12 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         values["ssh_allowed_cidrs"] = _cidrs(raw["sshAllowedCidrs"])
         values["ssh_cidrs_defaulted"] = False
     if raw["sshPrivateKeyPath"]:
-        values["ssh_private_key_path"] = raw["sshPrivateKeyPath"].strip()
+        # Kept as written (e.g. ~/.ssh/id_ed25519): ssh expands it, and no machine's home path lands in a resource.
+        key_path = raw["sshPrivateKeyPath"].strip()
+        expanded = Path(key_path).expanduser()
+        if not expanded.is_file() or not os.access(expanded, os.R_OK):
+            raise _error("sshPrivateKeyPath", f"{key_path} is not a readable file on this machine")
+        values["ssh_private_key_path"] = key_path
     if raw["serverType"]:
         if not re.fullmatch(r"[a-z]{2,4}\d{2,3}[a-z]*", raw["serverType"].strip()):
             raise _error("serverType", f"{raw['serverType']!r} does not look like a Hetzner type (cx23, cax11, …)")
@@ -165,6 +174,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
     for key, field, low, high in (
         ("volumeSize", "volume_size", 10, 10240),
         ("dataVolumeId", "data_volume_id", 1, None),
+        ("modelReplicas", "model_replicas", 1, 64),
     ):
         if raw[key]:
             text = raw[key].strip()
@@ -180,4 +190,13 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         key = {"domain": "domain", "acme_email": "acmeEmail"}[first["loc"][0]]
         raise _error(key, first["msg"].removeprefix("Value error, ")) from None
     values["domain"] = StackInputs(domain=values["domain"], acme_email=values["acme_email"]).domain
+    if values.get("dns_proxied"):
+        # Behind Cloudflare's proxy, Let's Encrypt's TLS-ALPN (and HTTP) validation reaches Cloudflare, not Traefik:
+        # the first certificate may be issued before the proxy is on, but every renewal fails, silently.
+        raise _error(
+            "dnsProxied",
+            "true is refused: the certificate is validated over a direct connection to the server (TLS-ALPN), which "
+            "Cloudflare's proxy intercepts, so renewals would fail silently. Keep it false until DNS-01 "
+            "certificates are supported",
+        )
     return DeployConfig(**values)

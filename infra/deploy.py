@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 from infra.config import WORLD
 
@@ -34,39 +33,46 @@ def firewall_rules(ssh_allowed_cidrs: tuple[str, ...]) -> tuple[FirewallRule, ..
     )
 
 
-def docker_ssh_options(known_hosts: Path, identity_file: str | None) -> list[str]:
-    """Options for the ssh:// transport of the Docker provider: the host key is pinned, never skipped."""
+def docker_ssh_options(host_key: str, identity_file: str | None) -> list[str]:
+    """Options for the ssh:// transport of the Docker provider. The host key comes from the program's state (it made
+    the key), handed to ssh by KnownHostsCommand: no known_hosts file on any machine, and nothing trusted on first
+    use. ``%H`` is whatever host ssh looks up, so the pin survives a new IP; only the key is trusted."""
     options = [
         "-o",
         "StrictHostKeyChecking=yes",
         "-o",
-        f"UserKnownHostsFile={known_hosts}",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        f"KnownHostsCommand=/bin/echo %H {host_key.strip()}",
         "-o",
         "ConnectTimeout=15",
         "-o",
         "ServerAliveInterval=15",
     ]
     if identity_file:
-        options += ["-o", "IdentitiesOnly=yes", "-i", str(Path(identity_file).expanduser())]
+        # As configured (e.g. ~/.ssh/id_ed25519): ssh expands "~", so no home path of one machine is in the inputs.
+        options += ["-o", "IdentitiesOnly=yes", "-i", identity_file]
     return options
 
 
-# Writes the host key that the readiness step printed into a known_hosts file of this stack, and prints its path:
-# the Docker provider's host is derived from that output, so it cannot connect before the key is pinned.
-KNOWN_HOSTS_SCRIPT = (
-    'umask 077; mkdir -p "$(dirname "$KNOWN_HOSTS")" && '
-    'printf "%s %s\\n" "$HOST_IP" "$HOST_KEY" > "$KNOWN_HOSTS" && printf "%s" "$KNOWN_HOSTS"'
-)
+def platform_for(server_type: str) -> str:
+    """Hetzner's cax* types are Ampere (arm64); every other type is x86-64."""
+    return "linux/arm64" if server_type.lower().startswith("cax") else "linux/amd64"
 
 
-def smoke_command(domain: str, *, staging: bool, attempts: int = 60, delay_s: int = 10) -> str:
-    """The post-deploy check `pulumi up` runs locally (see infra/smoke.py)."""
+def smoke_command(domain: str, ip: str, *, staging: bool, attempts: int = 60, delay_s: int = 10) -> str:
+    """The post-deploy check `pulumi up` runs locally (see infra/smoke.py): it dials the server's own IP with the
+    domain as SNI and Host, so a resolver cache on the operator's machine cannot make it test the old server."""
     command = [
         "python3",
         "-m",
         "infra.smoke",
         "--url",
         f"https://{domain}/health",
+        "--connect-to",
+        ip,
         "--attempts",
         str(attempts),
         "--delay",

@@ -17,7 +17,9 @@ import pulumi
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 MAIN = PROJECT_DIR / "__main__.py"
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMockServer0000000000000 root@mlapi"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMockServer0000000000000"
+HOST_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nbW9jayBob3N0IGtleQ==\n-----END OPENSSH PRIVATE KEY-----\n"
+ADMIN_TOKEN = "MockAdminToken0123456789abcdefghijklmnopqrstuvwx"
 
 VALID_CONFIG = {
     "domain": "api.example.com",
@@ -67,10 +69,13 @@ def unwrap(value: Any) -> Any:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, deployment: Deployment, preview: bool) -> None:
+    def __init__(
+        self, deployment: Deployment, preview: bool, invokes: dict[str, dict] | None = None, first_id: int = 1000001
+    ) -> None:
         self.deployment = deployment
         self.preview = preview
-        self.ids = itertools.count(1000001)
+        self.invokes = invokes or {}
+        self.ids = itertools.count(first_id)
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
         state = dict(args.inputs)
@@ -80,28 +85,42 @@ class RecordingMocks(pulumi.runtime.Mocks):
             Recorded(args.typ, args.name, unwrap(dict(args.inputs)), args.provider, resource_id)
         )
         if args.typ == "hcloud:index/server:Server":
-            state.update(ipv4Address="203.0.113.10", ipv6Address="2001:db8::1", status="running")
+            # Another server (another id) gets another address, as a replacement does.
+            octet = 10 + int(resource_id) % 199
+            state.update(ipv4Address=f"203.0.113.{octet}", ipv6Address=f"2001:db8::{octet}", status="running")
         if self.preview and args.typ.startswith("command:"):
             return resource_id, state  # a command's output is unknown until it has run, as in a real preview
         if args.typ == "command:remote:Command":
-            state["stdout"] = HOST_KEY + "\n"
+            state["stdout"] = "host ready\n"
         if args.typ == "command:local:Command":
-            state["stdout"] = args.inputs.get("environment", {}).get("KNOWN_HOSTS", "")
+            state["stdout"] = "healthy\n"
+        if args.typ == "tls:index/privateKey:PrivateKey":
+            state.update(privateKeyOpenssh=HOST_PRIVATE_KEY, publicKeyOpenssh=HOST_KEY + "\n")
+        if args.typ == "random:index/randomPassword:RandomPassword":
+            state["result"] = ADMIN_TOKEN
         if args.typ == "docker:index/remoteImage:RemoteImage":
             state["imageId"] = "sha256:" + "ab" * 32
         if args.typ == "docker:index/image:Image":
             state["repoDigest"] = ""
         return resource_id, state
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
-        return {}, None
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        """Invokes (hcloud look-ups) answer what a test put in ``invokes`` by token, else nothing found."""
+        return self.invokes.get(args.token, {})
 
 
 def run_program(
-    config: dict[str, str], *, stack: str = "dev", project: str = "mlapi", preview: bool = False
+    config: dict[str, str],
+    *,
+    stack: str = "dev",
+    project: str = "mlapi",
+    preview: bool = False,
+    invokes: dict[str, dict] | None = None,
+    first_id: int = 1000001,
 ) -> Deployment:
     deployment = Deployment()
-    pulumi.runtime.set_mocks(RecordingMocks(deployment, preview), project=project, stack=stack, preview=preview)
+    mocks = RecordingMocks(deployment, preview, invokes, first_id)
+    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=preview)
     pulumi.runtime.set_all_config({f"{project}:{key}": value for key, value in config.items()})
     options: dict[tuple[str, str], pulumi.ResourceOptions] = {}
 

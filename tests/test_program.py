@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from infra.cloud_init import READINESS_COMMAND
-from infra.spec import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING, TRAEFIK_VERSION
-from tests.pulumi_harness import HOST_KEY, PROJECT_DIR, VALID_CONFIG, Deployment, run_program
+from infra.components import md5_fingerprint
+from infra.spec import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING, TRAEFIK_VERSION, go_duration
+from tests.pulumi_harness import (
+    ADMIN_TOKEN,
+    HOST_KEY,
+    HOST_PRIVATE_KEY,
+    PROJECT_DIR,
+    VALID_CONFIG,
+    Deployment,
+    run_program,
+)
 
 SERVER = "hcloud:index/server:Server"
 FIREWALL = "hcloud:index/firewall:Firewall"
@@ -17,6 +29,8 @@ VOLUME = "hcloud:index/volume:Volume"
 ATTACHMENT = "hcloud:index/volumeAttachment:VolumeAttachment"
 DNS = "cloudflare:index/dnsRecord:DnsRecord"
 CONTAINER = "docker:index/container:Container"
+SERVICE = "docker:index/service:Service"
+SECRET = "docker:index/secret:Secret"
 REMOTE = "command:remote:Command"
 LOCAL = "command:local:Command"
 PROVIDER = "pulumi:providers:docker"
@@ -77,14 +91,17 @@ def test_server_inputs_and_user_data(deployment: Deployment) -> None:
     assert f"scsi-0HC_Volume_{int(volume_id)}" in user_data
     assert VALID_CONFIG["sshPublicKey"] in document["ssh_authorized_keys"]
     assert document["ssh_pwauth"] is False
-    cron = next(f for f in document["write_files"] if f["path"] == "/etc/cron.d/mlapi-retrain")["content"]
-    assert "0 * * * * root docker exec mlapi-model python -m app retrain" in cron
+    # The host key the program generated is the server's only host key.
+    assert document["ssh_keys"] == {"ed25519_private": HOST_PRIVATE_KEY, "ed25519_public": HOST_KEY}
+    assert not any(f["path"] == "/etc/cron.d/mlapi-retrain" for f in document["write_files"])
 
 
-def test_no_secret_in_user_data(deployment: Deployment) -> None:
-    user_data = deployment.one(SERVER).inputs["userData"].lower()
-    for word in ("token", "private key", "-----begin", "secret", "mlapi_admin"):
-        assert word not in user_data
+def test_user_data_holds_no_secret_but_the_host_key(deployment: Deployment) -> None:
+    user_data = deployment.one(SERVER).inputs["userData"]
+    assert ADMIN_TOKEN not in user_data
+    without_host_key = user_data.replace(HOST_PRIVATE_KEY.replace("\n", "\n    ").strip(), "")
+    for word in ("token", "-----begin", "secret", "mlapi_admin"):
+        assert word not in without_host_key.lower()
 
 
 def test_volume_is_kept_on_destroy_unless_opted_out(deployment: Deployment) -> None:
@@ -110,28 +127,51 @@ def test_existing_volume_is_attached_instead_of_created() -> None:
 def test_dns_points_at_the_server_unproxied(deployment: Deployment) -> None:
     a = deployment.one(DNS, "dns-a")
     aaaa = deployment.one(DNS, "dns-aaaa")
-    assert (a.inputs["type"], a.inputs["content"], a.inputs["name"]) == ("A", "203.0.113.10", "api.example.com")
-    assert (aaaa.inputs["type"], aaaa.inputs["content"]) == ("AAAA", "2001:db8::1")
+    assert (a.inputs["type"], a.inputs["content"], a.inputs["name"]) == (
+        "A",
+        deployment.exports["ipv4"],
+        "api.example.com",
+    )
+    assert (aaaa.inputs["type"], aaaa.inputs["content"]) == ("AAAA", deployment.exports["ipv6"])
     for record in (a, aaaa):
         assert record.inputs["proxied"] is False
         assert record.inputs["zoneId"] == VALID_CONFIG["cloudflareZoneId"]
 
 
-def test_wait_for_cloud_init_before_docker(deployment: Deployment) -> None:
-    ready = deployment.one(REMOTE)
+def test_every_connection_pins_the_generated_host_key(deployment: Deployment) -> None:
+    ip = deployment.exports["ipv4"]
+    for command in deployment.of_type(REMOTE):
+        assert command.inputs["connection"]["hostKey"] == HOST_KEY, command.name
+        assert command.inputs["connection"]["host"] == ip and command.inputs["connection"]["user"] == "root"
+    ready = deployment.one(REMOTE, "cloud-init-ready")
     assert ready.inputs["create"] == READINESS_COMMAND
     assert "cloud-init status --wait" in READINESS_COMMAND and "-ne 2" in READINESS_COMMAND
-    assert ready.inputs["connection"]["host"] == "203.0.113.10"
-    assert ready.inputs["connection"]["user"] == "root"
-    known_hosts = deployment.one(LOCAL, "known-hosts")
-    assert known_hosts.inputs["environment"]["HOST_KEY"] == HOST_KEY  # the readiness output, stripped
     provider = deployment.one(PROVIDER)
-    assert provider.inputs["host"] == "ssh://root@203.0.113.10"
+    assert provider.inputs["host"] == f"ssh://root@{ip}"
     opts = provider.inputs["sshOpts"]
     opts = json.loads(opts) if isinstance(opts, str) else opts  # provider config travels JSON-encoded
-    assert "StrictHostKeyChecking=yes" in opts
-    assert f"UserKnownHostsFile={known_hosts.inputs['environment']['KNOWN_HOSTS']}" in opts
+    assert "StrictHostKeyChecking=yes" in opts and "UserKnownHostsFile=/dev/null" in opts
+    assert f"KnownHostsCommand=/bin/echo %H {HOST_KEY}" in opts
     assert not any("StrictHostKeyChecking=no" in o for o in opts)
+
+
+def test_no_path_of_this_machine_in_any_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second operator or CI must see no diff: no home directory, no absolute path of the checkout."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "mlapi_test_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    deployment = run_program({**VALID_CONFIG, "sshPrivateKeyPath": "~/.ssh/mlapi_test_key"})
+    text = json.dumps([r.inputs for r in deployment.resources])
+    assert str(Path.home()) not in text and str(PROJECT_DIR) not in text
+    opts = deployment.one(PROVIDER).inputs["sshOpts"]
+    assert "~/.ssh/mlapi_test_key" in (opts if isinstance(opts, str) else json.dumps(opts))
+
+
+def test_missing_private_key_file_is_a_config_error() -> None:
+    with pytest.raises(
+        Exception, match=r"'sshPrivateKeyPath'.*not a readable file.*pulumi config set sshPrivateKeyPath"
+    ):
+        run_program({**VALID_CONFIG, "sshPrivateKeyPath": "~/.ssh/does-not-exist-mlapi"})
 
 
 def test_provider_host_is_unknown_until_the_wait_has_run() -> None:
@@ -155,18 +195,25 @@ def test_docker_resources_use_the_remote_provider(deployment: Deployment) -> Non
 
 def test_traefik_container(deployment: Deployment) -> None:
     traefik = deployment.one(CONTAINER, "-traefik")
-    assert (
-        deployment.one("docker:index/remoteImage:RemoteImage", "traefik-image").inputs["name"]
-        == f"traefik:v{TRAEFIK_VERSION}"
-    )
+    image = deployment.one("docker:index/remoteImage:RemoteImage", "traefik-image").inputs
+    assert (image["name"], image["platform"]) == (f"traefik:v{TRAEFIK_VERSION}", "linux/amd64")
     flags = traefik.inputs["command"]
-    assert "--providers.docker.exposedbydefault=false" in flags
-    assert "--entrypoints.web.http.redirections.entrypoint.to=websecure" in flags
-    assert "--entrypoints.web.http.redirections.entrypoint.scheme=https" in flags
-    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/acme.json" in flags
-    assert f"--certificatesresolvers.letsencrypt.acme.caserver={LETSENCRYPT_PRODUCTION}" in flags
-    assert "--certificatesresolvers.letsencrypt.acme.email=ops@example.com" in flags
-    assert not any(flag.startswith("--api") for flag in flags), "no dashboard/API"
+    for flag in (
+        "--providers.swarm=true",
+        "--providers.swarm.exposedbydefault=false",
+        "--providers.swarm.network=mlapi",
+        "--providers.swarm.refreshseconds=2s",
+        "--providers.swarm.allowemptyservices=true",
+        "--entrypoints.web.http.redirections.entrypoint.to=websecure",
+        "--entrypoints.web.http.redirections.entrypoint.scheme=https",
+        "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json",
+        f"--certificatesresolvers.letsencrypt.acme.caserver={LETSENCRYPT_PRODUCTION}",
+        "--certificatesresolvers.letsencrypt.acme.email=ops@example.com",
+    ):
+        assert flag in flags
+    assert not any(flag.startswith(("--api", "--providers.docker")) for flag in flags), (
+        "no dashboard, no docker provider"
+    )
     mounts = {m["target"]: m for m in traefik.inputs["mounts"]}
     assert mounts["/var/run/docker.sock"]["readOnly"] is True
     assert mounts["/acme"]["source"] == "/srv/mlapi/traefik"
@@ -174,64 +221,127 @@ def test_traefik_container(deployment: Deployment) -> None:
     assert ports == [(80, 80, "0.0.0.0"), (80, 80, "::"), (443, 443, "0.0.0.0"), (443, 443, "::")]
     assert traefik.inputs["restart"] == "unless-stopped"
     assert traefik.inputs["healthcheck"]["tests"] == ["CMD", "traefik", "healthcheck", "--ping"]
+    network = deployment.one("docker:index/network:Network").inputs
+    assert (network["name"], network["driver"], network["attachable"]) == ("mlapi", "overlay", True)
 
 
-def test_model_container(deployment: Deployment) -> None:
-    model = deployment.one(CONTAINER, "-model")
-    assert not model.inputs.get("ports"), "the model publishes no port"
-    labels = labels_of(model)
-    assert labels["traefik.enable"] == "true"
-    assert labels["traefik.http.routers.mlapi.rule"] == "Host(`api.example.com`) && !PathPrefix(`/admin`)"
-    assert labels["traefik.http.routers.mlapi.entrypoints"] == "websecure"
-    assert labels["traefik.http.routers.mlapi.tls.certresolver"] == "letsencrypt"
-    assert labels["traefik.http.middlewares.mlapi-headers.headers.stsseconds"] == "31536000"
-    assert labels["traefik.http.services.mlapi.loadbalancer.server.port"] == "8000"
-    assert model.inputs["mounts"] == [
-        {"type": "bind", "source": "/srv/mlapi/model", "target": "/data", "readOnly": False}
+def service_labels(service) -> dict[str, str]:
+    return {item["label"]: item["value"] for item in service.inputs.get("labels", [])}
+
+
+def test_model_service(deployment: Deployment) -> None:
+    model = deployment.one(SERVICE, "-model")
+    inputs = model.inputs
+    assert inputs["name"] == "mlapi-model"
+    assert inputs["mode"] == {"replicated": {"replicas": 2}}
+    assert inputs["endpointSpec"] == {"mode": "dnsrr"}  # Traefik balances across task IPs; no IPVS needed
+    assert inputs["updateConfig"] == {
+        "parallelism": 1,
+        "delay": "0s",
+        "failureAction": "rollback",
+        "monitor": "10s",
+        "maxFailureRatio": "0",
+        "order": "start-first",
+    }
+    assert inputs["rollbackConfig"]["order"] == "start-first" and inputs["rollbackConfig"]["failureAction"] == "pause"
+    assert inputs["convergeConfig"] == {"delay": "5s", "timeout": "10m0s"}
+    container = inputs["taskSpec"]["containerSpec"]
+    assert container["commands"] == ["python", "-m", "app", "serve"]
+    assert container["init"] is True
+    assert container["stopGracePeriod"] == "20s"
+    assert "/ready" in " ".join(container["healthcheck"]["tests"])
+    assert container["mounts"] == [{"type": "bind", "source": "/srv/mlapi/model", "target": "/data", "readOnly": False}]
+    assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
+    assert not any("TOKEN=" in f"{k}={v}" for k, v in container["env"].items() if k != "MLAPI_ADMIN_TOKEN_FILE")
+    secret = deployment.one(SECRET)
+    assert container["secrets"] == [
+        {
+            "secretId": secret.id,
+            "secretName": secret.inputs["name"],
+            "fileName": "admin_token",
+            "fileUid": "10001",
+            "fileGid": "10001",
+            "fileMode": 0o400,
+        }
     ]
-    assert model.inputs["restart"] == "unless-stopped"
-    assert "/ready" in " ".join(model.inputs["healthcheck"]["tests"])
-    network = deployment.one("docker:index/network:Network")
-    assert model.inputs["networksAdvanced"][0]["name"] == network.inputs["name"] == "mlapi"
+    assert secret.inputs["name"].startswith("mlapi-admin-token-") and ADMIN_TOKEN not in secret.inputs["name"]
+    assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == ADMIN_TOKEN
+    assert inputs["taskSpec"]["restartPolicy"]["condition"] == "any"
+    assert inputs["taskSpec"]["networksAdvanceds"] == [{"id": deployment.one("docker:index/network:Network").id}]
+    labels = service_labels(model)
+    assert labels["traefik.enable"] == "true" and labels["traefik.swarm.network"] == "mlapi"
+    assert labels["traefik.http.routers.mlapi.rule"] == "Host(`api.example.com`) && !PathPrefix(`/admin`)"
+    assert labels["traefik.http.routers.mlapi-predict.rule"] == "Host(`api.example.com`) && PathPrefix(`/predict`)"
+    for router in ("mlapi", "mlapi-predict"):
+        assert labels[f"traefik.http.routers.{router}.entrypoints"] == "websecure"
+        assert labels[f"traefik.http.routers.{router}.tls.certresolver"] == "letsencrypt"
+    assert labels["traefik.http.middlewares.mlapi-predict-retry.retry.status"] == "502-504"
+    assert labels["traefik.http.middlewares.mlapi-predict-retry.retry.retrynonidempotentmethod"] == "true"
+    assert "retrynonidempotentmethod" not in " ".join(k for k in labels if "mlapi-retry" in k)
+    assert labels["traefik.http.services.mlapi.loadbalancer.healthcheck.path"] == "/health"
+    assert labels["traefik.http.services.mlapi.loadbalancer.server.port"] == "8000"
     image = deployment.one("docker:index/image:Image")
     assert image.inputs["skipPush"] is True
-    assert image.inputs["build"]["context"] == "app"  # relative: no machine-specific path in the inputs
-    assert image.inputs["build"]["dockerfile"] == "app/Dockerfile"
+    assert image.inputs["build"] == {"context": "app", "dockerfile": "app/Dockerfile", "platform": "linux/amd64"}
     assert image.inputs["imageName"].startswith("mlapi-model:")
-    assert model.inputs["image"] == image.inputs["imageName"]
+    assert container["image"] == image.inputs["imageName"]
+
+
+def test_only_traefik_publishes_ports(deployment: Deployment) -> None:
+    published = [r.name for r in deployment.of_type(CONTAINER) if r.inputs.get("ports")]
+    assert published == ["mlapi-dev-traefik"]
+    assert "ports" not in deployment.one(SERVICE).inputs.get("endpointSpec", {})
+
+
+def test_model_replicas_config() -> None:
+    five = run_program({**VALID_CONFIG, "modelReplicas": "5"})
+    assert five.one(SERVICE).inputs["mode"] == {"replicated": {"replicas": 5}}
 
 
 def test_model_image_from_registry_skips_the_build() -> None:
     remote = run_program({**VALID_CONFIG, "modelImage": "ghcr.io/acme/model:1.2"})
     assert remote.of_type("docker:index/image:Image") == []
-    images = {r.inputs["name"] for r in remote.of_type("docker:index/remoteImage:RemoteImage")}
-    assert "ghcr.io/acme/model:1.2" in images
+    images = {r.inputs["name"]: r.inputs["platform"] for r in remote.of_type("docker:index/remoteImage:RemoteImage")}
+    assert images["ghcr.io/acme/model:1.2"] == "linux/amd64"
 
 
-def test_staging_switch() -> None:
+def test_arm_servers_get_arm_images() -> None:
+    arm = run_program({**VALID_CONFIG, "serverType": "cax11"})
+    assert arm.one("docker:index/image:Image").inputs["build"]["platform"] == "linux/arm64"
+    assert {r.inputs["platform"] for r in arm.of_type("docker:index/remoteImage:RemoteImage")} == {"linux/arm64"}
+    pulled = run_program({**VALID_CONFIG, "serverType": "cax21", "modelImage": "ghcr.io/acme/model:1.2"})
+    assert {r.inputs["platform"] for r in pulled.of_type("docker:index/remoteImage:RemoteImage")} == {"linux/arm64"}
+
+
+def test_staging_switch_uses_its_own_certificate_store() -> None:
     staging = run_program({**VALID_CONFIG, "acmeStaging": "true"})
     flags = staging.one(CONTAINER, "-traefik").inputs["command"]
     assert f"--certificatesresolvers.letsencrypt.acme.caserver={LETSENCRYPT_STAGING}" in flags
+    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt-staging.json" in flags
     assert "--insecure" in staging.one(LOCAL, "smoke-check").inputs["create"]
 
 
-def test_smoke_check_runs_after_the_stack(deployment: Deployment) -> None:
+def test_smoke_check_runs_after_the_stack_against_the_servers_ip(deployment: Deployment) -> None:
     smoke = deployment.one(LOCAL, "smoke-check")
-    assert smoke.inputs["create"].startswith("python3 -m infra.smoke --url https://api.example.com/health")
+    ip = deployment.exports["ipv4"]
+    assert smoke.inputs["create"].startswith(
+        f"python3 -m infra.smoke --url https://api.example.com/health --connect-to {ip} "
+    )
     assert "--insecure" not in smoke.inputs["create"]
     depends = {d._name for d in smoke.opts.depends_on}
     assert {"mlapi-dev-traefik", "mlapi-dev-model", "mlapi-dev-dns-a"} <= depends
 
 
 def test_exports(deployment: Deployment) -> None:
+    ip = deployment.exports["ipv4"]
     assert deployment.exports == {
         "url": "https://api.example.com",
-        "ipv4": "203.0.113.10",
-        "ipv6": "2001:db8::1",
-        "sshCommand": "ssh root@203.0.113.10",
+        "ipv4": ip,
+        "ipv6": deployment.exports["ipv6"],
+        "sshCommand": f"ssh root@{ip}",
         "serverId": deployment.exports["serverId"],
     }
-    assert int(deployment.exports["serverId"]) > 0
+    assert int(deployment.exports["serverId"]) > 0 and ip.startswith("203.0.113.")
 
 
 def test_other_project_stack_and_config_evaluate_cleanly() -> None:
@@ -254,7 +364,9 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
     assert (server.inputs["serverType"], server.inputs["location"]) == ("cax11", "hel1")
     assert other.one(VOLUME).inputs["size"] == 50
     assert other.one(DNS, "dns-a").inputs["name"] == "models.example.org"
-    assert "@daily root docker exec" in server.inputs["userData"]
+    host_setup = other.one(REMOTE, "host-setup").inputs["create"]
+    cron = next(f for f in host_files_of(host_setup) if "@daily" in f)
+    assert "@daily root /usr/local/bin/mlapi-app retrain" in cron
     assert other.exports["url"] == "https://models.example.org"
 
 
@@ -290,6 +402,8 @@ def test_missing_required_config_names_the_key(missing: str, command: str) -> No
         ("retrainSchedule", "61 * * * *", "minute"),
         ("retrainSchedule", "hourly", "5 fields"),
         ("volumeSize", "5", "10-10240"),
+        ("modelReplicas", "0", "1-64"),
+        ("modelReplicas", "two", "1-64"),
         ("modelImage", "Bad Image", "image reference"),
     ],
 )
@@ -311,8 +425,148 @@ def test_example_stack_file_is_complete() -> None:
     assert dev.exports["url"] == "https://api.example.com"
 
 
-def test_dns_proxied_opt_in_uses_automatic_ttl() -> None:
-    proxied = run_program({**VALID_CONFIG, "dnsProxied": "true"})
-    for suffix in ("dns-a", "dns-aaaa"):
-        record = proxied.one(DNS, suffix).inputs
-        assert (record["proxied"], record["ttl"]) == (True, 1)
+def test_dns_proxied_is_refused_with_the_reason() -> None:
+    with pytest.raises(Exception, match=r"'dnsProxied'.*renewals would fail silently"):
+        run_program({**VALID_CONFIG, "dnsProxied": "true"})
+    assert run_program({**VALID_CONFIG, "dnsProxied": "false"}).one(DNS, "dns-a").inputs["proxied"] is False
+
+
+def host_files_of(script: str) -> list[str]:
+    """The files the deploy step writes (base64 in the script), decoded."""
+    return [base64.b64decode(blob).decode() for blob in re.findall(r"printf %s (\S+) \| base64 -d", script)]
+
+
+def test_changing_settings_never_replaces_the_server() -> None:
+    """retrainSchedule and modelReplicas change the deploy step and the service, not the user-data."""
+    before = run_program(VALID_CONFIG)
+    after = run_program({**VALID_CONFIG, "retrainSchedule": "15 4 * * *", "modelReplicas": "3"})
+    assert before.one(SERVER).inputs == after.one(SERVER).inputs
+    setup_before = before.one(REMOTE, "host-setup").inputs["create"]
+    setup_after = after.one(REMOTE, "host-setup").inputs["create"]
+    assert setup_before != setup_after
+    assert any("15 4 * * * root /usr/local/bin/mlapi-app retrain" in f for f in host_files_of(setup_after))
+
+
+ON_THE_HOST = (
+    "docker:index/network:Network",
+    "docker:index/remoteImage:RemoteImage",
+    "docker:index/image:Image",
+    SECRET,
+    CONTAINER,
+    SERVICE,
+)
+
+
+def test_everything_on_the_host_is_bound_to_the_server(deployment: Deployment) -> None:
+    """A server replacement recreates every Docker resource on the new server (replace_with), and none of them is
+    deleted through a connection to a server that is going away (deleted_with)."""
+    server_name = deployment.one(SERVER).name
+    for typ in ON_THE_HOST:
+        for resource in deployment.of_type(typ):
+            assert [r._name for r in resource.opts.replace_with] == [server_name], resource.name
+            assert resource.opts.deleted_with._name == server_name, resource.name
+    for suffix in ("host-setup", "data-guard", "cloud-init-ready"):
+        assert deployment.one(REMOTE, suffix).inputs["triggers"] == [deployment.exports["serverId"]]
+
+
+def test_a_new_server_gets_a_new_connection_and_deploy_step() -> None:
+    """Evaluated against two different servers (ids and addresses), what connects to the host follows."""
+    first, second = run_program(VALID_CONFIG), run_program(VALID_CONFIG, first_id=2000001)
+    assert first.exports["serverId"] != second.exports["serverId"]
+    assert first.one(PROVIDER).inputs["host"] != second.one(PROVIDER).inputs["host"]
+    for suffix in ("host-setup", "data-guard"):
+        a, b = first.one(REMOTE, suffix).inputs, second.one(REMOTE, suffix).inputs
+        assert a["triggers"] != b["triggers"] and a["connection"]["host"] != b["connection"]["host"]
+        assert a["create"] == b["create"]
+    assert first.one(LOCAL, "smoke-check").inputs["create"] != second.one(LOCAL, "smoke-check").inputs["create"]
+
+
+def test_data_guard_stops_the_stack_before_the_volume_is_detached(deployment: Deployment) -> None:
+    guard = deployment.one(REMOTE, "data-guard")
+    assert guard.inputs["create"] == "true"
+    assert "docker service rm mlapi-model" in guard.inputs["delete"] and "umount /srv/mlapi" in guard.inputs["delete"]
+    assert {d._name for d in guard.opts.depends_on} >= {"mlapi-dev-data-attachment"}  # deleted before it
+    for typ in ON_THE_HOST:
+        for resource in deployment.of_type(typ):
+            assert "mlapi-dev-data-guard" in {d._name for d in resource.opts.depends_on}, resource.name
+
+
+DURATION_KEYS = {"interval", "timeout", "startPeriod", "delay", "monitor", "window", "stopGracePeriod"}
+
+
+def durations(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in DURATION_KEYS and isinstance(item, str):
+                yield f"{path}.{key}", item
+            yield from durations(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from durations(item, f"{path}[{index}]")
+
+
+def parse_go_duration(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text, f"not a Go duration: {text}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_durations_are_written_as_the_provider_reads_them_back(deployment: Deployment) -> None:
+    """'60s' would read back as '1m0s' and show as a diff on every `pulumi up`."""
+    found = [
+        (r.name, *item)
+        for r in deployment.of_type(CONTAINER) + deployment.of_type(SERVICE)
+        for item in durations(r.inputs)
+    ]
+    assert len(found) >= 15
+    for name, path, text in found:
+        assert go_duration(parse_go_duration(text)) == text, f"{name}{path}: {text!r}"
+
+
+def test_an_existing_ssh_key_with_the_same_fingerprint_is_reused() -> None:
+    fingerprint = md5_fingerprint(VALID_CONFIG["sshPublicKey"])
+    found = {"sshKeys": [{"fingerprint": fingerprint, "id": 4711, "labels": {}, "name": "laptop", "publicKey": "x"}]}
+    reused = run_program(VALID_CONFIG, invokes={"hcloud:index/getSshKeys:getSshKeys": found})
+    assert reused.of_type("hcloud:index/sshKey:SshKey") == []
+    assert reused.one(SERVER).inputs["sshKeys"] == ["4711"]
+    other = {"sshKeys": [{"fingerprint": "00:11", "id": 1, "labels": {}, "name": "other", "publicKey": "y"}]}
+    assert (
+        len(
+            run_program(VALID_CONFIG, invokes={"hcloud:index/getSshKeys:getSshKeys": other}).of_type(
+                "hcloud:index/sshKey:SshKey"
+            )
+        )
+        == 1
+    )
+
+
+def volume_answer(volume_id: int) -> dict:
+    return {
+        "volumes": [
+            {
+                "id": volume_id,
+                "name": "mlapi-dev-data",
+                "location": "nbg1",
+                "size": 10,
+                "labels": {},
+                "linuxDevice": "",
+                "serverId": 0,
+                "deleteProtection": False,
+            }
+        ]
+    }
+
+
+def test_a_kept_volume_is_adopted_after_destroy() -> None:
+    kept = run_program(VALID_CONFIG, invokes={"hcloud:index/getVolumes:getVolumes": volume_answer(777)})
+    assert kept.one(VOLUME).opts.import_ == "777"
+    server_exists = {"servers": [{"id": 5, "name": "mlapi-dev"}]}
+    ordinary = run_program(
+        VALID_CONFIG,
+        invokes={
+            "hcloud:index/getVolumes:getVolumes": volume_answer(777),
+            "hcloud:index/getServers:getServers": server_exists,
+        },
+    )
+    assert ordinary.one(VOLUME).opts.import_ is None  # a second `up` of a live stack imports nothing

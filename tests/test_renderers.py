@@ -14,12 +14,25 @@ import yaml
 from infra.cloud_init import (
     DOCKER_CE_PACKAGES,
     PREPARE_SCRIPT,
+    HostKey,
     _prepare_host_script,
     render_user_data,
     user_data_document,
 )
+from infra.host_setup import CRON_FILE, LOGROTATE_FILE, host_files, render_graceful_stop, render_host_setup
 from infra.smoke import wait_healthy
-from infra.spec import MODEL_UID, StackInputs, build_stack, check_cron, source_tag, traefik_flags
+from infra.spec import (
+    APP_COMMAND,
+    LETSENCRYPT_STAGING,
+    MODEL_UID,
+    StackInputs,
+    acme_storage,
+    build_stack,
+    check_cron,
+    go_duration,
+    source_tag,
+    traefik_flags,
+)
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example"
 INPUTS = StackInputs(domain="api.example.com", acme_email="ops@example.com")
@@ -81,16 +94,64 @@ def test_user_data_contents() -> None:
     assert "PasswordAuthentication no" in files["/etc/ssh/sshd_config.d/10-mlapi.conf"]
     assert 'Unattended-Upgrade "1"' in files["/etc/apt/apt.conf.d/20auto-upgrades"]
     assert "unattended-upgrades" in document["packages"]
-    assert SPEC.retrain_cron in files["/etc/cron.d/mlapi-retrain"]
-    rotation = files["/etc/logrotate.d/mlapi-retrain"]
-    assert rotation.startswith("/var/log/mlapi-retrain.log {") and "rotate 8" in rotation
-    assert "logrotate" in document["packages"]
+    assert "logrotate" in document["packages"] and "cron" in document["packages"]
     assert "scsi-0HC_Volume_42" in files[PREPARE_SCRIPT]
     assert document["runcmd"] == [[PREPARE_SCRIPT]]
+    # What changes later is not here: cloud-init runs once, and changing user-data replaces the server.
+    assert CRON_FILE not in files and LOGROTATE_FILE not in files and APP_COMMAND not in files
+    # Containers are kept from the metadata service (it serves user-data, which holds the host key).
+    assert "DOCKER-USER -d 169.254.169.254/32 -j REJECT" in files[PREPARE_SCRIPT]
+    no_metadata = files["/etc/systemd/system/docker.service.d/20-mlapi-no-metadata.conf"]
+    assert no_metadata.startswith("[Service]\nExecStartPost=") and "169.254.169.254" in no_metadata
+
+
+def test_host_key_is_installed_and_the_only_one() -> None:
+    key = HostKey("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n", "ssh-ed25519 AAAA k")
+    document = yaml.safe_load(render(host_key=key))
+    assert document["ssh_keys"] == {"ed25519_private": key.private_openssh, "ed25519_public": key.public_openssh}
+    assert document["ssh_genkeytypes"] == []
+    assert "ssh_keys" not in yaml.safe_load(render())
+
+
+def test_only_boot_settings_are_in_user_data() -> None:
+    """Two stacks that differ only in what may change later render the same user-data (no server replacement)."""
+    other = build_stack(INPUTS.model_copy(update={"retrain_schedule": "@daily", "model_replicas": 5}))
+    same = render_user_data(
+        other, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device="/dev/disk/by-id/scsi-0HC_Volume_42"
+    )
+    assert same == render()
+    assert render_host_setup(other) != render_host_setup(SPEC)
+    cron = next(item for item in host_files(other) if item.path == CRON_FILE)
+    assert "@daily root /usr/local/bin/mlapi-app retrain >> /var/log/mlapi-retrain.log 2>&1" in cron.content
+
+
+def test_host_setup_installs_files_and_joins_swarm_idempotently(tmp_path: Path) -> None:
+    """Run the deploy step's file part for real into a scratch root: files land with their content and modes."""
+    script = render_host_setup(SPEC)
+    assert "docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377" in script
+    assert 'LocalNodeState}}")" != active' in script  # only when not already a swarm node
+    files_only = script.split("mkdir -p /srv/mlapi/model")[0]
+    for item in host_files(SPEC):
+        parent = item.path.rsplit("/", 1)[0]
+        files_only = files_only.replace(item.path, str(tmp_path) + item.path)
+        files_only = files_only.replace(f"mkdir -p {parent}\n", f"mkdir -p {tmp_path}{parent}\n")
+    for _ in range(2):
+        subprocess.run(["sh", "-c", files_only], check=True)
+    for item in host_files(SPEC):
+        written = tmp_path / item.path.lstrip("/")
+        assert written.read_text() == item.content
+        assert oct(stat.S_IMODE(written.stat().st_mode)) == "0o" + item.mode.lstrip("0")
+
+
+def test_graceful_stop_removes_the_service_waits_and_unmounts() -> None:
+    script = render_graceful_stop("/srv/mlapi")
+    assert script.index("docker service rm mlapi-model") < script.index("docker stop --time 10 mlapi-traefik")
+    assert script.index("sync") < script.index("umount /srv/mlapi")
 
 
 def test_prepare_script_lays_out_the_data_directories(tmp_path: Path) -> None:
-    """Run the script for real on an already-mounted path (what the stand-in sees): it only lays out dirs."""
+    """Run the script for real on an already-mounted path (what the stand-in sees): it lays out dirs (and would
+    block the metadata service where Docker runs)."""
     if os.geteuid() != 0:
         pytest.skip("SKIPPED LOUDLY: chown needs root")
     root = tmp_path / "srv"
@@ -119,12 +180,29 @@ def test_docker_waits_for_the_data_volume_after_a_reboot() -> None:
     assert drop_in == "[Unit]\nRequiresMountsFor=/srv/mlapi\n"
     assert "nofail" in files[PREPARE_SCRIPT]  # the VM itself still boots (and takes SSH) without the volume
     without_volume = user_data_document(SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device=None)
-    assert not any("docker.service.d" in f["path"] for f in without_volume["write_files"])
+    assert not any("data-volume" in f["path"] for f in without_volume["write_files"])
 
 
 def test_user_data_renders_for_the_config_only() -> None:
     document = user_data_document(SPEC, ssh_public_key=KEY, data_root="/srv/mlapi", volume_device=None)
     assert "DEVICE=" not in next(f for f in document["write_files"] if f["path"] == PREPARE_SCRIPT)["content"]
+
+
+def test_each_ca_has_its_own_certificate_store() -> None:
+    """Switching staging → production (or any CA) must not keep serving the old CA's certificate."""
+    stores = {acme_storage(ca) for ca in (LETSENCRYPT_STAGING, INPUTS.ca_server, "https://pebble:14000/dir")}
+    assert len(stores) == 3
+    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json" in traefik_flags(INPUTS)
+    staging = INPUTS.model_copy(update={"acme_staging": True})
+    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt-staging.json" in traefik_flags(staging)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "spelled"),
+    [(0, "0s"), (0.1, "100ms"), (2, "2s"), (30, "30s"), (60, "1m0s"), (90, "1m30s"), (600, "10m0s"), (3661, "1h1m1s")],
+)
+def test_durations_are_spelled_as_go_prints_them(seconds: float, spelled: str) -> None:
+    assert go_duration(seconds) == spelled
 
 
 def test_traefik_flags_switch_ca_and_trust() -> None:
