@@ -26,7 +26,9 @@ class PebbleError(RuntimeError):
     """Pebble did not come up; the message says where to look."""
 
 
-def pebble_files(state_dir: Path, extra_ips: tuple[str, ...] = ()) -> Path:
+def pebble_files(
+    state_dir: Path, extra_ips: tuple[str, ...] = (), names: tuple[str, ...] = ("pebble", PEBBLE_CONTAINER)
+) -> Path:
     """A throwaway CA and listener certificate for Pebble's own HTTPS API, plus its config (made once)."""
     directory = state_dir / "pebble"
     if (directory / "config.json").exists():
@@ -62,9 +64,8 @@ def pebble_files(state_dir: Path, extra_ips: tuple[str, ...] = ()) -> Path:
         "-subj",
         "/CN=pebble",
     )
-    names = ["DNS:pebble", f"DNS:{PEBBLE_CONTAINER}", "DNS:localhost", "IP:127.0.0.1"]
-    names += [f"IP:{ip}" for ip in extra_ips]
-    (directory / "san.ext").write_text(f"subjectAltName={','.join(names)}\n")
+    sans = [*(f"DNS:{name}" for name in names), "DNS:localhost", "IP:127.0.0.1", *(f"IP:{ip}" for ip in extra_ips)]
+    (directory / "san.ext").write_text(f"subjectAltName={','.join(sans)}\n")
     run(
         "openssl",
         "x509",
@@ -136,6 +137,7 @@ def run_pebble(
     *,
     name: str = PEBBLE_CONTAINER,
     ip: str | None = None,
+    alias: str = "pebble",
 ):
     """Pebble on the stack's network as `pebble`; its management port is published on 127.0.0.1 only."""
     args = {
@@ -147,7 +149,7 @@ def run_pebble(
         "ports": {"15000/tcp": ("127.0.0.1", None)},
         "restart_policy": {"Name": "unless-stopped"},
         "network": network,
-        "networking_config": {network: client.api.create_endpoint_config(aliases=["pebble"], ipv4_address=ip)},
+        "networking_config": {network: client.api.create_endpoint_config(aliases=[alias], ipv4_address=ip)},
     }
     return ensure_container(
         client, name, config_hash(args["command"], args["environment"], ip, client.images.get(image).id), args

@@ -1,4 +1,6 @@
-"""The whole stack for real on the local Docker engine: Traefik gets a certificate from Pebble over ACME.
+"""The whole stack for real on the local Docker engine in swarm mode: Traefik gets a certificate from Pebble over
+ACME and balances over the model service's replicas. Under continuous load (8 clients, single and batch
+predictions, bounded), rolling updates, crashes, promotions, rollbacks and a broken image cost no request.
 
 These run in CI (never skipped there); elsewhere they skip loudly without a Docker engine.
 """
@@ -9,20 +11,33 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from infra import local
-from infra.local import HASH_LABEL, PEBBLE_DIRECTORY, LocalOptions, LocalStack
+from infra.engine import HASH_LABEL, RolloutFailed, apply_service, run_container, running_tasks
+from infra.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
-from infra.spec import ACME_CA_BUNDLE_PATH, LETSENCRYPT_PRODUCTION, MODEL_CONTAINER, TRAEFIK_CONTAINER
+from infra.spec import (
+    ACME_CA_BUNDLE_PATH,
+    ADMIN_SECRET,
+    LETSENCRYPT_PRODUCTION,
+    MODEL_SERVICE,
+    TRAEFIK_CONTAINER,
+    acme_storage,
+    build_stack,
+)
 from tests.conftest import FEATURES, record
+from tests.load import Load
 from tests.pulumi_harness import VALID_CONFIG, run_program
 from tests.stack_support import (
     COUNT_PREDICTIONS,
@@ -33,21 +48,23 @@ from tests.stack_support import (
     peer_certificate,
     wait_until,
 )
+from tests.test_program import parse_go_duration
 
 pytestmark = pytest.mark.stack
+NS = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack]:
     client = docker_engine()
     empty_engine = not any(image.tags and image.tags[0].startswith("mlapi-") for image in client.images.list())
-    local.down(quiet=True)  # container names are the production ones: a running `make local-up` is stopped
+    local.down(quiet=True)  # names are the production ones: a running `make local-up` is stopped (data kept)
     root = tmp_path_factory.mktemp("stack")
-    options = LocalOptions(
+    options = local.LocalOptions(
         http_port=free_port(), https_port=free_port(), data_root=root / "data", state_dir=root / "state"
     )
     try:
-        started = local.up(options)
+        started = local.up(options, quiet=True)
         timing = started.timings
         TIMINGS.append(
             f"local stack: first verified HTTPS 200 {timing['stack_s']} s after images were ready; "
@@ -59,30 +76,79 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         local.down(options, delete_data=True, quiet=True)
 
 
-def serial(stack: LocalStack) -> str:
+def load(stack: local.LocalStack, **kwargs) -> Load:
+    return Load(stack.options.domain, stack.options.https_port, str(stack.ca_root), **kwargs)
+
+
+def record_load(what: str, report) -> None:
+    TIMINGS.append(f"{what}: {report.summary()}")
+    assert report.outcomes, "the load generator sent nothing"
+    assert not report.failed, f"{what}: {report.summary()}; first failures: {report.failed[:5]}"
+
+
+def serial(stack: local.LocalStack) -> str:
     return peer_certificate(stack)["serialNumber"]
 
 
-def pebble_orders(client) -> int:
-    logs = client.containers.get(local.PEBBLE_CONTAINER).logs().decode(errors="replace")
+def pebble_orders(client, name: str = PEBBLE_CONTAINER) -> int:
+    logs = client.containers.get(name).logs().decode(errors="replace")
     return len(re.findall(r"Added order", logs))
 
 
-# 1
-def test_https_chain_verifies_against_pebble_and_names_the_domain(stack: LocalStack) -> None:
+def tasks(client) -> list:
+    return client.containers.list(filters={"label": f"com.docker.swarm.service.name={MODEL_SERVICE}"})
+
+
+def app_command(stack: local.LocalStack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`mlapi-app …` exactly as installed on the host (the script the deploy step writes), run on this host."""
+    return subprocess.run(
+        ["sh", "-s", *args], input=stack.spec.app_script, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def versions_by_replica(stack: local.LocalStack, calls: int = 12) -> dict[str, str]:
+    """Which version each replica serves, as seen through Traefik (which balances the calls over them)."""
+    seen: dict[str, str] = {}
+    for _ in range(calls):
+        status, _, body = https(stack, "GET", "/model")
+        assert status == 200, body
+        answer = json.loads(body)
+        seen[answer["served_by"]] = answer["version"]
+    return seen
+
+
+def variant_image(client, base: str, label: str, dockerfile_tail: str = "") -> str:
+    """A new image from the current one (a label, and optionally a change), as a code change would give."""
+    tag = f"{base.rsplit(':', 1)[0]}:{base.rsplit(':', 1)[1]}-{label}"
+    with tempfile.TemporaryDirectory() as context:
+        (Path(context) / "Dockerfile").write_text(f"FROM {base}\nLABEL mlapi.test.variant={label}\n{dockerfile_tail}")
+        subprocess.run(
+            ["docker", "build", "--quiet", "-t", tag, context],
+            check=True,
+            capture_output=True,
+            env={"DOCKER_BUILDKIT": "0", "PATH": os.environ["PATH"]},
+        )
+    return tag
+
+
+def deploy_model(client, stack: local.LocalStack, image: str):
+    spec = replace(stack.spec.model, image=image)
+    secret = next(s for s in client.secrets.list() if s.name.startswith(f"{ADMIN_SECRET}-"))
+    return apply_service(client, spec, stack.spec.network, {ADMIN_SECRET: (secret.id, secret.name)}, timeout=300)
+
+
+# -- the edge -------------------------------------------------------------------------------------------------------
+def test_https_chain_verifies_against_pebble_and_names_the_domain(stack: local.LocalStack) -> None:
     certificate = peer_certificate(stack)  # raises if the chain does not verify against Pebble's root
     assert ("DNS", stack.options.domain) in certificate["subjectAltName"]
     assert "Pebble" in str(certificate["issuer"])
     with pytest.raises(ssl.SSLCertVerificationError):  # and not against the system's roots: a real chain check
-        import socket
-
         context = ssl.create_default_context()
         with socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=10) as raw:
             context.wrap_socket(raw, server_hostname=stack.options.domain)
 
 
-# 2
-def test_http_redirects_to_https_keeping_path_and_query(stack: LocalStack) -> None:
+def test_http_redirects_to_https_keeping_path_and_query(stack: local.LocalStack) -> None:
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", stack.options.http_port, timeout=10)
@@ -95,14 +161,14 @@ def test_http_redirects_to_https_keeping_path_and_query(stack: LocalStack) -> No
     assert headers["strict-transport-security"] == "max-age=31536000; includeSubDomains"
 
 
-# 3
-def test_predict_and_docs_through_traefik(stack: LocalStack) -> None:
-    status, _, body = https(stack, "POST", "/predict", {"features": record(), "confidence": 0.95})
+def test_predict_and_docs_through_traefik(stack: local.LocalStack) -> None:
+    status, headers, body = https(stack, "POST", "/predict", {"features": record(), "confidence": 0.95})
     assert status == 200, body
     answer = json.loads(body)
     assert answer["interval"]["lower"] < answer["prediction"] < answer["interval"]["upper"]
     assert answer["interval"]["confidence"] == 0.95
     assert re.fullmatch(r"v\d{4}", answer["model_version"])
+    assert headers["strict-transport-security"].startswith("max-age=31536000")  # the predict router has it too
     status, _, body = https(stack, "GET", "/docs")
     assert status == 200 and b"swagger-ui" in body
     status, _, body = https(stack, "GET", "/openapi.json")
@@ -111,27 +177,133 @@ def test_predict_and_docs_through_traefik(stack: LocalStack) -> None:
     assert status == 422 and b"bmi" in body
 
 
-# 4
-def test_private_routes_are_not_public_but_the_cron_command_works(stack: LocalStack) -> None:
-    token = subprocess.run(
-        ["docker", "exec", MODEL_CONTAINER, "cat", "/data/admin-token"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+def test_two_replicas_serve_behind_traefik(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    assert len(running_tasks(client, MODEL_SERVICE)) == 2
+    assert len(versions_by_replica(stack)) == 2, "Traefik must balance over both replicas"
+    for task in tasks(client):  # the admin token is a swarm secret, not an env var visible in docker inspect
+        assert not any(e.startswith("MLAPI_ADMIN_TOKEN=") for e in task.attrs["Config"]["Env"])
+        assert task.exec_run(["test", "-s", "/run/secrets/admin_token"]).exit_code == 0
+
+
+def test_private_routes_are_not_public_but_the_host_command_works(stack: local.LocalStack) -> None:
+    token = (stack.options.state_dir / "admin-token").read_text().strip()
     for method, path in (("POST", "/admin/retrain"), ("GET", "/admin/versions"), ("POST", "/admin/rollback")):
         status, _, _ = https(stack, method, path, headers={"Authorization": f"Bearer {token}"})
         assert status == 404, f"{path} must not be routed by the public proxy"
-    assert " ".join(stack.spec.retrain_command) in stack.spec.retrain_cron
-    result = subprocess.run(list(stack.spec.retrain_command), capture_output=True, text=True, timeout=300)
+    assert "/usr/local/bin/mlapi-app retrain" in stack.spec.retrain_cron
+    result = app_command(stack, "retrain")
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
-    assert outcome["outcome"] in {"promoted", "rejected"}
-    assert "holdout RMSE" in outcome["reason"]
+    assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
+    versions = app_command(stack, "versions")
+    assert versions.returncode == 0 and json.loads(versions.stdout)["current"]
 
 
-# 5
-def test_traefik_restart_reuses_the_stored_certificate(stack: LocalStack) -> None:
+# -- zero failed requests -----------------------------------------------------------------------------------------
+def test_rolling_update_to_a_new_image_fails_no_request(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    new_image = variant_image(client, stack.spec.model.image, "rolling")
+    with load(stack) as traffic:
+        time.sleep(1)
+        rollout = deploy_model(client, stack, new_image)
+        time.sleep(2)
+    record_load(f"rolling update ({rollout.action} in {rollout.seconds} s)", traffic.report)
+    assert rollout.action == "updated"
+    running = running_tasks(client, MODEL_SERVICE)
+    assert len(running) == 2
+    assert all(t["Spec"]["ContainerSpec"]["Image"] == new_image for t in running)
+    deploy_model(client, stack, stack.spec.model.image)  # back to the stack's image for the tests after this one
+
+
+def test_a_crashed_replica_fails_no_request_and_swarm_replaces_it(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    for crash in ("kill -9 of the main process", "docker kill of the task"):
+        victim = tasks(client)[0]
+        with load(stack) as traffic:
+            time.sleep(1)
+            if crash.startswith("kill -9"):
+                # What an OOM kill or a segfault looks like: uvicorn dies (tini, PID 1 in the task, then exits).
+                pid = next(int(p[1]) for p in victim.top()["Processes"] if "app serve" in p[-1])
+                os.kill(pid, signal.SIGKILL)
+            else:
+                victim.kill()
+            started = time.monotonic()
+
+            def replaced(victim_id: str = victim.id) -> bool:
+                running = running_tasks(client, MODEL_SERVICE)
+                ids = {t["Status"].get("ContainerStatus", {}).get("ContainerID") for t in running}
+                return len(running) == 2 and victim_id not in ids
+
+            wait_until(replaced, 120, f"swarm to replace the task after {crash}")
+            replaced_s = time.monotonic() - started
+            time.sleep(2)
+        record_load(f"{crash} (replaced after {replaced_s:.1f} s)", traffic.report)
+
+
+def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: local.LocalStack) -> None:
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    observations = [
+        {"features": dict(zip(FEATURES, row.tolist(), strict=True)), "target": float(target)}
+        for row, target in zip(data.data, data.target, strict=True)
+    ]
+    status, _, body = https(stack, "POST", "/observations", {"observations": observations})
+    assert status == 201, body
+    before = set(versions_by_replica(stack).values())
+    assert len(before) == 1
+    with load(stack) as traffic:
+        time.sleep(1)
+        outcome = json.loads(app_command(stack, "retrain").stdout)
+        assert outcome["outcome"] == "promoted", outcome
+        promoted = outcome["current_version"]
+        started = time.monotonic()
+        wait_until(lambda: set(versions_by_replica(stack).values()) == {promoted}, 15, f"all replicas on {promoted}")
+        promotion_s = time.monotonic() - started
+        rolled = app_command(stack, "rollback", *before)
+        assert rolled.returncode == 0, rolled.stderr
+        started = time.monotonic()
+        wait_until(lambda: set(versions_by_replica(stack).values()) == before, 15, f"all replicas back on {before}")
+        rollback_s = time.monotonic() - started
+        time.sleep(1)
+    record_load(
+        f"promotion to {promoted} (all replicas after {promotion_s:.1f} s) and rollback "
+        f"(all replicas after {rollback_s:.1f} s)",
+        traffic.report,
+    )
+
+
+def test_a_broken_image_is_rolled_back_and_the_old_version_serves(stack: local.LocalStack) -> None:
+    """The new version never turns healthy (it hangs at start): swarm rolls back, the update reports why, and the
+    old version serves throughout."""
+    client = docker_engine()
+    broken = variant_image(
+        client,
+        stack.spec.model.image,
+        "broken",
+        "USER root\nRUN echo 'import time; time.sleep(10 ** 6)' > /opt/mlapi/app/main.py\nUSER 10001:10001\n",
+    )
+    with load(stack, max_seconds=240) as traffic:
+        time.sleep(1)
+        started = time.monotonic()
+        with pytest.raises(RolloutFailed) as failed:
+            deploy_model(client, stack, broken)
+        reported_s = time.monotonic() - started
+        time.sleep(2)
+    record_load(f"broken image rolled back (reported after {reported_s:.0f} s)", traffic.report)
+    message = str(failed.value)
+    assert "rollback completed" in message and "previous version keeps serving" in message
+    assert "unhealthy" in message, message
+    running = running_tasks(client, MODEL_SERVICE)
+    assert len(running) == 2 and all(t["Spec"]["ContainerSpec"]["Image"] == stack.spec.model.image for t in running)
+
+
+def test_traefik_restart_reuses_the_stored_certificate(stack: local.LocalStack) -> None:
     client = docker_engine()
     before_serial, before_orders = serial(stack), pebble_orders(client)
-    assert (stack.options.data_root / "traefik" / "acme.json").stat().st_size > 0
+    store = stack.options.data_root / "traefik" / acme_storage(stack.inputs.ca_server).rsplit("/", 1)[1]
+    assert store.stat().st_size > 0
     client.containers.get(TRAEFIK_CONTAINER).restart(timeout=10)
     ok, message = wait_healthy(
         f"{stack.url}/health", attempts=120, delay=0.5, cacert=str(stack.ca_root), connect_to="127.0.0.1"
@@ -141,121 +313,154 @@ def test_traefik_restart_reuses_the_stored_certificate(stack: LocalStack) -> Non
     assert pebble_orders(client) == before_orders, "a restart must not place a new ACME order"
 
 
-# 6
-def test_killed_model_comes_back_and_data_survives_recreation(stack: LocalStack) -> None:
+def test_switching_the_ca_serves_a_certificate_from_the_new_ca(stack: local.LocalStack, tmp_path: Path) -> None:
+    """Like acmeStaging true → false: another CA, so another certificate store; the old certificate is not kept."""
     client = docker_engine()
-    https(stack, "POST", "/predict", {"features": record()})
-    model = client.containers.get(MODEL_CONTAINER)
-    # A crash, as an OOM kill or a segfault looks: the main process dies. (`docker kill` would not do: Docker
-    # records it as a manual stop, which no restart policy undoes.)
-    os.kill(model.attrs["State"]["Pid"], signal.SIGKILL)
-    wait_until(lambda: https(stack, "GET", "/health")[0] == 200, 120, "the model to be restarted by its policy")
-    assert client.containers.get(MODEL_CONTAINER).attrs["RestartCount"] >= 1
+    second = pebble_files(tmp_path, names=("pebble-second",))
+    bundle = tmp_path / "both-listener-cas.pem"  # Traefik must trust the new CA's API, as it trusts Let's Encrypt's
+    bundle.write_bytes((stack.options.state_dir / "pebble" / "ca.pem").read_bytes() + (second / "ca.pem").read_bytes())
+    run_pebble(
+        client,
+        "mlapi-pebble:" + client.containers.get(PEBBLE_CONTAINER).image.tags[0].split(":")[1],
+        second,
+        stack.spec.network,
+        name="mlapi-pebble-second",
+        alias="pebble-second",
+    )
+    try:
+        second_root = fetch_pebble_root(client, second, tmp_path / "second-root.pem", name="mlapi-pebble-second")
+        switched = stack.inputs.model_copy(
+            update={"acme_ca_server": "https://pebble-second:14000/dir", "acme_ca_bundle": str(bundle)}
+        )
+        assert acme_storage(switched.ca_server) != acme_storage(stack.inputs.ca_server)
+        run_container(client, build_stack(switched).traefik, stack.spec.network)
+        ok, message = wait_healthy(
+            f"{stack.url}/health", attempts=120, delay=0.5, cacert=str(second_root), connect_to="127.0.0.1"
+        )
+        assert ok, f"not served with a certificate from the new CA: {message}"
+        assert pebble_orders(client, "mlapi-pebble-second") >= 1
+    finally:
+        run_container(client, stack.spec.traefik, stack.spec.network)  # back to the first CA, its own store
+        client.containers.get("mlapi-pebble-second").remove(force=True)
+    ok, message = wait_healthy(
+        f"{stack.url}/health", attempts=120, delay=0.5, cacert=str(stack.ca_root), connect_to="127.0.0.1"
+    )
+    assert ok, message
 
-    def counts() -> tuple[int, list[str]]:
-        logged = subprocess.run(
-            ["docker", "exec", MODEL_CONTAINER, "python", "-c", COUNT_PREDICTIONS],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
-        return int(logged), versions
 
-    https(stack, "POST", "/predict", {"features": record(age=0.01)})
-    time.sleep(1)  # the prediction log writes in the background
-    before = counts()
-    assert before[0] >= 1 and before[1]
-    client.containers.get(MODEL_CONTAINER).remove(force=True)
-    local.run_spec_container(client, stack.spec.model, stack.spec.network)
-    wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 180, "the recreated model to be ready")
-    assert counts() == before
-
-
+# -- one spec -----------------------------------------------------------------------------------------------------
 CA_FLAG = "--certificatesresolvers.letsencrypt.acme.caserver="
+STORE_FLAG = "--certificatesresolvers.letsencrypt.acme.storage="
 TRUST_FLAG = f"--certificatesresolvers.letsencrypt.acme.cacertificates={ACME_CA_BUNDLE_PATH}"
 
 
 def without_ca_flags(flags: list[str]) -> list[str]:
-    """Traefik's flags minus the documented local difference: which ACME CA, and trusting it."""
-    return [flag for flag in flags if not flag.startswith(CA_FLAG) and flag != TRUST_FLAG]
+    """Traefik's flags minus the documented local difference: which ACME CA (and so its store), and trusting it."""
+    return [f for f in flags if not f.startswith((CA_FLAG, STORE_FLAG)) and f != TRUST_FLAG]
 
 
-# 7
-def test_local_containers_equal_what_pulumi_declares(stack: LocalStack) -> None:
-    """Labels, flags, env, mounts, healthchecks and restart policies match the program under mocks, apart from
-    the documented local differences (infra/local.py docstring)."""
+def test_local_traefik_equals_what_pulumi_declares(stack: local.LocalStack) -> None:
     declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
-    client = docker_engine()
+    pulumi_inputs = declared.one("docker:index/container:Container", "-traefik").inputs
+    running = docker_engine().containers.get(TRAEFIK_CONTAINER).attrs
+    assert running["Name"] == f"/{pulumi_inputs['name']}"
+    local_cmd, declared_cmd = running["Config"]["Cmd"], pulumi_inputs["command"]
+    assert f"{CA_FLAG}{PEBBLE_DIRECTORY}" in local_cmd and TRUST_FLAG in local_cmd
+    assert f"{CA_FLAG}{LETSENCRYPT_PRODUCTION}" in declared_cmd
+    assert without_ca_flags(local_cmd) == without_ca_flags(declared_cmd)
+    assert {k: v for k, v in running["Config"]["Labels"].items() if k != HASH_LABEL} == {}
     data_root = str(stack.options.data_root)
-    for suffix, name in (("-traefik", TRAEFIK_CONTAINER), ("-model", MODEL_CONTAINER)):
-        pulumi_inputs = declared.one("docker:index/container:Container", suffix).inputs
-        running = client.containers.get(name).attrs
-        assert running["Name"] == f"/{pulumi_inputs['name']}"
+    local_mounts = sorted((m["Source"], m["Destination"], not m["RW"]) for m in running["Mounts"])
+    declared_mounts = sorted(
+        [(m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in pulumi_inputs["mounts"]]
+        + [(str(stack.inputs.acme_ca_bundle), ACME_CA_BUNDLE_PATH, True)]
+    )
+    assert local_mounts == declared_mounts
+    check, declared_check = running["Config"]["Healthcheck"], pulumi_inputs["healthcheck"]
+    assert check["Test"] == declared_check["tests"]
+    assert (check["Interval"], check["Timeout"], check["StartPeriod"], check["Retries"]) == (
+        parse_go_duration(declared_check["interval"]) * NS,
+        parse_go_duration(declared_check["timeout"]) * NS,
+        parse_go_duration(declared_check["startPeriod"]) * NS,
+        declared_check["retries"],
+    )
+    assert running["HostConfig"]["RestartPolicy"]["Name"] == pulumi_inputs["restart"]
+    published = sorted(
+        (int(port.split("/")[0]), b["HostIp"], int(b["HostPort"]))
+        for port, bindings in (running["HostConfig"]["PortBindings"] or {}).items()
+        for b in bindings
+    )
+    ports = {80: stack.options.http_port, 443: stack.options.https_port}
+    assert published == sorted({(p["internal"], "127.0.0.1", ports[p["external"]]) for p in pulumi_inputs["ports"]})
+    networks = running["NetworkSettings"]["Networks"]
+    assert list(networks) == ["mlapi"]
+    aliases = set(networks["mlapi"]["Aliases"]) - {running["Id"][:12]}
+    assert aliases == set(pulumi_inputs["networksAdvanced"][0].get("aliases", [])) | {stack.options.domain}
 
-        local_cmd = running["Config"]["Cmd"]
-        declared_cmd = pulumi_inputs["command"]
-        if name == TRAEFIK_CONTAINER:
-            assert f"{CA_FLAG}{PEBBLE_DIRECTORY}" in local_cmd and TRUST_FLAG in local_cmd
-            assert f"{CA_FLAG}{LETSENCRYPT_PRODUCTION}" in declared_cmd
-        assert without_ca_flags(local_cmd) == without_ca_flags(declared_cmd)
 
-        labels = {k: v for k, v in running["Config"]["Labels"].items() if k != HASH_LABEL}
-        assert labels == {item["label"]: item["value"] for item in pulumi_inputs.get("labels", [])}
-
-        for entry in pulumi_inputs.get("envs", []):
-            assert entry in running["Config"]["Env"]
-
-        local_mounts = sorted((m["Source"], m["Destination"], not m["RW"]) for m in running["Mounts"])
-        declared_mounts = sorted(
-            (m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in pulumi_inputs["mounts"]
+def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack) -> None:
+    declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
+    service = declared.one("docker:index/service:Service").inputs
+    client = docker_engine()
+    running = client.api.inspect_service(MODEL_SERVICE)["Spec"]
+    assert running["Name"] == service["name"]
+    assert {k: v for k, v in running["Labels"].items() if k != HASH_LABEL} == {
+        item["label"]: item["value"] for item in service["labels"]
+    }
+    assert running["Mode"] == {"Replicated": {"Replicas": service["mode"]["replicated"]["replicas"]}}
+    assert running["EndpointSpec"]["Mode"] == service["endpointSpec"]["mode"]
+    for key, declared_key in (("UpdateConfig", "updateConfig"), ("RollbackConfig", "rollbackConfig")):
+        got, want = running[key], service[declared_key]
+        assert (got["Parallelism"], got["FailureAction"], got["Order"]) == (
+            want["parallelism"],
+            want["failureAction"],
+            want["order"],
         )
-        if name == TRAEFIK_CONTAINER:
-            declared_mounts = sorted([*declared_mounts, (str(stack.inputs.acme_ca_bundle), ACME_CA_BUNDLE_PATH, True)])
-        assert local_mounts == declared_mounts
-
-        check = running["Config"]["Healthcheck"]
-        declared_check = pulumi_inputs["healthcheck"]
-        seconds = lambda text: int(text.rstrip("s")) * 1_000_000_000  # noqa: E731
-        assert check["Test"] == declared_check["tests"]
-        assert (check["Interval"], check["Timeout"], check["StartPeriod"], check["Retries"]) == (
-            seconds(declared_check["interval"]),
-            seconds(declared_check["timeout"]),
-            seconds(declared_check["startPeriod"]),
-            declared_check["retries"],
-        )
-
-        assert running["HostConfig"]["RestartPolicy"]["Name"] == pulumi_inputs["restart"]
-        published = sorted(
-            (int(port.split("/")[0]), b["HostIp"], int(b["HostPort"]))
-            for port, bindings in (running["HostConfig"]["PortBindings"] or {}).items()
-            for b in bindings
-        )
-        declared_ports = sorted(
-            {
-                (
-                    p["internal"],
-                    "127.0.0.1",
-                    {80: stack.options.http_port, 443: stack.options.https_port}[p["external"]],
-                )
-                for p in pulumi_inputs.get("ports", [])
-            }
-        )
-        assert published == declared_ports
-
-        networks = running["NetworkSettings"]["Networks"]
-        assert list(networks) == [pulumi_inputs["networksAdvanced"][0]["name"]]
-        declared_aliases = set(pulumi_inputs["networksAdvanced"][0].get("aliases", []))
-        local_aliases = set(networks["mlapi"]["Aliases"]) - {running["Id"][:12]}
-        if name == TRAEFIK_CONTAINER:
-            declared_aliases |= {stack.options.domain}
-        assert local_aliases == declared_aliases
+        assert got.get("Delay", 0) == parse_go_duration(want["delay"]) * NS
+        assert got["Monitor"] == parse_go_duration(want["monitor"]) * NS
+        assert got.get("MaxFailureRatio", 0) == float(want["maxFailureRatio"])
+    task, declared_task = running["TaskTemplate"], service["taskSpec"]
+    restart = task["RestartPolicy"]
+    assert restart["Condition"] == declared_task["restartPolicy"]["condition"]
+    assert restart["Delay"] == parse_go_duration(declared_task["restartPolicy"]["delay"]) * NS
+    assert restart.get("MaxAttempts", 0) == declared_task["restartPolicy"]["maxAttempts"]
+    assert [n["Target"] for n in task["Networks"]] == [client.networks.get("mlapi").id]
+    container, declared_container = task["ContainerSpec"], declared_task["containerSpec"]
+    assert container["Command"] == declared_container["commands"]
+    assert sorted(container["Env"]) == sorted(f"{k}={v}" for k, v in declared_container["env"].items())
+    assert container["Init"] is declared_container["init"]
+    assert container["StopGracePeriod"] == parse_go_duration(declared_container["stopGracePeriod"]) * NS
+    data_root = str(stack.options.data_root)
+    assert [(m["Source"], m["Target"], m.get("ReadOnly", False)) for m in container["Mounts"]] == [
+        (m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in declared_container["mounts"]
+    ]
+    check, declared_check = container["Healthcheck"], declared_container["healthcheck"]
+    assert check["Test"] == declared_check["tests"] and check["Retries"] == declared_check["retries"]
+    for key, declared_key in (("Interval", "interval"), ("Timeout", "timeout"), ("StartPeriod", "startPeriod")):
+        assert check[key] == parse_go_duration(declared_check[declared_key]) * NS
+    [secret], [declared_secret] = container["Secrets"], declared_container["secrets"]
+    assert secret["File"] == {
+        "Name": declared_secret["fileName"],
+        "UID": declared_secret["fileUid"],
+        "GID": declared_secret["fileGid"],
+        "Mode": declared_secret["fileMode"],
+    }
+    assert secret["SecretName"].startswith(f"{ADMIN_SECRET}-")
 
 
-# 8 is in tests/test_renderers.py (the rendered user-data passes `cloud-init schema`) and runs in the same CI job.
+# -- lifecycle of the local stack ---------------------------------------------------------------------------------
+def test_a_second_up_changes_nothing(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    updated_at = client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"]
+    traefik_id = client.containers.get(TRAEFIK_CONTAINER).id
+    again = local.up(stack.options, quiet=True)
+    assert again.rollout.startswith("unchanged")
+    assert client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"] == updated_at
+    assert client.containers.get(TRAEFIK_CONTAINER).id == traefik_id
+    TIMINGS.append(f"local stack: a second `up` with nothing changed took {again.timings['total_s']} s")
 
 
-def test_smoke_check_of_pulumi_up_passes_against_the_real_stack(stack: LocalStack) -> None:
+def test_smoke_check_of_pulumi_up_passes_against_the_real_stack(stack: local.LocalStack) -> None:
     """The exact module `pulumi up` runs as its smoke check, run against the real stack (and trusting Pebble)."""
     result = subprocess.run(
         [
@@ -282,18 +487,29 @@ def test_smoke_check_of_pulumi_up_passes_against_the_real_stack(stack: LocalStac
     assert "healthy after 1 attempt" in result.stdout
 
 
-def test_down_then_up_keeping_data_serves_a_verifiable_certificate(stack: LocalStack) -> None:
+def test_down_then_up_keeping_data_serves_a_verifiable_certificate(stack: local.LocalStack) -> None:
     """`make local-down && make local-up`: Pebble comes back with a new root, so the stored certificate must be
     replaced, while models and the prediction log are kept. (Runs after the tests that use the first Pebble.)"""
-    versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
+    client = docker_engine()
+
+    def counts() -> tuple[int, list[str]]:
+        logged = tasks(client)[0].exec_run(["python", "-c", COUNT_PREDICTIONS]).output.decode().strip()
+        versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
+        return int(logged), versions
+
+    https(stack, "POST", "/predict", {"features": record(age=0.01)})
+    time.sleep(1)  # the prediction log writes in the background
+    before = counts()
+    assert before[0] >= 1 and before[1]
     old_serial = serial(stack)
     local.down(stack.options, quiet=True)
+    assert not tasks(client), "down waits until the replicas have stopped"
     again = local.up(stack.options, quiet=True)
     assert again.ca_root == stack.ca_root  # the fixture's handle now trusts the new root
     status, _, _ = https(stack, "GET", "/health")  # verifies against Pebble's new root
     assert status == 200
     assert serial(stack) != old_serial
-    assert sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*")) == versions
+    assert counts() == before
 
 
 def test_deleting_data_removes_the_configured_root_only(tmp_path: Path) -> None:
