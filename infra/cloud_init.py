@@ -141,7 +141,8 @@ def user_data_document(
             "ed25519_private": host_key.private_openssh,
             "ed25519_public": host_key.public_openssh,
         }
-        document["ssh_genkeytypes"] = []  # the only host key is the pinned one
+        # With ssh_keys given cloud-init generates none, and ssh_deletekeys drops the image's: this is the only one.
+        document["ssh_deletekeys"] = True
     document["write_files"].append(
         {
             "path": "/etc/systemd/system/docker.service.d/20-mlapi-no-metadata.conf",

@@ -109,7 +109,7 @@ def test_host_key_is_installed_and_the_only_one() -> None:
     key = HostKey("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n", "ssh-ed25519 AAAA k")
     document = yaml.safe_load(render(host_key=key))
     assert document["ssh_keys"] == {"ed25519_private": key.private_openssh, "ed25519_public": key.public_openssh}
-    assert document["ssh_genkeytypes"] == []
+    assert document["ssh_deletekeys"] is True
     assert "ssh_keys" not in yaml.safe_load(render())
 
 

@@ -1,5 +1,6 @@
-"""The production path on a VM stand-in: the user-data the program renders boots a host, the stack deploys
-over ssh:// with the Docker provider's own SSH options, and Traefik gets its certificate from Pebble.
+"""The production path on a VM stand-in: the user-data the program renders boots a host with the host key the
+program generated (pinned from the first connection), the deploy step runs over SSH (host files, swarm mode), the
+stack deploys over ssh:// with the Docker provider's own SSH options, and Traefik gets its certificate from Pebble.
 
 The only difference from production in the user-data is the Docker package source (Debian's docker.io; Docker's
 repository cannot be reached here), covered by tests/test_renderers.py. These tests run in CI, never skipped.
@@ -25,11 +26,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from infra import images, local
-from infra.cloud_init import READINESS_COMMAND, hcloud_volume_device, render_user_data
+from infra import images
+from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.deploy import docker_ssh_options
+from infra.engine import deploy_stack, running_tasks
+from infra.host_setup import render_graceful_stop, render_host_setup
+from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
-from infra.spec import MODEL_CONTAINER, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
+from infra.spec import APP_COMMAND, MODEL_SERVICE, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
 from tests.conftest import record
 from tests.stack_support import COUNT_PREDICTIONS, TIMINGS, docker_engine, wait_until
 from tests.standin import StandIn, boot_standin, build_standin_image
@@ -64,10 +68,11 @@ class Environment:
     spec: StackSpec
     user_data: str
     key: Path
-    known_hosts: Path
+    host_key: str
     ssh_options: list[str]
     data_volume: str
     standin_image: str
+    admin_token: str
     standin: StandIn | None = None
     docker_volume: str = ""
 
@@ -123,16 +128,16 @@ class Environment:
             data_volume=self.data_volume,
             docker_volume=self.docker_volume,
         )
-        # First contact pins the host key read out of band (a VM console would show it), then key checking is on.
-        self.known_hosts.write_text(f"{self.standin.ip} {self.standin.host_key()}\n")
+        # The very first connection already pins the key the "program" generated and put into user-data.
         wait_until(lambda: self.ssh("true", timeout=20, check=False).returncode == 0, 120, "sshd on the stand-in")
-        ready = self.ssh(READINESS_COMMAND)  # the exact command of the program's wait step
-        assert ready.stdout.strip() == self.standin.host_key(), "the wait step prints the host key it pins"
+        assert self.standin.host_key() == self.host_key, "cloud-init installed the generated host key"
+        self.ssh(READINESS_COMMAND)  # the exact command of the program's wait step
         return time.monotonic() - started
 
     def deploy(self) -> float:
-        """What ModelStack does: images onto the host over ssh://, then the spec's containers."""
+        """What ModelStack does: the deploy step over SSH, images onto the host over ssh://, then the stack."""
         started = time.monotonic()
+        self.ssh(render_host_setup(self.spec))  # the program's host-setup command
         ca = (self.pebble_root.parent / "pebble" / "ca.pem").read_bytes()
         subprocess.run(
             [
@@ -148,8 +153,8 @@ class Environment:
         remote = self.remote_docker()
         try:
             for tag in {self.spec.traefik.image, self.spec.model.image}:
-                remote.images.load(self.client.images.get(tag).save(named=True))
-            local.run_stack(remote, self.spec)
+                remote.images.load(self.client.images.get(tag).save(named=tag))
+            deploy_stack(remote, self.spec, self.admin_token)
         finally:
             remote.close()
         ok, message = wait_healthy(
@@ -164,7 +169,9 @@ class Environment:
             raise AssertionError(f"{message}\n--- Traefik on the stand-in ---\n{logs}")
         return time.monotonic() - started
 
-    def remove_server(self) -> None:
+    def remove_server(self, *, graceful: bool = False) -> None:
+        if graceful and self.standin is not None:
+            self.ssh(render_graceful_stop("/srv/mlapi"))  # the data guard's delete, before the volume goes
         if self.standin is not None:
             self.standin.container.remove(force=True)
             self.standin = None
@@ -190,9 +197,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
 
     key = tmp / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    known_hosts = tmp / "known_hosts"
-    known_hosts.touch()
-    ssh_options = [*docker_ssh_options(known_hosts, str(key)), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+    # The server's host key, made before the server exists, as tls.PrivateKey does in the program.
+    host_key_file = tmp / "host_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(host_key_file)], check=True)
+    host_key = HostKey(host_key_file.read_text(), Path(f"{host_key_file}.pub").read_text().strip())
+    ssh_options = [
+        *docker_ssh_options(host_key.public_openssh, str(key)),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
     # docker's ssh:// transport runs plain `ssh` and takes no options: a wrapper first on PATH supplies exactly
     # the options the Pulumi Docker provider gets (infra.deploy.docker_ssh_options).
     wrapper_dir = tmp / "bin"
@@ -218,10 +233,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             ),
         )
         created.append(("network", network))
-        pebble_dir = local.pebble_files(tmp, extra_ips=(pebble_ip,))
-        local.run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
+        pebble_dir = pebble_files(tmp, extra_ips=(pebble_ip,))
+        run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
         created.append(("container", PEBBLE))
-        pebble_root = local.fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
+        pebble_root = fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
         client.volumes.create(data_volume)
         created.append(("volume", data_volume))
 
@@ -240,9 +255,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             data_root=inputs.data_root,
             volume_device=hcloud_volume_device(4242),
             docker_source="debian",
+            host_key=host_key,
         )
         environment = Environment(
-            client, network, pebble_root, spec, user_data, key, known_hosts, ssh_options, data_volume, built["standin"]
+            client,
+            network,
+            pebble_root,
+            spec,
+            user_data,
+            key,
+            host_key.public_openssh,
+            ssh_options,
+            data_volume,
+            built["standin"],
+            admin_token=uuid.uuid4().hex,
         )
         boot_s = environment.boot()
         deploy_s = environment.deploy()
@@ -275,15 +301,25 @@ def test_cloud_init_finished_from_the_nocloud_seed_without_errors(env: Environme
     assert "DataSourceNoCloud" in status.stdout  # a missing seed would silently be DataSourceNone
     result = json.loads(env.ssh("cat /run/cloud-init/result.json").stdout)
     assert result["v1"]["errors"] == []
+    assert env.ssh("ls /etc/ssh/ssh_host_*_key").stdout.split() == ["/etc/ssh/ssh_host_ed25519_key"]
     schema = env.ssh("cloud-init schema --system", check=False)
     assert schema.returncode == 0 and "Valid" in schema.stdout, schema.stdout + schema.stderr
 
 
+TASK = f"$(docker ps -q --filter label=com.docker.swarm.service.name={MODEL_SERVICE} | head -n 1)"
+
+
 # 2
-def test_docker_runs_with_log_rotation_and_only_traefik_publishes(env: Environment) -> None:
+def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environment) -> None:
     info = json.loads(env.ssh("docker info --format '{{json .}}'").stdout)
     assert info["LoggingDriver"] == "json-file"
-    inspect = json.loads(env.ssh(f"docker inspect {MODEL_CONTAINER}").stdout)[0]
+    assert info["Swarm"]["LocalNodeState"] == "active" and info["Swarm"]["ControlAvailable"] is True
+    remote = env.remote_docker()
+    try:
+        assert len(running_tasks(remote, MODEL_SERVICE)) == env.spec.model.replicas
+    finally:
+        remote.close()
+    inspect = json.loads(env.ssh(f"docker inspect {TASK}").stdout)[0]
     assert inspect["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "10m"}}
     publishing = {}
     for line in env.ssh("docker ps --format '{{.Names}} {{.Ports}}'").stdout.splitlines():
@@ -292,17 +328,16 @@ def test_docker_runs_with_log_rotation_and_only_traefik_publishes(env: Environme
             publishing[name] = ports
     assert list(publishing) == [TRAEFIK_CONTAINER]
     assert "0.0.0.0:443->443/tcp" in publishing[TRAEFIK_CONTAINER]
+    # Containers cannot reach the instance metadata service (user-data holds the host key).
+    assert "-A DOCKER-USER -d 169.254.169.254/32 -j REJECT" in env.ssh("iptables -S DOCKER-USER").stdout
 
 
 # 3
 def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
     attempt = subprocess.run(
         [
-            "ssh",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={env.known_hosts}",
+            "/usr/bin/ssh",
+            *docker_ssh_options(env.host_key, None),
             "-o",
             "BatchMode=yes",
             "-o",
@@ -324,10 +359,32 @@ def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
     assert env.ssh("dpkg-query -W -f='${Status}' unattended-upgrades").stdout == "install ok installed"
 
 
+def test_a_wrong_host_key_is_refused_from_the_first_connection(env: Environment, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = Path(f"{other}.pub").read_text().strip()
+    attempt = subprocess.run(
+        # /usr/bin/ssh itself: the fixture's wrapper first on PATH would add the right pin before ours.
+        [
+            "/usr/bin/ssh",
+            *docker_ssh_options(wrong, str(env.key)),
+            "-o",
+            "BatchMode=yes",
+            f"root@{env.standin.ip}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert attempt.returncode == 255 and "Host key verification failed" in attempt.stderr
+
+
 # 4
 def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
     entry = env.ssh("cat /etc/cron.d/mlapi-retrain").stdout
     assert env.spec.retrain_cron in entry
+    assert env.ssh(f"cat {APP_COMMAND}").stdout == env.spec.app_script
     schedule_and_user = env.spec.retrain_cron.split(" root ", 1)
     command = schedule_and_user[1]  # exactly what cron runs, log redirection included
     env.ssh(command)
@@ -354,7 +411,7 @@ def test_https_verifies_against_pebble_and_http_redirects(env: Environment) -> N
 
 def _data_snapshot(env: Environment) -> tuple[list[str], int]:
     versions = env.ssh("ls /srv/mlapi/model/models").stdout.split()
-    count = env.ssh(f"docker exec {MODEL_CONTAINER} python -c {shlex.quote(COUNT_PREDICTIONS)}")
+    count = env.ssh(f"docker exec {TASK} python -c {shlex.quote(COUNT_PREDICTIONS)}")
     return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
 
 
@@ -380,14 +437,17 @@ def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -
         "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/predict', "
         f"data={body!r}.encode(), headers={{'Content-Type': 'application/json'}}))"
     )
-    env.ssh(f"docker exec {MODEL_CONTAINER} python -c {shlex.quote(request)}")
+    env.ssh(f"docker exec {TASK} python -c {shlex.quote(request)}")
     time.sleep(1)
     before = _data_snapshot(env)
     assert before[0] and before[1] >= 1
     serial, orders = env.serial(), env.pebble_orders()
 
-    env.remove_server()  # the server is gone; its volume is kept
-    env.boot()  # a new server, same user-data, same data volume, new host key (pinned again)
+    # What `pulumi up` does when the server is replaced: the data guard stops the stack and unmounts the volume,
+    # the server goes, a new one boots from the same user-data with the same volume, and everything bound to the
+    # server is created on it again (deploy step, swarm, network, secret, Traefik, service).
+    env.remove_server(graceful=True)
+    env.boot()
     env.deploy()
 
     assert _data_snapshot(env) == before
