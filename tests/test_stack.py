@@ -186,6 +186,32 @@ def test_two_replicas_serve_behind_traefik(stack: local.LocalStack) -> None:
         assert task.exec_run(["test", "-s", "/run/secrets/admin_token"]).exit_code == 0
 
 
+def logged_predictions(client) -> int:
+    return int(tasks(client)[0].exec_run(["python", "-c", COUNT_PREDICTIONS]).output.decode().strip())
+
+
+def test_two_replicas_writing_one_prediction_log_lose_nothing(stack: local.LocalStack) -> None:
+    """Both replicas append to the same SQLite file (WAL, busy timeout): every row served is logged, none dropped."""
+    client = docker_engine()
+    before = logged_predictions(client)
+    with load(stack, max_seconds=10) as traffic:
+        time.sleep(10)
+    record_load("two replicas logging to one SQLite file", traffic.report)
+    served = sum(20 if o.path == "/predict/batch" else 1 for o in traffic.report.outcomes)
+    wait_until(lambda: logged_predictions(client) - before >= served, 30, f"{served} rows in the prediction log")
+    assert logged_predictions(client) - before == served
+    for task in tasks(client):  # and no replica counted a dropped record
+        metrics = task.exec_run(
+            [
+                "python",
+                "-c",
+                "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/metrics').read().decode())",
+            ]
+        ).output.decode()
+        assert "mlapi_prediction_log_dropped_total 0.0" in metrics
+    TIMINGS.append(f"prediction log: {served} rows served by 2 replicas in 10 s, {served} logged, 0 dropped")
+
+
 def test_private_routes_are_not_public_but_the_host_command_works(stack: local.LocalStack) -> None:
     token = (stack.options.state_dir / "admin-token").read_text().strip()
     for method, path in (("POST", "/admin/retrain"), ("GET", "/admin/versions"), ("POST", "/admin/rollback")):
