@@ -15,36 +15,37 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from infra.durations import go_duration  # noqa: F401 (re-exported: the components spell durations with it)
+from infra.traefik import (  # noqa: F401 (re-exported for the components, the local stack and tests)
+    ACME_CA_BUNDLE_PATH,
+    LETSENCRYPT_PRODUCTION,
+    LETSENCRYPT_STAGING,
+    PROVIDER_REFRESH_S,
+    PROXY_HEALTH_INTERVAL_S,
+    acme_storage,
+    model_labels,
+    traefik_flags,
+)
+
 TRAEFIK_VERSION = "3.7.15"  # >= 3.7: retry on status codes with a buffered body (3.6.1: Docker 29, traefik#12253)
-LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
-LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 NETWORK = "mlapi"  # an attachable overlay: the model's tasks and the Traefik container meet on it
 TRAEFIK_CONTAINER = "mlapi-traefik"
 MODEL_SERVICE = "mlapi-model"
 MODEL_PORT = 8000
 MODEL_UID = 10001  # the image's non-root user (app/Dockerfile)
-CERT_RESOLVER = "letsencrypt"
-ROUTER = "mlapi"
-PREDICT_ROUTER = "mlapi-predict"
-RETRY_BODY_LIMIT = 4 * 1024 * 1024  # a 10,000-row batch is ~2.5 MB; bigger bodies are not replayed
 DEFAULT_DATA_ROOT = "/srv/mlapi"
 DEFAULT_RETRAIN_SCHEDULE = "0 * * * *"
 DEFAULT_MODEL_REPLICAS = 2
 RETRAIN_LOG = "/var/log/mlapi-retrain.log"
 APP_COMMAND = "/usr/local/bin/mlapi-app"  # on the host: `mlapi-app retrain|versions|rollback vN|drift`
-PRIVATE_PREFIX = "/admin"
-ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
 ADMIN_SECRET = "mlapi-admin-token"  # noqa: S105 — swarm secrets are immutable: the real name carries a digest of the value
 ADMIN_SECRET_FILE = "admin_token"  # noqa: S105 — /run/secrets/admin_token inside each task
 # Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
 SWARM_ADVERTISE_ADDR = "127.0.0.1"
 SWARM_LISTEN_ADDR = "127.0.0.1:2377"
-# Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
-PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
-PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
-DRAIN_S = 6  # a stopping task keeps serving (health 503) this long: > refresh + health interval
-BACKEND_IDLE_TIMEOUT_S = 30  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
+# A stopping task keeps serving (health 503) this long: Traefik has polled the swarm API and health-checked it by then.
+DRAIN_S = PROVIDER_REFRESH_S + PROXY_HEALTH_INTERVAL_S + 2
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)([a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -123,34 +124,6 @@ class StackInputs(BaseModel):
         if self.acme_ca_server:
             return self.acme_ca_server
         return LETSENCRYPT_STAGING if self.acme_staging else LETSENCRYPT_PRODUCTION
-
-
-def acme_storage(ca_server: str) -> str:
-    """One certificate store per CA: switching staging → production must not keep serving staging certificates
-    (Traefik reuses whatever valid certificate its store holds for the domain)."""
-    known = {LETSENCRYPT_PRODUCTION: "letsencrypt", LETSENCRYPT_STAGING: "letsencrypt-staging"}
-    name = known.get(ca_server) or "ca-" + hashlib.sha256(ca_server.encode()).hexdigest()[:12]
-    return f"/acme/{name}.json"
-
-
-def go_duration(seconds: float) -> str:
-    """A duration as Go's time.Duration prints it (2s, 1m0s, 1m30s, 500ms), which is how the Docker provider reads
-    durations back: any other spelling of the same value ("60s") shows as a diff on every `pulumi up`."""
-    if seconds < 0:
-        raise ValueError(f"negative duration {seconds}")
-    millis = round(seconds * 1000)
-    if millis == 0:
-        return "0s"
-    if millis < 1000:
-        return f"{millis}ms"
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest // 1000}" + (f".{rest % 1000:03d}".rstrip("0") if rest % 1000 else "")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
 
 
 @dataclass(frozen=True)
@@ -257,80 +230,6 @@ class StackSpec:
     domain: str
 
 
-def traefik_flags(inputs: StackInputs) -> tuple[str, ...]:
-    """Traefik's static configuration: swarm service labels opt-in, HTTP→HTTPS, one ACME resolver, no dashboard."""
-    resolver = f"--certificatesresolvers.{CERT_RESOLVER}.acme"
-    flags = [
-        "--providers.swarm=true",
-        "--providers.swarm.endpoint=unix:///var/run/docker.sock",
-        "--providers.swarm.exposedbydefault=false",
-        f"--providers.swarm.network={NETWORK}",
-        f"--providers.swarm.refreshseconds={go_duration(PROVIDER_REFRESH_S)}",
-        # A router whose tasks are all unhealthy answers 503, not 404 (the router would vanish without this).
-        "--providers.swarm.allowemptyservices=true",
-        # A task that is gone refuses connections at once; fail over quickly instead of waiting 30 s.
-        f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(2)}",
-        f"--serverstransport.forwardingtimeouts.idleconntimeout={go_duration(BACKEND_IDLE_TIMEOUT_S)}",
-        "--entrypoints.web.address=:80",
-        "--entrypoints.web.http.redirections.entrypoint.to=websecure",
-        "--entrypoints.web.http.redirections.entrypoint.scheme=https",
-        "--entrypoints.web.http.redirections.entrypoint.permanent=true",
-        "--entrypoints.websecure.address=:443",
-        f"{resolver}.email={inputs.acme_email}",
-        f"{resolver}.storage={acme_storage(inputs.ca_server)}",
-        f"{resolver}.tlschallenge=true",
-        f"{resolver}.caserver={inputs.ca_server}",
-        "--ping=true",
-        "--log.level=INFO",
-        "--accesslog=true",
-        "--global.checknewversion=false",
-        "--global.sendanonymoususage=false",
-    ]
-    if inputs.acme_ca_bundle:
-        flags.append(f"{resolver}.cacertificates={ACME_CA_BUNDLE_PATH}")
-    return tuple(flags)
-
-
-def model_labels(inputs: StackInputs) -> dict[str, str]:
-    """Route `Host(domain)` on websecure with the resolver; never the private prefix; HSTS on every answer.
-
-    Traefik balances across the task IPs, checks each on /health itself (a draining task answers 503), and retries:
-    every route on connection errors before the request reached a task, and the prediction routes, which are pure
-    functions of their input, also when a task died with the request in flight (502/504) or none was ready (503).
-    Other POSTs (/observations) are not replayed: storing ground truth twice is worse than an error."""
-    router = f"traefik.http.routers.{ROUTER}"
-    predict = f"traefik.http.routers.{PREDICT_ROUTER}"
-    middleware = "traefik.http.middlewares"
-    service = f"traefik.http.services.{ROUTER}.loadbalancer"
-    tls = {"entrypoints": "websecure", "tls": "true", "tls.certresolver": CERT_RESOLVER, "service": ROUTER}
-    return {
-        "traefik.enable": "true",
-        "traefik.swarm.network": NETWORK,
-        "traefik.swarm.lbswarm": "false",
-        f"{router}.rule": f"Host(`{inputs.domain}`) && !PathPrefix(`{PRIVATE_PREFIX}`)",
-        f"{router}.priority": "10",
-        f"{router}.middlewares": f"{ROUTER}-retry,{ROUTER}-headers",
-        **{f"{router}.{key}": value for key, value in tls.items()},
-        f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
-        f"{predict}.priority": "20",
-        f"{predict}.middlewares": f"{PREDICT_ROUTER}-retry,{ROUTER}-headers",
-        **{f"{predict}.{key}": value for key, value in tls.items()},
-        f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
-        f"{middleware}.{ROUTER}-retry.retry.initialinterval": go_duration(0.1),
-        f"{middleware}.{PREDICT_ROUTER}-retry.retry.attempts": "5",
-        f"{middleware}.{PREDICT_ROUTER}-retry.retry.initialinterval": go_duration(0.1),
-        f"{middleware}.{PREDICT_ROUTER}-retry.retry.status": "502-504",
-        f"{middleware}.{PREDICT_ROUTER}-retry.retry.retrynonidempotentmethod": "true",
-        f"{middleware}.{PREDICT_ROUTER}-retry.retry.maxrequestbodybytes": str(RETRY_BODY_LIMIT),
-        f"{middleware}.{ROUTER}-headers.headers.stsseconds": "31536000",
-        f"{middleware}.{ROUTER}-headers.headers.stsincludesubdomains": "true",
-        f"{service}.server.port": str(MODEL_PORT),
-        f"{service}.healthcheck.path": "/health",
-        f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),
-        f"{service}.healthcheck.timeout": go_duration(1),
-    }
-
-
 def app_script() -> str:
     """``mlapi-app <command>`` on the host: ``python -m app <command>`` inside one healthy replica, on its loopback,
     so cron's retrain and an operator's ``mlapi-app versions`` use the private routes, never the public proxy."""
@@ -352,7 +251,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
     traefik = ContainerSpec(
         name=TRAEFIK_CONTAINER,
         image=inputs.traefik_image,
-        command=traefik_flags(inputs),
+        command=traefik_flags(inputs, NETWORK),
         env={},
         labels={},
         mounts=(
@@ -378,7 +277,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
             "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
         },
-        labels=model_labels(inputs),
+        labels=model_labels(inputs, NETWORK, MODEL_PORT),
         mounts=(Mount(f"{root}/model", "/data"),),
         # Gates traffic twice: swarm counts a task as running only once healthy (so a start-first update waits
         # for it), and kills a task that turns unhealthy.

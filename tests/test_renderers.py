@@ -192,9 +192,10 @@ def test_each_ca_has_its_own_certificate_store() -> None:
     """Switching staging → production (or any CA) must not keep serving the old CA's certificate."""
     stores = {acme_storage(ca) for ca in (LETSENCRYPT_STAGING, INPUTS.ca_server, "https://pebble:14000/dir")}
     assert len(stores) == 3
-    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json" in traefik_flags(INPUTS)
+    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json" in traefik_flags(INPUTS, "mlapi")
     staging = INPUTS.model_copy(update={"acme_staging": True})
-    assert "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt-staging.json" in traefik_flags(staging)
+    staging_store = "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt-staging.json"
+    assert staging_store in traefik_flags(staging, "mlapi")
 
 
 @pytest.mark.parametrize(
@@ -212,10 +213,10 @@ def test_traefik_flags_switch_ca_and_trust() -> None:
         acme_ca_server="https://pebble:14000/dir",
         acme_ca_bundle="/tmp/ca.pem",
     )
-    flags = traefik_flags(local)
+    flags = traefik_flags(local, "mlapi")
     assert "--certificatesresolvers.letsencrypt.acme.caserver=https://pebble:14000/dir" in flags
     assert "--certificatesresolvers.letsencrypt.acme.cacertificates=/etc/mlapi/acme-ca.pem" in flags
-    assert not any("cacertificates" in f for f in traefik_flags(INPUTS))
+    assert not any("cacertificates" in f for f in traefik_flags(INPUTS, "mlapi"))
     mounts = build_stack(local).traefik.mounts
     assert mounts[-1].source == "/tmp/ca.pem" and mounts[-1].read_only
     assert len(build_stack(INPUTS).traefik.mounts) == len(mounts) - 1

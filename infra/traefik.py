@@ -1,0 +1,108 @@
+"""Traefik's side of the spec: its static flags (swarm provider, entrypoints, one ACME resolver with a store per CA)
+and the model service's labels (routers, retries, health check). Called by infra/spec.py:build_stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+from infra.durations import go_duration
+
+if TYPE_CHECKING:
+    from infra.spec import StackInputs
+
+LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+CERT_RESOLVER = "letsencrypt"
+ROUTER = "mlapi"
+PREDICT_ROUTER = "mlapi-predict"
+RETRY_BODY_LIMIT = 4 * 1024 * 1024  # a 10,000-row batch is ~2.5 MB; bigger bodies are not replayed
+PRIVATE_PREFIX = "/admin"
+ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
+# Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
+PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
+PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
+BACKEND_IDLE_TIMEOUT_S = 30  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
+
+
+def acme_storage(ca_server: str) -> str:
+    """One certificate store per CA: switching staging → production must not keep serving staging certificates
+    (Traefik reuses whatever valid certificate its store holds for the domain)."""
+    known = {LETSENCRYPT_PRODUCTION: "letsencrypt", LETSENCRYPT_STAGING: "letsencrypt-staging"}
+    name = known.get(ca_server) or "ca-" + hashlib.sha256(ca_server.encode()).hexdigest()[:12]
+    return f"/acme/{name}.json"
+
+
+def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
+    """Traefik's static configuration: swarm service labels opt-in, HTTP→HTTPS, one ACME resolver, no dashboard."""
+    resolver = f"--certificatesresolvers.{CERT_RESOLVER}.acme"
+    flags = [
+        "--providers.swarm=true",
+        "--providers.swarm.endpoint=unix:///var/run/docker.sock",
+        "--providers.swarm.exposedbydefault=false",
+        f"--providers.swarm.network={network}",
+        f"--providers.swarm.refreshseconds={go_duration(PROVIDER_REFRESH_S)}",
+        # A router whose tasks are all unhealthy answers 503, not 404 (the router would vanish without this).
+        "--providers.swarm.allowemptyservices=true",
+        # A task that is gone refuses connections at once; fail over quickly instead of waiting 30 s.
+        f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(2)}",
+        f"--serverstransport.forwardingtimeouts.idleconntimeout={go_duration(BACKEND_IDLE_TIMEOUT_S)}",
+        "--entrypoints.web.address=:80",
+        "--entrypoints.web.http.redirections.entrypoint.to=websecure",
+        "--entrypoints.web.http.redirections.entrypoint.scheme=https",
+        "--entrypoints.web.http.redirections.entrypoint.permanent=true",
+        "--entrypoints.websecure.address=:443",
+        f"{resolver}.email={inputs.acme_email}",
+        f"{resolver}.storage={acme_storage(inputs.ca_server)}",
+        f"{resolver}.tlschallenge=true",
+        f"{resolver}.caserver={inputs.ca_server}",
+        "--ping=true",
+        "--log.level=INFO",
+        "--accesslog=true",
+        "--global.checknewversion=false",
+        "--global.sendanonymoususage=false",
+    ]
+    if inputs.acme_ca_bundle:
+        flags.append(f"{resolver}.cacertificates={ACME_CA_BUNDLE_PATH}")
+    return tuple(flags)
+
+
+def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]:
+    """Route `Host(domain)` on websecure with the resolver; never the private prefix; HSTS on every answer.
+
+    Traefik balances across the task IPs, checks each on /health itself (a draining task answers 503), and retries:
+    every route on connection errors before the request reached a task, and the prediction routes, which are pure
+    functions of their input, also when a task died with the request in flight (502/504) or none was ready (503).
+    Other POSTs (/observations) are not replayed: storing ground truth twice is worse than an error."""
+    router = f"traefik.http.routers.{ROUTER}"
+    predict = f"traefik.http.routers.{PREDICT_ROUTER}"
+    middleware = "traefik.http.middlewares"
+    service = f"traefik.http.services.{ROUTER}.loadbalancer"
+    tls = {"entrypoints": "websecure", "tls": "true", "tls.certresolver": CERT_RESOLVER, "service": ROUTER}
+    return {
+        "traefik.enable": "true",
+        "traefik.swarm.network": network,
+        "traefik.swarm.lbswarm": "false",
+        f"{router}.rule": f"Host(`{inputs.domain}`) && !PathPrefix(`{PRIVATE_PREFIX}`)",
+        f"{router}.priority": "10",
+        f"{router}.middlewares": f"{ROUTER}-retry,{ROUTER}-headers",
+        **{f"{router}.{key}": value for key, value in tls.items()},
+        f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
+        f"{predict}.priority": "20",
+        f"{predict}.middlewares": f"{PREDICT_ROUTER}-retry,{ROUTER}-headers",
+        **{f"{predict}.{key}": value for key, value in tls.items()},
+        f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
+        f"{middleware}.{ROUTER}-retry.retry.initialinterval": go_duration(0.1),
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.attempts": "5",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.initialinterval": go_duration(0.1),
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.status": "502-504",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.retrynonidempotentmethod": "true",
+        f"{middleware}.{PREDICT_ROUTER}-retry.retry.maxrequestbodybytes": str(RETRY_BODY_LIMIT),
+        f"{middleware}.{ROUTER}-headers.headers.stsseconds": "31536000",
+        f"{middleware}.{ROUTER}-headers.headers.stsincludesubdomains": "true",
+        f"{service}.server.port": str(port),
+        f"{service}.healthcheck.path": "/health",
+        f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),
+        f"{service}.healthcheck.timeout": go_duration(1),
+    }
