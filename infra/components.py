@@ -25,7 +25,7 @@ import pulumi_tls as tls
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.config import DeployConfig
 from infra.deploy import docker_ssh_options, firewall_rules, platform_for, smoke_command
-from infra.host_setup import render_graceful_stop, render_host_setup
+from infra.host_setup import render_graceful_stop, render_host_setup, render_platform_check
 from infra.spec import ADMIN_SECRET, ContainerSpec, ServiceSpec, StackSpec, go_duration, secret_name
 
 CONVERGE_TIMEOUT_S = 600
@@ -380,6 +380,14 @@ class ModelStack(pulumi.ComponentResource):
                 f"{name}-model-image", name=spec.model.image, platform=platform, keep_locally=True, opts=on_host
             )
             model_image_ref = self.model_image.image_id
+            self.platform_check = command.remote.Command(
+                f"{name}-model-image-platform",
+                connection=host.connection,
+                create=render_platform_check(spec.model.image, platform, cfg.server_type),
+                triggers=[self.model_image.image_id],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.model_image]),
+            )
+            model_dependencies: list[pulumi.Resource] = [self.platform_check]
         else:
             self.model_image = docker.Image(
                 f"{name}-model-image",
@@ -395,6 +403,7 @@ class ModelStack(pulumi.ComponentResource):
                 opts=on_host,
             )
             model_image_ref = self.model_image.image_name
+            model_dependencies = []
         self.admin_token = random.RandomPassword(
             f"{name}-admin-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=self)
         )
@@ -411,7 +420,9 @@ class ModelStack(pulumi.ComponentResource):
             model_image_ref,
             self.network,
             self.admin_secret,
-            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.traefik])),
+            pulumi.ResourceOptions.merge(
+                on_host, pulumi.ResourceOptions(depends_on=[self.traefik, *model_dependencies])
+            ),
         )
         self.smoke = command.local.Command(
             f"{name}-smoke-check",

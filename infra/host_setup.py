@@ -96,3 +96,18 @@ def render_graceful_stop(data_root: str) -> str:
         f"if mountpoint -q {shlex.quote(data_root)}; then umount {shlex.quote(data_root)}; fi\n"
         "echo stopped and unmounted\n"
     )
+
+
+def render_platform_check(image: str, platform: str, server_type: str) -> str:
+    """After the pull: the image must be built for the server's platform, or the deploy stops here, saying what to do
+    (instead of every replica failing with `exec format error`)."""
+    quoted = shlex.quote(image)
+    return (
+        f"actual=$(docker image inspect --format '{{{{.Os}}}}/{{{{.Architecture}}}}' {quoted})\n"
+        f'if [ "$actual" != {shlex.quote(platform)} ]; then\n'
+        f'  echo "modelImage {image} is built for $actual, but serverType {server_type} runs {platform}: '
+        f'build it for {platform} (docker buildx build --platform {platform} ...) or choose another serverType" >&2\n'
+        "  exit 1\n"
+        "fi\n"
+        f'echo "{image}: $actual"\n'
+    )

@@ -305,6 +305,16 @@ def test_model_image_from_registry_skips_the_build() -> None:
     assert images["ghcr.io/acme/model:1.2"] == "linux/amd64"
 
 
+def test_a_registry_model_image_is_checked_for_the_servers_platform() -> None:
+    pulled = run_program({**VALID_CONFIG, "serverType": "cax21", "modelImage": "ghcr.io/acme/model:1.2"})
+    check = pulled.one(REMOTE, "model-image-platform")
+    assert "ghcr.io/acme/model:1.2" in check.inputs["create"] and "linux/arm64" in check.inputs["create"]
+    assert "mlapi-dev-model-image-platform" in {d._name for d in pulled.one(SERVICE).opts.depends_on}
+    assert run_program(VALID_CONFIG).of_type(REMOTE) and not [
+        r for r in run_program(VALID_CONFIG).of_type(REMOTE) if r.name.endswith("model-image-platform")
+    ]
+
+
 def test_arm_servers_get_arm_images() -> None:
     arm = run_program({**VALID_CONFIG, "serverType": "cax11"})
     assert arm.one("docker:index/image:Image").inputs["build"]["platform"] == "linux/arm64"

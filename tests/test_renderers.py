@@ -19,7 +19,14 @@ from infra.cloud_init import (
     render_user_data,
     user_data_document,
 )
-from infra.host_setup import CRON_FILE, LOGROTATE_FILE, host_files, render_graceful_stop, render_host_setup
+from infra.host_setup import (
+    CRON_FILE,
+    LOGROTATE_FILE,
+    host_files,
+    render_graceful_stop,
+    render_host_setup,
+    render_platform_check,
+)
 from infra.smoke import wait_healthy
 from infra.spec import (
     APP_COMMAND,
@@ -141,6 +148,24 @@ def test_host_setup_installs_files_and_joins_swarm_idempotently(tmp_path: Path) 
         written = tmp_path / item.path.lstrip("/")
         assert written.read_text() == item.content
         assert oct(stat.S_IMODE(written.stat().st_mode)) == "0o" + item.mode.lstrip("0")
+
+
+@pytest.mark.stack
+def test_platform_check_refuses_an_image_for_another_platform() -> None:
+    """The rendered check, run for real against an image on this engine: the wrong platform stops the deploy with
+    what to do, the right one passes."""
+    from tests.stack_support import docker_engine
+
+    client = docker_engine()
+    image = next(i.tags[0] for i in client.images.list() if i.tags)
+    native = "linux/" + client.images.get(image).attrs["Architecture"]
+    other = "linux/arm64" if native != "linux/arm64" else "linux/amd64"
+    wrong = subprocess.run(["sh", "-c", render_platform_check(image, other, "cax11")], capture_output=True, text=True)
+    assert wrong.returncode == 1
+    assert f"is built for {native}, but serverType cax11 runs {other}" in wrong.stderr
+    assert f"docker buildx build --platform {other}" in wrong.stderr
+    right = subprocess.run(["sh", "-c", render_platform_check(image, native, "cx23")], capture_output=True, text=True)
+    assert right.returncode == 0, right.stderr
 
 
 def test_graceful_stop_removes_the_service_waits_and_unmounts() -> None:
