@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from infra.spec import (
     APP_COMMAND,
     MODEL_SERVICE,
+    NETWORK,
     RETRAIN_LOG,
     SWARM_ADVERTISE_ADDR,
     SWARM_LISTEN_ADDR,
@@ -22,7 +23,31 @@ from infra.spec import (
 )
 
 CRON_FILE = "/etc/cron.d/mlapi-retrain"
+BOOT_CRON_FILE = "/etc/cron.d/mlapi-boot"
 LOGROTATE_FILE = "/etc/logrotate.d/mlapi-retrain"
+START_EDGE = "/usr/local/sbin/mlapi-start-edge"
+BOOT_LOG = "/var/log/mlapi-boot.log"
+EDGE_WAIT_S = 300
+
+
+def start_edge_script() -> str:
+    """At boot, Docker restores the Traefik container before swarm mode has brought the overlay network back, and a
+    container that fails to attach then is not retried by its restart policy. Wait for both, then start it."""
+    return f"""#!/bin/sh
+# Installed by the deploy step (infra/host_setup.py). Run at boot by cron (@reboot); safe to run any time.
+i=0
+until [ "$(docker inspect --format '{{{{.State.Running}}}}' {TRAEFIK_CONTAINER} 2>/dev/null)" = true ]; do
+  if [ "$i" -ge {EDGE_WAIT_S} ]; then
+    echo "$(date -Is) {TRAEFIK_CONTAINER} not running after {EDGE_WAIT_S} s" >&2; exit 1
+  fi
+  if [ "$(docker info --format '{{{{.Swarm.LocalNodeState}}}}' 2>/dev/null)" = active ] \\
+     && docker network inspect {NETWORK} >/dev/null 2>&1; then
+    docker start {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
+  fi
+  sleep 2; i=$((i+2))
+done
+echo "$(date -Is) {TRAEFIK_CONTAINER} running"
+"""
 
 
 @dataclass(frozen=True)
@@ -41,9 +66,11 @@ def host_files(spec: StackSpec) -> tuple[HostFile, ...]:
             "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
             f"{spec.retrain_cron}\n",
         ),
+        HostFile(START_EDGE, start_edge_script(), "0755"),
+        HostFile(BOOT_CRON_FILE, f"@reboot root {START_EDGE} >> {BOOT_LOG} 2>&1\n"),
         HostFile(
             LOGROTATE_FILE,
-            f"{RETRAIN_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n",
+            f"{RETRAIN_LOG} {BOOT_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n",
         ),
     )
 

@@ -178,8 +178,8 @@ class SecretFile:
 
 
 @dataclass(frozen=True)
-class ServiceSpec:
-    """A replicated swarm service. ``labels`` are service labels, which Traefik's swarm provider reads."""
+class Workload:
+    """What any process the spec runs has: a name, an image and how it is started, configured and checked."""
 
     name: str
     image: str
@@ -188,6 +188,12 @@ class ServiceSpec:
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
     healthcheck: Healthcheck
+
+
+@dataclass(frozen=True)
+class ServiceSpec(Workload):
+    """A replicated swarm service. ``labels`` are service labels, which Traefik's swarm provider reads."""
+
     replicas: int
     update: RolloutPolicy
     rollback: RolloutPolicy
@@ -199,16 +205,11 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
-class ContainerSpec:
-    name: str
-    image: str
-    command: tuple[str, ...]
-    env: dict[str, str]
-    labels: dict[str, str]
-    mounts: tuple[Mount, ...]
+class ContainerSpec(Workload):
+    """A plain container (Traefik), with published ports and network aliases."""
+
     ports: tuple[PublishedPort, ...]
     aliases: tuple[str, ...]
-    healthcheck: Healthcheck
     restart: str = "unless-stopped"
 
 

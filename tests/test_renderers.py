@@ -154,10 +154,11 @@ def test_host_setup_installs_files_and_joins_swarm_idempotently(tmp_path: Path) 
 def test_platform_check_refuses_an_image_for_another_platform() -> None:
     """The rendered check, run for real against an image on this engine: the wrong platform stops the deploy with
     what to do, the right one passes."""
+    from infra.images import build_base
     from tests.stack_support import docker_engine
 
     client = docker_engine()
-    image = next(i.tags[0] for i in client.images.list() if i.tags)
+    image = build_base(client)  # built here once, reused by the stack tests
     native = "linux/" + client.images.get(image).attrs["Architecture"]
     other = "linux/arm64" if native != "linux/arm64" else "linux/amd64"
     wrong = subprocess.run(["sh", "-c", render_platform_check(image, other, "cax11")], capture_output=True, text=True)

@@ -314,6 +314,8 @@ def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environ
     info = json.loads(env.ssh("docker info --format '{{json .}}'").stdout)
     assert info["LoggingDriver"] == "json-file"
     assert info["Swarm"]["LocalNodeState"] == "active" and info["Swarm"]["ControlAvailable"] is True
+    again = env.ssh(render_host_setup(env.spec))  # the deploy step of the next `pulumi up`: idempotent
+    assert again.stdout.strip() == "host ready", again.stdout
     remote = env.remote_docker()
     try:
         assert len(running_tasks(remote, MODEL_SERVICE)) == env.spec.model.replicas
@@ -413,6 +415,20 @@ def _data_snapshot(env: Environment) -> tuple[list[str], int]:
     versions = env.ssh("ls /srv/mlapi/model/models").stdout.split()
     count = env.ssh(f"docker exec {TASK} python -c {shlex.quote(COUNT_PREDICTIONS)}")
     return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
+
+
+def test_the_boot_guard_starts_an_edge_that_did_not_come_back(env: Environment) -> None:
+    """Docker may restore Traefik before swarm mode has the overlay network back, and then never retries; the
+    @reboot job the deploy step installs starts it once both are there."""
+    assert "@reboot root /usr/local/sbin/mlapi-start-edge" in env.ssh("cat /etc/cron.d/mlapi-boot").stdout
+    env.ssh(f"docker stop {TRAEFIK_CONTAINER}")  # a manual stop: no restart policy brings it back
+    assert env.ssh(f"docker inspect --format '{{{{.State.Running}}}}' {TRAEFIK_CONTAINER}").stdout.strip() == "false"
+    started = env.ssh("/usr/local/sbin/mlapi-start-edge", timeout=330)
+    assert "mlapi-traefik running" in started.stdout
+    ok, message = wait_healthy(
+        f"https://{DOMAIN}/health", attempts=120, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
+    )
+    assert ok, message
 
 
 # 6
