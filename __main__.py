@@ -36,7 +36,10 @@ inputs = StackInputs(
 )
 spec = build_stack(inputs)
 name = f"mlapi-{pulumi.get_stack()}"
-host = Host(name, cfg, spec, data_root=inputs.data_root)
+try:
+    host = Host(name, cfg, spec, data_root=inputs.data_root)
+except ConfigError as error:  # a check against what already exists in the project (e.g. the volume's location)
+    raise pulumi.RunError(str(error)) from None
 stack = ModelStack(name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root)
 
 pulumi.export("url", f"https://{spec.domain}")

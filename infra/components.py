@@ -23,7 +23,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
-from infra.config import DeployConfig
+from infra.config import ConfigError, DeployConfig
 from infra.deploy import docker_ssh_options, firewall_rules, platform_for, smoke_command
 from infra.host_setup import render_graceful_stop, render_host_setup, render_platform_check
 from infra.spec import ADMIN_SECRET, ContainerSpec, ServiceSpec, StackSpec, go_duration, secret_name
@@ -65,15 +65,25 @@ def md5_fingerprint(public_key: str) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def _kept_volume_id(stack_labels: dict[str, str]) -> int | None:
+def _kept_volume_id(stack_labels: dict[str, str], location: str) -> int | None:
     """A data volume of this stack that outlived `pulumi destroy` (kept by default): adopt it instead of failing on
-    its name. Only when no server of the stack exists, i.e. not on an ordinary second `up`."""
+    its name. Only when no server of the stack exists, i.e. not on an ordinary second `up`.
+
+    A volume cannot move to another location: a `location` change would replace it with an empty one and leave the
+    data on the old one, so it is refused here, before anything is created."""
     selector = ",".join(f"{key}={value}" for key, value in stack_labels.items())
     found_volumes = _look_up("kept data volumes", lambda: hcloud.get_volumes(with_selector=selector))
     found_servers = _look_up("servers of this stack", lambda: hcloud.get_servers(with_selector=selector))
     if found_volumes is None or found_servers is None:
         return None
     volumes, servers = found_volumes.volumes or [], found_servers.servers or []
+    elsewhere = [v for v in volumes if getattr(v, "location", location) not in (None, "", location)]
+    if elsewhere:
+        raise ConfigError(
+            f"configuration 'location': {location!r}, but this stack's data volume {elsewhere[0].name!r} "
+            f"(id {elsewhere[0].id}) is in {elsewhere[0].location!r}, and volumes cannot move between locations. "
+            f"Keep it with: pulumi config set location {elsewhere[0].location}"
+        )
     if len(volumes) == 1 and not servers:
         volume_id = int(volumes[0].id)
         pulumi.log.info(f"adopting the kept data volume {volumes[0].name!r} (id {volume_id}) of this stack")
@@ -124,7 +134,7 @@ class Host(pulumi.ComponentResource):
         else:
             # Models, prediction log and certificates outlive the server; `pulumi destroy` keeps the volume unless
             # keepDataVolume=false, and the next `up` of the stack adopts it.
-            kept = _kept_volume_id(labels)
+            kept = _kept_volume_id(labels, cfg.location)
             self.volume = hcloud.Volume(
                 f"{name}-data",
                 name=f"{name}-data",

@@ -568,6 +568,14 @@ def volume_answer(volume_id: int) -> dict:
     }
 
 
+def test_moving_the_stack_away_from_its_volume_is_refused() -> None:
+    """Volumes are bound to a location: a location change would strand the data on the old volume."""
+    with pytest.raises(Exception, match=r"'location'.*'hel1'.*is in 'nbg1'.*pulumi config set location nbg1"):
+        run_program(
+            {**VALID_CONFIG, "location": "hel1"}, invokes={"hcloud:index/getVolumes:getVolumes": volume_answer(777)}
+        )
+
+
 def test_a_kept_volume_is_adopted_after_destroy() -> None:
     kept = run_program(VALID_CONFIG, invokes={"hcloud:index/getVolumes:getVolumes": volume_answer(777)})
     assert kept.one(VOLUME).opts.import_ == "777"
