@@ -20,6 +20,11 @@ try:
 except ConfigError as error:
     raise pulumi.RunError(str(error)) from None
 
+if cfg.backup is None:
+    pulumi.log.warn(
+        "backups are off: the data volume is not backed up. Turn them on with "
+        "`pulumi config set backupRepository <restic URL>` and `pulumi config set --secret backupPassword <password>`."
+    )
 if cfg.ssh_cidrs_defaulted:
     pulumi.log.warn(
         "sshAllowedCidrs is not set: port 22 is open to the world (key-only login). Narrow it with "

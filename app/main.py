@@ -20,7 +20,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.data import load_dataset
 from app.lifecycle import DRAINING
-from app.metrics import ServiceMetrics
+from app.metrics import BackupStatus, ServiceMetrics
 from app.predlog import PredictionRecord
 from app.registry import RegistryError
 from app.schemas import (
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     schemas = build_request_schemas(feature_names, settings)
     metrics_registry = CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
+    metrics_registry.register(BackupStatus(settings.data_dir / "backup-status.json"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class ServiceMetrics:
@@ -23,3 +29,23 @@ class ServiceMetrics:
             registry=registry,
         )
         self.observations = Counter("mlapi_observations_total", "Ground-truth observations stored.", registry=registry)
+
+
+class BackupStatus(Collector):
+    """The host's backup job writes its outcome into the data directory; exported at every scrape, so an alert on
+    `time() - mlapi_backup_last_success_timestamp_seconds` sees a backup that stopped running."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        for name, key, text in (
+            ("last_success_timestamp_seconds", "last_success_unixtime", "When the last backup succeeded (0: never)."),
+            ("last_failure_timestamp_seconds", "last_failure_unixtime", "When the last backup failed (0: never)."),
+            ("snapshots", "snapshots", "Snapshots in the repository after the last successful backup."),
+        ):
+            yield GaugeMetricFamily(f"mlapi_backup_{name}", text, value=float(state.get(key, 0)))

@@ -22,6 +22,7 @@ import pulumi_hcloud as hcloud
 import pulumi_random as random
 import pulumi_tls as tls
 
+from infra.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.config import ConfigError, DeployConfig
 from infra.deploy import docker_ssh_options, firewall_rules, platform_for, smoke_command
@@ -342,14 +343,35 @@ class ModelStack(pulumi.ComponentResource):
     ) -> None:
         super().__init__("mlapi:infra:ModelStack", name, None, opts)
         after_boot = pulumi.ResourceOptions(parent=self, depends_on=[host.ready])
+        backup_files, backup_commands = host_setup_parts(cfg.backup, data_root)
         # Runs at every `up` whose host files, layout or server changed; never replaces the server.
         self.host_setup = command.remote.Command(
             f"{name}-host-setup",
             connection=host.connection,
-            create=render_host_setup(spec),
+            create=render_host_setup(spec, backup_files, backup_commands),
             triggers=[host.server.id],
             opts=after_boot,
         )
+        ready_for_docker: pulumi.Output[str] = self.host_setup.stdout
+        if cfg.backup is not None:
+            # The repository's credentials travel on stdin into root-only files (never in a command line or in
+            # user-data); then an empty volume (a new stack after a loss) is restored before anything starts on it.
+            bundle = credentials_bundle(
+                cfg.backup,
+                cfg.backup_password.get_secret_value(),
+                {key: value.get_secret_value() for key, value in cfg.backup_environment.items()},
+                cfg.backup_ssh_key.get_secret_value() if cfg.backup_ssh_key else None,
+                cfg.backup_ssh_known_hosts,
+            )
+            self.backup_credentials = command.remote.Command(
+                f"{name}-backup-credentials",
+                connection=host.connection,
+                create=INSTALL_CREDENTIALS,
+                stdin=pulumi.Output.secret(bundle),
+                triggers=[host.server.id],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_setup]),
+            )
+            ready_for_docker = self.backup_credentials.stdout
         # Nothing to do on create; on delete (destroy, or the server being replaced) it stops the stack gracefully and
         # unmounts the volume before the volume is detached. Its inputs change only with the server.
         self.data_guard = command.remote.Command(
@@ -362,7 +384,7 @@ class ModelStack(pulumi.ComponentResource):
         )
         # Derived from the deploy step's output: the provider cannot connect before the host is set up, even where
         # providers ignore depends_on.
-        docker_host = pulumi.Output.all(host.ipv4, self.host_setup.stdout).apply(lambda v: f"ssh://root@{v[0]}")
+        docker_host = pulumi.Output.all(host.ipv4, ready_for_docker).apply(lambda v: f"ssh://root@{v[0]}")
         self.provider = docker.Provider(
             f"{name}-docker",
             host=docker_host,

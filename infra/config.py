@@ -11,8 +11,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
+from infra.backup import BackupSettings
 from infra.spec import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, check_cron
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
@@ -45,6 +46,11 @@ class DeployConfig(BaseModel):
     keep_data_volume: bool = True
     data_volume_id: int | None = None
     dns_proxied: bool = False
+    backup: BackupSettings | None = None
+    backup_password: SecretStr | None = None
+    backup_environment: dict[str, SecretStr] = {}
+    backup_ssh_key: SecretStr | None = None
+    backup_ssh_known_hosts: str | None = None
 
 
 # key: (required, example shown in the error, description)
@@ -66,7 +72,25 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
     "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
+    "backupRepository": (
+        False,
+        "sftp:u123456@u123456.your-storagebox.de:/mlapi",
+        "restic repository for backups (sftp:, s3:, rest:, b2:, azure:, gs:, swift:, rclone: or an absolute path)",
+    ),
+    "backupPassword": (False, "--secret <long random password>", "restic repository password (a secret)"),
+    "backupEnvironment": (
+        False,
+        """--secret '{"AWS_ACCESS_KEY_ID": "…", "AWS_SECRET_ACCESS_KEY": "…"}'""",
+        "the repository's credentials as environment variables, a JSON object (a secret)",
+    ),
+    "backupSshKey": (False, '--secret "$(cat backup_ed25519)"', "private key for an sftp: repository (a secret)"),
+    "backupSshKnownHosts": (False, '"$(ssh-keyscan -p 23 u123456.your-storagebox.de)"', "the sftp host's keys"),
+    "backupSchedule": (False, '"30 2 * * *"', "cron expression for backups"),
+    "backupKeep": (False, "daily=7,weekly=4,monthly=6", "snapshots kept by restic forget"),
 }
+
+RESTIC_SCHEMES = ("sftp:", "s3:", "rest:", "b2:", "azure:", "gs:", "swift:", "rclone:")
+DEFAULT_BACKUP_SCHEDULE = "30 2 * * *"
 
 
 def _error(key: str, problem: str) -> ConfigError:
@@ -117,6 +141,73 @@ def _cidrs(raw: str) -> tuple[str, ...]:
         except ValueError as exc:
             raise _error("sshAllowedCidrs", f"{item.strip()!r} is not a CIDR ({exc})") from None
     return tuple(networks)
+
+
+def _sftp_target(repository: str) -> tuple[str, int | None]:
+    """(host, port) of restic's sftp:user@host:/path or sftp://user@host:port//path."""
+    rest = repository.removeprefix("sftp:")
+    if rest.startswith("//"):
+        authority = rest[2:].split("/", 1)[0]
+        host, _, port = authority.rpartition("@")[2].partition(":")
+        return host, int(port) if port.isdigit() else None
+    authority = rest.split(":", 1)[0]
+    return authority.rpartition("@")[2], None
+
+
+def _backup(raw: dict[str, str | None]) -> dict[str, object]:
+    repository = (raw["backupRepository"] or "").strip()
+    if not repository:
+        return {}
+    if not (repository.startswith(RESTIC_SCHEMES) or repository.startswith("/")):
+        raise _error("backupRepository", f"{repository!r} is not a restic repository URL")
+    if not (raw["backupPassword"] or "").strip():
+        raise _error("backupPassword", "is required when backupRepository is set")
+    values: dict[str, object] = {"backup_password": SecretStr(raw["backupPassword"].strip())}
+    environment: dict[str, SecretStr] = {}
+    if raw["backupEnvironment"]:
+        try:
+            parsed = json.loads(raw["backupEnvironment"])
+        except json.JSONDecodeError as exc:
+            raise _error("backupEnvironment", f"not a JSON object ({exc.msg})") from None
+        if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[A-Z_][A-Z0-9_]*", k) and isinstance(v, str)
+            for k, v in parsed.items()
+        ):
+            raise _error("backupEnvironment", "must map environment variable names (A-Z, 0-9, _) to strings")
+        environment = {key: SecretStr(value) for key, value in parsed.items()}
+    values["backup_environment"] = environment
+    sftp_host, sftp_port = _sftp_target(repository) if repository.startswith("sftp:") else (None, None)
+    if sftp_host is not None and not sftp_host:
+        raise _error("backupRepository", f"{repository!r} names no host (sftp:user@host:/path)")
+    if raw["backupSshKey"]:
+        if "PRIVATE KEY-----" not in raw["backupSshKey"]:
+            raise _error("backupSshKey", "is not an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----)")
+        values["backup_ssh_key"] = SecretStr(raw["backupSshKey"])
+    if raw["backupSshKnownHosts"]:
+        values["backup_ssh_known_hosts"] = raw["backupSshKnownHosts"].strip()
+    schedule = DEFAULT_BACKUP_SCHEDULE
+    if raw["backupSchedule"]:
+        try:
+            schedule = check_cron(raw["backupSchedule"])
+        except ValueError as exc:
+            raise _error("backupSchedule", str(exc)) from None
+    keep = {"daily": 7, "weekly": 4, "monthly": 6}
+    if raw["backupKeep"]:
+        for part in raw["backupKeep"].split(","):
+            name, _, number = part.strip().partition("=")
+            if name not in keep or not number.isdigit() or int(number) > 1000:
+                raise _error("backupKeep", f"{part.strip()!r}: use daily=N, weekly=N, monthly=N (N from 0 to 1000)")
+            keep[name] = int(number)
+    values["backup"] = BackupSettings(
+        repository,
+        schedule,
+        keep["daily"],
+        keep["weekly"],
+        keep["monthly"],
+        sftp_host=sftp_host,
+        sftp_port=sftp_port,
+    )
+    return values
 
 
 def load_config(get: Callable[[str], str | None]) -> DeployConfig:
@@ -190,6 +281,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         key = {"domain": "domain", "acme_email": "acmeEmail"}[first["loc"][0]]
         raise _error(key, first["msg"].removeprefix("Value error, ")) from None
     values["domain"] = StackInputs(domain=values["domain"], acme_email=values["acme_email"]).domain
+    values.update(_backup(raw))
     if values.get("dns_proxied"):
         # Behind Cloudflare's proxy, Let's Encrypt's TLS-ALPN (and HTTP) validation reaches Cloudflare, not Traefik:
         # the first certificate may be issued before the proxy is on, but every renewal fails, silently.

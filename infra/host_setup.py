@@ -96,10 +96,11 @@ SWARM_INIT = (
 )
 
 
-def render_host_setup(spec: StackSpec) -> str:
-    """The deploy step: install the host files, lay out the data directories, join swarm mode. Idempotent."""
+def render_host_setup(spec: StackSpec, extra_files: tuple[HostFile, ...] = (), extra_commands: str = "") -> str:
+    """The deploy step: install the host files, lay out the data directories, join swarm mode. Idempotent.
+    ``extra_*``: what an optional part adds (backups: infra/backup.py)."""
     lines = ["set -eu", "umask 022"]
-    for item in host_files(spec):
+    for item in (*host_files(spec), *extra_files):
         encoded = base64.b64encode(item.content.encode()).decode()
         path = shlex.quote(item.path)
         lines += [  # written beside, then renamed: cron never reads a half-written file
@@ -107,7 +108,7 @@ def render_host_setup(spec: StackSpec) -> str:
             f"printf %s {encoded} | base64 -d > {path}.new",
             f"chmod {item.mode} {path}.new && mv {path}.new {path}",
         ]
-    return "\n".join(lines) + "\n" + layout_script(spec) + SWARM_INIT + "echo host ready\n"
+    return "\n".join(lines) + "\n" + layout_script(spec) + extra_commands + SWARM_INIT + "echo host ready\n"
 
 
 def render_graceful_stop(data_root: str) -> str:

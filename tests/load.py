@@ -29,6 +29,7 @@ class Outcome:
     path: str
     status: int  # 0 for a connection-level failure
     detail: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -39,6 +40,13 @@ class LoadReport:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status != 200]
+
+    def latency_ms(self, start: float = 0.0, end: float = float("inf"), quantile: float = 0.5) -> float:
+        """A latency quantile of the successful single predictions answered between ``start`` and ``end``."""
+        times = sorted(
+            o.seconds for o in self.outcomes if o.status == 200 and o.path == "/predict" and start <= o.at <= end
+        )
+        return round(times[min(len(times) - 1, int(quantile * len(times)))] * 1000, 2) if times else float("nan")
 
     def summary(self) -> str:
         statuses = Counter(o.status for o in self.outcomes)
@@ -84,6 +92,7 @@ class Load:
             if self._stop.is_set() or time.monotonic() > deadline:
                 break
             path, body = ("/predict", SINGLE) if (sent + index) % 4 else ("/predict/batch", BATCH)
+            began = time.monotonic()
             try:
                 connection = connection or self._connect()
                 connection.request(
@@ -91,7 +100,8 @@ class Load:
                 )
                 response = connection.getresponse()
                 payload = response.read()
-                outcome = Outcome(time.monotonic(), path, response.status, payload[:120].decode(errors="replace"))
+                now = time.monotonic()
+                outcome = Outcome(now, path, response.status, payload[:120].decode(errors="replace"), now - began)
                 if response.getheader("Connection", "").lower() == "close":
                     connection.close()
                     connection = None

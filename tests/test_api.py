@@ -306,3 +306,19 @@ def test_batch_response_matches_its_documented_schema(client: TestClient) -> Non
     assert parsed.predictions[1].out_of_distribution.reasons[0].feature == "bmi"
     documented = client.get("/openapi.json").json()["paths"]["/predict/batch"]["post"]["responses"]["200"]
     assert documented["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/BatchResponse"}
+
+
+def test_backup_gauges_come_from_the_hosts_status_file(client, tmp_path) -> None:
+    from tests.conftest import metric_value
+
+    before = client.get("/metrics").text
+    assert metric_value(before, "mlapi_backup_last_success_timestamp_seconds") == 0
+    (tmp_path / "data" / "backup-status.json").write_text(
+        '{"last_success_unixtime": 1790000000.5, "snapshots": 12, "last_failure_unixtime": 1780000000}'
+    )
+    after = client.get("/metrics").text
+    assert metric_value(after, "mlapi_backup_last_success_timestamp_seconds") == 1790000000.5
+    assert metric_value(after, "mlapi_backup_snapshots") == 12
+    assert metric_value(after, "mlapi_backup_last_failure_timestamp_seconds") == 1780000000
+    (tmp_path / "data" / "backup-status.json").write_text("{not json")
+    assert metric_value(client.get("/metrics").text, "mlapi_backup_snapshots") == 0  # unreadable: no crash

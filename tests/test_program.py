@@ -67,7 +67,7 @@ def test_firewall_is_attached_by_numeric_id(deployment: Deployment) -> None:
 
 
 def test_ssh_world_default_warns(deployment: Deployment) -> None:
-    assert deployment.warnings == []
+    assert [w for w in deployment.warnings if "sshAllowedCidrs" in w] == []
     defaulted = run_program(VALID_CONFIG)
     rule = next(r for r in defaulted.one(FIREWALL).inputs["rules"] if r.get("port") == "22")
     assert rule["sourceIps"] == ["0.0.0.0/0", "::/0"]
@@ -588,3 +588,68 @@ def test_a_kept_volume_is_adopted_after_destroy() -> None:
         },
     )
     assert ordinary.one(VOLUME).opts.import_ is None  # a second `up` of a live stack imports nothing
+
+
+BACKUP_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nYmFja3VwIGtleQ==\n-----END OPENSSH PRIVATE KEY-----\n"
+BACKUP_CONFIG = {
+    **VALID_CONFIG,
+    "backupRepository": "sftp:u123@u123.your-storagebox.de:/mlapi",
+    "backupPassword": "correct horse battery staple",
+    "backupSshKey": BACKUP_KEY,
+    "backupEnvironment": '{"EXTRA_TOKEN": "s3cr3t-value"}',
+    "backupSchedule": "15 1 * * *",
+    "backupKeep": "daily=3,weekly=2,monthly=1",
+}
+
+
+def test_backups_off_say_so_once(deployment: Deployment) -> None:
+    assert [w for w in deployment.warnings if "backups are off" in w] == [deployment.warnings[0]]
+    setup = deployment.one(REMOTE, "host-setup").inputs["create"]
+    assert "rm -f /etc/cron.d/mlapi-backup /etc/mlapi/backup/env" in setup  # turning them off stops the job
+    assert not [r for r in deployment.of_type(REMOTE) if r.name.endswith("backup-credentials")]
+
+
+def test_backups_on_install_scripts_and_pass_credentials_on_stdin_only() -> None:
+    on = run_program(BACKUP_CONFIG)
+    assert not any("backups are off" in w for w in on.warnings)
+    setup = on.one(REMOTE, "host-setup").inputs["create"]
+    assert "apt-get install -y -qq restic" in setup
+    files = host_files_of(setup)
+    cron = next(f for f in files if "mlapi-backup >>" in f)
+    assert "15 1 * * * root /usr/local/sbin/mlapi-backup >> /var/log/mlapi-backup.log 2>&1" in cron
+    assert "@weekly root /usr/local/sbin/mlapi-backup check" in cron
+    backup = next(f for f in files if f.startswith("#!/bin/sh\n# mlapi-backup"))
+    assert "--keep-daily 3 --keep-weekly 2 --keep-monthly 1" in backup
+    credentials = on.one(REMOTE, "backup-credentials")
+    bundle = credentials.inputs["stdin"]
+    decoded = {line.split()[0]: base64.b64decode(line.split()[2]).decode() for line in bundle.splitlines()}
+    assert "RESTIC_PASSWORD='correct horse battery staple'" in decoded["/etc/mlapi/backup/env"]
+    assert "EXTRA_TOKEN=s3cr3t-value" in decoded["/etc/mlapi/backup/env"]
+    assert decoded["/etc/mlapi/backup/ssh_key"] == BACKUP_KEY
+    assert "Host u123.your-storagebox.de" in decoded["/etc/ssh/ssh_config.d/60-mlapi-backup.conf"]
+    everything_else = json.dumps([r.inputs for r in on.resources if r is not credentials])
+    everything_else += credentials.inputs["create"]
+    for secret in ("correct horse battery staple", "s3cr3t-value", "YmFja3VwIGtleQ=="):
+        assert secret not in everything_else, secret
+    assert "mlapi-restore --if-empty latest" in credentials.inputs["create"]
+    assert credentials.inputs["triggers"] == [on.exports["serverId"]]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("backupRepository", "ftp://example.com/x", "not a restic repository URL"),
+        ("backupRepository", "sftp::/path", "names no host"),
+        ("backupPassword", "", "is required when backupRepository is set"),
+        ("backupEnvironment", "[1]", "environment variable names"),
+        ("backupEnvironment", '{"lower": "x"}', "environment variable names"),
+        ("backupEnvironment", "{", "not a JSON object"),
+        ("backupSshKey", "ssh-ed25519 AAAA", "not an OpenSSH private key"),
+        ("backupSchedule", "99 * * * *", "minute"),
+        ("backupKeep", "yearly=3", "daily=N"),
+    ],
+)
+def test_invalid_backup_config_names_the_key(key: str, value: str, says: str) -> None:
+    with pytest.raises(Exception, match=f"'{key}'") as raised:
+        run_program({**BACKUP_CONFIG, key: value})
+    assert says in str(raised.value) and f"pulumi config set {key}" in str(raised.value)

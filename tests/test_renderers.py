@@ -284,3 +284,45 @@ def test_smoke_check_fails_with_hints_when_nothing_answers() -> None:
     ok, message = wait_healthy("https://127.0.0.1:9/health", attempts=2, delay=0, timeout=1)
     assert not ok
     assert "after 2 attempts" in message and "DNS" in message and "docker logs mlapi-traefik" in message
+
+
+def test_backup_scripts_parse_and_carry_the_settings() -> None:
+    from infra.backup import BackupSettings, backup_script, host_setup_parts, restore_script
+
+    settings = BackupSettings("s3:https://s3.example.com/bucket", "5 4 * * *", 2, 3, 4)
+    for script in (backup_script("/srv/mlapi", settings), restore_script("/srv/mlapi")):
+        assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    backup = backup_script("/srv/mlapi", settings)
+    assert "--keep-daily 2 --keep-weekly 3 --keep-monthly 4 --prune" in backup
+    assert "source.backup(target)" in backup and "setpriv --reuid=10001" in backup  # consistent copy, right owner
+    files, commands = host_setup_parts(settings, "/srv/mlapi")
+    assert "apt-get install -y -qq restic" in commands
+    cron = next(f for f in files if f.path == "/etc/cron.d/mlapi-backup").content
+    assert "5 4 * * * root /usr/local/sbin/mlapi-backup >> /var/log/mlapi-backup.log 2>&1" in cron
+    assert "rm -f /etc/cron.d/mlapi-backup" in host_setup_parts(None, "/srv/mlapi")[1]
+
+
+def test_credentials_installer_writes_root_only_files_from_stdin(tmp_path: Path) -> None:
+    """The installer the program runs, for real, into a scratch root: files from stdin, mode 0600."""
+    from infra.backup import INSTALL_CREDENTIALS, BackupSettings, credentials_bundle
+
+    settings = BackupSettings("sftp:u@box.example.com:/m", "30 2 * * *", sftp_host="box.example.com", sftp_port=23)
+    bundle = credentials_bundle(
+        settings, "pa ss'word", {"X_KEY": "v"}, "-----BEGIN OPENSSH PRIVATE KEY-----\nk\n", None
+    )
+    bundle = bundle.replace(" /etc/", f" {tmp_path}/etc/").replace("/etc/", f"{tmp_path}/etc/", 0)
+    lines = [f"{tmp_path}{line}" if line.startswith("/") else line for line in bundle.splitlines()]
+    script = INSTALL_CREDENTIALS.replace("/etc/mlapi/backup", f"{tmp_path}/etc/mlapi/backup").rsplit("\n", 2)[0]
+    subprocess.run(["sh", "-c", script], input="\n".join(lines) + "\n", text=True, check=True)
+    env_file = tmp_path / "etc/mlapi/backup/env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    sourced = subprocess.run(
+        ["sh", "-c", f'set -a; . {env_file}; echo "$RESTIC_PASSWORD|$RESTIC_REPOSITORY|$X_KEY"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert sourced.stdout.strip() == "pa ss'word|sftp:u@box.example.com:/m|v"
+    ssh_config = (tmp_path / "etc/ssh/ssh_config.d/60-mlapi-backup.conf").read_text()
+    assert "Host box.example.com" in ssh_config and "Port 23" in ssh_config
+    assert "StrictHostKeyChecking accept-new" in ssh_config  # no known hosts given

@@ -27,6 +27,7 @@ import docker
 import pytest
 
 from infra import images
+from infra.backup import INSTALL_CREDENTIALS, host_setup_parts
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.deploy import docker_ssh_options
 from infra.engine import deploy_stack, running_tasks
@@ -75,6 +76,7 @@ class Environment:
     admin_token: str
     standin: StandIn | None = None
     docker_volume: str = ""
+    backup: tuple | None = None  # (BackupSettings, credentials bundle): the program's backup steps, when on
 
     # -- the transport `pulumi up` uses --------------------------------------------------------------------------
     def ssh(self, command: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -86,6 +88,18 @@ class Environment:
         )
         if check and result.returncode != 0:
             raise AssertionError(f"ssh {command!r} exited {result.returncode}: {result.stdout}{result.stderr}")
+        return result
+
+    def ssh_stdin(self, command: str, stdin: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["ssh", *self.ssh_options, f"root@{self.standin.ip}", command],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"ssh {command[:60]!r} exited {result.returncode}: {result.stdout}{result.stderr}")
         return result
 
     def remote_docker(self) -> docker.DockerClient:
@@ -137,7 +151,11 @@ class Environment:
     def deploy(self) -> float:
         """What ModelStack does: the deploy step over SSH, images onto the host over ssh://, then the stack."""
         started = time.monotonic()
-        self.ssh(render_host_setup(self.spec))  # the program's host-setup command
+        settings, bundle = self.backup or (None, "")
+        self.ssh(render_host_setup(self.spec, *host_setup_parts(settings, "/srv/mlapi")))  # the host-setup command
+        if settings is not None:  # the backup-credentials command: stdin only, then restore onto an empty volume
+            restored = self.ssh_stdin(INSTALL_CREDENTIALS, bundle)
+            self.restore_output = restored.stdout
         ca = (self.pebble_root.parent / "pebble" / "ca.pem").read_bytes()
         subprocess.run(
             [

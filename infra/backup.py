@@ -1,0 +1,210 @@
+"""Backups of the data volume with restic: the host scripts, their schedule, and the credentials bundle.
+
+Pure renderers (tests run them for real in the VM stand-in). The credentials never appear in a command line, a
+container label or user-data: the deploy step pipes them on stdin into root-only files under /etc/mlapi/backup.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from dataclasses import dataclass
+
+from infra.host_setup import HostFile
+from infra.spec import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER
+
+BACKUP_DIR = "/etc/mlapi/backup"
+ENV_FILE = f"{BACKUP_DIR}/env"
+SSH_KEY_FILE = f"{BACKUP_DIR}/ssh_key"
+KNOWN_HOSTS_FILE = f"{BACKUP_DIR}/known_hosts"
+SSH_CONFIG_FILE = "/etc/ssh/ssh_config.d/60-mlapi-backup.conf"
+BACKUP_COMMAND = "/usr/local/sbin/mlapi-backup"
+RESTORE_COMMAND = "/usr/local/sbin/mlapi-restore"
+CRON_FILE = "/etc/cron.d/mlapi-backup"
+LOGROTATE_FILE = "/etc/logrotate.d/mlapi-backup"
+BACKUP_LOG = "/var/log/mlapi-backup.log"
+WORK_DIR = "/var/lib/mlapi-backup"
+STAGE = f"{WORK_DIR}/stage"  # the path every snapshot holds
+STATUS_FILE = "backup-status.json"  # in the model's data dir: the service exports it as Prometheus gauges
+TAG = "mlapi"
+COUNT_SNAPSHOTS = (
+    f"restic snapshots --tag {TAG} --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))'"
+)
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    repository: str
+    schedule: str
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 6
+    sftp_host: str | None = None  # for the ssh client settings of an sftp: repository
+    sftp_port: int | None = None
+
+
+def backup_script(data_root: str, settings: BackupSettings) -> str:
+    data = shlex.quote(data_root)
+    keep = (
+        f"--keep-daily {settings.keep_daily} --keep-weekly {settings.keep_weekly} "
+        f"--keep-monthly {settings.keep_monthly}"
+    )
+    return f"""#!/bin/sh
+# mlapi-backup [check]: a consistent snapshot of the data volume into the restic repository (infra/backup.py).
+set -eu
+set -a; . {ENV_FILE}; set +a
+DATA={data}
+STATUS="$DATA/model/{STATUS_FILE}"
+exec 9>/run/mlapi-backup.lock
+flock -n 9 || {{ echo "$(date -Is) mlapi-backup: another backup is running" >&2; exit 1; }}
+status() {{  # $1 = success | failure; the service reads this file for its backup gauges
+  python3 - "$STATUS" "$1" "${{2:-0}}" <<'PY'
+import json, os, sys, time
+path, outcome, snapshots = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    state = json.load(open(path))
+except (OSError, ValueError):
+    state = {{}}
+state[f"last_{{outcome}}_unixtime"] = time.time()
+if outcome == "success":
+    state["snapshots"] = snapshots
+tmp = path + ".tmp"
+with open(tmp, "w") as handle:
+    json.dump(state, handle)
+os.chmod(tmp, 0o644)
+os.replace(tmp, path)
+PY
+}}
+trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "$(date -Is) mlapi-backup: FAILED (exit $rc)" >&2; status failure; fi' EXIT
+restic cat config >/dev/null 2>&1 || restic init
+if [ "${{1:-}}" = check ]; then
+  restic check --read-data-subset=1/5
+  echo "$(date -Is) mlapi-backup: check passed"
+  exit 0
+fi
+rm -rf {STAGE}; mkdir -p {STAGE}/model
+tar -C "$DATA/model" --exclude='./predictions.sqlite3*' --exclude='./{STATUS_FILE}*' -cf - . \\
+  | tar -C {STAGE}/model -xpf -
+chown {MODEL_UID}:{MODEL_UID} {STAGE}/model  # tar -p also gives it the data directory's mode
+if [ -f "$DATA/model/predictions.sqlite3" ]; then
+  # SQLite's online backup, as the service's user (so no file of the live database changes owner): consistent
+  # while the replicas keep writing; a copy of the live file would not be.
+  setpriv --reuid={MODEL_UID} --regid={MODEL_UID} --clear-groups python3 -c '
+import sqlite3, sys
+source, target = sqlite3.connect(sys.argv[1], timeout=30), sqlite3.connect(sys.argv[2])
+source.backup(target)
+target.close(); source.close()' "$DATA/model/predictions.sqlite3" {STAGE}/model/predictions.sqlite3
+fi
+cp -a "$DATA/traefik" {STAGE}/traefik  # with its owner and mode (0700: private keys)
+restic backup --quiet --tag {TAG} --host {TAG} {STAGE}
+restic forget --quiet --tag {TAG} --host {TAG} {keep} --prune
+count=$({COUNT_SNAPSHOTS})
+status success "$count"
+echo "$(date -Is) mlapi-backup: snapshot saved ($count in the repository)"
+"""
+
+
+def restore_script(data_root: str) -> str:
+    data = shlex.quote(data_root)
+    return f"""#!/bin/sh
+# mlapi-restore [--if-empty] SNAPSHOT|latest: the data volume from a restic snapshot (infra/backup.py).
+# Stops the model service and Traefik, keeps the current data beside it (*.before-restore-<time>), restores, starts.
+# --if-empty: only when the volume holds no model yet and the repository has a snapshot (a new stack after a loss).
+set -eu
+set -a; . {ENV_FILE}; set +a
+DATA={data}
+if [ "${{1:-}}" = --if-empty ]; then
+  shift
+  if [ -d "$DATA/model/models" ] || ! restic cat config >/dev/null 2>&1 || [ "$({COUNT_SNAPSHOTS})" = 0 ]; then
+    echo "mlapi-restore: nothing to do (the volume has data, or the repository has no snapshot)"
+    exit 0
+  fi
+fi
+snapshot=${{1:?usage: mlapi-restore [--if-empty] SNAPSHOT|latest}}
+rm -rf {WORK_DIR}/restore
+restic restore "$snapshot" --tag {TAG} --host {TAG} --target {WORK_DIR}/restore
+restored={WORK_DIR}/restore{STAGE}
+[ -d "$restored/model" ] || {{ echo "mlapi-restore: snapshot $snapshot holds no model data" >&2; exit 1; }}
+replicas=0  # on a new host (disaster path) there is no service yet: nothing to stop
+if docker service inspect {MODEL_SERVICE} >/dev/null 2>&1; then
+  replicas=$(docker service inspect --format '{{{{.Spec.Mode.Replicated.Replicas}}}}' {MODEL_SERVICE})
+fi
+if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}=0 >/dev/null; fi
+docker stop --time 10 {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
+stamp=$(date +%Y%m%d%H%M%S)
+for part in model traefik; do
+  if [ -e "$DATA/$part" ]; then mv "$DATA/$part" "$DATA/$part.before-restore-$stamp"; fi
+  cp -a "$restored/$part" "$DATA/$part"
+done
+docker start {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
+if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}="$replicas" >/dev/null; fi
+echo "mlapi-restore: restored $snapshot (previous data kept as *.before-restore-$stamp)"
+"""
+
+
+def backup_files(settings: BackupSettings, data_root: str) -> tuple[HostFile, ...]:
+    return (
+        HostFile(BACKUP_COMMAND, backup_script(data_root, settings), "0755"),
+        HostFile(RESTORE_COMMAND, restore_script(data_root), "0755"),
+        HostFile(
+            CRON_FILE,
+            "# Backups of the data volume (restic) and a weekly check of the repository.\n"
+            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"{settings.schedule} root {BACKUP_COMMAND} >> {BACKUP_LOG} 2>&1\n"
+            f"@weekly root {BACKUP_COMMAND} check >> {BACKUP_LOG} 2>&1\n",
+        ),
+        HostFile(LOGROTATE_FILE, f"{BACKUP_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n"),
+    )
+
+
+def host_setup_parts(settings: BackupSettings | None, data_root: str) -> tuple[tuple[HostFile, ...], str]:
+    """What backups add to the deploy step: their scripts and restic, or, turned off, the removal of both jobs and
+    credentials."""
+    if settings is None:
+        return (), DISABLE_BACKUPS
+    return backup_files(settings, data_root), INSTALL_RESTIC
+
+
+INSTALL_RESTIC = (
+    "command -v restic >/dev/null || { apt-get update -qq && "
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic >/dev/null; }\n"
+)
+# With backups turned off, no job may run with stale credentials.
+DISABLE_BACKUPS = f"rm -f {CRON_FILE} {ENV_FILE} {SSH_KEY_FILE} {KNOWN_HOSTS_FILE} {SSH_CONFIG_FILE}\n"
+
+
+def credentials_bundle(
+    settings: BackupSettings,
+    password: str,
+    environment: dict[str, str],
+    ssh_key: str | None,
+    known_hosts: str | None,
+) -> str:
+    """What the installer reads on stdin: one `path mode base64` line per root-only file."""
+    env_lines = [f"RESTIC_REPOSITORY={shlex.quote(settings.repository)}", f"RESTIC_PASSWORD={shlex.quote(password)}"]
+    env_lines += [f"{key}={shlex.quote(value)}" for key, value in sorted(environment.items())]
+    files = {ENV_FILE: "\n".join(env_lines) + "\n"}
+    if settings.sftp_host and ssh_key:
+        files[SSH_KEY_FILE] = ssh_key.strip() + "\n"
+        checking = "yes" if known_hosts else "accept-new"
+        files[SSH_CONFIG_FILE] = (
+            f"# restic's sftp connection to the backup target (written by the deploy step)\n"
+            f"Host {settings.sftp_host}\n  IdentityFile {SSH_KEY_FILE}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {KNOWN_HOSTS_FILE}\n  StrictHostKeyChecking {checking}\n"
+            + (f"  Port {settings.sftp_port}\n" if settings.sftp_port else "")
+        )
+        files[KNOWN_HOSTS_FILE] = (known_hosts or "").strip() + "\n"
+    return "".join(f"{path} 0600 {base64.b64encode(data.encode()).decode()}\n" for path, data in files.items())
+
+
+# Reads the bundle from stdin (never argv, so never in `ps`), writes each file root-only, then restores the latest
+# snapshot if the volume is empty (a new stack after a loss), before Traefik or the service start.
+INSTALL_CREDENTIALS = (
+    "set -eu\numask 077\n"
+    f"mkdir -p {BACKUP_DIR}\n"
+    "while read -r path mode blob; do\n"
+    '  mkdir -p "$(dirname "$path")"\n'
+    '  printf %s "$blob" | base64 -d > "$path.new" && chmod "$mode" "$path.new" && mv "$path.new" "$path"\n'
+    "done\n"
+    f"{RESTORE_COMMAND} --if-empty latest\n"
+)
