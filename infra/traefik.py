@@ -46,7 +46,7 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         # A router whose tasks are all unhealthy answers 503, not 404 (the router would vanish without this).
         "--providers.swarm.allowemptyservices=true",
         # A task that is gone refuses connections at once; fail over quickly instead of waiting 30 s.
-        f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(2)}",
+        f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(1)}",
         f"--serverstransport.forwardingtimeouts.idleconntimeout={go_duration(BACKEND_IDLE_TIMEOUT_S)}",
         "--entrypoints.web.address=:80",
         "--entrypoints.web.http.redirections.entrypoint.to=websecure",
@@ -105,4 +105,8 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{service}.healthcheck.path": "/health",
         f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),
         f"{service}.healthcheck.timeout": go_duration(1),
+        # A task that failed a request is out at once (a killed task's IP swallows connects until the dial timeout),
+        # so the retries above go to a live one; the active check brings it back once it answers again.
+        f"{service}.passivehealthcheck.maxfailedattempts": "1",
+        f"{service}.passivehealthcheck.failurewindow": go_duration(5),
     }

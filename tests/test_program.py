@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from infra.cloud_init import READINESS_COMMAND
-from infra.components import md5_fingerprint
+from infra.host import md5_fingerprint
 from infra.spec import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING, TRAEFIK_VERSION, go_duration
 from tests.pulumi_harness import (
     ADMIN_TOKEN,
@@ -279,6 +279,7 @@ def test_model_service(deployment: Deployment) -> None:
     assert labels["traefik.http.middlewares.mlapi-predict-retry.retry.retrynonidempotentmethod"] == "true"
     assert "retrynonidempotentmethod" not in " ".join(k for k in labels if "mlapi-retry" in k)
     assert labels["traefik.http.services.mlapi.loadbalancer.healthcheck.path"] == "/health"
+    assert labels["traefik.http.services.mlapi.loadbalancer.passivehealthcheck.maxfailedattempts"] == "1"
     assert labels["traefik.http.services.mlapi.loadbalancer.server.port"] == "8000"
     image = deployment.one("docker:index/image:Image")
     assert image.inputs["skipPush"] is True
