@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pulumi
 
-from infra.components import Host, ModelStack
+from infra.components import ModelStack
 from infra.config import ConfigError, load_config
+from infra.host import Host
 from infra.spec import StackInputs, build_stack, source_tag
 
 PROJECT_DIR = Path(__file__).parent
