@@ -10,7 +10,7 @@ import base64
 import shlex
 from dataclasses import dataclass
 
-from infra.host_setup import HostFile
+from infra.host_setup import START_EDGE, HostFile
 from infra.spec import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER
 
 BACKUP_DIR = "/etc/mlapi/backup"
@@ -136,7 +136,8 @@ for part in model traefik; do
   if [ -e "$DATA/$part" ]; then mv "$DATA/$part" "$DATA/$part.before-restore-$stamp"; fi
   cp -a "$restored/$part" "$DATA/$part"
 done
-docker start {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
+# A plain container on the overlay may fail to start while swarm re-attaches the network: the boot guard retries.
+if docker inspect {TRAEFIK_CONTAINER} >/dev/null 2>&1; then {START_EDGE}; fi
 if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}="$replicas" >/dev/null; fi
 echo "mlapi-restore: restored $snapshot (previous data kept as *.before-restore-$stamp)"
 """
