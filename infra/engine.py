@@ -25,6 +25,9 @@ from infra.spec import (
     StackSpec,
     secret_name,
 )
+from infra.spec import (
+    Healthcheck as SpecHealthcheck,
+)
 
 HASH_LABEL = "mlapi.local.config-hash"  # lets a second `up` keep what has not changed
 NANOSECONDS = 1_000_000_000
@@ -41,6 +44,16 @@ def config_hash(*parts: object) -> str:
 
 def _ns(seconds: float) -> int:
     return int(seconds * NANOSECONDS)
+
+
+def _healthcheck(check: SpecHealthcheck) -> Healthcheck:
+    return Healthcheck(
+        test=list(check.test),
+        interval=_ns(check.interval_s),
+        timeout=_ns(check.timeout_s),
+        retries=check.retries,
+        start_period=_ns(check.start_period_s),
+    )
 
 
 # -- swarm mode, network, secret ------------------------------------------------------------------------------
@@ -102,7 +115,6 @@ def ensure_container(client: docker.DockerClient, name: str, digest: str, create
 
 def container_create_args(client: docker.DockerClient, spec: ContainerSpec, network: str) -> dict:
     """One spec container as docker-py arguments: every field comes from the spec, nothing is added here."""
-    check = spec.healthcheck
     ports: dict[str, list[tuple[str, int]]] = {}
     for port in spec.ports:
         ports.setdefault(f"{port.container_port}/tcp", []).append((port.host_ip, port.host_port))
@@ -113,13 +125,7 @@ def container_create_args(client: docker.DockerClient, spec: ContainerSpec, netw
         "labels": dict(spec.labels),
         "mounts": [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
         "ports": ports,
-        "healthcheck": Healthcheck(
-            test=list(check.test),
-            interval=_ns(check.interval_s),
-            timeout=_ns(check.timeout_s),
-            retries=check.retries,
-            start_period=_ns(check.start_period_s),
-        ),
+        "healthcheck": _healthcheck(spec.healthcheck),
         "restart_policy": {"Name": spec.restart},
         "network": network,
         "networking_config": {network: client.api.create_endpoint_config(aliases=list(spec.aliases))},
@@ -147,19 +153,12 @@ def _rollout(policy: RolloutPolicy, kind: type[api.UpdateConfig]) -> api.UpdateC
 
 def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, str]]) -> dict:
     """The service as docker-py's create/update arguments: every field comes from the spec."""
-    check = spec.healthcheck
     container = api.ContainerSpec(
         image=spec.image,
         command=list(spec.command),
         env=[f"{key}={value}" for key, value in spec.env.items()],
         mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
-        healthcheck=Healthcheck(
-            test=list(check.test),
-            interval=_ns(check.interval_s),
-            timeout=_ns(check.timeout_s),
-            retries=check.retries,
-            start_period=_ns(check.start_period_s),
-        ),
+        healthcheck=_healthcheck(spec.healthcheck),
         stop_grace_period=_ns(spec.stop_grace_period_s),
         secrets=[
             api.SecretReference(

@@ -35,13 +35,11 @@ from docker.types import Mount
 from infra import images
 from infra.engine import (
     RolloutFailed,
-    apply_service,
+    deploy_stack,
     ensure_network,
-    ensure_secret,
     ensure_swarm,
     remove_service,
     remove_unused_secrets,
-    run_container,
 )
 from infra.host_setup import layout_script
 from infra.pebble import (
@@ -198,10 +196,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
         remove_as_root(client, options.data_root, "traefik/" + acme_storage(inputs.ca_server).rsplit("/", 1)[1])
 
     prepare_host(client, spec, options.data_root, base)
-    secret = ensure_secret(client, ADMIN_SECRET, admin_token(options.state_dir))
-    run_container(client, spec.traefik, spec.network)
-    rollout = apply_service(client, spec.model, spec.network, {ADMIN_SECRET: secret})
-    remove_unused_secrets(client, ADMIN_SECRET, keep=secret[1])
+    rollout = deploy_stack(client, spec, admin_token(options.state_dir))  # what the VM gets, over ssh:// there
 
     url = f"https://{spec.domain}:{options.https_port}"
     ok, message = wait_healthy(
