@@ -46,6 +46,7 @@ class DeployConfig(BaseModel):
     keep_data_volume: bool = True
     data_volume_id: int | None = None
     dns_proxied: bool = False
+    server_backups: bool = False  # Hetzner's own; they do not include the data volume (restic covers that)
     backup: BackupSettings | None = None
     backup_password: SecretStr | None = None
     backup_environment: dict[str, SecretStr] = {}
@@ -72,6 +73,11 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
     "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
+    "serverBackups": (
+        False,
+        "true",
+        "Hetzner's daily server backups (true/false; +20 % of the server price, volumes not included)",
+    ),
     "backupRepository": (
         False,
         "sftp:u123456@u123456.your-storagebox.de:/mlapi",
@@ -249,6 +255,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("acmeStaging", "acme_staging"),
         ("keepDataVolume", "keep_data_volume"),
         ("dnsProxied", "dns_proxied"),
+        ("serverBackups", "server_backups"),
     ):
         if raw[key]:
             values[field] = _bool(key, raw[key])

@@ -159,6 +159,7 @@ class Host(pulumi.ComponentResource):
             firewall_ids=[self.firewall.id.apply(int)],
             public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=True, ipv6_enabled=True)],
             labels=labels,
+            backups=cfg.server_backups,
             # The name is unique and the volume attaches to one server: the old one must go first.
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )

@@ -37,6 +37,18 @@ class Recorded:
     provider: str | None
     id: str = ""
     opts: pulumi.ResourceOptions | None = None
+    wire: dict[str, Any] = field(default_factory=dict)  # the inputs as sent, secrets still marked
+
+
+def plaintext_strings(value: Any) -> list[str]:
+    """Every string in wire-form inputs that is not inside a secret marker: what a state file or preview shows."""
+    if isinstance(value, dict):
+        if value.get(SIGNATURE_KEY) == SECRET_SIGNATURE:
+            return []
+        return [text for item in value.values() for text in plaintext_strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in plaintext_strings(item)]
+    return [value] if isinstance(value, str) else []
 
 
 @dataclass
@@ -55,6 +67,7 @@ class Deployment:
 
 
 SIGNATURE_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's wire marker for secrets and other special values
+SECRET_SIGNATURE = "1b47061264138c4ac30d75fd1eb44270"
 
 
 def unwrap(value: Any) -> Any:
@@ -82,7 +95,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         # hcloud ids are numbers on the wire; others are opaque strings.
         resource_id = str(next(self.ids)) if args.typ.startswith("hcloud:") else f"{args.name}-id"
         self.deployment.resources.append(
-            Recorded(args.typ, args.name, unwrap(dict(args.inputs)), args.provider, resource_id)
+            Recorded(args.typ, args.name, unwrap(dict(args.inputs)), args.provider, resource_id, wire=dict(args.inputs))
         )
         if args.typ == "hcloud:index/server:Server":
             # Another server (another id) gets another address, as a replacement does.

@@ -20,6 +20,7 @@ from tests.pulumi_harness import (
     PROJECT_DIR,
     VALID_CONFIG,
     Deployment,
+    plaintext_strings,
     run_program,
 )
 
@@ -80,6 +81,7 @@ def test_server_inputs_and_user_data(deployment: Deployment) -> None:
     assert server.inputs["image"] == "ubuntu-24.04"
     assert server.inputs["location"] == "nbg1"
     assert server.inputs["publicNets"] == [{"ipv4Enabled": True, "ipv6Enabled": True}]
+    assert server.inputs["backups"] is False  # Hetzner's server backups cost +20 % and skip the volume: opt-in
     assert server.inputs["sshKeys"] == [deployment.one("hcloud:index/sshKey:SshKey").id]
     assert server.opts.delete_before_replace is True
     user_data = server.inputs["userData"]
@@ -366,6 +368,7 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
             "retrainSchedule": "@daily",
             "volumeSize": "50",
             "sshAllowedCidrs": "192.0.2.1/32, 192.0.2.2/32",
+            "serverBackups": "yes",
         },
         stack="prod-eu",
         project="mlapi",
@@ -373,6 +376,7 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
     server = other.one(SERVER)
     assert server.name == "mlapi-prod-eu-server"
     assert (server.inputs["serverType"], server.inputs["location"]) == ("cax11", "hel1")
+    assert server.inputs["backups"] is True
     assert other.one(VOLUME).inputs["size"] == 50
     assert other.one(DNS, "dns-a").inputs["name"] == "models.example.org"
     host_setup = other.one(REMOTE, "host-setup").inputs["create"]
@@ -410,6 +414,7 @@ def test_missing_required_config_names_the_key(missing: str, command: str) -> No
         ("serverType", "big", "Hetzner type"),
         ("location", "mars1", "Hetzner location"),
         ("acmeStaging", "maybe", "true or false"),
+        ("serverBackups", "daily", "true or false"),
         ("retrainSchedule", "61 * * * *", "minute"),
         ("retrainSchedule", "hourly", "5 fields"),
         ("volumeSize", "5", "10-10240"),
@@ -634,6 +639,32 @@ def test_backups_on_install_scripts_and_pass_credentials_on_stdin_only() -> None
         assert secret not in everything_else, secret
     assert "mlapi-restore --if-empty latest" in credentials.inputs["create"]
     assert credentials.inputs["triggers"] == [on.exports["serverId"]]
+
+
+def test_every_secret_is_marked_secret_on_the_wire() -> None:
+    """What the engine would store in the state file or print in a preview: no secret outside a secret marker."""
+    on = run_program(BACKUP_CONFIG)
+    secrets = [
+        "correct horse battery staple",
+        "s3cr3t-value",
+        "YmFja3VwIGtleQ==",  # the backup key's body, also inside the base64 bundle
+        base64.b64encode(BACKUP_KEY.encode()).decode()[:40],
+        ADMIN_TOKEN,
+        "bW9jayBob3N0IGtleQ==",  # the host's private key
+    ]
+    for resource in on.resources:
+        shown = "\n".join(plaintext_strings(resource.wire))
+        for secret in secrets:
+            assert secret not in shown, f"{resource.typ} {resource.name} shows a secret in plaintext"
+    marked = {
+        (REMOTE, "backup-credentials"): "stdin",
+        (SERVER, ""): "userData",  # holds the host's private key
+        (SECRET, ""): "data",
+    }
+    for (typ, suffix), key in marked.items():
+        carrier = on.one(typ, suffix)
+        assert carrier.inputs[key], f"{typ}.{key} is empty"
+        assert plaintext_strings(carrier.wire[key]) == [], f"{typ}.{key} is not marked secret"
 
 
 @pytest.mark.parametrize(
