@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit local-up local-down local-destroy local-status bench clean
+.PHONY: venv test lint unit local-up local-down local-destroy local-status local-backup local-restore bench clean
 
 venv: $(STAMP)
 
@@ -36,9 +36,18 @@ local-status: venv
 local-down: venv
 	$(PY) -m infra.local down
 
-## Stop the local stack and delete its data.
+## Stop the local stack and delete its data (the backup repository in .local/backup is kept).
 local-destroy: venv
 	$(PY) -m infra.local down --delete-data
+
+## Snapshot the local stack's data with restic (repository .local/backup/repo, password made on first use).
+local-backup: venv
+	$(PY) -m infra.local backup
+
+## Restore the latest snapshot, or SNAPSHOT=<id> (`make local-status` shows the last backup).
+SNAPSHOT ?= latest
+local-restore: venv
+	$(PY) -m infra.local restore $(SNAPSHOT)
 
 bench: venv
 	$(PY) -m benchmarks.bench_service

@@ -43,20 +43,65 @@ class BackupSettings:
     sftp_port: int | None = None
 
 
-def backup_script(data_root: str, settings: BackupSettings) -> str:
-    data = shlex.quote(data_root)
+@dataclass(frozen=True)
+class Hints:
+    """Where the operator fixes what a failure names (the VM: Pulumi config; the local stack: files in .local)."""
+
+    key_fix: str = "pulumi config set --secret backupPassword"
+    repository_fix: str = "pulumi config: backupRepository, backupEnvironment, backupSshKey"
+
+
+# restic 0.14 (Debian 12) exits 1 for every error: these are its messages for "no repository there yet", per backend
+# (local and sftp: no such file / does not exist; s3: the key or bucket does not exist; rest: 404).
+ABSENT_PATTERNS = ('*"no such file or directory"*', '*"does not exist"*', '*" 404 "*', '*"404 Not Found"*')
+
+
+def _prelude(name: str, data_root: str, hints: Hints) -> str:
+    """The start both scripts share: credentials, the data root, and how they open the repository."""
+    absent = "|".join(ABSENT_PATTERNS)
+    return f"""set -eu
+set -a; . {ENV_FILE}; set +a
+DATA={shlex.quote(data_root)}
+say() {{ echo "$(date -Is) {name}: $*"; }}
+fail() {{ echo "$(date -Is) {name}: $*" >&2; exit 1; }}
+# open_repository [init]: 0 = open; 1 = there is none yet (created with `init`); fails on anything else.
+open_repository() {{
+  if error=$(restic cat config 2>&1 >/dev/null); then return 0; fi
+  case $error in
+    *"wrong password"*)
+      fail "the restic repository exists but its password does not open it (fix: {hints.key_fix})" ;;
+    {absent})
+      if [ "${{1:-}}" = init ]; then
+        restic init >/dev/null || fail "cannot create the restic repository (check {hints.repository_fix})"
+        say "created the restic repository"
+      fi
+      return 1 ;;
+  esac
+  fail "cannot reach the restic repository: $(printf %s "$error" | grep -m1 . ) (check {hints.repository_fix}, and \
+that this host reaches the target)"
+}}
+# need_space DIR KB WHAT: refuse early, with numbers, instead of failing half-way on a full disk.
+need_space() {{
+  free=$(df -Pk "$1" | awk 'NR == 2 {{ print $4 }}')
+  if [ "$free" -lt "$2" ]; then
+    fail "not enough space for $3: $(( $2 / 1024 + 1 )) MB needed in $1, $(( free / 1024 )) MB free; nothing changed"
+  fi
+}}
+"""
+
+
+def backup_script(data_root: str, settings: BackupSettings, hints: Hints = Hints(), extra_stage: str = "") -> str:
+    """``extra_stage``: shell lines that add files under $STAGE (the local stack adds its CA root)."""
     keep = (
         f"--keep-daily {settings.keep_daily} --keep-weekly {settings.keep_weekly} "
         f"--keep-monthly {settings.keep_monthly}"
     )
     return f"""#!/bin/sh
 # mlapi-backup [check]: a consistent snapshot of the data volume into the restic repository (infra/backup.py).
-set -eu
-set -a; . {ENV_FILE}; set +a
-DATA={data}
-STATUS="$DATA/model/{STATUS_FILE}"
+{_prelude("mlapi-backup", data_root, hints)}STATUS="$DATA/model/{STATUS_FILE}"
+STAGE={STAGE}
 exec 9>/run/mlapi-backup.lock
-flock -n 9 || {{ echo "$(date -Is) mlapi-backup: another backup is running" >&2; exit 1; }}
+flock -n 9 || fail "another backup is running"
 status() {{  # $1 = success | failure; the service reads this file for its backup gauges
   python3 - "$STATUS" "$1" "${{2:-0}}" <<'PY'
 import json, os, sys, time
@@ -75,17 +120,20 @@ os.chmod(tmp, 0o644)
 os.replace(tmp, path)
 PY
 }}
-trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "$(date -Is) mlapi-backup: FAILED (exit $rc)" >&2; status failure; fi' EXIT
-restic cat config >/dev/null 2>&1 || restic init
+trap 'rc=$?; rm -rf "$STAGE"; if [ "$rc" -ne 0 ]; then echo "$(date -Is) mlapi-backup: FAILED (exit $rc)" >&2; \
+status failure || true; fi' EXIT
+open_repository init || true
 if [ "${{1:-}}" = check ]; then
   restic check --read-data-subset=1/5
-  echo "$(date -Is) mlapi-backup: check passed"
+  say "check passed"
   exit 0
 fi
-rm -rf {STAGE}; mkdir -p {STAGE}/model
-tar -C "$DATA/model" --exclude='./predictions.sqlite3*' --exclude='./{STATUS_FILE}*' -cf - . \\
-  | tar -C {STAGE}/model -xpf -
-chown {MODEL_UID}:{MODEL_UID} {STAGE}/model  # tar -p also gives it the data directory's mode
+rm -rf "$STAGE"; mkdir -p "$STAGE/model"
+need_space "$STAGE" "$(( $(du -sk "$DATA/model" "$DATA/traefik" | awk '{{ s += $1 }} END {{ print s }}') * 11 / 10 ))" \
+  "the staging copy"
+tar -C "$DATA/model" --exclude='./predictions.sqlite3*' --exclude='./{STATUS_FILE}*' -cf - . \
+  | tar -C "$STAGE/model" -xpf -
+chown {MODEL_UID}:{MODEL_UID} "$STAGE/model"  # tar -p also gives it the data directory's mode
 if [ -f "$DATA/model/predictions.sqlite3" ]; then
   # SQLite's online backup, as the service's user (so no file of the live database changes owner): consistent
   # while the replicas keep writing; a copy of the live file would not be.
@@ -93,53 +141,67 @@ if [ -f "$DATA/model/predictions.sqlite3" ]; then
 import sqlite3, sys
 source, target = sqlite3.connect(sys.argv[1], timeout=30), sqlite3.connect(sys.argv[2])
 source.backup(target)
-target.close(); source.close()' "$DATA/model/predictions.sqlite3" {STAGE}/model/predictions.sqlite3
+target.close(); source.close()' "$DATA/model/predictions.sqlite3" "$STAGE/model/predictions.sqlite3"
 fi
-cp -a "$DATA/traefik" {STAGE}/traefik  # with its owner and mode (0700: private keys)
-restic backup --quiet --tag {TAG} --host {TAG} {STAGE}
+cp -a "$DATA/traefik" "$STAGE/traefik"  # with its owner and mode (0700: private keys)
+{extra_stage}restic backup --quiet --tag {TAG} --host {TAG} "$STAGE"
 restic forget --quiet --tag {TAG} --host {TAG} {keep} --prune
 count=$({COUNT_SNAPSHOTS})
 status success "$count"
-echo "$(date -Is) mlapi-backup: snapshot saved ($count in the repository)"
+say "snapshot saved ($count in the repository)"
 """
 
 
-def restore_script(data_root: str) -> str:
-    data = shlex.quote(data_root)
+def restore_script(data_root: str, hints: Hints = Hints()) -> str:
     return f"""#!/bin/sh
 # mlapi-restore [--if-empty] SNAPSHOT|latest: the data volume from a restic snapshot (infra/backup.py).
-# Stops the model service and Traefik, keeps the current data beside it (*.before-restore-<time>), restores, starts.
+# The snapshot is fetched and copied onto the data volume first; only then are the model service and Traefik
+# stopped, the current data renamed aside (*.before-restore-<time>) and the copy renamed in, and both started.
+# A failure before the swap (repository, password, full disk) changes nothing.
 # --if-empty: only when the volume holds no model yet and the repository has a snapshot (a new stack after a loss).
-set -eu
-set -a; . {ENV_FILE}; set +a
-DATA={data}
+{_prelude("mlapi-restore", data_root, hints)}WORK={WORK_DIR}/restore
 if [ "${{1:-}}" = --if-empty ]; then
   shift
-  if [ -d "$DATA/model/models" ] || ! restic cat config >/dev/null 2>&1 || [ "$({COUNT_SNAPSHOTS})" = 0 ]; then
-    echo "mlapi-restore: nothing to do (the volume has data, or the repository has no snapshot)"
-    exit 0
-  fi
+  if [ -d "$DATA/model/models" ]; then say "nothing to do: the volume has data"; exit 0; fi
+  if ! open_repository; then say "nothing to do: the repository has no snapshot yet"; exit 0; fi
+  if [ "$({COUNT_SNAPSHOTS})" = 0 ]; then say "nothing to do: the repository has no snapshot yet"; exit 0; fi
+else
+  open_repository || fail "there is no restic repository at the configured location (check {hints.repository_fix})"
 fi
 snapshot=${{1:?usage: mlapi-restore [--if-empty] SNAPSHOT|latest}}
-rm -rf {WORK_DIR}/restore
-restic restore "$snapshot" --tag {TAG} --host {TAG} --target {WORK_DIR}/restore
-restored={WORK_DIR}/restore{STAGE}
-[ -d "$restored/model" ] || {{ echo "mlapi-restore: snapshot $snapshot holds no model data" >&2; exit 1; }}
-replicas=0  # on a new host (disaster path) there is no service yet: nothing to stop
+stamp=$(date +%Y%m%d%H%M%S)
+trap 'rm -rf "$WORK" "$DATA"/*.restoring-"$stamp"' EXIT
+rm -rf "$WORK"; mkdir -p "$WORK"
+restic restore "$snapshot" --tag {TAG} --host {TAG} --target "$WORK" >/dev/null \
+  || fail "restic could not restore snapshot $snapshot (restic snapshots lists them); nothing changed"
+restored="$WORK{STAGE}"
+[ -d "$restored/model" ] || fail "snapshot $snapshot holds no model data; nothing changed"
+need_space "$DATA" "$(du -sk "$restored" | awk '{{ print $1 }}')" "the restored data on the data volume"
+for part in model traefik; do
+  cp -a "$restored/$part" "$DATA/$part.restoring-$stamp" || fail "copying the snapshot failed; nothing changed"
+done
+replicas=0  # on a new host (disaster path) or the local stack's tool container there is no service to stop here
 if docker service inspect {MODEL_SERVICE} >/dev/null 2>&1; then
   replicas=$(docker service inspect --format '{{{{.Spec.Mode.Replicated.Replicas}}}}' {MODEL_SERVICE})
 fi
 if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}=0 >/dev/null; fi
 docker stop --time 10 {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
-stamp=$(date +%Y%m%d%H%M%S)
 for part in model traefik; do
   if [ -e "$DATA/$part" ]; then mv "$DATA/$part" "$DATA/$part.before-restore-$stamp"; fi
-  cp -a "$restored/$part" "$DATA/$part"
+  mv "$DATA/$part.restoring-$stamp" "$DATA/$part"
 done
+# The backup status describes the repository, not the snapshot: keep the gauges' history.
+if [ -f "$DATA/model.before-restore-$stamp/{STATUS_FILE}" ]; then
+  cp -p "$DATA/model.before-restore-$stamp/{STATUS_FILE}" "$DATA/model/"
+fi
+# The local stack's extra files (the CA root its certificates chain to), for a caller that names a place for them.
+if [ -d "$restored/local" ] && [ -n "${{RESTORE_EXTRA_TARGET:-}}" ]; then
+  cp -a "$restored/local/." "$RESTORE_EXTRA_TARGET/"
+fi
 # A plain container on the overlay may fail to start while swarm re-attaches the network: the boot guard retries.
 if docker inspect {TRAEFIK_CONTAINER} >/dev/null 2>&1; then {START_EDGE}; fi
 if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}="$replicas" >/dev/null; fi
-echo "mlapi-restore: restored $snapshot (previous data kept as *.before-restore-$stamp)"
+say "restored $snapshot (previous data kept as $DATA/*.before-restore-$stamp)"
 """
 
 
@@ -174,6 +236,13 @@ INSTALL_RESTIC = (
 DISABLE_BACKUPS = f"rm -f {CRON_FILE} {ENV_FILE} {SSH_KEY_FILE} {KNOWN_HOSTS_FILE} {SSH_CONFIG_FILE}\n"
 
 
+def environment_lines(settings: BackupSettings, password: str, environment: dict[str, str]) -> str:
+    """The env file both scripts source: restic's repository and password, then the repository's credentials."""
+    lines = [f"RESTIC_REPOSITORY={shlex.quote(settings.repository)}", f"RESTIC_PASSWORD={shlex.quote(password)}"]
+    lines += [f"{key}={shlex.quote(value)}" for key, value in sorted(environment.items())]
+    return "\n".join(lines) + "\n"
+
+
 def credentials_bundle(
     settings: BackupSettings,
     password: str,
@@ -182,9 +251,7 @@ def credentials_bundle(
     known_hosts: str | None,
 ) -> str:
     """What the installer reads on stdin: one `path mode base64` line per root-only file."""
-    env_lines = [f"RESTIC_REPOSITORY={shlex.quote(settings.repository)}", f"RESTIC_PASSWORD={shlex.quote(password)}"]
-    env_lines += [f"{key}={shlex.quote(value)}" for key, value in sorted(environment.items())]
-    files = {ENV_FILE: "\n".join(env_lines) + "\n"}
+    files = {ENV_FILE: environment_lines(settings, password, environment)}
     if settings.sftp_host and ssh_key:
         files[SSH_KEY_FILE] = ssh_key.strip() + "\n"
         checking = "yes" if known_hosts else "accept-new"

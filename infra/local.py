@@ -32,7 +32,7 @@ from pathlib import Path
 import docker
 from docker.types import Mount
 
-from infra import images
+from infra import images, local_backup
 from infra.engine import (
     RolloutFailed,
     deploy_stack,
@@ -79,6 +79,7 @@ class LocalOptions:
     https_port: int = 8443
     data_root: Path = LOCAL_DIR / "data"
     state_dir: Path = LOCAL_DIR / "state"
+    backup_dir: Path = LOCAL_DIR / "backup"  # the restic repository and its password: `local-destroy` keeps them
     model_replicas: int = 2
 
 
@@ -307,7 +308,24 @@ def status(options: LocalOptions | None = None) -> int:
         healthy += running == wanted
     if healthy:
         print(f"url: https://{options.domain}:{options.https_port}  (CA root: {options.state_dir / 'pebble-root.pem'})")
+    backups = local_backup.LocalBackupOptions.from_environment(options.backup_dir)
+    print(f"backups: {local_backup.last_backup(options.data_root)}; repository {backups.where}")
+    print("         `make local-backup`, `make local-restore [SNAPSHOT=<id>]`")
     return 0 if healthy == 3 else 1
+
+
+def backup_or_restore(options: LocalOptions, command: str, snapshot: str = "latest") -> int:
+    backups = local_backup.LocalBackupOptions.from_environment(options.backup_dir)
+    client = engine()
+    if command == "backup":
+        if not (options.data_root / "model").is_dir():
+            raise LocalStackError(f"nothing to back up: {options.data_root} holds no data (run `make local-up`)")
+        print(local_backup.backup(client, backups, options.data_root, options.state_dir).strip())
+        return 0
+    ready = f"https://{options.domain}:{options.https_port}/ready"
+    for line in local_backup.restore_and_check(client, backups, options.data_root, options.state_dir, snapshot, ready):
+        print(line)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="build and start the stack, or roll out what changed (idempotent)")
     stop = commands.add_parser("down", help="stop the stack, keep its data")
     stop.add_argument("--delete-data", action="store_true", help="also delete models, logs and certificates")
-    commands.add_parser("status", help="show the containers, the service's replicas and the URL")
+    commands.add_parser("status", help="show the containers, the service's replicas, the URL and the last backup")
+    commands.add_parser("backup", help="snapshot the data into the local restic repository (or the one configured)")
+    restore = commands.add_parser("restore", help="restore the data from a snapshot; the stack is stopped meanwhile")
+    restore.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (`restic snapshots`) or latest")
     args = parser.parse_args(argv)
     options = LocalOptions(
         http_port=int(os.environ.get("MLAPI_LOCAL_HTTP_PORT", "8080")),
@@ -330,8 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             down(options, delete_data=args.delete_data)
             return 0
+        if args.command in ("backup", "restore"):
+            return backup_or_restore(options, args.command, getattr(args, "snapshot", "latest"))
         return status(options)
-    except (LocalStackError, images.BuildError, PebbleError, RolloutFailed) as exc:
+    except (
+        LocalStackError,
+        images.BuildError,
+        PebbleError,
+        RolloutFailed,
+        local_backup.LocalBackupError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
