@@ -139,6 +139,26 @@ def test_a_failed_backup_is_visible(backed_up: Environment) -> None:
     assert metric(env, "mlapi_backup_snapshots") == 1  # the last good count stays
 
 
+def test_an_unreachable_repository_fails_clearly_and_touches_nothing(backed_up: Environment) -> None:
+    env = backed_up
+    before = snapshot_of_data(env)
+    target = env.client.containers.get(TARGET)
+    target.stop(timeout=1)  # the Storage Box is down
+    try:
+        backup = env.ssh("/usr/local/sbin/mlapi-backup", check=False)
+        restore = env.ssh("/usr/local/sbin/mlapi-restore latest", check=False)
+    finally:
+        target.start()
+    for failed in (backup, restore):
+        assert failed.returncode != 0
+        assert "cannot reach the restic repository" in failed.stderr, failed.stderr
+        assert TARGET_HOST in failed.stderr  # restic's own first line says which host it could not reach
+    assert "mlapi-backup: FAILED" in backup.stderr
+    assert snapshot_of_data(env) == before
+    status, _, _, _ = env.https("/ready")
+    assert status == 200  # the restore failed before it stopped anything
+
+
 def test_restore_brings_back_the_snapshot_and_keeps_what_it_replaced(backed_up: Environment) -> None:
     env = backed_up
     env.ssh("/usr/local/sbin/mlapi-backup")  # a snapshot of a quiet stack, so the numbers below are exact

@@ -145,7 +145,14 @@ class Environment:
         # The very first connection already pins the key the "program" generated and put into user-data.
         wait_until(lambda: self.ssh("true", timeout=20, check=False).returncode == 0, 120, "sshd on the stand-in")
         assert self.standin.host_key() == self.host_key, "cloud-init installed the generated host key"
-        self.ssh(READINESS_COMMAND)  # the exact command of the program's wait step
+        # The exact command of the program's wait step. cloud-init may restart sshd meanwhile: like the command
+        # provider, which retries its dial, a refused connection (ssh exits 255) is tried again.
+        for _ in range(30):
+            ready = self.ssh(READINESS_COMMAND, check=False)
+            if ready.returncode != 255:
+                break
+            time.sleep(2)
+        assert ready.returncode == 0, f"readiness: exit {ready.returncode}: {ready.stdout}{ready.stderr}"
         return time.monotonic() - started
 
     def deploy(self) -> float:
