@@ -101,10 +101,13 @@ class Host(pulumi.ComponentResource):
         # The server's SSH host key: made here, installed by cloud-init, pinned by every connection from the first.
         self.host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child)
         self.host_public_key: pulumi.Output[str] = self.host_key.public_key_openssh.apply(str.strip)
+        # The policy pack (policy/rules.py) blocks SSH open to the world unless the operator typed it: this label
+        # says so.
+        world_by_choice = not cfg.ssh_cidrs_defaulted and bool({"0.0.0.0/0", "::/0"} & set(cfg.ssh_allowed_cidrs))
         self.firewall = hcloud.Firewall(
             f"{name}-firewall",
             name=name,
-            labels=labels,
+            labels={**labels, "ssh-world-explicit": "true"} if world_by_choice else labels,
             rules=[
                 hcloud.FirewallRuleArgs(
                     direction=rule.direction,
