@@ -62,8 +62,15 @@ def _run(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess
     return result
 
 
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
 def apt_mirror() -> str:
-    """The Debian mirror this host's apt uses (deb822 or one-line format)."""
+    """The Debian mirror this host's apt uses (deb822 or one-line format); Debian's own on other distributions
+    (an Ubuntu CI runner's mirror has no bookworm)."""
+    os_release = Path("/etc/os-release")
+    if os_release.is_file() and not re.search(r"^ID=\"?debian\"?$", os_release.read_text(), re.M):
+        return DEBIAN_MIRROR
     sources = [*sorted(Path("/etc/apt/sources.list.d").glob("*.sources")), Path("/etc/apt/sources.list")]
     for path in sources:
         if not path.is_file():
