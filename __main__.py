@@ -38,6 +38,7 @@ inputs = StackInputs(
     acme_staging=cfg.acme_staging,
     retrain_schedule=cfg.retrain_schedule,
     model_replicas=cfg.model_replicas,
+    public_docs=cfg.public_docs,
     model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
 )
 spec = build_stack(inputs)

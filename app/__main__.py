@@ -40,6 +40,18 @@ def _admin_call(method: str, path: str, body: dict | None = None, timeout: float
     return 1 if payload.get("outcome") == "failed" else 0
 
 
+def _metrics() -> int:
+    """The Prometheus exposition, read on the replica itself: /metrics is not routed from the internet."""
+    url = f"http://127.0.0.1:{get_settings().port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            sys.stdout.write(response.read().decode())
+    except OSError as exc:
+        print(f"GET /metrics: cannot reach the service at {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _train() -> int:
     """Offline: make sure a current model exists (used at first start or in an image build)."""
     from prometheus_client import CollectorRegistry
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="train the first model into the registry if there is none")
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
     commands.add_parser("versions", help="list model versions and retrain history")
+    commands.add_parser("metrics", help="print the Prometheus metrics (not routed from the internet)")
     rollback = commands.add_parser("rollback", help="serve an earlier version")
     rollback.add_argument("version", help="e.g. v0001")
     drift = commands.add_parser("drift", help="population stability per feature over recent predictions")
@@ -97,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train()
     if args.command == "retrain":
         return _admin_call("POST", "/admin/retrain")
+    if args.command == "metrics":
+        return _metrics()
     if args.command == "versions":
         return _admin_call("GET", "/admin/versions")
     if args.command == "rollback":

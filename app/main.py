@@ -20,6 +20,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.data import load_dataset
 from app.lifecycle import DRAINING
+from app.limits import MAX_ERRORS, BodyLimit, public_errors
 from app.metrics import BackupStatus, ServiceMetrics
 from app.predlog import PredictionRecord
 from app.registry import RegistryError
@@ -49,16 +50,18 @@ def _json_safe(value: Any) -> Any:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = public_errors(list(exc.errors()))
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        content={"detail": _json_safe(jsonable_encoder(exc.errors(), custom_encoder={float: _json_safe}))},
+        content={"detail": _json_safe(jsonable_encoder(errors, custom_encoder={float: _json_safe}))},
     )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    feature_names = load_dataset(settings.dataset, settings.target_column).feature_names
-    schemas = build_request_schemas(feature_names, settings)
+    dataset = load_dataset(settings.dataset, settings.target_column)
+    feature_names = dataset.feature_names
+    schemas = build_request_schemas(dataset, settings)
     metrics_registry = CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
     metrics_registry.register(BackupStatus(settings.data_dir / "backup-status.json"))
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         exception_handlers={RequestValidationError: validation_error},
     )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True
     )
@@ -111,7 +115,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             result = service.predict(X, confidence)
         except NotReady as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"model not ready: {exc}") from exc
+            log.warning("prediction refused, model not ready: %s", exc)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model not ready") from exc
+        finite = np.isfinite(result.points) & np.isfinite(result.lower) & np.isfinite(result.upper)
+        if not finite.all():  # inside the accepted ranges this should not happen; never answer null or 500
+            bad = np.flatnonzero(~finite)[:MAX_ERRORS].tolist()
+            raise RequestValidationError(
+                [
+                    {"type": "value_error", "loc": ["body", i], "msg": "these inputs give no finite prediction"}
+                    for i in bad
+                ]
+            )
         latency_ms = (time.perf_counter() - started) * 1000 / len(X)
         now = time.time()
         # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
@@ -157,24 +171,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if DRAINING.is_set():  # shutting down: the proxy's health check takes this replica out first
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "draining: this replica is shutting down")
 
-    @app.get("/health", tags=["public"], summary="The process is alive (503 while it drains before shutdown).")
+    # Every answer a client can get, documented (the fuzz test holds the service to it).
+    unavailable = {503: {"description": "draining, or no model loaded yet: try again (the proxy retries)"}}
+    body_errors = {
+        400: {"description": "the body is not JSON"},
+        413: {"description": f"the body is larger than {settings.max_body_bytes} bytes"},
+        **unavailable,
+    }
+
+    @app.get(
+        "/health",
+        tags=["public"],
+        summary="The process is alive (503 while it drains before shutdown).",
+        responses=unavailable,
+    )
     def health() -> dict[str, str]:
         refuse_if_draining()
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["public"], summary="A model is loaded and answers.")
+    @app.get("/ready", tags=["public"], summary="A model is loaded and answers.", responses=unavailable)
     def ready(service: Service) -> dict[str, str]:
         refuse_if_draining()
         predictor = service.current
+        # The reason goes to the log (and `mlapi-app versions`), not to the internet: it may hold paths.
         if predictor is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
+            log.warning("not ready: no model: %s", service.load_error or "loading")
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not ready")
         probe = np.array([[feature.mean for feature in predictor.metadata.features]])
         if not np.isfinite(predictor.point(probe)).all():
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model answers with non-finite values")
+            log.warning("not ready: model %s answers with non-finite values", predictor.metadata.version)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not ready")
         return {"status": "ready", "model_version": predictor.metadata.version}
 
     @app.post(
         "/predict",
+        responses=body_errors,
         response_model=PredictResponse,
         tags=["public"],
         summary="One record → prediction, interval at the requested confidence, out-of-distribution flag.",
@@ -185,6 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(
         "/predict/batch",
+        responses=body_errors,
         response_model=BatchResponse,
         tags=["public"],
         summary=f"Many records in one call (at most {settings.max_batch_rows}).",
@@ -194,7 +226,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Serialized directly; `response_model=BatchResponse` above still documents the shape in OpenAPI.
         return JSONResponse({"model_version": version, "predictions": items})
 
-    @app.get("/model", tags=["public"], summary="The served version: metrics, coverage, data, feature schema.")
+    @app.get(
+        "/model",
+        tags=["public"],
+        summary="The served version: metrics, coverage, data, feature schema.",
+        responses=unavailable,
+    )
     def model_info(service: Service) -> dict[str, Any]:
         predictor = service.current
         if predictor is None:
@@ -204,6 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(
         "/observations",
+        responses=body_errors,
         response_model=ObservationsResponse,
         status_code=201,
         tags=["public"],

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from app.data import Dataset
 from app.settings import Settings
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -64,8 +66,25 @@ class RequestSchemas:
     observations: type[BaseModel]
 
 
-def build_request_schemas(feature_names: tuple[str, ...], settings: Settings) -> RequestSchemas:
+@dataclass(frozen=True)
+class Bounds:
+    low: float
+    high: float
+
+
+def accepted_bounds(values: np.ndarray, multiple: float) -> Bounds:
+    """The training range widened by ``multiple`` ranges on each side (a constant column: by ``multiple``)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    span = (high - low) or max(abs(low), 1.0)
+    return Bounds(low - multiple * span, high + multiple * span)
+
+
+def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchemas:
     levels = settings.confidence_levels
+    feature_names = dataset.feature_names
+    multiple = settings.input_range_multiple
+    feature_bounds = {name: accepted_bounds(dataset.X[:, i], multiple) for i, name in enumerate(feature_names)}
+    target_bounds = accepted_bounds(dataset.y, multiple)
 
     def check_confidence(cls: Any, value: float) -> float:
         if value not in levels:
@@ -75,9 +94,22 @@ def build_request_schemas(feature_names: tuple[str, ...], settings: Settings) ->
     features = create_model(
         "Features",
         __config__=STRICT,
-        **{name: (float, Field(description=f"feature {name!r}")) for name in feature_names},
+        **{
+            name: (
+                float,
+                Field(
+                    ge=feature_bounds[name].low,
+                    le=feature_bounds[name].high,
+                    description=f"feature {name!r} (accepted range: the training range widened {multiple:g} times)",
+                ),
+            )
+            for name in feature_names
+        },
     )
-    confidence_field = (float, Field(settings.default_confidence, description=f"one of {levels}"))
+    confidence_field = (
+        float,
+        Field(settings.default_confidence, description=f"one of {levels}", json_schema_extra={"enum": levels}),
+    )
     validators = {"confidence_allowed": field_validator("confidence")(check_confidence)}
     predict = create_model(
         "PredictRequest",
@@ -112,7 +144,7 @@ def build_request_schemas(feature_names: tuple[str, ...], settings: Settings) ->
         __validators__={"one_source": model_validator(mode="after")(one_source)},
         features=(features | None, None),
         prediction_id=(str | None, Field(None, description="id returned by /predict; its inputs are reused")),
-        target=(float, Field(description="the true value")),
+        target=(float, Field(ge=target_bounds.low, le=target_bounds.high, description="the true value")),
     )
     observations = create_model(
         "ObservationsRequest",

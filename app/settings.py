@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     default_confidence: float = 0.9
     max_batch_rows: int = Field(10_000, ge=1)
     max_observations_per_call: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413 before they are read or parsed."
+    )
+    input_range_multiple: float = Field(
+        100.0,
+        ge=1.0,
+        description="Features and targets are accepted within the training range widened by this many ranges on "
+        "each side; beyond it a 422 names the field (far outside, a model gives no meaningful or finite answer).",
+    )
     promotion_margin: float = Field(
         0.0, ge=0.0, lt=1.0, description="A candidate must cut holdout RMSE by at least this fraction."
     )

@@ -46,6 +46,7 @@ class DeployConfig(BaseModel):
     keep_data_volume: bool = True
     data_volume_id: int | None = None
     dns_proxied: bool = False
+    public_docs: bool = True
     server_backups: bool = False  # Hetzner's own; they do not include the data volume (restic covers that)
     backup: BackupSettings | None = None
     backup_password: SecretStr | None = None
@@ -73,6 +74,7 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
     "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
+    "publicDocs": (False, "false", "serve /docs, /redoc and /openapi.json to the internet (true/false)"),
     "serverBackups": (
         False,
         "true",
@@ -256,6 +258,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("keepDataVolume", "keep_data_volume"),
         ("dnsProxied", "dns_proxied"),
         ("serverBackups", "server_backups"),
+        ("publicDocs", "public_docs"),
     ):
         if raw[key]:
             values[field] = _bool(key, raw[key])

@@ -87,6 +87,7 @@ class StackInputs(BaseModel):
     acme_staging: bool = False
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
     model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)
+    public_docs: bool = True  # /docs, /redoc and /openapi.json routed from the internet
     model_image: str = Field("mlapi-model:latest", description="image the model service runs")
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
     data_root: str = DEFAULT_DATA_ROOT

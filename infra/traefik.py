@@ -17,8 +17,12 @@ LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 CERT_RESOLVER = "letsencrypt"
 ROUTER = "mlapi"
 PREDICT_ROUTER = "mlapi-predict"
-RETRY_BODY_LIMIT = 4 * 1024 * 1024  # a 10,000-row batch is ~2.5 MB; bigger bodies are not replayed
-PRIVATE_PREFIX = "/admin"
+# A 10,000-row batch is ~2.5 MB. Larger bodies get a 413 from Traefik before they reach a replica (the app has the
+# same limit, MLAPI_MAX_BODY_BYTES, for anything that reaches it another way); up to it, predictions are replayable.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+RETRY_BODY_LIMIT = MAX_BODY_BYTES
+PRIVATE_PREFIXES = ("/admin", "/metrics")  # never routed from the internet: the host and the overlay reach them
+DOCS_PREFIXES = ("/docs", "/redoc", "/openapi.json")  # private too with publicDocs=false
 ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
 # Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
 PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
@@ -84,13 +88,17 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         "traefik.enable": "true",
         "traefik.swarm.network": network,
         "traefik.swarm.lbswarm": "false",
-        f"{router}.rule": f"Host(`{inputs.domain}`) && !PathPrefix(`{PRIVATE_PREFIX}`)",
+        f"{router}.rule": f"Host(`{inputs.domain}`)"
+        + "".join(
+            f" && !PathPrefix(`{prefix}`)"
+            for prefix in PRIVATE_PREFIXES + (() if inputs.public_docs else DOCS_PREFIXES)
+        ),
         f"{router}.priority": "10",
-        f"{router}.middlewares": f"{ROUTER}-retry,{ROUTER}-headers",
+        f"{router}.middlewares": f"{ROUTER}-limit,{ROUTER}-retry,{ROUTER}-headers",
         **{f"{router}.{key}": value for key, value in tls.items()},
         f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
         f"{predict}.priority": "20",
-        f"{predict}.middlewares": f"{PREDICT_ROUTER}-retry,{ROUTER}-headers",
+        f"{predict}.middlewares": f"{ROUTER}-limit,{PREDICT_ROUTER}-retry,{ROUTER}-headers",
         **{f"{predict}.{key}": value for key, value in tls.items()},
         f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
         f"{middleware}.{ROUTER}-retry.retry.initialinterval": go_duration(0.1),
@@ -101,6 +109,11 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{middleware}.{PREDICT_ROUTER}-retry.retry.maxrequestbodybytes": str(RETRY_BODY_LIMIT),
         f"{middleware}.{ROUTER}-headers.headers.stsseconds": "31536000",
         f"{middleware}.{ROUTER}-headers.headers.stsincludesubdomains": "true",
+        f"{middleware}.{ROUTER}-headers.headers.contenttypenosniff": "true",
+        f"{middleware}.{ROUTER}-headers.headers.framedeny": "true",
+        f"{middleware}.{ROUTER}-headers.headers.referrerpolicy": "no-referrer",
+        f"{middleware}.{ROUTER}-headers.headers.contentsecuritypolicy": "frame-ancestors 'none'",
+        f"{middleware}.{ROUTER}-limit.buffering.maxrequestbodybytes": str(MAX_BODY_BYTES),
         f"{service}.server.port": str(port),
         f"{service}.healthcheck.path": "/health",
         f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),

@@ -322,3 +322,59 @@ def test_backup_gauges_come_from_the_hosts_status_file(client, tmp_path) -> None
     assert metric_value(after, "mlapi_backup_last_failure_timestamp_seconds") == 1780000000
     (tmp_path / "data" / "backup-status.json").write_text("{not json")
     assert metric_value(client.get("/metrics").text, "mlapi_backup_snapshots") == 0  # unreadable: no crash
+
+
+# -- bounded inputs (finite but extreme values, body sizes, what a 422 echoes) ---------------------------------------
+@pytest.mark.parametrize("value", [1.79e308, 1e306, -1e200, 1e6])
+def test_extreme_finite_features_get_a_422_naming_the_field(client: TestClient, value: float) -> None:
+    single = client.post("/predict", json={"features": record(bmi=value)})
+    assert single.status_code == 422, single.text
+    [error] = single.json()["detail"]
+    assert error["loc"] == ["body", "features", "bmi"] and "input" not in error
+    batch = client.post("/predict/batch", json={"records": [record(), record(s5=value)]})
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "records", 1, "s5"]
+    observed = client.post("/observations", json={"observations": [{"features": record(age=value), "target": 1.0}]})
+    assert observed.status_code == 422 and observed.json()["detail"][0]["loc"][-1] == "age"
+
+
+def test_the_accepted_range_is_wide_and_always_answers_finite(client: TestClient) -> None:
+    """Far outside the training data but inside the accepted range: a finite prediction, flagged out of distribution."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Features"]["properties"]["bmi"]
+    for value in (schema["minimum"], schema["maximum"]):
+        answer = client.post("/predict", json={"features": record(bmi=value)})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert all(math.isfinite(v) for v in (body["prediction"], body["interval"]["lower"], body["interval"]["upper"]))
+        assert body["out_of_distribution"]["flag"] is True
+
+
+def test_an_extreme_target_gets_a_422(client: TestClient) -> None:
+    refused = client.post("/observations", json={"observations": [{"features": record(), "target": 1e308}]})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "target"
+
+
+def test_a_body_over_the_limit_gets_a_413_before_it_is_read(make_client) -> None:
+    client = make_client(max_body_bytes=64 * 1024)
+    declared = client.post("/predict/batch", content=b"x" * (65 * 1024), headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413 and "larger than 65536 bytes" in declared.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it streams in
+        for _ in range(100):
+            yield b" " * 1024
+
+    streamed = client.post("/predict/batch", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    assert client.post("/predict", json={"features": record()}).status_code == 200  # small bodies pass
+
+
+def test_a_422_never_echoes_the_input(client: TestClient) -> None:
+    records = [record(bmi=1e300 + i) for i in range(10_000)]  # ~2.5 MB of invalid input
+    refused = client.post("/predict/batch", json={"records": records})
+    assert refused.status_code == 422
+    assert len(refused.content) < 8_000, len(refused.content)
+    detail = refused.json()["detail"]
+    assert len(detail) == 21 and detail[-1] == {
+        "type": "too_many_errors",
+        "loc": [],
+        "msg": "9980 more errors not shown",
+    }

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.settings import Settings
 from infra.cloud_init import READINESS_COMMAND
 from infra.host import md5_fingerprint
 from infra.spec import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING, TRAEFIK_VERSION, go_duration
@@ -272,7 +273,23 @@ def test_model_service(deployment: Deployment) -> None:
     assert inputs["taskSpec"]["networksAdvanceds"] == [{"id": deployment.one("docker:index/network:Network").id}]
     labels = service_labels(model)
     assert labels["traefik.enable"] == "true" and labels["traefik.swarm.network"] == "mlapi"
-    assert labels["traefik.http.routers.mlapi.rule"] == "Host(`api.example.com`) && !PathPrefix(`/admin`)"
+    assert labels["traefik.http.routers.mlapi.rule"] == (
+        "Host(`api.example.com`) && !PathPrefix(`/admin`) && !PathPrefix(`/metrics`)"  # private: host and overlay
+    )
+    for router, retry in (("mlapi", "mlapi-retry"), ("mlapi-predict", "mlapi-predict-retry")):
+        assert labels[f"traefik.http.routers.{router}.middlewares"] == f"mlapi-limit,{retry},mlapi-headers"
+    assert labels["traefik.http.middlewares.mlapi-limit.buffering.maxrequestbodybytes"] == str(
+        Settings().max_body_bytes
+    )  # the edge and the app refuse the same sizes
+    headers = {k.rsplit(".", 1)[1]: v for k, v in labels.items() if ".mlapi-headers.headers." in k}
+    assert headers == {
+        "stsseconds": "31536000",
+        "stsincludesubdomains": "true",
+        "contenttypenosniff": "true",
+        "framedeny": "true",
+        "referrerpolicy": "no-referrer",
+        "contentsecuritypolicy": "frame-ancestors 'none'",
+    }
     assert labels["traefik.http.routers.mlapi-predict.rule"] == "Host(`api.example.com`) && PathPrefix(`/predict`)"
     for router in ("mlapi", "mlapi-predict"):
         assert labels[f"traefik.http.routers.{router}.entrypoints"] == "websecure"
@@ -294,6 +311,15 @@ def test_only_traefik_publishes_ports(deployment: Deployment) -> None:
     published = [r.name for r in deployment.of_type(CONTAINER) if r.inputs.get("ports")]
     assert published == ["mlapi-dev-traefik"]
     assert "ports" not in deployment.one(SERVICE).inputs.get("endpointSpec", {})
+
+
+def test_public_docs_can_be_turned_off() -> None:
+    private = run_program({**VALID_CONFIG, "publicDocs": "false"})
+    rule = service_labels(private.one(SERVICE))["traefik.http.routers.mlapi.rule"]
+    for path in ("/admin", "/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert f"!PathPrefix(`{path}`)" in rule
+    with pytest.raises(Exception, match=r"'publicDocs'.*true or false"):
+        run_program({**VALID_CONFIG, "publicDocs": "sometimes"})
 
 
 def test_model_replicas_config() -> None:

@@ -173,15 +173,17 @@ def test_untrusted_type_is_refused_even_with_a_matching_hash(make_client, small_
     assert client.get("/model").json()["version"] == "v0002"
 
 
-def test_restart_with_tampered_current_is_not_ready_then_recovers(make_client, tmp_path: Path) -> None:
+def test_restart_with_tampered_current_is_not_ready_then_recovers(make_client, tmp_path: Path, caplog) -> None:
     client = make_client()
     client.__exit__(None, None, None)
     model_file = tmp_path / "data" / "models" / "v0001" / "model.skops"
     model_file.write_bytes(b"not a model")
     restarted = make_client()
     ready = restarted.get("/ready")
-    assert ready.status_code == 503 and "sha256" in ready.text
-    assert restarted.post("/predict", json={"features": fresh_observations([0])[0]["features"]}).status_code == 503
+    assert ready.status_code == 503 and ready.json() == {"detail": "not ready"}  # no internals on the internet
+    assert "model.skops does not match its recorded sha256" in caplog.text  # the reason is in the log
+    refused = restarted.post("/predict", json={"features": fresh_observations([0])[0]["features"]})
+    assert refused.status_code == 503 and refused.json() == {"detail": "model not ready"}
 
 
 def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> None:

@@ -46,6 +46,7 @@ from tests.stack_support import (
     free_port,
     https,
     peer_certificate,
+    tls_context,
     wait_until,
 )
 from tests.test_program import parse_go_duration
@@ -212,9 +213,12 @@ def test_two_replicas_writing_one_prediction_log_lose_nothing(stack: local.Local
 
 def test_private_routes_are_not_public_but_the_host_command_works(stack: local.LocalStack) -> None:
     token = (stack.options.state_dir / "admin-token").read_text().strip()
-    for method, path in (("POST", "/admin/retrain"), ("GET", "/admin/versions"), ("POST", "/admin/rollback")):
+    private = (("POST", "/admin/retrain"), ("GET", "/admin/versions"), ("POST", "/admin/rollback"), ("GET", "/metrics"))
+    for method, path in private:
         status, _, _ = https(stack, method, path, headers={"Authorization": f"Bearer {token}"})
         assert status == 404, f"{path} must not be routed by the public proxy"
+    exposition = app_command(stack, "metrics")
+    assert exposition.returncode == 0 and "mlapi_predictions_total" in exposition.stdout  # the host reads them
     assert "/usr/local/bin/mlapi-app retrain" in stack.spec.retrain_cron
     result = app_command(stack, "retrain")
     assert result.returncode == 0, result.stderr
@@ -222,6 +226,26 @@ def test_private_routes_are_not_public_but_the_host_command_works(stack: local.L
     assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
     versions = app_command(stack, "versions")
     assert versions.returncode == 0 and json.loads(versions.stdout)["current"]
+
+
+def test_the_edge_refuses_large_bodies_and_sends_security_headers(stack: local.LocalStack) -> None:
+    import http.client
+
+    context = tls_context(stack)
+    raw = socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=30)
+    connection = http.client.HTTPSConnection(stack.options.domain, stack.options.https_port, context=context)
+    connection.sock = context.wrap_socket(raw, server_hostname=stack.options.domain)
+    oversized = b"[" + b"0," * (2 * 1024 * 1024 + 16) + b"0]"  # just over 4 MiB
+    connection.request("POST", "/predict/batch", body=oversized, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413
+    connection.close()
+    status, headers, _ = https(stack, "GET", "/health")
+    assert status == 200
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    assert headers["referrer-policy"] == "no-referrer"
+    assert headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert "server" not in headers  # no banner from the app (uvicorn's is off)
 
 
 # -- zero failed requests -----------------------------------------------------------------------------------------
