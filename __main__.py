@@ -54,3 +54,5 @@ pulumi.export("ipv4", host.ipv4)
 pulumi.export("ipv6", host.ipv6)
 pulumi.export("sshCommand", host.ipv4.apply(lambda ip: f"ssh root@{ip}"))
 pulumi.export("serverId", host.server.id)
+# The bearer token of POST /observations: `pulumi stack output ingestToken --show-secrets` (a secret output).
+pulumi.export("ingestToken", pulumi.Output.secret(stack.ingest_token.result))

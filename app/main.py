@@ -31,7 +31,7 @@ from app.schemas import (
     RollbackRequest,
     build_request_schemas,
 )
-from app.service import ModelService, NotReady, RetrainBusy, load_admin_token
+from app.service import ModelService, NotReady, RetrainBusy, load_token
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = ModelService(settings, metrics)
         service.start()
         app.state.service = service
-        app.state.admin_token = load_admin_token(settings)
+        app.state.admin_token = load_token(settings, "admin")
+        app.state.ingest_token = load_token(settings, "ingest")
         try:
             yield
         finally:
@@ -95,17 +96,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Service = Annotated[ModelService, Depends(service_of)]
     replica = socket.gethostname()
 
-    def require_admin(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> None:
-        expected: str = request.app.state.admin_token
-        given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing or wrong bearer token in the Authorization header",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    def bearer_check(kind: str) -> Any:
+        def check(
+            request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+        ) -> None:
+            expected: str = getattr(request.app.state, f"{kind}_token")
+            given = credentials.credentials if credentials else ""
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    f"missing or wrong {kind} bearer token in the Authorization header",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+
+        return check
+
+    require_admin = bearer_check("admin")
+    # Ground truth decides what the next model learns: only holders of the ingest token may add it.
+    require_ingest = bearer_check("ingest")
 
     def rows_of(records: list[Any]) -> np.ndarray:
         return np.array([[getattr(r, name) for name in feature_names] for r in records], dtype=np.float64)
@@ -241,11 +249,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(
         "/observations",
-        responses=body_errors,
+        responses={**body_errors, 401: {"description": "missing or wrong ingest token"}},
         response_model=ObservationsResponse,
         status_code=201,
         tags=["public"],
-        summary="Ground truth for past inputs; used by the next retrain.",
+        dependencies=[Depends(require_ingest)],
+        summary="Ground truth for past inputs (needs the ingest token); used by the next retrain.",
     )
     def observations(body: schemas.observations, service: Service) -> ObservationsResponse:  # type: ignore[valid-type]
         service.prediction_log.flush(timeout=2)  # so a prediction_id from a moment ago is found

@@ -186,9 +186,14 @@ class PredictionLog:
             )
         return len(rows)
 
-    def observations(self) -> tuple[np.ndarray, np.ndarray]:
+    def observations(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stored observations, oldest first; with ``limit``, only the newest ``limit`` of them."""
         with self._observations_lock:
-            rows = self._observations.execute("SELECT features, target FROM observations ORDER BY rowid").fetchall()
+            rows = self._observations.execute(
+                "SELECT features, target FROM (SELECT rowid, features, target FROM observations "
+                "ORDER BY rowid DESC LIMIT ?) ORDER BY rowid",
+                (-1 if limit is None else limit,),
+            ).fetchall()
         if not rows:
             return np.empty((0, 0)), np.empty(0)
         X = np.array([json.loads(row[0]) for row in rows], dtype=np.float64)

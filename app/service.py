@@ -10,18 +10,20 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from pydantic import SecretStr
 
 from app.data import Dataset, load_dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
 from app.predlog import PredictionLog
 from app.registry import Registry, RegistryError, write_json_line
+from app.schemas import accepted_bounds
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class RetrainOutcome:
     candidate_metrics: dict | None = None
     current_metrics: dict | None = None
     n_observations: int = 0
+    quarantined: int = 0  # observations left out: equal to a holdout row, or outside the accepted ranges
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
@@ -60,36 +63,54 @@ class AdminTokenError(RuntimeError):
     """The admin token is configured but empty or unreadable: refuse to start rather than fail open."""
 
 
-def load_admin_token(settings: Settings) -> str:
-    """The configured token (env or file, e.g. a swarm secret), or one generated once into the data directory.
+MIN_TOKEN_LENGTH = 16
 
-    An empty token is an error, never "no authentication": an empty file (a full disk, a race) must not open /admin.
-    """
-    if settings.admin_token is not None:
-        token, source = settings.admin_token.get_secret_value().strip(), "MLAPI_ADMIN_TOKEN"
-    elif settings.admin_token_file is not None:
+
+def load_token(settings: Settings, kind: str) -> str:
+    """The ``kind`` ("admin" or "ingest") bearer token: from MLAPI_<KIND>_TOKEN, MLAPI_<KIND>_TOKEN_FILE (a swarm
+    secret), or generated once into the data directory (<kind>-token).
+
+    An empty or short token is a startup error, never "no authentication": an empty file (a full disk, a race) must
+    not open /admin or /observations."""
+    value: SecretStr | None = getattr(settings, f"{kind}_token")
+    file: Path | None = getattr(settings, f"{kind}_token_file")
+    variable = f"MLAPI_{kind.upper()}_TOKEN"
+    if value is not None:
+        token, source = value.get_secret_value().strip(), variable
+    elif file is not None:
         try:
-            token, source = settings.admin_token_file.read_text().strip(), str(settings.admin_token_file)
+            token, source = file.read_text().strip(), str(file)
         except OSError as exc:
-            raise AdminTokenError(f"MLAPI_ADMIN_TOKEN_FILE: cannot read {settings.admin_token_file}: {exc}") from exc
+            raise AdminTokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
     else:
-        token, source = _generated_token(settings), str(settings.data_dir / "admin-token")
+        token, source = _generated_token(settings.data_dir / f"{kind}-token"), str(settings.data_dir / f"{kind}-token")
     if not token:
-        raise AdminTokenError(f"the admin token from {source} is empty: set a non-empty token")
+        raise AdminTokenError(f"the {kind} token from {source} is empty: set a non-empty token")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise AdminTokenError(f"the {kind} token from {source} is shorter than {MIN_TOKEN_LENGTH} characters")
     return token
 
 
-def _generated_token(settings: Settings) -> str:
-    path = settings.data_dir / "admin-token"
+def load_admin_token(settings: Settings) -> str:
+    return load_token(settings, "admin")
+
+
+def _generated_token(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
+    """Made once, atomically: written to a temporary file and linked into place, so no reader ever sees it
+    half-written and two processes starting together agree on one value."""
     if not path.exists():
-        token = secrets.token_urlsafe(32)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make())
+            handle.flush()
+            os.fsync(handle.fileno())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(temporary, path)  # fails if another process made it first: use theirs
         except FileExistsError:
-            pass  # another process wrote it first; use theirs
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(token)
+            pass
+        finally:
+            temporary.unlink()
     return path.read_text().strip()
 
 
@@ -195,7 +216,10 @@ class ModelService:
 
     # -- retraining ---------------------------------------------------------------------------------------------
     def _splits(self) -> tuple[Dataset, Dataset]:
-        development, holdout = split_holdout(self.dataset, self.settings.seed)
+        seed = self.settings.holdout_seed
+        if seed is None:
+            seed = int(_generated_token(self.settings.data_dir / "holdout-seed", lambda: str(secrets.randbits(62))))
+        development, holdout = split_holdout(self.dataset, seed)
         stored = self.registry.load_holdout(self.dataset.feature_names)
         if stored is None:
             self.registry.save_holdout(holdout)
@@ -227,18 +251,28 @@ class ModelService:
     def _retrain_locked(self) -> RetrainOutcome:
         current = self._current
         current_version = current.metadata.version if current else None
-        obs_X, obs_y = self.prediction_log.observations()
+        quarantined = 0
+        obs_y = np.empty(0)
         try:
             development, holdout = self._splits()
+            limit = max(1, int(len(development) * self.settings.max_observation_ratio))
+            obs_X, obs_y = self.prediction_log.observations(limit=limit)
             if len(obs_y) and obs_X.shape[1] != len(self.dataset.feature_names):
                 raise ValueError(
                     f"stored observations have {obs_X.shape[1]} features, the dataset has "
                     f"{len(self.dataset.feature_names)}"
                 )
+            obs_X, obs_y, quarantined = self._admissible(obs_X, obs_y, holdout)
             candidate = self._train(development.extend(obs_X, obs_y), holdout, n_observations=len(obs_y))
         except Exception as exc:  # a broken candidate must never take the service down
             log.exception("retrain: candidate failed")
-            return RetrainOutcome("failed", f"candidate failed: {exc}", current_version, n_observations=len(obs_y))
+            return RetrainOutcome(
+                "failed",
+                f"candidate failed: {exc}",
+                current_version,
+                n_observations=len(obs_y),
+                quarantined=quarantined,
+            )
         candidate_metrics = candidate.metadata.metrics
         if current is not None:
             current_metrics = evaluate(current.conformal, current.metadata.confidence_levels, holdout)
@@ -252,6 +286,7 @@ class ModelService:
                     candidate_metrics=candidate_metrics.model_dump(),
                     current_metrics=current_metrics.model_dump(),
                     n_observations=len(obs_y),
+                    quarantined=quarantined,
                 )
         else:
             current_metrics = None
@@ -267,7 +302,27 @@ class ModelService:
             candidate_metrics=candidate_metrics.model_dump(),
             current_metrics=current_metrics.model_dump() if current_metrics else None,
             n_observations=len(obs_y),
+            quarantined=quarantined,
         )
+
+    def _admissible(self, X: np.ndarray, y: np.ndarray, holdout: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
+        """Observations a candidate may learn from. Left out (quarantined, counted, never fatal): rows equal to a
+        holdout row (learning them would fake a better holdout score) and rows outside the accepted ranges or not
+        finite (stored before the limits existed; they would break the fit)."""
+        if not len(y):
+            return X, y, 0
+        multiple = self.settings.input_range_multiple
+        keep = np.isfinite(X).all(axis=1) & np.isfinite(y)
+        for column in range(X.shape[1]):
+            bounds = accepted_bounds(self.dataset.X[:, column], multiple)
+            keep &= (X[:, column] >= bounds.low) & (X[:, column] <= bounds.high)
+        target = accepted_bounds(self.dataset.y, multiple)
+        keep &= (y >= target.low) & (y <= target.high)
+        held = {tuple(np.round(row, 9)) for row in holdout.X}
+        for index in np.flatnonzero(keep):  # only rows in range: rounding 1e308 would overflow
+            if tuple(np.round(X[index], 9)) in held:
+                keep[index] = False
+        return X[keep], y[keep], int((~keep).sum())
 
     def rollback(self, version: str) -> Predictor:
         """Serve an earlier version; a missing or untrusted one raises and the current model keeps serving."""

@@ -22,7 +22,18 @@ class Settings(BaseSettings):
     )
     target_column: str = Field("target", description="Target column of a CSV dataset.")
     estimator: EstimatorName = "ridge"  # best holdout RMSE of the three on the bundled data
-    seed: int = 42
+    seed: int = Field(42, description="Seed of model fitting (reproducible training).")
+    holdout_seed: int | None = Field(
+        None,
+        description="Seed of the holdout split. Unset: random per installation, kept in data_dir/holdout-seed, so "
+        "nobody can tell from the public code and data which rows judge a candidate.",
+    )
+    max_observation_ratio: float = Field(
+        1.0,
+        gt=0,
+        description="A retrain uses at most this many observations per development row (the newest ones): a burst "
+        "of observations cannot outweigh the base data.",
+    )
     confidence_levels: list[float] = Field(
         [0.5, 0.8, 0.9, 0.95], description="Interval levels the conformal model is calibrated for."
     )
@@ -46,6 +57,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token of /admin (prefer admin_token_file).")
     admin_token_file: Path | None = Field(
         None, description="File holding the bearer token of /admin (a swarm secret); generated into data_dir if unset."
+    )
+    ingest_token: SecretStr | None = Field(
+        None, description="Bearer token of POST /observations (prefer ingest_token_file); separate from the admin one."
+    )
+    ingest_token_file: Path | None = Field(
+        None, description="File holding the ingest token (a swarm secret); generated into data_dir if unset."
     )
     log_queue_size: int = Field(10_000, ge=1)
     reload_interval_s: float = Field(

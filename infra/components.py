@@ -23,7 +23,15 @@ from infra.config import DeployConfig
 from infra.deploy import docker_ssh_options, platform_for, smoke_command
 from infra.host import Host
 from infra.host_setup import render_graceful_stop, render_host_setup, render_platform_check
-from infra.spec import ADMIN_SECRET, ContainerSpec, ServiceSpec, StackSpec, go_duration, secret_name
+from infra.spec import (
+    ADMIN_SECRET,
+    INGEST_SECRET,
+    ContainerSpec,
+    ServiceSpec,
+    StackSpec,
+    go_duration,
+    secret_name,
+)
 
 CONVERGE_TIMEOUT_S = 600
 
@@ -68,6 +76,20 @@ def container(
     )
 
 
+def swarm_token(
+    name: str, base: str, parent: pulumi.Resource, on_host: pulumi.ResourceOptions
+) -> tuple[random.RandomPassword, docker.Secret]:
+    """A random bearer token and the swarm secret holding it (a new value gets a new secret name)."""
+    token = random.RandomPassword(f"{name}-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=parent))
+    secret = docker.Secret(
+        f"{name}-secret",
+        name=token.result.apply(lambda value: secret_name(base, value)),
+        data=token.result.apply(lambda value: base64.urlsafe_b64encode(value.encode()).decode()),
+        opts=on_host,
+    )
+    return token, secret
+
+
 def _rollout(policy) -> dict:
     return {
         "parallelism": policy.parallelism,
@@ -84,12 +106,11 @@ def service(
     spec: ServiceSpec,
     image: pulumi.Input[str],
     network: docker.Network,
-    secret: docker.Secret,
+    secrets: dict[str, docker.Secret],
     opts: pulumi.ResourceOptions,
 ) -> docker.Service:
     """The spec's swarm service as a docker.Service. With converge_config, `pulumi up` waits for the rolling update
     and fails ("service rollback completed: …") when swarm had to roll it back; the old version keeps serving."""
-    secrets = {ADMIN_SECRET: secret}
     restart = spec.restart
     return docker.Service(
         resource_name,
@@ -246,22 +267,17 @@ class ModelStack(pulumi.ComponentResource):
             )
             model_image_ref = self.model_image.image_name
             model_dependencies = []
-        self.admin_token = random.RandomPassword(
-            f"{name}-admin-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=self)
-        )
-        self.admin_secret = docker.Secret(
-            f"{name}-admin-secret",
-            name=self.admin_token.result.apply(lambda token: secret_name(ADMIN_SECRET, token)),
-            data=self.admin_token.result.apply(lambda token: base64.urlsafe_b64encode(token.encode()).decode()),
-            opts=on_host,
-        )
+        # Two bearer tokens, each a swarm secret: /admin (the host's cron and operators) and POST /observations
+        # (whoever sends ground truth; `pulumi stack output ingestToken --show-secrets`).
+        self.admin_token, self.admin_secret = swarm_token(f"{name}-admin", ADMIN_SECRET, self, on_host)
+        self.ingest_token, self.ingest_secret = swarm_token(f"{name}-ingest", INGEST_SECRET, self, on_host)
         self.traefik = container(f"{name}-traefik", spec.traefik, self.traefik_image.image_id, self.network, on_host)
         self.model = service(
             f"{name}-model",
             spec.model,
             model_image_ref,
             self.network,
-            self.admin_secret,
+            {ADMIN_SECRET: self.admin_secret, INGEST_SECRET: self.ingest_secret},
             pulumi.ResourceOptions.merge(
                 on_host, pulumi.ResourceOptions(depends_on=[self.traefik, *model_dependencies])
             ),

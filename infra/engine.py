@@ -16,7 +16,6 @@ from docker import types as api
 from docker.types import Healthcheck, Mount
 
 from infra.spec import (
-    ADMIN_SECRET,
     SWARM_ADVERTISE_ADDR,
     SWARM_LISTEN_ADDR,
     ContainerSpec,
@@ -279,12 +278,17 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
 
 
 # -- the whole stack -----------------------------------------------------------------------------------------------
-def deploy_stack(client: docker.DockerClient, spec: StackSpec, admin_token: str) -> Rollout:
-    """What `pulumi up` does on the host, in the same order: swarm mode, network, secret, Traefik, model service."""
+def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
+    """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, model service.
+    ``tokens``: the value of each swarm secret the service mounts (infra.spec.SECRETS), by base name."""
+    missing = sorted({item.secret for item in spec.model.secrets} - set(tokens))
+    if missing:
+        raise ValueError(f"deploy_stack: no value for the secrets {missing}")
     ensure_swarm(client)
     ensure_network(client, spec.network)
-    secret = ensure_secret(client, ADMIN_SECRET, admin_token)
+    secrets = {base: ensure_secret(client, base, value) for base, value in tokens.items()}
     run_container(client, spec.traefik, spec.network)
-    rollout = apply_service(client, spec.model, spec.network, {ADMIN_SECRET: secret})
-    remove_unused_secrets(client, ADMIN_SECRET, keep=secret[1])
+    rollout = apply_service(client, spec.model, spec.network, secrets)
+    for base, (_, name) in secrets.items():
+        remove_unused_secrets(client, base, keep=name)
     return rollout

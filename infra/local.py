@@ -53,6 +53,7 @@ from infra.pebble import (
 from infra.smoke import wait_healthy
 from infra.spec import (
     ADMIN_SECRET,
+    INGEST_SECRET,
     MODEL_SERVICE,
     NETWORK,
     TRAEFIK_CONTAINER,
@@ -133,13 +134,17 @@ def local_inputs(options: LocalOptions, model_image: str, traefik_image: str, ca
     )
 
 
-def admin_token(state_dir: Path) -> str:
-    """The local stack's admin token, made once (on the VM it comes from the program as a swarm secret)."""
-    path = state_dir / "admin-token"
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+def stack_tokens(state_dir: Path) -> dict[str, str]:
+    """The local stack's bearer tokens, made once into the state dir (on the VM they come from the program as swarm
+    secrets): admin-token for /admin, ingest-token for POST /observations."""
+    tokens = {}
+    for base, file_name in ((ADMIN_SECRET, "admin-token"), (INGEST_SECRET, "ingest-token")):
+        path = state_dir / file_name
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32))
+        tokens[base] = path.read_text().strip()
+    return tokens
 
 
 def prepare_host(client: docker.DockerClient, spec: StackSpec, data_root: Path, base_image: str) -> None:
@@ -197,7 +202,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
         remove_as_root(client, options.data_root, "traefik/" + acme_storage(inputs.ca_server).rsplit("/", 1)[1])
 
     prepare_host(client, spec, options.data_root, base)
-    rollout = deploy_stack(client, spec, admin_token(options.state_dir))  # what the VM gets, over ssh:// there
+    rollout = deploy_stack(client, spec, stack_tokens(options.state_dir))  # what the VM gets, over ssh:// there
 
     url = f"https://{spec.domain}:{options.https_port}"
     ok, message = wait_healthy(
@@ -248,7 +253,8 @@ def down(options: LocalOptions | None = None, *, delete_data: bool = False, quie
     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
         client.networks.get(NETWORK).remove()
     with contextlib.suppress(docker.errors.APIError):
-        remove_unused_secrets(client, ADMIN_SECRET, keep="")
+        for base in (ADMIN_SECRET, INGEST_SECRET):
+            remove_unused_secrets(client, base, keep="")
     left_swarm = False
     if delete_data:
         delete_data_root(client, options.data_root)

@@ -41,6 +41,9 @@ RETRAIN_LOG = "/var/log/mlapi-retrain.log"
 APP_COMMAND = "/usr/local/bin/mlapi-app"  # on the host: `mlapi-app retrain|versions|rollback vN|drift`
 ADMIN_SECRET = "mlapi-admin-token"  # noqa: S105 — swarm secrets are immutable: the real name carries a digest of the value
 ADMIN_SECRET_FILE = "admin_token"  # noqa: S105 — /run/secrets/admin_token inside each task
+INGEST_SECRET = "mlapi-ingest-token"  # noqa: S105 — the bearer token of POST /observations, likewise
+INGEST_SECRET_FILE = "ingest_token"  # noqa: S105
+SECRETS = (ADMIN_SECRET, INGEST_SECRET)  # every swarm secret the model service mounts
 # Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
 SWARM_ADVERTISE_ADDR = "127.0.0.1"
 SWARM_LISTEN_ADDR = "127.0.0.1:2377"
@@ -277,6 +280,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             "MLAPI_DATA_DIR": "/data",
             "MLAPI_PORT": str(MODEL_PORT),
             "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
+            "MLAPI_INGEST_TOKEN_FILE": f"/run/secrets/{INGEST_SECRET_FILE}",
             "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
         },
         labels=model_labels(inputs, NETWORK, MODEL_PORT),
@@ -299,7 +303,10 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         update=RolloutPolicy(failure_action="rollback"),
         rollback=RolloutPolicy(failure_action="pause"),
         restart=RestartPolicy(),
-        secrets=(SecretFile(ADMIN_SECRET, ADMIN_SECRET_FILE, MODEL_UID),),
+        secrets=(
+            SecretFile(ADMIN_SECRET, ADMIN_SECRET_FILE, MODEL_UID),
+            SecretFile(INGEST_SECRET, INGEST_SECRET_FILE, MODEL_UID),
+        ),
         stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
     )
     return StackSpec(

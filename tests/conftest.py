@@ -19,6 +19,7 @@ from app.settings import Settings  # noqa: E402
 
 FEATURES = tuple(load_diabetes().feature_names)
 ADMIN_TOKEN = "test-admin-token-0123456789"
+INGEST_TOKEN = "test-ingest-token-0123456789"
 
 
 def record(**overrides: float) -> dict[str, float]:
@@ -33,7 +34,13 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
 
     def factory(**settings: object) -> TestClient:
-        values = {"data_dir": tmp_path / "data", "admin_token": ADMIN_TOKEN, **settings}
+        values = {
+            "data_dir": tmp_path / "data",
+            "admin_token": ADMIN_TOKEN,
+            "ingest_token": INGEST_TOKEN,
+            "holdout_seed": 42,  # reproducible outcomes; the random default has its own test
+            **settings,
+        }
         client = TestClient(create_app(Settings(**values)))
         client.__enter__()
         opened.append(client)
@@ -50,6 +57,10 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 
 def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ingest_headers(token: str = INGEST_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 

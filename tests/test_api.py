@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import ADMIN_TOKEN, FEATURES, admin_headers, metric_value, record
+from tests.conftest import ADMIN_TOKEN, FEATURES, admin_headers, ingest_headers, metric_value, record
 
 
 def test_health_and_ready(client: TestClient) -> None:
@@ -159,6 +159,7 @@ def test_observations_by_features_and_by_prediction_id(client: TestClient) -> No
     prediction = client.post("/predict", json={"features": record()}).json()
     response = client.post(
         "/observations",
+        headers=ingest_headers(),
         json={
             "observations": [
                 {"prediction_id": prediction["prediction_id"], "target": 150.0},
@@ -238,13 +239,17 @@ def test_bad_record_in_batch_names_its_index(client: TestClient) -> None:
 
 
 def test_observation_errors(client: TestClient) -> None:
-    unknown = client.post("/observations", json={"observations": [{"prediction_id": "nope", "target": 1.0}]})
+    unknown = client.post(
+        "/observations", headers=ingest_headers(), json={"observations": [{"prediction_id": "nope", "target": 1.0}]}
+    )
     assert ("body", "observations", 0, "prediction_id") in _fields(unknown)
     both = client.post(
-        "/observations", json={"observations": [{"prediction_id": "x", "features": record(), "target": 1.0}]}
+        "/observations",
+        headers=ingest_headers(),
+        json={"observations": [{"prediction_id": "x", "features": record(), "target": 1.0}]},
     )
     assert ("body", "observations", 0) in _fields(both)
-    no_target = client.post("/observations", json={"observations": [{"features": record()}]})
+    no_target = client.post("/observations", headers=ingest_headers(), json={"observations": [{"features": record()}]})
     assert ("body", "observations", 0, "target") in _fields(no_target)
     assert client.app.state.service.prediction_log.observations()[1].size == 0  # nothing half-stored
 
@@ -333,7 +338,11 @@ def test_extreme_finite_features_get_a_422_naming_the_field(client: TestClient, 
     assert error["loc"] == ["body", "features", "bmi"] and "input" not in error
     batch = client.post("/predict/batch", json={"records": [record(), record(s5=value)]})
     assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "records", 1, "s5"]
-    observed = client.post("/observations", json={"observations": [{"features": record(age=value), "target": 1.0}]})
+    observed = client.post(
+        "/observations",
+        headers=ingest_headers(),
+        json={"observations": [{"features": record(age=value), "target": 1.0}]},
+    )
     assert observed.status_code == 422 and observed.json()["detail"][0]["loc"][-1] == "age"
 
 
@@ -349,7 +358,9 @@ def test_the_accepted_range_is_wide_and_always_answers_finite(client: TestClient
 
 
 def test_an_extreme_target_gets_a_422(client: TestClient) -> None:
-    refused = client.post("/observations", json={"observations": [{"features": record(), "target": 1e308}]})
+    refused = client.post(
+        "/observations", headers=ingest_headers(), json={"observations": [{"features": record(), "target": 1e308}]}
+    )
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "target"
 
 

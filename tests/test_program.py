@@ -255,20 +255,24 @@ def test_model_service(deployment: Deployment) -> None:
     assert "/ready" in " ".join(container["healthcheck"]["tests"])
     assert container["mounts"] == [{"type": "bind", "source": "/srv/mlapi/model", "target": "/data", "readOnly": False}]
     assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
-    assert not any("TOKEN=" in f"{k}={v}" for k, v in container["env"].items() if k != "MLAPI_ADMIN_TOKEN_FILE")
-    secret = deployment.one(SECRET)
+    assert container["env"]["MLAPI_INGEST_TOKEN_FILE"] == "/run/secrets/ingest_token"
+    assert not any("TOKEN=" in f"{k}={v}" for k, v in container["env"].items() if not k.endswith("_TOKEN_FILE"))
+    secrets = {kind: deployment.one(SECRET, f"{kind}-secret") for kind in ("admin", "ingest")}
     assert container["secrets"] == [
         {
-            "secretId": secret.id,
-            "secretName": secret.inputs["name"],
-            "fileName": "admin_token",
+            "secretId": secrets[kind].id,
+            "secretName": secrets[kind].inputs["name"],
+            "fileName": f"{kind}_token",
             "fileUid": "10001",
             "fileGid": "10001",
             "fileMode": 0o400,
         }
+        for kind in ("admin", "ingest")
     ]
-    assert secret.inputs["name"].startswith("mlapi-admin-token-") and ADMIN_TOKEN not in secret.inputs["name"]
-    assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == ADMIN_TOKEN
+    for kind, secret in secrets.items():
+        assert secret.inputs["name"].startswith(f"mlapi-{kind}-token-") and ADMIN_TOKEN not in secret.inputs["name"]
+        assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == ADMIN_TOKEN  # the mock's random value
+    assert deployment.exports["ingestToken"] == ADMIN_TOKEN  # for whoever sends ground truth (a secret output)
     assert inputs["taskSpec"]["restartPolicy"]["condition"] == "any"
     assert inputs["taskSpec"]["networksAdvanceds"] == [{"id": deployment.one("docker:index/network:Network").id}]
     labels = service_labels(model)
@@ -379,6 +383,7 @@ def test_exports(deployment: Deployment) -> None:
         "ipv6": deployment.exports["ipv6"],
         "sshCommand": f"ssh root@{ip}",
         "serverId": deployment.exports["serverId"],
+        "ingestToken": ADMIN_TOKEN,  # the mock's random value; a secret output
     }
     assert int(deployment.exports["serverId"]) > 0 and ip.startswith("203.0.113.")
 
@@ -685,7 +690,8 @@ def test_every_secret_is_marked_secret_on_the_wire() -> None:
     marked = {
         (REMOTE, "backup-credentials"): "stdin",
         (SERVER, ""): "userData",  # holds the host's private key
-        (SECRET, ""): "data",
+        (SECRET, "admin-secret"): "data",
+        (SECRET, "ingest-secret"): "data",
     }
     for (typ, suffix), key in marked.items():
         carrier = on.one(typ, suffix)

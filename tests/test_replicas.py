@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.lifecycle import DRAINING
-from tests.conftest import admin_headers, record, write_csv
+from tests.conftest import admin_headers, ingest_headers, record, write_csv
 from tests.stack_support import free_port, wait_until
 
 
@@ -31,7 +31,12 @@ def test_promotion_and_rollback_reach_every_replica(make_client, base_csv: Path)
     assert a.get("/model").json()["version"] == b.get("/model").json()["version"] == "v0001"
     from tests.test_retrain import FRESH_ROWS, fresh_observations
 
-    assert a.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)}).status_code == 201
+    assert (
+        a.post(
+            "/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)}
+        ).status_code
+        == 201
+    )
     outcome = a.post("/admin/retrain", headers=admin_headers()).json()
     assert outcome["outcome"] == "promoted", outcome
     new = outcome["current_version"]
@@ -48,7 +53,7 @@ def test_replicas_starting_on_an_empty_volume_train_one_first_version(tmp_path: 
     from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings(data_dir=tmp_path / "data", dataset=str(base_csv), admin_token="t")
+    settings = Settings(data_dir=tmp_path / "data", dataset=str(base_csv), admin_token="replica-admin-token-0123")
     clients = [TestClient(create_app(settings)) for _ in range(3)]
     threads = [threading.Thread(target=client.__enter__) for client in clients]
     for thread in threads:
@@ -74,6 +79,11 @@ def test_admin_token_from_a_file_and_an_empty_one_refuses_to_start(make_client, 
         make_client(admin_token=None, admin_token_file=token_file)
     with pytest.raises(RuntimeError, match="empty"):
         make_client(admin_token="  ")
+    with pytest.raises(RuntimeError, match="ingest token from MLAPI_INGEST_TOKEN is shorter than 16 characters"):
+        make_client(ingest_token="short")
+    with pytest.raises(RuntimeError, match=r"admin token from .* is shorter than 16"):
+        token_file.write_text("short\n")
+        make_client(admin_token=None, admin_token_file=token_file)
 
 
 def test_draining_replica_fails_health_but_still_serves(client) -> None:
@@ -97,7 +107,7 @@ def test_sigterm_drains_then_shuts_down_gracefully(tmp_path: Path, base_csv: Pat
         "MLAPI_DATASET": str(base_csv),
         "MLAPI_HOST": "127.0.0.1",
         "MLAPI_PORT": str(port),
-        "MLAPI_ADMIN_TOKEN": "t",
+        "MLAPI_ADMIN_TOKEN": "sigterm-admin-token-0123",
         "MLAPI_DRAIN_SECONDS": "2",
     }
     server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, cwd=Path(__file__).parents[1])

@@ -16,7 +16,7 @@ from sklearn.preprocessing import FunctionTransformer
 
 import app.service
 from app.registry import Registry
-from tests.conftest import FEATURES, admin_headers, metric_value, write_csv
+from tests.conftest import FEATURES, admin_headers, ingest_headers, metric_value, write_csv
 
 BASE_ROWS = list(range(0, 120))  # the service starts from these; the rest of the bundled data arrives later
 FRESH_ROWS = list(range(120, 442))
@@ -29,8 +29,11 @@ def small_base(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_client(make_client):
-    """Gradient boosting: unlike ridge (saturated at ~100 rows here), it measurably gains from more real data."""
-    return lambda **settings: make_client(**{"estimator": "hist_gradient_boosting", **settings})
+    """Gradient boosting: unlike ridge (saturated at ~100 rows here), it measurably gains from more real data. These
+    scenarios grow a small base with more real rows than it has: allowed explicitly (max_observation_ratio)."""
+    return lambda **settings: make_client(
+        **{"estimator": "hist_gradient_boosting", "max_observation_ratio": 10.0, **settings}
+    )
 
 
 def fresh_observations(rows: list[int], target_noise: float = 0.0, seed: int = 0) -> list[dict]:
@@ -54,7 +57,9 @@ def retrain(client: TestClient) -> dict:
 def test_more_real_data_is_promoted(make_client, small_base: Path) -> None:
     client = make_client(dataset=str(small_base))
     before = client.get("/model").json()
-    stored = client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    stored = client.post(
+        "/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)}
+    )
     assert stored.status_code == 201
 
     outcome = retrain(client)
@@ -80,7 +85,7 @@ def test_more_real_data_is_promoted(make_client, small_base: Path) -> None:
 def test_worse_candidate_is_rejected_and_recorded(make_client, small_base: Path) -> None:
     client = make_client(dataset=str(small_base))
     garbage = fresh_observations(FRESH_ROWS, target_noise=400.0)  # ground truth that is mostly noise
-    client.post("/observations", json={"observations": garbage})
+    client.post("/observations", headers=ingest_headers(), json={"observations": garbage})
 
     outcome = retrain(client)
 
@@ -96,7 +101,7 @@ def test_worse_candidate_is_rejected_and_recorded(make_client, small_base: Path)
 
 def test_margin_blocks_a_marginal_improvement(make_client, small_base: Path) -> None:
     client = make_client(dataset=str(small_base), promotion_margin=0.9)
-    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
     outcome = retrain(client)
     assert outcome["outcome"] == "rejected"
     assert "margin 0.9" in outcome["reason"]
@@ -119,20 +124,61 @@ def test_broken_candidate_fails_and_current_keeps_serving(
     assert metric_value(client.get("/metrics").text, "mlapi_retrains_total", outcome="failed") == 1.0
 
 
-def test_candidate_with_non_finite_predictions_fails(make_client, small_base: Path) -> None:
+def test_poisoned_rows_stored_before_the_limits_are_quarantined_not_fatal(make_client, small_base: Path) -> None:
+    """A finite but huge value (1e308) once stored made every later retrain fail. The API now refuses it (422); rows
+    already in a log from before are left out of the fit and counted, and the retrain goes on."""
     client = make_client(dataset=str(small_base))
     huge = fresh_observations(FRESH_ROWS[:50])
     for item in huge:
-        item["target"] = 1.7e308  # finite alone, overflows once the model sums them
-    client.post("/observations", json={"observations": huge})
+        item["target"] = 1.7e308
+    refused = client.post("/observations", headers=ingest_headers(), json={"observations": huge})
+    assert refused.status_code == 422
+    service = client.app.state.service
+    stored = [(None, list(item["features"].values()), item["target"]) for item in huge]
+    stored.append((None, [1e308] * len(FEATURES), 100.0))
+    assert service.prediction_log.add_observations(stored) == 51
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
     outcome = retrain(client)
-    assert outcome["outcome"] in {"failed", "rejected"}
-    assert client.get("/model").json()["version"] == "v0001"
+    assert outcome["outcome"] == "promoted", outcome["reason"]
+    assert outcome["quarantined"] == 51 and outcome["n_observations"] == len(FRESH_ROWS)
+
+
+def test_the_holdout_is_random_per_installation_and_kept(make_client, tmp_path: Path) -> None:
+    holdouts = []
+    for name in ("one", "two"):
+        client = make_client(data_dir=tmp_path / name, holdout_seed=None)
+        seed_file = tmp_path / name / "holdout-seed"
+        assert oct(seed_file.stat().st_mode & 0o777) == "0o600"
+        holdouts.append(client.app.state.service._splits()[1])
+        client.__exit__(None, None, None)
+        again = make_client(data_dir=tmp_path / name, holdout_seed=None)  # a restart keeps the installation's split
+        assert np.array_equal(again.app.state.service._splits()[1].X, holdouts[-1].X)
+        again.__exit__(None, None, None)
+    assert not np.array_equal(holdouts[0].X, holdouts[1].X)  # nobody can tell from code and data which rows judge
+
+
+def test_holdout_rows_sent_as_observations_never_reach_the_fit(make_client, tmp_path: Path) -> None:
+    """The bundled data is public: an attacker who sends every row as an observation must not get a candidate that
+    learned the holdout (a faked better score)."""
+    client = make_client(holdout_seed=None, max_observation_ratio=10.0)
+    n_holdout = len(client.app.state.service._splits()[1])
+    everything = fresh_observations(list(range(442)))
+    assert client.post("/observations", headers=ingest_headers(), json={"observations": everything}).status_code == 201
+    outcome = retrain(client)
+    assert outcome["quarantined"] == n_holdout
+    assert outcome["n_observations"] == 442 - n_holdout
+
+
+def test_observations_cannot_outweigh_the_base_data_by_default(make_client, small_base: Path) -> None:
+    client = make_client(dataset=str(small_base), max_observation_ratio=1.0)  # the default
+    n_development = len(BASE_ROWS) - len(client.app.state.service._splits()[1])
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
+    assert retrain(client)["n_observations"] == n_development  # the newest ones, as many as the base has
 
 
 def test_rollback_and_refusals(make_client, small_base: Path, tmp_path: Path) -> None:
     client = make_client(dataset=str(small_base))
-    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
     assert retrain(client)["outcome"] == "promoted"
 
     rolled = client.post("/admin/rollback", json={"version": "v0001"}, headers=admin_headers())
@@ -154,7 +200,7 @@ def test_rollback_and_refusals(make_client, small_base: Path, tmp_path: Path) ->
 
 def test_untrusted_type_is_refused_even_with_a_matching_hash(make_client, small_base: Path, tmp_path: Path) -> None:
     client = make_client(dataset=str(small_base))
-    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
     assert retrain(client)["outcome"] == "promoted"
     version_dir = tmp_path / "data" / "models" / "v0001"
     # An attacker who can write the volume swaps in an object that would call os.system, and fixes the hash.
@@ -188,7 +234,7 @@ def test_restart_with_tampered_current_is_not_ready_then_recovers(make_client, t
 
 def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> None:
     client = make_client(dataset=str(small_base))
-    client.post("/observations", json={"observations": fresh_observations(FRESH_ROWS)})
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
     features = fresh_observations([200])[0]["features"]
     # (status, version, prediction, started after the promotion had returned)
     results: list[tuple[int, str | None, float | None, bool]] = []
@@ -261,7 +307,7 @@ def test_cli_retrain_talks_to_the_private_route(make_client, small_base: Path, t
         get_settings.cache_clear()
         assert main(["retrain"]) == 0
         assert main(["versions"]) == 0
-        monkeypatch.setenv("MLAPI_ADMIN_TOKEN", "wrong")
+        monkeypatch.setenv("MLAPI_ADMIN_TOKEN", "a-wrong-but-long-enough-token")
         get_settings.cache_clear()
         assert main(["retrain"]) == 1
     finally:

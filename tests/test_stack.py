@@ -29,9 +29,9 @@ from infra.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, 
 from infra.smoke import wait_healthy
 from infra.spec import (
     ACME_CA_BUNDLE_PATH,
-    ADMIN_SECRET,
     LETSENCRYPT_PRODUCTION,
     MODEL_SERVICE,
+    SECRETS,
     TRAEFIK_CONTAINER,
     acme_storage,
     build_stack,
@@ -132,8 +132,10 @@ def variant_image(client, base: str, label: str, dockerfile_tail: str = "") -> s
 
 def deploy_model(client, stack: local.LocalStack, image: str):
     spec = replace(stack.spec.model, image=image)
-    secret = next(s for s in client.secrets.list() if s.name.startswith(f"{ADMIN_SECRET}-"))
-    return apply_service(client, spec, stack.spec.network, {ADMIN_SECRET: (secret.id, secret.name)}, timeout=300)
+    secrets = {
+        base: next((s.id, s.name) for s in client.secrets.list() if s.name.startswith(f"{base}-")) for base in SECRETS
+    }
+    return apply_service(client, spec, stack.spec.network, secrets, timeout=300)
 
 
 # -- the edge -------------------------------------------------------------------------------------------------------
@@ -297,7 +299,10 @@ def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: l
         {"features": dict(zip(FEATURES, row.tolist(), strict=True)), "target": float(target)}
         for row, target in zip(data.data, data.target, strict=True)
     ]
-    status, _, body = https(stack, "POST", "/observations", {"observations": observations})
+    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
+    status, _, _ = https(stack, "POST", "/observations", {"observations": observations})
+    assert status == 401  # ground truth needs the ingest token
+    status, _, body = https(stack, "POST", "/observations", {"observations": observations}, headers=ingest)
     assert status == 201, body
     before = set(versions_by_replica(stack).values())
     assert len(before) == 1
@@ -486,14 +491,16 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
     assert check["Test"] == declared_check["tests"] and check["Retries"] == declared_check["retries"]
     for key, declared_key in (("Interval", "interval"), ("Timeout", "timeout"), ("StartPeriod", "startPeriod")):
         assert check[key] == parse_go_duration(declared_check[declared_key]) * NS
-    [secret], [declared_secret] = container["Secrets"], declared_container["secrets"]
-    assert secret["File"] == {
-        "Name": declared_secret["fileName"],
-        "UID": declared_secret["fileUid"],
-        "GID": declared_secret["fileGid"],
-        "Mode": declared_secret["fileMode"],
-    }
-    assert secret["SecretName"].startswith(f"{ADMIN_SECRET}-")
+    mounted, declared = container["Secrets"], declared_container["secrets"]
+    assert len(mounted) == len(declared) == len(SECRETS)
+    for secret, declared_secret in zip(mounted, declared, strict=True):
+        assert secret["File"] == {
+            "Name": declared_secret["fileName"],
+            "UID": declared_secret["fileUid"],
+            "GID": declared_secret["fileGid"],
+            "Mode": declared_secret["fileMode"],
+        }
+        assert secret["SecretName"].rsplit("-", 1)[0] == declared_secret["secretName"].rsplit("-", 1)[0]
 
 
 # -- lifecycle of the local stack ---------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
         {"features": dict(zip(FEATURES, row.tolist(), strict=True)), "target": float(target)}
         for row, target in zip(data.data, data.target, strict=True)
     ]
-    assert https(stack, "POST", "/observations", {"observations": observations})[0] == 201
+    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
+    assert https(stack, "POST", "/observations", {"observations": observations}, headers=ingest)[0] == 201
     assert json.loads(app_command(stack, "retrain").stdout)["outcome"] == "promoted"
     time.sleep(1.5)  # the prediction log writes in the background
     before = state_of(stack)

@@ -34,7 +34,7 @@ from infra.engine import deploy_stack, running_tasks
 from infra.host_setup import render_graceful_stop, render_host_setup
 from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
-from infra.spec import APP_COMMAND, MODEL_SERVICE, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
+from infra.spec import APP_COMMAND, MODEL_SERVICE, SECRETS, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
 from tests.conftest import record
 from tests.stack_support import COUNT_PREDICTIONS, TIMINGS, docker_engine, wait_until
 from tests.standin import StandIn, boot_standin, build_standin_image
@@ -73,7 +73,7 @@ class Environment:
     ssh_options: list[str]
     data_volume: str
     standin_image: str
-    admin_token: str
+    tokens: dict[str, str]
     standin: StandIn | None = None
     docker_volume: str = ""
     backup: tuple | None = None  # (BackupSettings, credentials bundle): the program's backup steps, when on
@@ -179,7 +179,7 @@ class Environment:
         try:
             for tag in {self.spec.traefik.image, self.spec.model.image}:
                 remote.images.load(self.client.images.get(tag).save(named=tag))
-            deploy_stack(remote, self.spec, self.admin_token)
+            deploy_stack(remote, self.spec, self.tokens)
         finally:
             remote.close()
         ok, message = wait_healthy(
@@ -293,7 +293,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             ssh_options,
             data_volume,
             built["standin"],
-            admin_token=uuid.uuid4().hex,
+            tokens={base: uuid.uuid4().hex for base in SECRETS},
         )
         boot_s = environment.boot()
         deploy_s = environment.deploy()
