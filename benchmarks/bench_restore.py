@@ -32,13 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mlapi-bench-restore-") as tmp:
         root = Path(tmp)
-        options = local.LocalOptions(
-            http_port=free_port(),
-            https_port=free_port(),
-            data_root=root / "data",
-            state_dir=root / "state",
-            backup_dir=root / "backup",
-        )
+        options = local.LocalOptions.isolated(root, free_port(), free_port())
         local.down(quiet=True)
         stack = local.up(options, quiet=True)
         try:

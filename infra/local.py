@@ -18,9 +18,7 @@ Swarm mode: if the engine is not in it, `up` turns it on (single-node manager on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import secrets
 import shlex
 import shutil
@@ -32,9 +30,8 @@ from pathlib import Path
 import docker
 from docker.types import Mount
 
-from infra import images, local_backup
+from infra import images
 from infra.engine import (
-    RolloutFailed,
     deploy_stack,
     ensure_network,
     ensure_swarm,
@@ -45,7 +42,6 @@ from infra.host_setup import layout_script
 from infra.pebble import (
     PEBBLE_CONTAINER,
     PEBBLE_DIRECTORY,
-    PebbleError,
     fetch_pebble_root,
     pebble_files,
     run_pebble,
@@ -82,6 +78,17 @@ class LocalOptions:
     state_dir: Path = LOCAL_DIR / "state"
     backup_dir: Path = LOCAL_DIR / "backup"  # the restic repository and its password: `local-destroy` keeps them
     model_replicas: int = 2
+
+    @classmethod
+    def isolated(cls, root: Path, http_port: int, https_port: int) -> LocalOptions:
+        """A stack with its own data, state and backup directories under ``root`` (tests, benchmarks)."""
+        return cls(
+            http_port=http_port,
+            https_port=https_port,
+            data_root=root / "data",
+            state_dir=root / "state",
+            backup_dir=root / "backup",
+        )
 
 
 @dataclass
@@ -288,88 +295,7 @@ def delete_data_root(client: docker.DockerClient, data_root: Path) -> None:
         remove_as_root(client, data_root.parent, data_root.name)
 
 
-def status(options: LocalOptions | None = None) -> int:
-    options = options or LocalOptions()
-    client = engine()
-    healthy = 0
-    for name in (TRAEFIK_CONTAINER, PEBBLE_CONTAINER):
-        try:
-            container = client.containers.get(name)
-        except docker.errors.NotFound:
-            print(f"{name:15} absent")
-            continue
-        health = container.attrs["State"].get("Health", {}).get("Status", "-")
-        print(f"{name:15} {container.status:10} health={health}")
-        healthy += container.status == "running"
-    try:
-        service = client.api.inspect_service(MODEL_SERVICE)
-    except docker.errors.APIError:
-        print(f"{MODEL_SERVICE:15} absent (no swarm service)")
-    else:
-        tasks = client.api.tasks(filters={"service": MODEL_SERVICE, "desired-state": "running"})
-        running = sum(task["Status"]["State"] == "running" for task in tasks)
-        wanted = service["Spec"]["Mode"]["Replicated"]["Replicas"]
-        update = (service.get("UpdateStatus") or {}).get("State", "-")
-        print(f"{MODEL_SERVICE:15} service    replicas={running}/{wanted} last-update={update}")
-        healthy += running == wanted
-    if healthy:
-        print(f"url: https://{options.domain}:{options.https_port}  (CA root: {options.state_dir / 'pebble-root.pem'})")
-    backups = local_backup.LocalBackupOptions.from_environment(options.backup_dir)
-    print(f"backups: {local_backup.last_backup(options.data_root)}; repository {backups.where}")
-    print("         `make local-backup`, `make local-restore [SNAPSHOT=<id>]`")
-    return 0 if healthy == 3 else 1
-
-
-def backup_or_restore(options: LocalOptions, command: str, snapshot: str = "latest") -> int:
-    backups = local_backup.LocalBackupOptions.from_environment(options.backup_dir)
-    client = engine()
-    if command == "backup":
-        if not (options.data_root / "model").is_dir():
-            raise LocalStackError(f"nothing to back up: {options.data_root} holds no data (run `make local-up`)")
-        print(local_backup.backup(client, backups, options.data_root, options.state_dir).strip())
-        return 0
-    ready = f"https://{options.domain}:{options.https_port}/ready"
-    for line in local_backup.restore_and_check(client, backups, options.data_root, options.state_dir, snapshot, ready):
-        print(line)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.local", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="build and start the stack, or roll out what changed (idempotent)")
-    stop = commands.add_parser("down", help="stop the stack, keep its data")
-    stop.add_argument("--delete-data", action="store_true", help="also delete models, logs and certificates")
-    commands.add_parser("status", help="show the containers, the service's replicas, the URL and the last backup")
-    commands.add_parser("backup", help="snapshot the data into the local restic repository (or the one configured)")
-    restore = commands.add_parser("restore", help="restore the data from a snapshot; the stack is stopped meanwhile")
-    restore.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (`restic snapshots`) or latest")
-    args = parser.parse_args(argv)
-    options = LocalOptions(
-        http_port=int(os.environ.get("MLAPI_LOCAL_HTTP_PORT", "8080")),
-        https_port=int(os.environ.get("MLAPI_LOCAL_HTTPS_PORT", "8443")),
-        model_replicas=int(os.environ.get("MLAPI_LOCAL_REPLICAS", "2")),
-    )
-    try:
-        if args.command == "up":
-            up(options)
-            return 0
-        if args.command == "down":
-            down(options, delete_data=args.delete_data)
-            return 0
-        if args.command in ("backup", "restore"):
-            return backup_or_restore(options, args.command, getattr(args, "snapshot", "latest"))
-        return status(options)
-    except (
-        LocalStackError,
-        images.BuildError,
-        PebbleError,
-        RolloutFailed,
-        local_backup.LocalBackupError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
+    from infra.local_cli import main
+
     sys.exit(main())

@@ -60,9 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack
     docker_engine()
     local.down(quiet=True)  # names are the production ones: a running `make local-up` is stopped (data kept)
     root = tmp_path_factory.mktemp("stack")
-    options = local.LocalOptions(
-        http_port=free_port(), https_port=free_port(), data_root=root / "data", state_dir=root / "state"
-    )
+    options = local.LocalOptions.isolated(root, free_port(), free_port())
     try:
         started = local.up(options, quiet=True)
         timing = started.timings

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from docker.types import Mount
 
-from infra import local, local_backup
+from infra import local, local_backup, local_cli
 from infra.backup import ENV_FILE, STATUS_FILE, environment_lines, restore_script
 from tests.conftest import FEATURES, record
 from tests.stack_support import TIMINGS, docker_engine, free_port, https, wait_until
@@ -40,13 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack
     docker_engine()
     local.down(quiet=True)  # the names are the production ones
     root = tmp_path_factory.mktemp("backup-stack")
-    options = local.LocalOptions(
-        http_port=free_port(),
-        https_port=free_port(),
-        data_root=root / "data",
-        state_dir=root / "state",
-        backup_dir=root / "backup",
-    )
+    options = local.LocalOptions.isolated(root, free_port(), free_port())
     try:
         yield local.up(options, quiet=True)
     finally:
@@ -116,7 +110,7 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
     certificate = served_certificate(stack, saved_root)
 
     started = time.monotonic()
-    said = local.backup_or_restore(stack.options, "backup")
+    said = local_cli.backup_or_restore(stack.options, "backup")
     assert said == 0
     backup_s = time.monotonic() - started
 
@@ -153,7 +147,7 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
 
 
 def test_a_wrong_password_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
-    assert local.backup_or_restore(stack.options, "backup") == 0
+    assert local_cli.backup_or_restore(stack.options, "backup") == 0
     password = stack.options.backup_dir / "password"
     right = password.read_text()
     before = data_fingerprint(stack)
@@ -186,7 +180,7 @@ def test_an_unreachable_repository_fails_clearly_and_changes_nothing(stack: loca
 def test_a_full_disk_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
     client = docker_engine()
     options = backups(stack)
-    assert local.backup_or_restore(stack.options, "backup") == 0
+    assert local_cli.backup_or_restore(stack.options, "backup") == 0
     before = data_fingerprint(stack)
     # The backup's staging area on a 64 KiB disk.
     with pytest.raises(
