@@ -64,6 +64,7 @@ class AdminTokenError(RuntimeError):
 
 
 MIN_TOKEN_LENGTH = 16
+HOLDOUT_NEIGHBOURHOOD = 1e-3  # of each feature's training span: closer than this to a holdout row is that row
 
 
 def load_token(settings: Settings, kind: str) -> str:
@@ -306,9 +307,9 @@ class ModelService:
         )
 
     def _admissible(self, X: np.ndarray, y: np.ndarray, holdout: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
-        """Observations a candidate may learn from. Left out (quarantined, counted, never fatal): rows equal to a
-        holdout row (learning them would fake a better holdout score) and rows outside the accepted ranges or not
-        finite (stored before the limits existed; they would break the fit)."""
+        """Observations a candidate may learn from. Left out (quarantined, counted, never fatal): rows equal or
+        nearly equal to a holdout row (learning them would fake a better holdout score), and rows outside the
+        accepted ranges or not finite (stored before the limits existed; they would break the fit)."""
         if not len(y):
             return X, y, 0
         multiple = self.settings.input_range_multiple
@@ -318,10 +319,14 @@ class ModelService:
             keep &= (X[:, column] >= bounds.low) & (X[:, column] <= bounds.high)
         target = accepted_bounds(self.dataset.y, multiple)
         keep &= (y >= target.low) & (y <= target.high)
-        held = {tuple(np.round(row, 9)) for row in holdout.X}
-        for index in np.flatnonzero(keep):  # only rows in range: rounding 1e308 would overflow
-            if tuple(np.round(X[index], 9)) in held:
-                keep[index] = False
+        # Near-duplicates too: a holdout row nudged in the last digits is still the holdout row.
+        spans = np.ptp(self.dataset.X, axis=0)
+        tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
+        candidates = np.flatnonzero(keep)  # only rows in range: far-out values cannot be near the holdout
+        for start in range(0, len(candidates), 4096):
+            chunk = candidates[start : start + 4096]
+            near = (np.abs(X[chunk, None, :] - holdout.X[None, :, :]) <= tolerance).all(axis=2).any(axis=1)
+            keep[chunk[near]] = False
         return X[keep], y[keep], int((~keep).sum())
 
     def rollback(self, version: str) -> Predictor:

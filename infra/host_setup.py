@@ -85,6 +85,10 @@ def layout_script(spec: StackSpec) -> str:
             f"chown {directory.owner_uid}:{directory.owner_uid} {path}",
             f"chmod {directory.mode} {path}",
         ]
+    for path, content in spec.edge_files:  # written whole, then renamed: Traefik watches the directory
+        blob = base64.b64encode(content.encode()).decode()
+        target = shlex.quote(path)
+        lines.append(f"echo {blob} | base64 -d > {target}.new && chmod 0600 {target}.new && mv {target}.new {target}")
     return "\n".join(lines) + "\n"
 
 

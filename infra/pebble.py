@@ -32,6 +32,8 @@ def pebble_files(
     """A throwaway CA and listener certificate for Pebble's own HTTPS API, plus its config (made once)."""
     directory = state_dir / "pebble"
     if (directory / "config.json").exists():
+        for name in ("ca.key", "key.pem"):  # a state dir from before the keys were made private
+            (directory / name).chmod(0o600)
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     run = lambda *args: subprocess.run(args, cwd=directory, check=True, capture_output=True)  # noqa: E731
@@ -84,8 +86,10 @@ def pebble_files(
         "-extfile",
         "san.ext",
     )
-    for name in ("ca.pem", "cert.pem", "key.pem"):
-        (directory / name).chmod(0o644)  # read by Pebble's and Traefik's users inside their containers
+    for name in ("ca.pem", "cert.pem"):
+        (directory / name).chmod(0o644)  # public: Traefik's container trusts ca.pem
+    for name in ("ca.key", "key.pem"):
+        (directory / name).chmod(0o600)  # private keys: only their owner (Pebble runs as root in its container)
     (directory / "config.json").write_text(
         json.dumps(
             {

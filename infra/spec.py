@@ -22,8 +22,10 @@ from infra.traefik import (  # noqa: F401 (re-exported for the components, the l
     LETSENCRYPT_STAGING,
     PROVIDER_REFRESH_S,
     PROXY_HEALTH_INTERVAL_S,
+    TLS_FILE,
     acme_storage,
     model_labels,
+    tls_options_yaml,
     traefik_flags,
 )
 
@@ -233,6 +235,7 @@ class StackSpec:
     app_script: str  # installed on the host as APP_COMMAND
     retrain_cron: str
     domain: str
+    edge_files: tuple[tuple[str, str], ...] = ()  # (host path, content): Traefik's dynamic configuration
 
 
 def app_script() -> str:
@@ -316,7 +319,9 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         host_directories=(
             HostDirectory(f"{root}/model", MODEL_UID, "0750"),
             HostDirectory(f"{root}/traefik", 0, "0700"),
+            HostDirectory(f"{root}/traefik/dynamic", 0, "0700"),
         ),
+        edge_files=((f"{root}/traefik/dynamic/{TLS_FILE}", tls_options_yaml()),),
         app_script=app_script(),
         retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
         domain=inputs.domain,

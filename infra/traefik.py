@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+import yaml
+
 from infra.durations import go_duration
 
 if TYPE_CHECKING:
@@ -38,6 +40,34 @@ def acme_storage(ca_server: str) -> str:
     return f"/acme/{name}.json"
 
 
+# Dynamic configuration from a file: TLS options cannot come from labels. The file lives in Traefik's directory on the
+# data volume (mounted at /acme), written by the deploy step from tls_options_yaml().
+DYNAMIC_DIR = "/acme/dynamic"
+TLS_FILE = "tls.yml"
+# Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD ciphers only (TLS 1.3 suites are not configurable in Go).
+TLS12_CIPHERS = (
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+)
+
+
+def tls_options_yaml() -> str:
+    """Traefik's default TLS option: every router uses it; a handshake without the domain's SNI is refused."""
+    options = {
+        "minVersion": "VersionTLS12",
+        "cipherSuites": list(TLS12_CIPHERS),
+        "curvePreferences": ["X25519", "CurveP256", "CurveP384"],
+        "sniStrict": True,
+    }
+    return "# Written by the deploy step (infra/traefik.py); edits are overwritten.\n" + yaml.safe_dump(
+        {"tls": {"options": {"default": options}}}, sort_keys=False
+    )
+
+
 def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
     """Traefik's static configuration: swarm service labels opt-in, HTTP→HTTPS, one ACME resolver, no dashboard."""
     resolver = f"--certificatesresolvers.{CERT_RESOLVER}.acme"
@@ -57,9 +87,12 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         "--entrypoints.web.http.redirections.entrypoint.scheme=https",
         "--entrypoints.web.http.redirections.entrypoint.permanent=true",
         "--entrypoints.websecure.address=:443",
+        f"--providers.file.directory={DYNAMIC_DIR}",
+        "--providers.file.watch=true",
         f"{resolver}.email={inputs.acme_email}",
         f"{resolver}.storage={acme_storage(inputs.ca_server)}",
         f"{resolver}.tlschallenge=true",
+        f"{resolver}.keytype=EC256",  # smaller and faster handshakes than RSA 4096
         f"{resolver}.caserver={inputs.ca_server}",
         "--ping=true",
         "--log.level=INFO",

@@ -23,6 +23,7 @@ from infra.host_setup import (
     CRON_FILE,
     LOGROTATE_FILE,
     host_files,
+    layout_script,
     render_graceful_stop,
     render_host_setup,
     render_platform_check,
@@ -326,3 +327,23 @@ def test_credentials_installer_writes_root_only_files_from_stdin(tmp_path: Path)
     ssh_config = (tmp_path / "etc/ssh/ssh_config.d/60-mlapi-backup.conf").read_text()
     assert "Host box.example.com" in ssh_config and "Port 23" in ssh_config
     assert "StrictHostKeyChecking accept-new" in ssh_config  # no known hosts given
+
+
+def test_the_edge_tls_options_are_mozilla_intermediate_and_written_by_the_layout(tmp_path: Path) -> None:
+    from infra.traefik import DYNAMIC_DIR, TLS12_CIPHERS, traefik_flags
+
+    inputs = StackInputs(domain="api.example.com", acme_email="ops@example.com", data_root=str(tmp_path))
+    spec = build_stack(inputs)
+    [(path, content)] = spec.edge_files
+    assert path == f"{tmp_path}/traefik/dynamic/tls.yml"
+    default = yaml.safe_load(content)["tls"]["options"]["default"]
+    assert default["minVersion"] == "VersionTLS12" and default["sniStrict"] is True
+    assert all("ECDHE" in suite and ("GCM" in suite or "CHACHA20" in suite) for suite in default["cipherSuites"])
+    assert tuple(default["cipherSuites"]) == TLS12_CIPHERS
+    flags = traefik_flags(inputs, "mlapi")
+    assert f"--providers.file.directory={DYNAMIC_DIR}" in flags
+    assert "--certificatesresolvers.letsencrypt.acme.keytype=EC256" in flags
+    # The layout (deploy step and local stack alike) writes the file, whole, where Traefik's /acme mount sees it.
+    script = layout_script(spec).replace("chown 0:0", "true").replace("chown 10001:10001", "true")
+    subprocess.run(["sh", "-eu", "-c", script], check=True)
+    assert Path(path).read_text() == content and oct(Path(path).stat().st_mode & 0o777) == "0o600"
