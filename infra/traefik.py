@@ -62,6 +62,9 @@ def tls_options_yaml() -> str:
         "cipherSuites": list(TLS12_CIPHERS),
         "curvePreferences": ["X25519", "CurveP256", "CurveP384"],
         "sniStrict": True,
+        # As Mozilla's configurations do: Go keeps ticket keys for 7 days, so a stolen key decrypts a week of
+        # recorded sessions (testssl.sh: TLS_session_ticket). Keep-alive connections are unaffected.
+        "disableSessionTickets": True,
     }
     return "# Written by the deploy step (infra/traefik.py); edits are overwritten.\n" + yaml.safe_dump(
         {"tls": {"options": {"default": options}}}, sort_keys=False
