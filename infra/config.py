@@ -32,8 +32,7 @@ class DeployConfig(BaseModel):
     acme_email: str
     cloudflare_zone_id: str
     ssh_public_key: str
-    ssh_allowed_cidrs: tuple[str, ...] = WORLD
-    ssh_cidrs_defaulted: bool = True
+    ssh_allowed_cidrs: tuple[str, ...]  # required: the operator says who may reach SSH
     ssh_private_key_path: str | None = None
     server_type: str = "cx23"
     location: str = "nbg1"
@@ -61,7 +60,11 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "acmeEmail": (True, "ops@example.com", "Let's Encrypt account email"),
     "cloudflareZoneId": (True, "0123456789abcdef0123456789abcdef", "Cloudflare zone ID (32 hex) holding domain"),
     "sshPublicKey": (True, '"$(cat ~/.ssh/id_ed25519.pub)"', "OpenSSH public key (ed25519, ecdsa or rsa)"),
-    "sshAllowedCidrs": (False, "'[\"203.0.113.7/32\"]'", "CIDRs allowed on port 22 (JSON list or comma list)"),
+    "sshAllowedCidrs": (
+        True,
+        "'[\"203.0.113.7/32\"]'",
+        'CIDRs allowed on port 22 (JSON list or comma list); \'["0.0.0.0/0", "::/0"]\' opens it to everyone',
+    ),
     "sshPrivateKeyPath": (False, "~/.ssh/id_ed25519", "private key file for the deploy (default: ssh-agent)"),
     "serverType": (False, "cx23", "Hetzner server type"),
     "location": (False, "nbg1", f"Hetzner location, one of {', '.join(HETZNER_LOCATIONS)}"),
@@ -233,9 +236,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
     if not re.fullmatch(r"[0-9a-f]{32}", zone):
         raise _error("cloudflareZoneId", f"{zone!r} is not a 32-character hex zone ID (dashboard → Overview)")
     values["cloudflare_zone_id"] = zone
-    if raw["sshAllowedCidrs"]:
-        values["ssh_allowed_cidrs"] = _cidrs(raw["sshAllowedCidrs"])
-        values["ssh_cidrs_defaulted"] = False
+    values["ssh_allowed_cidrs"] = _cidrs(raw["sshAllowedCidrs"])
     if raw["sshPrivateKeyPath"]:
         # Kept as written (e.g. ~/.ssh/id_ed25519): ssh expands it, and no machine's home path lands in a resource.
         key_path = raw["sshPrivateKeyPath"].strip()

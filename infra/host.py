@@ -103,7 +103,7 @@ class Host(pulumi.ComponentResource):
         self.host_public_key: pulumi.Output[str] = self.host_key.public_key_openssh.apply(str.strip)
         # The policy pack (policy/rules.py) blocks SSH open to the world unless the operator typed it: this label
         # says so.
-        world_by_choice = not cfg.ssh_cidrs_defaulted and bool({"0.0.0.0/0", "::/0"} & set(cfg.ssh_allowed_cidrs))
+        world_by_choice = bool({"0.0.0.0/0", "::/0"} & set(cfg.ssh_allowed_cidrs))  # sshAllowedCidrs is required
         self.firewall = hcloud.Firewall(
             f"{name}-firewall",
             name=name,

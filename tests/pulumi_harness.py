@@ -26,6 +26,7 @@ VALID_CONFIG = {
     "acmeEmail": "ops@example.com",
     "cloudflareZoneId": "0123456789abcdef0123456789abcdef",
     "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example",
+    "sshAllowedCidrs": '["198.51.100.7/32"]',
 }
 
 

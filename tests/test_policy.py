@@ -71,9 +71,13 @@ def test_levels_are_chosen_deliberately() -> None:
     assert len(levels) == 7
 
 
-def test_ssh_open_to_the_world_by_default_is_blocked_and_by_choice_only_reported() -> None:
-    default = run_program(VALID_CONFIG)  # sshAllowedCidrs not set: the program opens 22 to the world
-    [blocked] = all_violations(default, EnforcementLevel.MANDATORY)
+def test_ssh_open_to_the_world_unlabelled_is_blocked_and_by_choice_only_reported(good: Deployment) -> None:
+    firewall = good.one(rules.FIREWALL)
+    world_ssh = [
+        {**rule, "sourceIps": ["0.0.0.0/0", "::/0"]} if rule.get("port") == "22" else rule
+        for rule in firewall.inputs["rules"]
+    ]
+    [blocked] = violations(policy_args(firewall, rules=world_ssh), EnforcementLevel.MANDATORY)
     assert blocked.startswith("firewall-opens-only-the-edge: firewall rule tcp/22 is open to ['0.0.0.0/0', '::/0']")
     assert "pulumi config set sshAllowedCidrs" in blocked
     chosen = run_program({**VALID_CONFIG, "sshAllowedCidrs": '["0.0.0.0/0", "::/0"]'})

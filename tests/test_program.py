@@ -68,12 +68,14 @@ def test_firewall_is_attached_by_numeric_id(deployment: Deployment) -> None:
     assert firewall_id == int(deployment.one(FIREWALL).id)  # a number on the wire, not the id string
 
 
-def test_ssh_world_default_warns(deployment: Deployment) -> None:
+def test_ssh_open_to_the_world_only_when_typed_and_then_said(deployment: Deployment) -> None:
     assert [w for w in deployment.warnings if "sshAllowedCidrs" in w] == []
-    defaulted = run_program(VALID_CONFIG)
-    rule = next(r for r in defaulted.one(FIREWALL).inputs["rules"] if r.get("port") == "22")
+    assert "ssh-world-explicit" not in deployment.one(FIREWALL).inputs["labels"]
+    world = run_program({**VALID_CONFIG, "sshAllowedCidrs": '["0.0.0.0/0", "::/0"]'})
+    rule = next(r for r in world.one(FIREWALL).inputs["rules"] if r.get("port") == "22")
     assert rule["sourceIps"] == ["0.0.0.0/0", "::/0"]
-    assert any("sshAllowedCidrs" in w and "Narrow" in w for w in defaulted.warnings)
+    assert world.one(FIREWALL).inputs["labels"]["ssh-world-explicit"] == "true"  # the policy pack reads it
+    assert any("sshAllowedCidrs opens port 22 to the whole internet" in w for w in world.warnings)
 
 
 def test_server_inputs_and_user_data(deployment: Deployment) -> None:
@@ -423,6 +425,7 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
         ("acmeEmail", "pulumi config set acmeEmail"),
         ("cloudflareZoneId", "pulumi config set cloudflareZoneId"),
         ("sshPublicKey", "pulumi config set sshPublicKey"),
+        ("sshAllowedCidrs", "pulumi config set sshAllowedCidrs"),
     ],
 )
 def test_missing_required_config_names_the_key(missing: str, command: str) -> None:
