@@ -22,7 +22,7 @@ from app.data import load_dataset
 from app.lifecycle import DRAINING
 from app.limits import MAX_ERRORS, BodyLimit, public_errors
 from app.metrics import BackupStatus, ServiceMetrics
-from app.predlog import PredictionRecord
+from app.predlog import PredictionRecord, StorageFull
 from app.registry import RegistryError
 from app.schemas import (
     BatchResponse,
@@ -249,7 +249,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(
         "/observations",
-        responses={**body_errors, 401: {"description": "missing or wrong ingest token"}},
+        responses={
+            **body_errors,
+            401: {"description": "missing or wrong ingest token"},
+            507: {"description": "the data volume is below its free-space floor; nothing was stored"},
+        },
         response_model=ObservationsResponse,
         status_code=201,
         tags=["public"],
@@ -277,7 +281,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 rows.append((None, rows_of([item.features])[0].tolist(), item.target))
         if errors:
             raise RequestValidationError(errors)
-        stored = service.prediction_log.add_observations(rows)
+        try:
+            stored = service.prediction_log.add_observations(rows)
+        except StorageFull as exc:
+            raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, str(exc)) from exc
         service.metrics.observations.inc(stored)
         return ObservationsResponse(stored=stored)
 

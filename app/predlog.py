@@ -7,9 +7,11 @@ synchronously and the caller learns whether they were stored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -45,6 +47,21 @@ CREATE TABLE IF NOT EXISTS observations (
 """
 
 
+class StorageFull(RuntimeError):
+    """The data volume is below its free-space floor: ground truth is refused rather than filling the disk."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of the prediction log is kept, and how much of the volume must stay free (for model saves and
+    Traefik's certificate renewals, which live on the same volume)."""
+
+    max_age_s: float = 90 * 86400
+    max_rows: int = 2_000_000
+    min_free_bytes: int = 256 * 1024 * 1024
+    prune_every_s: float = 60.0
+
+
 @dataclass(frozen=True)
 class PredictionRecord:
     id: str
@@ -73,8 +90,11 @@ class PredictionLog:
         path: Path,
         queue_size: int,
         on_drop: Callable[[int], None] = lambda n: None,
+        retention: Retention = Retention(),
     ) -> None:
         self.path = path
+        self.retention = retention
+        self._pruned_at = 0.0
         self._queue: queue.Queue[PredictionRecord | None] = queue.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._observations_lock = threading.Lock()
@@ -124,7 +144,13 @@ class PredictionLog:
                     break
                 batch.append(item)
             try:
+                if not self.has_room():
+                    raise sqlite3.OperationalError(
+                        f"below the free-space floor ({self.retention.min_free_bytes // 2**20} MiB free kept)"
+                    )
                 connection = connection or connect(self.path)
+                if time.monotonic() - self._pruned_at > self.retention.prune_every_s:
+                    self.prune(connection)
                 with connection:
                     connection.executemany(
                         "INSERT OR IGNORE INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -154,6 +180,24 @@ class PredictionLog:
         if connection is not None:
             connection.close()
 
+    def has_room(self) -> bool:
+        return shutil.disk_usage(self.path.parent).free >= self.retention.min_free_bytes
+
+    def prune(self, connection: sqlite3.Connection | None = None, now: float | None = None) -> int:
+        """Delete predictions older than the retention or beyond the row cap (the oldest first); how many went."""
+        self._pruned_at = time.monotonic()
+        now = time.time() if now is None else now
+        # The writer thread prunes on its own connection; anyone else uses the shared one, under its lock.
+        lock = self._observations_lock if connection is None else contextlib.nullcontext()
+        connection = connection or self._observations
+        with lock, connection:
+            aged = connection.execute("DELETE FROM predictions WHERE ts < ?", (now - self.retention.max_age_s,))
+            capped = connection.execute(
+                "DELETE FROM predictions WHERE ts <= (SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?)",
+                (self.retention.max_rows,),
+            )
+        return aged.rowcount + capped.rowcount
+
     def recent_features(self, limit: int) -> np.ndarray:
         with self._observations_lock:
             rows = self._observations.execute(
@@ -178,6 +222,11 @@ class PredictionLog:
 
     # -- observations -------------------------------------------------------------------------------------------
     def add_observations(self, rows: list[tuple[str | None, list[float], float]]) -> int:
+        if not self.has_room():
+            raise StorageFull(
+                f"the data volume has less than {self.retention.min_free_bytes // 2**20} MiB free: "
+                "observations are not stored until space is freed"
+            )
         now = time.time()
         with self._observations_lock, self._observations:
             self._observations.executemany(

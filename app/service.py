@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from app.data import Dataset, load_dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
-from app.predlog import PredictionLog
+from app.predlog import PredictionLog, Retention
 from app.registry import Registry, RegistryError, write_json_line
 from app.schemas import accepted_bounds
 from app.settings import Settings
@@ -123,7 +123,14 @@ class ModelService:
         self.registry = Registry(settings.data_dir)
         self.dataset = load_dataset(settings.dataset, settings.target_column)
         self.prediction_log = PredictionLog(
-            settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=metrics.log_dropped.inc
+            settings.data_dir / "predictions.sqlite3",
+            settings.log_queue_size,
+            on_drop=metrics.log_dropped.inc,
+            retention=Retention(
+                max_age_s=settings.log_retention_days * 86400,
+                max_rows=settings.log_max_rows,
+                min_free_bytes=settings.min_free_mb * 2**20,
+            ),
         )
         self.history_path: Path = settings.data_dir / "retrain-history.jsonl"
         self.lock_path: Path = settings.data_dir / "registry.lock"

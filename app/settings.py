@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     ingest_token_file: Path | None = Field(
         None, description="File holding the ingest token (a swarm secret); generated into data_dir if unset."
     )
+    log_retention_days: float = Field(90.0, gt=0, description="Predictions older than this are deleted.")
+    log_max_rows: int = Field(2_000_000, ge=1000, description="At most this many predictions are kept (newest).")
+    min_free_mb: int = Field(
+        256,
+        ge=0,
+        description="Free space kept on the data volume: below it, prediction records are dropped (counted) and "
+        "observations refused with a 507, so model saves and certificate renewals still fit.",
+    )
     log_queue_size: int = Field(10_000, ge=1)
     reload_interval_s: float = Field(
         2.0, gt=0, description="How often a replica checks the registry's current pointer (promotions, rollbacks)."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_disk_degrades_logging_not_serving(make_client, tiny_disk: Path) -> None:
-    client = make_client(data_dir=tiny_disk)
+    client = make_client(data_dir=tiny_disk, min_free_mb=0)  # a truly full disk, not the floor (tested below)
     log = client.app.state.service.prediction_log
     assert client.post("/predict", json={"features": record()}).status_code == 200
     assert log.flush()
@@ -389,3 +390,39 @@ def test_a_422_never_echoes_the_input(client: TestClient) -> None:
         "loc": [],
         "msg": "9980 more errors not shown",
     }
+
+
+# -- the volume never fills: retention, a free-space floor ------------------------------------------------------------
+def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path) -> None:
+    from app.predlog import PredictionLog, PredictionRecord, Retention
+
+    log = PredictionLog(tmp_path / "log.sqlite3", 5000, retention=Retention(max_age_s=3600, max_rows=1000))
+    now = time.time()
+
+    def records(count: int, start: float) -> list[PredictionRecord]:
+        return [
+            PredictionRecord(f"{start}-{i}", start + i, "v0001", [0.0], 1.0, 0.0, 2.0, 0.9, False, 1.0)
+            for i in range(count)
+        ]
+
+    log.record(records(10, now - 7200))  # two hours old: beyond the retention
+    log.record(records(1500, now - 1000))
+    assert log.flush()
+    assert log.prune(now=now) == 10 + 500
+    assert log.count_predictions() == 1000
+    newest = log.recent_features(1)
+    assert len(newest) == 1
+    log.close()
+
+
+def test_below_the_free_space_floor_observations_are_refused_and_predictions_go_on(make_client) -> None:
+    client = make_client(min_free_mb=10**9)  # a floor no disk meets: the volume counts as full
+    refused = client.post(
+        "/observations", headers=ingest_headers(), json={"observations": [{"features": record(), "target": 1.0}]}
+    )
+    assert refused.status_code == 507 and "free" in refused.json()["detail"]
+    assert client.post("/predict", json={"features": record()}).status_code == 200
+    assert client.app.state.service.prediction_log.flush()
+    dropped = metric_value(client.get("/metrics").text, "mlapi_prediction_log_dropped_total")
+    assert dropped == 1.0
+    assert client.app.state.service.prediction_log.count_predictions() == 0
