@@ -27,6 +27,7 @@ from infra.spec import (
     ADMIN_SECRET,
     INGEST_SECRET,
     ContainerSpec,
+    MiB,
     ServiceSpec,
     StackSpec,
     go_duration,
@@ -72,6 +73,13 @@ def container(
         networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(spec.aliases))],
         healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)),
         restart=spec.restart,
+        capabilities=docker.ContainerCapabilitiesArgs(
+            drops=list(spec.confinement.cap_drop), adds=list(spec.confinement.cap_add)
+        ),
+        read_only=spec.confinement.read_only_root,
+        tmpfs={spec.confinement.tmpfs_path: f"size={spec.confinement.tmpfs_bytes}"},
+        memory=spec.confinement.memory_bytes // MiB,  # the provider counts megabytes
+        security_opts=["no-new-privileges:true"] if spec.confinement.no_new_privileges else [],
         opts=opts,
     )
 
@@ -126,7 +134,19 @@ def service(
                         type="bind", source=m.source, target=m.target, read_only=m.read_only
                     )
                     for m in spec.mounts
+                ]
+                + [
+                    docker.ServiceTaskSpecContainerSpecMountArgs(
+                        type="tmpfs",
+                        target=spec.confinement.tmpfs_path,
+                        tmpfs_options=docker.ServiceTaskSpecContainerSpecMountTmpfsOptionsArgs(
+                            size_bytes=spec.confinement.tmpfs_bytes
+                        ),
+                    )
                 ],
+                read_only=spec.confinement.read_only_root,
+                cap_drops=list(spec.confinement.cap_drop),
+                cap_adds=list(spec.confinement.cap_add) or None,
                 healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**_health(spec.healthcheck)),
                 stop_grace_period=go_duration(spec.stop_grace_period_s),
                 secrets=[
@@ -141,6 +161,9 @@ def service(
                     for item in spec.secrets
                 ],
                 init=spec.init,
+            ),
+            resources=docker.ServiceTaskSpecResourcesArgs(
+                limits=docker.ServiceTaskSpecResourcesLimitsArgs(memory_bytes=spec.confinement.memory_bytes)
             ),
             restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(
                 condition=restart.condition,

@@ -18,6 +18,7 @@ from docker.types import Healthcheck, Mount
 from infra.spec import (
     SWARM_ADVERTISE_ADDR,
     SWARM_LISTEN_ADDR,
+    Confinement,
     ContainerSpec,
     RolloutPolicy,
     ServiceSpec,
@@ -126,8 +127,20 @@ def container_create_args(client: docker.DockerClient, spec: ContainerSpec, netw
         "ports": ports,
         "healthcheck": _healthcheck(spec.healthcheck),
         "restart_policy": {"Name": spec.restart},
+        **_confined_container(spec.confinement),
         "network": network,
         "networking_config": {network: client.api.create_endpoint_config(aliases=list(spec.aliases))},
+    }
+
+
+def _confined_container(confinement: Confinement) -> dict:
+    return {
+        "cap_drop": list(confinement.cap_drop),
+        "cap_add": list(confinement.cap_add),
+        "read_only": confinement.read_only_root,
+        "tmpfs": {confinement.tmpfs_path: f"size={confinement.tmpfs_bytes}"},
+        "mem_limit": confinement.memory_bytes,
+        "security_opt": ["no-new-privileges:true"] if confinement.no_new_privileges else [],
     }
 
 
@@ -152,13 +165,18 @@ def _rollout(policy: RolloutPolicy, kind: type[api.UpdateConfig]) -> api.UpdateC
 
 def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, str]]) -> dict:
     """The service as docker-py's create/update arguments: every field comes from the spec."""
+    confinement = spec.confinement
     container = api.ContainerSpec(
         image=spec.image,
         command=list(spec.command),
         env=[f"{key}={value}" for key, value in spec.env.items()],
-        mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
+        mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts]
+        + [Mount(target=confinement.tmpfs_path, source=None, type="tmpfs", tmpfs_size=confinement.tmpfs_bytes)],
         healthcheck=_healthcheck(spec.healthcheck),
         stop_grace_period=_ns(spec.stop_grace_period_s),
+        read_only=confinement.read_only_root,
+        cap_drop=list(confinement.cap_drop),
+        cap_add=list(confinement.cap_add) or None,
         secrets=[
             api.SecretReference(
                 secrets[item.secret][0],
@@ -182,6 +200,7 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
                 max_attempts=restart.max_attempts,
                 window=_ns(restart.window_s),
             ),
+            resources=api.Resources(mem_limit=confinement.memory_bytes),
             networks=[network],
         ),
         "name": spec.name,

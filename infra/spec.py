@@ -196,6 +196,24 @@ class Workload:
     healthcheck: Healthcheck
 
 
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Least privilege for a process the spec runs: no capabilities but those named, a read-only root filesystem
+    with a small tmpfs at /tmp, a memory limit. ``no_new_privileges`` applies to containers (swarm services cannot
+    set it before Docker 27's API; the model runs as a non-root user with no capabilities anyway)."""
+
+    memory_bytes: int
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ("ALL",)
+    read_only_root: bool = True
+    tmpfs_path: str = "/tmp"  # noqa: S108 (a private tmpfs inside the container)
+    tmpfs_bytes: int = 64 * MiB
+    no_new_privileges: bool = True
+
+
 @dataclass(frozen=True)
 class ServiceSpec(Workload):
     """A replicated swarm service. ``labels`` are service labels, which Traefik's swarm provider reads."""
@@ -208,6 +226,8 @@ class ServiceSpec(Workload):
     stop_grace_period_s: int
     endpoint_mode: str = "dnsrr"  # Traefik balances across task IPs; swarm's VIP (IPVS) is not needed
     init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
+    # A replica holds the model and, while it retrains, the observations it fits on (bounded by the row cap).
+    confinement: Confinement = Confinement(memory_bytes=1024 * MiB)
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,8 @@ class ContainerSpec(Workload):
     ports: tuple[PublishedPort, ...]
     aliases: tuple[str, ...]
     restart: str = "unless-stopped"
+    # Traefik binds 80/443 (NET_BIND_SERVICE); as root it owns the socket and /acme, so it needs nothing else.
+    confinement: Confinement = Confinement(memory_bytes=256 * MiB, cap_add=("NET_BIND_SERVICE",))
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,13 @@ def test_model_service(deployment: Deployment) -> None:
     assert container["init"] is True
     assert container["stopGracePeriod"] == "20s"
     assert "/ready" in " ".join(container["healthcheck"]["tests"])
-    assert container["mounts"] == [{"type": "bind", "source": "/srv/mlapi/model", "target": "/data", "readOnly": False}]
+    assert container["mounts"] == [
+        {"type": "bind", "source": "/srv/mlapi/model", "target": "/data", "readOnly": False},
+        {"type": "tmpfs", "target": "/tmp", "tmpfsOptions": {"sizeBytes": 64 * 2**20}},
+    ]
+    # Least privilege: no capabilities, a read-only root, a memory limit (the image runs as a non-root user).
+    assert container["readOnly"] is True and container["capDrops"] == ["ALL"] and "capAdds" not in container
+    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1024 * 2**20}}
     assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
     assert container["env"]["MLAPI_INGEST_TOKEN_FILE"] == "/run/secrets/ingest_token"
     assert not any("TOKEN=" in f"{k}={v}" for k, v in container["env"].items() if not k.endswith("_TOKEN_FILE"))
@@ -311,6 +317,13 @@ def test_model_service(deployment: Deployment) -> None:
     assert image.inputs["build"] == {"context": "app", "dockerfile": "app/Dockerfile", "platform": "linux/amd64"}
     assert image.inputs["imageName"].startswith("mlapi-model:")
     assert container["image"] == image.inputs["imageName"]
+
+
+def test_traefik_runs_confined(deployment: Deployment) -> None:
+    traefik = deployment.one(CONTAINER, "traefik").inputs
+    assert traefik["capabilities"] == {"drops": ["ALL"], "adds": ["NET_BIND_SERVICE"]}
+    assert traefik["readOnly"] is True and traefik["tmpfs"] == {"/tmp": f"size={64 * 2**20}"}
+    assert traefik["securityOpts"] == ["no-new-privileges:true"] and traefik["memory"] == 256
 
 
 def test_only_traefik_publishes_ports(deployment: Deployment) -> None:

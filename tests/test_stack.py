@@ -493,6 +493,13 @@ def test_local_traefik_equals_what_pulumi_declares(stack: local.LocalStack) -> N
         declared_check["retries"],
     )
     assert running["HostConfig"]["RestartPolicy"]["Name"] == pulumi_inputs["restart"]
+    host = running["HostConfig"]
+    assert host["CapDrop"] == pulumi_inputs["capabilities"]["drops"]
+    assert host["CapAdd"] == pulumi_inputs["capabilities"]["adds"]
+    assert host["ReadonlyRootfs"] is pulumi_inputs["readOnly"] is True
+    assert host["Tmpfs"] == pulumi_inputs["tmpfs"]
+    assert host["Memory"] == pulumi_inputs["memory"] * 2**20
+    assert host["SecurityOpt"] == pulumi_inputs["securityOpts"]
     published = sorted(
         (int(port.split("/")[0]), b["HostIp"], int(b["HostPort"]))
         for port, bindings in (running["HostConfig"]["PortBindings"] or {}).items()
@@ -539,9 +546,35 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
     assert container["Init"] is declared_container["init"]
     assert container["StopGracePeriod"] == parse_go_duration(declared_container["stopGracePeriod"]) * NS
     data_root = str(stack.options.data_root)
-    assert [(m["Source"], m["Target"], m.get("ReadOnly", False)) for m in container["Mounts"]] == [
-        (m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in declared_container["mounts"]
+    assert [
+        (
+            m["Type"],
+            m.get("Source", ""),
+            m["Target"],
+            m.get("ReadOnly", False),
+            m.get("TmpfsOptions", {}).get("SizeBytes"),
+        )
+        for m in container["Mounts"]
+    ] == [
+        (
+            m["type"],
+            m.get("source", "").replace("/srv/mlapi", data_root),
+            m["target"],
+            m.get("readOnly", False),
+            m.get("tmpfsOptions", {}).get("sizeBytes"),
+        )
+        for m in declared_container["mounts"]
     ]
+    assert container.get("ReadOnly") is declared_container["readOnly"] is True
+    assert container["CapabilityDrop"] == declared_container["capDrops"] == ["ALL"]
+    assert task["Resources"]["Limits"]["MemoryBytes"] == declared_task["resources"]["limits"]["memoryBytes"]
+    # And the running task really is confined (not only its spec).
+    task_container = tasks(client)[0]
+    assert task_container.attrs["HostConfig"]["ReadonlyRootfs"] is True
+    assert task_container.exec_run(["sh", "-c", "touch /probe"]).exit_code != 0
+    assert task_container.exec_run(["sh", "-c", "touch /tmp/probe && rm /tmp/probe"]).exit_code == 0
+    status = task_container.exec_run(["sh", "-c", "grep CapBnd /proc/1/status"]).output.decode()
+    assert status.split()[-1] == "0000000000000000", status
     check, declared_check = container["Healthcheck"], declared_container["healthcheck"]
     assert check["Test"] == declared_check["tests"] and check["Retries"] == declared_check["retries"]
     for key, declared_key in (("Interval", "interval"), ("Timeout", "timeout"), ("StartPeriod", "startPeriod")):

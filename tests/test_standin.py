@@ -348,6 +348,12 @@ def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environ
         remote.close()
     inspect = json.loads(env.ssh(f"docker inspect {TASK}").stdout)[0]
     assert inspect["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "10m"}}
+    # Least privilege on the VM's running containers: read-only roots, no capabilities but Traefik's port binding.
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True and inspect["HostConfig"]["CapDrop"] == ["ALL"]
+    assert inspect["HostConfig"]["Memory"] == env.spec.model.confinement.memory_bytes
+    edge = json.loads(env.ssh(f"docker inspect {TRAEFIK_CONTAINER}").stdout)[0]["HostConfig"]
+    assert (edge["ReadonlyRootfs"], edge["CapDrop"], edge["CapAdd"]) == (True, ["ALL"], ["NET_BIND_SERVICE"])
+    assert edge["SecurityOpt"] == ["no-new-privileges:true"]
     publishing = {}
     for line in env.ssh("docker ps --format '{{.Names}} {{.Ports}}'").stdout.splitlines():
         name, _, ports = line.partition(" ")
