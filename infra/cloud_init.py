@@ -52,6 +52,18 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings as literal blocks, so the files in user-data read as files."""
 
 
+# Modern algorithms only, so ssh-audit finds no failure: no NIST-curve or SHA-1 key exchange, no CBC or SHA-1 MACs,
+# no small tags; the program's ed25519 host key is the only one. Pulumi's SSH (Go) and OpenSSH clients speak these.
+SSHD_CRYPTO = (
+    "KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org,"
+    "diffie-hellman-group16-sha512,diffie-hellman-group18-sha512\n"
+    "Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes192-ctr,"
+    "aes128-ctr\n"
+    "MACs hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,umac-128-etm@openssh.com\n"
+    "HostKeyAlgorithms ssh-ed25519\n"
+)
+
+
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
@@ -120,7 +132,7 @@ def user_data_document(
                 "path": "/etc/ssh/sshd_config.d/10-mlapi.conf",
                 "permissions": "0644",
                 "content": "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                "PermitRootLogin prohibit-password\n",
+                "PermitRootLogin prohibit-password\n" + SSHD_CRYPTO,
             },
             {
                 "path": "/etc/apt/apt.conf.d/20auto-upgrades",

@@ -390,6 +390,12 @@ def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
     assert "passwordauthentication no" in effective and "permitrootlogin without-password" in effective
     assert 'APT::Periodic::Unattended-Upgrade "1"' in env.ssh("cat /etc/apt/apt.conf.d/20auto-upgrades").stdout
     assert env.ssh("dpkg-query -W -f='${Status}' unattended-upgrades").stdout == "install ok installed"
+    # ssh-audit (Debian's) from outside, as an attacker scanning port 22 would: no algorithm rated a failure.
+    audit = subprocess.run(["ssh-audit", "-n", env.standin.ip], capture_output=True, text=True, timeout=120)
+    assert "ssh-ed25519" in audit.stdout, audit.stdout + audit.stderr  # it did talk to the server
+    failures = [line for line in audit.stdout.splitlines() if "[fail]" in line]
+    assert not failures, "\n".join(failures)
+    assert "ecdsa-sha2-nistp256" not in audit.stdout and "hmac-sha1" not in audit.stdout
 
 
 def test_a_wrong_host_key_is_refused_from_the_first_connection(env: Environment, tmp_path: Path) -> None:
