@@ -36,6 +36,9 @@ inputs = StackInputs(
     retrain_schedule=cfg.retrain_schedule,
     model_replicas=cfg.model_replicas,
     public_docs=cfg.public_docs,
+    rate_limit_per_s=cfg.rate_limit_per_s,
+    rate_limit_burst=cfg.rate_limit_burst,
+    in_flight_per_client=cfg.in_flight_per_client,
     model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
 )
 spec = build_stack(inputs)

@@ -41,6 +41,9 @@ class DeployConfig(BaseModel):
     model_image: str | None = None
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
     model_replicas: int = DEFAULT_MODEL_REPLICAS
+    rate_limit_per_s: int = 100
+    rate_limit_burst: int = 200
+    in_flight_per_client: int = 32
     volume_size: int = 10
     keep_data_volume: bool = True
     data_volume_id: int | None = None
@@ -73,6 +76,9 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "modelImage": (False, "ghcr.io/acme/model:1.2", "registry image instead of building app/ on the host"),
     "retrainSchedule": (False, '"0 3 * * *"', "cron expression for scheduled retraining"),
     "modelReplicas": (False, "2", "replicas of the model service (1-64)"),
+    "rateLimitPerSecond": (False, "100", "requests per second per client address at the edge, 429 beyond (1-100000)"),
+    "rateLimitBurst": (False, "200", "requests a client may burst above the rate (1-100000)"),
+    "inFlightPerClient": (False, "32", "concurrent requests per client address at the edge (1-10000)"),
     "volumeSize": (False, "10", "data volume size in GB (10-10240)"),
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
@@ -277,6 +283,9 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("volumeSize", "volume_size", 10, 10240),
         ("dataVolumeId", "data_volume_id", 1, None),
         ("modelReplicas", "model_replicas", 1, 64),
+        ("rateLimitPerSecond", "rate_limit_per_s", 1, 100_000),
+        ("rateLimitBurst", "rate_limit_burst", 1, 100_000),
+        ("inFlightPerClient", "in_flight_per_client", 1, 10_000),
     ):
         if raw[key]:
             text = raw[key].strip()

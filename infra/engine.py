@@ -243,6 +243,16 @@ def apply_service(
     else:
         client.api.update_service(current["ID"], current["Version"]["Index"], **args)
         action = "updated"
+        after = client.api.inspect_service(spec.name)
+        if after["Spec"]["TaskTemplate"] == current["Spec"]["TaskTemplate"]:
+            # Only service-level fields changed (labels such as Traefik's routing and limits, the replica count):
+            # no task is replaced, so no rollout status will come; a stale one from an earlier update must not count.
+            deadline = time.monotonic() + timeout
+            while len(running_tasks(client, spec.name)) < spec.replicas:
+                if time.monotonic() > deadline:
+                    raise RolloutFailed(f"service {spec.name}: fewer than {spec.replicas} tasks running")
+                time.sleep(0.5)
+            return Rollout("relabelled", round(time.monotonic() - started, 2))
     wait_for_rollout(client, spec.name, spec.replicas, timeout=timeout, updating=action == "updated")
     return Rollout(action, round(time.monotonic() - started, 2))
 

@@ -10,7 +10,8 @@ change in app/ is a rolling, start-first update of the service, not a restart. T
 - domain: api.localtest; Traefik carries it as a network alias so Pebble's validation reaches it;
 - host ports: 127.0.0.1:8080/8443 instead of every interface on 80/443;
 - images: built here (infra/images.py) instead of pulled or built on the VM;
-- data root: .local/data instead of /srv/mlapi on the Hetzner volume; the admin token in .local/state.
+- data root: .local/data instead of /srv/mlapi on the Hetzner volume; the tokens in .local/state;
+- per-client limits at the edge: high, since every local client (and every load test) comes from one address.
 
 Swarm mode: if the engine is not in it, `up` turns it on (single-node manager on 127.0.0.1) and says so;
 `down --delete-data` (`make local-destroy`) turns it off again only if `up` turned it on.
@@ -61,6 +62,8 @@ from infra.spec import (
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LOCAL_DIR = PROJECT_DIR / ".local"
+LOCAL_RATE_LIMIT = 5000  # per second; production: rateLimitPerSecond (100)
+LOCAL_IN_FLIGHT = 1000
 SWARM_MARKER = "swarm-enabled-by-mlapi"  # in the state dir: `local-destroy` leaves swarm mode only if we joined it
 
 
@@ -137,6 +140,10 @@ def local_inputs(options: LocalOptions, model_image: str, traefik_image: str, ca
             "traefik_image": traefik_image,
             "data_root": str(options.data_root),
             "model_replicas": options.model_replicas,
+            # Every local client (and every load test) reaches Traefik from one address, the bridge's gateway.
+            "rate_limit_per_s": LOCAL_RATE_LIMIT,
+            "rate_limit_burst": LOCAL_RATE_LIMIT,
+            "in_flight_per_client": LOCAL_IN_FLIGHT,
         }
     )
 

@@ -93,6 +93,10 @@ class StackInputs(BaseModel):
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
     model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)
     public_docs: bool = True  # /docs, /redoc and /openapi.json routed from the internet
+    # Per client address at the edge (429 beyond): one client cannot take the whole VM (~150-200 predictions/s).
+    rate_limit_per_s: int = Field(100, ge=1)
+    rate_limit_burst: int = Field(200, ge=1)
+    in_flight_per_client: int = Field(32, ge=1)
     model_image: str = Field("mlapi-model:latest", description="image the model service runs")
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
     data_root: str = DEFAULT_DATA_ROOT

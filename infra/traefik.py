@@ -130,11 +130,13 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
             for prefix in PRIVATE_PREFIXES + (() if inputs.public_docs else DOCS_PREFIXES)
         ),
         f"{router}.priority": "10",
-        f"{router}.middlewares": f"{ROUTER}-limit,{ROUTER}-retry,{ROUTER}-headers",
+        f"{router}.middlewares": f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{ROUTER}-retry,{ROUTER}-headers",
         **{f"{router}.{key}": value for key, value in tls.items()},
         f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
         f"{predict}.priority": "20",
-        f"{predict}.middlewares": f"{ROUTER}-limit,{PREDICT_ROUTER}-retry,{ROUTER}-headers",
+        f"{predict}.middlewares": (
+            f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{PREDICT_ROUTER}-retry,{ROUTER}-headers"
+        ),
         **{f"{predict}.{key}": value for key, value in tls.items()},
         f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
         f"{middleware}.{ROUTER}-retry.retry.initialinterval": go_duration(0.1),
@@ -150,6 +152,13 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{middleware}.{ROUTER}-headers.headers.referrerpolicy": "no-referrer",
         f"{middleware}.{ROUTER}-headers.headers.contentsecuritypolicy": "frame-ancestors 'none'",
         f"{middleware}.{ROUTER}-limit.buffering.maxrequestbodybytes": str(MAX_BODY_BYTES),
+        # Per client address (the connection's, depth 0; a load balancer in front would need its PROXY protocol).
+        f"{middleware}.{ROUTER}-ratelimit.ratelimit.average": str(inputs.rate_limit_per_s),
+        f"{middleware}.{ROUTER}-ratelimit.ratelimit.burst": str(inputs.rate_limit_burst),
+        f"{middleware}.{ROUTER}-ratelimit.ratelimit.period": go_duration(1),
+        f"{middleware}.{ROUTER}-ratelimit.ratelimit.sourcecriterion.ipstrategy.depth": "0",
+        f"{middleware}.{ROUTER}-inflight.inflightreq.amount": str(inputs.in_flight_per_client),
+        f"{middleware}.{ROUTER}-inflight.inflightreq.sourcecriterion.ipstrategy.depth": "0",
         f"{service}.server.port": str(port),
         f"{service}.healthcheck.path": "/health",
         f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),

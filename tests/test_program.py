@@ -289,7 +289,13 @@ def test_model_service(deployment: Deployment) -> None:
         "Host(`api.example.com`) && !PathPrefix(`/admin`) && !PathPrefix(`/metrics`)"  # private: host and overlay
     )
     for router, retry in (("mlapi", "mlapi-retry"), ("mlapi-predict", "mlapi-predict-retry")):
-        assert labels[f"traefik.http.routers.{router}.middlewares"] == f"mlapi-limit,{retry},mlapi-headers"
+        assert labels[f"traefik.http.routers.{router}.middlewares"] == (
+            f"mlapi-limit,mlapi-ratelimit,mlapi-inflight,{retry},mlapi-headers"
+        )
+    assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.average"] == "100"  # per client address
+    assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst"] == "200"
+    assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.period"] == "1s"
+    assert labels["traefik.http.middlewares.mlapi-inflight.inflightreq.amount"] == "32"
     assert labels["traefik.http.middlewares.mlapi-limit.buffering.maxrequestbodybytes"] == str(
         Settings().max_body_bytes
     )  # the edge and the app refuse the same sizes
@@ -330,6 +336,16 @@ def test_only_traefik_publishes_ports(deployment: Deployment) -> None:
     published = [r.name for r in deployment.of_type(CONTAINER) if r.inputs.get("ports")]
     assert published == ["mlapi-dev-traefik"]
     assert "ports" not in deployment.one(SERVICE).inputs.get("endpointSpec", {})
+
+
+def test_edge_limits_follow_config() -> None:
+    tuned = run_program({**VALID_CONFIG, "rateLimitPerSecond": "20", "rateLimitBurst": "40", "inFlightPerClient": "8"})
+    labels = service_labels(tuned.one(SERVICE))
+    assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.average"] == "20"
+    assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst"] == "40"
+    assert labels["traefik.http.middlewares.mlapi-inflight.inflightreq.amount"] == "8"
+    with pytest.raises(Exception, match=r"'rateLimitPerSecond'.*1-100000"):
+        run_program({**VALID_CONFIG, "rateLimitPerSecond": "0"})
 
 
 def test_public_docs_can_be_turned_off() -> None:

@@ -131,7 +131,10 @@ def variant_image(client, base: str, label: str, dockerfile_tail: str = "") -> s
 
 
 def deploy_model(client, stack: local.LocalStack, image: str):
-    spec = replace(stack.spec.model, image=image)
+    return deploy_model_spec(client, stack, replace(stack.spec.model, image=image))
+
+
+def deploy_model_spec(client, stack: local.LocalStack, spec):
     secrets = {
         base: next((s.id, s.name) for s in client.secrets.list() if s.name.startswith(f"{base}-")) for base in SECRETS
     }
@@ -310,6 +313,26 @@ def test_testssl_finds_nothing_but_local_ca_artefacts(stack: local.LocalStack, t
     assert by_id.get("TLS1_2") == "offered" and by_id.get("TLS1_3", "").startswith("offered")
     assert by_id.get("TLS1", "").startswith("not offered") and by_id.get("TLS1_1", "").startswith("not offered")
     assert "EC" in by_id.get("cert_keySize", "") and "256" in by_id.get("cert_keySize", "")
+
+
+def test_a_client_over_its_rate_or_concurrency_gets_429(stack: local.LocalStack) -> None:
+    """The production limits' labels, tightened on the running service: a burst from one address is cut off with
+    429 while the rest is served; then the local limits come back. (Service labels change without new tasks.)"""
+    client = docker_engine()
+    tight = {
+        **stack.spec.model.labels,
+        "traefik.http.middlewares.mlapi-ratelimit.ratelimit.average": "5",
+        "traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst": "5",
+    }
+    deploy_model_spec(client, stack, replace(stack.spec.model, labels=tight))
+    try:
+        wait_until(lambda: 429 in {https(stack, "GET", "/health")[0] for _ in range(15)}, 30, "the tight limit")
+        time.sleep(2)  # a fresh bucket
+        statuses = [https(stack, "GET", "/health")[0] for _ in range(30)]
+        assert statuses.count(200) >= 5 and statuses.count(429) >= 10, statuses
+    finally:
+        deploy_model_spec(client, stack, stack.spec.model)
+    wait_until(lambda: all(https(stack, "GET", "/health")[0] == 200 for _ in range(30)), 30, "the local limits")
 
 
 # -- zero failed requests -----------------------------------------------------------------------------------------
@@ -519,9 +542,15 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
     client = docker_engine()
     running = client.api.inspect_service(MODEL_SERVICE)["Spec"]
     assert running["Name"] == service["name"]
-    assert {k: v for k, v in running["Labels"].items() if k != HASH_LABEL} == {
-        item["label"]: item["value"] for item in service["labels"]
+    local_labels = {k: v for k, v in running["Labels"].items() if k != HASH_LABEL}
+    declared_labels = {item["label"]: item["value"] for item in service["labels"]}
+    limits = {k for k in declared_labels if ".ratelimit." in k or ".inflightreq." in k}
+    # The one documented difference: per-client limits are high locally (every local client has one address).
+    assert local_labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.average"] == str(local.LOCAL_RATE_LIMIT)
+    assert {k: v for k, v in local_labels.items() if k not in limits} == {
+        k: v for k, v in declared_labels.items() if k not in limits
     }
+    assert limits <= set(local_labels)
     assert running["Mode"] == {"Replicated": {"Replicas": service["mode"]["replicated"]["replicas"]}}
     assert running["EndpointSpec"]["Mode"] == service["endpointSpec"]["mode"]
     for key, declared_key in (("UpdateConfig", "updateConfig"), ("RollbackConfig", "rollbackConfig")):
