@@ -32,6 +32,7 @@ from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, r
 from infra.deploy import docker_ssh_options
 from infra.engine import deploy_stack, running_tasks
 from infra.host_setup import render_graceful_stop, render_host_setup
+from infra.local import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
 from infra.spec import APP_COMMAND, MODEL_SERVICE, SECRETS, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
@@ -272,6 +273,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             acme_ca_bundle=CA_ON_HOST,
             model_image=built["model"],
             traefik_image=built["traefik"],
+            # The load tests' clients all come from this machine's one address (as locally, infra/local.py).
+            rate_limit_per_s=LOCAL_RATE_LIMIT,
+            rate_limit_burst=LOCAL_RATE_LIMIT,
+            in_flight_per_client=LOCAL_IN_FLIGHT,
         )
         spec = build_stack(inputs)
         user_data = render_user_data(
