@@ -9,7 +9,7 @@ from pathlib import Path
 import pulumi
 
 from infra.components import ModelStack
-from infra.config import ConfigError, load_config
+from infra.config import WORLD, ConfigError, load_config
 from infra.host import Host
 from infra.spec import StackInputs, build_stack, source_tag
 
@@ -26,7 +26,7 @@ if cfg.backup is None:
         "backups are off: the data volume is not backed up. Turn them on with "
         "`pulumi config set backupRepository <restic URL>` and `pulumi config set --secret backupPassword <password>`."
     )
-if {"0.0.0.0/0", "::/0"} & set(cfg.ssh_allowed_cidrs):
+if set(WORLD) & set(cfg.ssh_allowed_cidrs):
     pulumi.log.warn("sshAllowedCidrs opens port 22 to the whole internet (key-only login), as configured.")
 
 inputs = StackInputs(

@@ -17,15 +17,16 @@ from app.settings import get_settings
 
 
 def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
-    from app.service import load_admin_token
+    from app.service import load_token
 
     settings = get_settings()
+    token = load_token(settings, "admin")
     url = f"http://127.0.0.1:{settings.port}{path}"
     request = urllib.request.Request(
         url,
         method=method,
         data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {load_admin_token(settings)}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -79,12 +79,34 @@ def accepted_bounds(values: np.ndarray, multiple: float) -> Bounds:
     return Bounds(low - multiple * span, high + multiple * span)
 
 
+@dataclass(frozen=True)
+class AcceptedRanges:
+    """What the API accepts for each feature and for a target; the same ranges judge stored observations at
+    retrain time (rows from before the limits existed)."""
+
+    features: tuple[Bounds, ...]
+    target: Bounds
+
+    @classmethod
+    def of(cls, dataset: Dataset, multiple: float) -> AcceptedRanges:
+        features = tuple(accepted_bounds(dataset.X[:, i], multiple) for i in range(dataset.X.shape[1]))
+        return cls(features, accepted_bounds(dataset.y, multiple))
+
+    def admits(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per row: finite, and every feature and the target within range."""
+        low = np.array([bounds.low for bounds in self.features])
+        high = np.array([bounds.high for bounds in self.features])
+        rows = np.isfinite(X).all(axis=1) & ((low <= X) & (high >= X)).all(axis=1)
+        return rows & np.isfinite(y) & (y >= self.target.low) & (y <= self.target.high)
+
+
 def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchemas:
     levels = settings.confidence_levels
     feature_names = dataset.feature_names
     multiple = settings.input_range_multiple
-    feature_bounds = {name: accepted_bounds(dataset.X[:, i], multiple) for i, name in enumerate(feature_names)}
-    target_bounds = accepted_bounds(dataset.y, multiple)
+    ranges = AcceptedRanges.of(dataset, multiple)
+    feature_bounds = dict(zip(feature_names, ranges.features, strict=True))
+    target_bounds = ranges.target
 
     def check_confidence(cls: Any, value: float) -> float:
         if value not in levels:

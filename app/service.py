@@ -23,7 +23,7 @@ from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
 from app.predlog import PredictionLog, Retention
 from app.registry import Registry, RegistryError, write_json_line
-from app.schemas import accepted_bounds
+from app.schemas import AcceptedRanges
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class Prediction:
     ood: list[list[OutOfRange]]
 
 
-class AdminTokenError(RuntimeError):
-    """The admin token is configured but empty or unreadable: refuse to start rather than fail open."""
+class TokenError(RuntimeError):
+    """A bearer token (admin or ingest) is unreadable, empty or short: refuse to start rather than fail open."""
 
 
 MIN_TOKEN_LENGTH = 16
@@ -82,18 +82,14 @@ def load_token(settings: Settings, kind: str) -> str:
         try:
             token, source = file.read_text().strip(), str(file)
         except OSError as exc:
-            raise AdminTokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
+            raise TokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
     else:
         token, source = _generated_token(settings.data_dir / f"{kind}-token"), str(settings.data_dir / f"{kind}-token")
     if not token:
-        raise AdminTokenError(f"the {kind} token from {source} is empty: set a non-empty token")
+        raise TokenError(f"the {kind} token from {source} is empty: set a non-empty token")
     if len(token) < MIN_TOKEN_LENGTH:
-        raise AdminTokenError(f"the {kind} token from {source} is shorter than {MIN_TOKEN_LENGTH} characters")
+        raise TokenError(f"the {kind} token from {source} is shorter than {MIN_TOKEN_LENGTH} characters")
     return token
-
-
-def load_admin_token(settings: Settings) -> str:
-    return load_token(settings, "admin")
 
 
 def _generated_token(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
@@ -122,6 +118,9 @@ class ModelService:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(settings.data_dir)
         self.dataset = load_dataset(settings.dataset, settings.target_column)
+        self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
+        spans = np.ptp(self.dataset.X, axis=0)
+        self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
         self.prediction_log = PredictionLog(
             settings.data_dir / "predictions.sqlite3",
             settings.log_queue_size,
@@ -319,16 +318,9 @@ class ModelService:
         accepted ranges or not finite (stored before the limits existed; they would break the fit)."""
         if not len(y):
             return X, y, 0
-        multiple = self.settings.input_range_multiple
-        keep = np.isfinite(X).all(axis=1) & np.isfinite(y)
-        for column in range(X.shape[1]):
-            bounds = accepted_bounds(self.dataset.X[:, column], multiple)
-            keep &= (X[:, column] >= bounds.low) & (X[:, column] <= bounds.high)
-        target = accepted_bounds(self.dataset.y, multiple)
-        keep &= (y >= target.low) & (y <= target.high)
+        keep = self.ranges.admits(X, y)
         # Near-duplicates too: a holdout row nudged in the last digits is still the holdout row.
-        spans = np.ptp(self.dataset.X, axis=0)
-        tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
+        tolerance = self.holdout_tolerance
         candidates = np.flatnonzero(keep)  # only rows in range: far-out values cannot be near the holdout
         for start in range(0, len(candidates), 4096):
             chunk = candidates[start : start + 4096]

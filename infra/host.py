@@ -15,7 +15,7 @@ import pulumi_hcloud as hcloud
 import pulumi_tls as tls
 
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
-from infra.config import ConfigError, DeployConfig
+from infra.config import WORLD, ConfigError, DeployConfig
 from infra.deploy import firewall_rules
 from infra.spec import StackSpec
 
@@ -103,7 +103,7 @@ class Host(pulumi.ComponentResource):
         self.host_public_key: pulumi.Output[str] = self.host_key.public_key_openssh.apply(str.strip)
         # The policy pack (policy/rules.py) blocks SSH open to the world unless the operator typed it: this label
         # says so.
-        world_by_choice = bool({"0.0.0.0/0", "::/0"} & set(cfg.ssh_allowed_cidrs))  # sshAllowedCidrs is required
+        world_by_choice = bool(set(WORLD) & set(cfg.ssh_allowed_cidrs))  # sshAllowedCidrs is required
         self.firewall = hcloud.Firewall(
             f"{name}-firewall",
             name=name,

@@ -157,6 +157,13 @@ def _wait_for_no_tasks(client: docker.DockerClient, timeout: float = 60) -> None
         time.sleep(0.5)
 
 
+def traefik_running(client: docker.DockerClient) -> bool:
+    try:
+        return client.containers.get(TRAEFIK_CONTAINER).status == "running"
+    except docker.errors.NotFound:
+        return False
+
+
 def _start_traefik(client: docker.DockerClient, attempts: int = 30) -> None:
     """As the VM's boot guard does: the overlay may still be re-attaching right after the stop."""
     container = client.containers.get(TRAEFIK_CONTAINER)
@@ -183,11 +190,9 @@ def restore(
     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
         service = client.services.get(MODEL_SERVICE)
     replicas = service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] if service else 0
-    traefik_running = False
-    with contextlib.suppress(docker.errors.NotFound):
-        traefik = client.containers.get(TRAEFIK_CONTAINER)
-        traefik_running = traefik.status == "running"
-        traefik.stop(timeout=10)
+    running = traefik_running(client)
+    if running:
+        client.containers.get(TRAEFIK_CONTAINER).stop(timeout=10)
     if replicas:
         service.scale(0)
         _wait_for_no_tasks(client)
@@ -202,7 +207,7 @@ def restore(
             {"RESTORE_EXTRA_TARGET": STATE_MOUNT},
         )
     finally:
-        if traefik_running:
+        if running:
             _start_traefik(client)
         if replicas:
             client.services.get(MODEL_SERVICE).scale(replicas)
@@ -238,10 +243,7 @@ def restore_and_check(
     """`make local-restore`: restore, then (if the stack was running) wait until it serves the restored data."""
     data_root.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        running = client.containers.get(TRAEFIK_CONTAINER).status == "running"
-    except docker.errors.NotFound:
-        running = False
+    running = traefik_running(client)
     lines = [restore(client, options, data_root, state_dir, snapshot).strip()]
     root = state_dir / CA_ROOT
     if running:
