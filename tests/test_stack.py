@@ -105,6 +105,15 @@ def app_command(stack: local.LocalStack, *args: str, timeout: float = 300) -> su
     )
 
 
+def promote(stack: local.LocalStack) -> dict:
+    """Fresh ground truth through the edge with the ingest token, retrains by the host command, until promoted."""
+    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
+    return promote_with_fresh_data(
+        lambda rows: https(stack, "POST", "/observations", {"observations": rows}, headers=ingest)[0],
+        lambda: json.loads(app_command(stack, "retrain").stdout),
+    )
+
+
 def versions_by_replica(stack: local.LocalStack, calls: int = 12) -> dict[str, str]:
     """Which version each replica serves, as seen through Traefik (which balances the calls over them)."""
     seen: dict[str, str] = {}
@@ -377,17 +386,13 @@ def test_a_crashed_replica_fails_no_request_and_swarm_replaces_it(stack: local.L
 
 
 def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: local.LocalStack) -> None:
-    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
     status, _, _ = https(stack, "POST", "/observations", {"observations": fresh_observations(3, seed=99)})
     assert status == 401  # ground truth needs the ingest token
     before = set(versions_by_replica(stack).values())
     assert len(before) == 1
     with load(stack) as traffic:
         time.sleep(1)
-        outcome = promote_with_fresh_data(
-            lambda rows: https(stack, "POST", "/observations", {"observations": rows}, headers=ingest)[0],
-            lambda: json.loads(app_command(stack, "retrain").stdout),
-        )
+        outcome = promote(stack)
         promoted = outcome["current_version"]
         started = time.monotonic()
         wait_until(lambda: set(versions_by_replica(stack).values()) == {promoted}, 15, f"all replicas on {promoted}")

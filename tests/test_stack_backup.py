@@ -25,8 +25,8 @@ from docker.types import Mount
 from infra import local, local_backup, local_cli
 from infra.backup import ENV_FILE, STATUS_FILE, environment_lines, restore_script
 from tests.conftest import record
-from tests.stack_support import TIMINGS, docker_engine, free_port, https, promote_with_fresh_data, wait_until
-from tests.test_stack import app_command, pebble_orders, tasks
+from tests.stack_support import TIMINGS, docker_engine, free_port, https, wait_until
+from tests.test_stack import app_command, pebble_orders, promote, tasks
 
 pytestmark = pytest.mark.stack
 COUNT_ROWS = (
@@ -90,11 +90,7 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
     client = docker_engine()
     for age in (0.01, 0.02, 0.03):
         assert https(stack, "POST", "/predict", {"features": record(age=age)})[0] == 200
-    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
-    promote_with_fresh_data(
-        lambda rows: https(stack, "POST", "/observations", {"observations": rows}, headers=ingest)[0],
-        lambda: json.loads(app_command(stack, "retrain").stdout),
-    )
+    promote(stack)
     time.sleep(1.5)  # the prediction log writes in the background
     before = state_of(stack)
     assert before["predictions"] >= 3 and before["observations"] >= 354
