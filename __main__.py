@@ -10,6 +10,7 @@ import pulumi
 
 from infra.components import ModelStack
 from infra.config import WORLD, ConfigError, load_config
+from infra.deploy import server_memory_mb
 from infra.host import Host
 from infra.spec import StackInputs, build_stack, source_tag
 
@@ -35,7 +36,9 @@ inputs = StackInputs(
     acme_staging=cfg.acme_staging,
     retrain_schedule=cfg.retrain_schedule,
     model_replicas=cfg.model_replicas,
+    server_memory_mb=server_memory_mb(cfg.server_type),
     public_docs=cfg.public_docs,
+    hsts_preload=cfg.hsts_preload,
     rate_limit_per_s=cfg.rate_limit_per_s,
     rate_limit_burst=cfg.rate_limit_burst,
     in_flight_per_client=cfg.in_flight_per_client,

@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
         settings = get_settings()
+        if settings.process_limit is not None:
+            import resource
+
+            # Lowered for good: without CAP_SYS_RESOURCE (the task has no capability) nothing can raise it again.
+            resource.setrlimit(resource.RLIMIT_NPROC, (settings.process_limit, settings.process_limit))
         config = uvicorn.Config(
             "app.main:app",
             host=settings.host,

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     graceful_timeout_s: int = Field(10, ge=1, description="Then wait at most this long for in-flight requests.")
     # Above the proxy's idle timeout for backend connections (infra/spec.py), so the proxy closes them first.
     keep_alive_s: int = Field(75, ge=1)
+    process_limit: int | None = Field(
+        None,
+        ge=64,
+        description="RLIMIT_NPROC set at start for this user: every process and thread of the model's user on the "
+        "node together (all replicas). A fork bomb stops there instead of exhausting the host.",
+    )
     host: str = "0.0.0.0"  # noqa: S104 (inside the container; only Traefik reaches it, over the internal network)
     port: int = 8000
 

@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 from infra.host_setup import START_EDGE, HostFile
-from infra.spec import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER
+from infra.spec import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
 
 BACKUP_DIR = "/etc/mlapi/backup"
 ENV_FILE = f"{BACKUP_DIR}/env"
@@ -190,6 +190,8 @@ for part in model traefik; do
   if [ -e "$DATA/$part" ]; then mv "$DATA/$part" "$DATA/$part.before-restore-$stamp"; fi
   mv "$DATA/$part.restoring-$stamp" "$DATA/$part"
 done
+# A snapshot from before Traefik ran as its own user holds root's certificate store: Traefik could not read it.
+chown -R {TRAEFIK_UID}:{TRAEFIK_UID} "$DATA/traefik"
 # The backup status describes the repository, not the snapshot: keep the gauges' history.
 if [ -f "$DATA/model.before-restore-$stamp/{STATUS_FILE}" ]; then
   cp -p "$DATA/model.before-restore-$stamp/{STATUS_FILE}" "$DATA/model/"

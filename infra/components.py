@@ -51,10 +51,11 @@ def container(
     resource_name: str,
     spec: ContainerSpec,
     image: pulumi.Input[str],
-    network: docker.Network,
+    networks: dict[str, docker.Network],
     opts: pulumi.ResourceOptions,
 ) -> docker.Container:
-    """One spec container as a docker.Container: every field comes from the spec, nothing is added here."""
+    """One spec container as a docker.Container: every field comes from the spec, nothing is added here.
+    ``networks``: the network resources by the names the spec uses (aliases on the first)."""
     return docker.Container(
         resource_name,
         name=spec.name,
@@ -63,16 +64,23 @@ def container(
         envs=[f"{key}={value}" for key, value in spec.env.items()],
         labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in spec.labels.items()],
         mounts=[
-            docker.ContainerMountArgs(type="bind", source=m.source, target=m.target, read_only=m.read_only)
+            docker.ContainerMountArgs(type=m.kind, source=m.source, target=m.target, read_only=m.read_only)
             for m in spec.mounts
         ],
         ports=[
             docker.ContainerPortArgs(internal=p.container_port, external=p.host_port, ip=p.host_ip, protocol="tcp")
             for p in spec.ports
         ],
-        networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(spec.aliases))],
-        healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)),
+        networks_advanced=[
+            docker.ContainerNetworksAdvancedArgs(
+                name=networks[network].name, aliases=list(spec.aliases) if index == 0 else None
+            )
+            for index, network in enumerate(spec.networks)
+        ],
+        network_mode=None if spec.networks else "none",
+        healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)) if spec.healthcheck else None,
         restart=spec.restart,
+        user=spec.user,
         capabilities=docker.ContainerCapabilitiesArgs(
             drops=list(spec.confinement.cap_drop), adds=list(spec.confinement.cap_add)
         ),
@@ -80,6 +88,10 @@ def container(
         tmpfs={spec.confinement.tmpfs_path: f"size={spec.confinement.tmpfs_bytes}"},
         memory=spec.confinement.memory_bytes // MiB,  # the provider counts megabytes
         security_opts=["no-new-privileges:true"] if spec.confinement.no_new_privileges else [],
+        ulimits=[
+            docker.ContainerUlimitArgs(name="nproc", soft=limit, hard=limit)
+            for limit in ([spec.confinement.process_limit] if spec.confinement.process_limit else [])
+        ],
         opts=opts,
     )
 
@@ -131,7 +143,7 @@ def service(
                 env=dict(spec.env),
                 mounts=[
                     docker.ServiceTaskSpecContainerSpecMountArgs(
-                        type="bind", source=m.source, target=m.target, read_only=m.read_only
+                        type=m.kind, source=m.source, target=m.target, read_only=m.read_only
                     )
                     for m in spec.mounts
                 ]
@@ -257,8 +269,13 @@ class ModelStack(pulumi.ComponentResource):
         self.network = docker.Network(
             f"{name}-network", name=spec.network, driver="overlay", attachable=True, opts=on_host
         )
+        # The Docker API proxy's socket, shared with Traefik only (infra/docker_api.py).
+        self.volumes = [docker.Volume(f"{name}-volume-{volume}", name=volume, opts=on_host) for volume in spec.volumes]
         self.traefik_image = docker.RemoteImage(
             f"{name}-traefik-image", name=spec.traefik.image, platform=platform, keep_locally=True, opts=on_host
+        )
+        self.docker_api_image = docker.RemoteImage(
+            f"{name}-docker-api-image", name=spec.docker_api.image, platform=platform, keep_locally=True, opts=on_host
         )
         if cfg.model_image:
             # Pulled for the server's platform: an image without it fails here, naming the platform.
@@ -294,7 +311,18 @@ class ModelStack(pulumi.ComponentResource):
         # (whoever sends ground truth; `pulumi stack output ingestToken --show-secrets`).
         self.admin_token, self.admin_secret = swarm_token(f"{name}-admin", ADMIN_SECRET, self, on_host)
         self.ingest_token, self.ingest_secret = swarm_token(f"{name}-ingest", INGEST_SECRET, self, on_host)
-        self.traefik = container(f"{name}-traefik", spec.traefik, self.traefik_image.image_id, self.network, on_host)
+        networks = {spec.network: self.network}
+        with_volumes = pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=self.volumes))
+        self.docker_api = container(
+            f"{name}-docker-api", spec.docker_api, self.docker_api_image.image_id, networks, with_volumes
+        )
+        self.traefik = container(
+            f"{name}-traefik",
+            spec.traefik,
+            self.traefik_image.image_id,
+            networks,
+            pulumi.ResourceOptions.merge(with_volumes, pulumi.ResourceOptions(depends_on=[self.docker_api])),
+        )
         self.model = service(
             f"{name}-model",
             spec.model,

@@ -49,6 +49,7 @@ class DeployConfig(BaseModel):
     data_volume_id: int | None = None
     dns_proxied: bool = False
     public_docs: bool = True
+    hsts_preload: bool = False
     server_backups: bool = False  # Hetzner's own; they do not include the data volume (restic covers that)
     backup: BackupSettings | None = None
     backup_password: SecretStr | None = None
@@ -84,6 +85,11 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
     "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
     "publicDocs": (False, "false", "serve /docs, /redoc and /openapi.json to the internet (true/false)"),
+    "hstsPreload": (
+        False,
+        "true",
+        "ask browsers' HSTS preload lists to include the domain (true/false; hard to undo: see the README)",
+    ),
     "serverBackups": (
         False,
         "true",
@@ -266,6 +272,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("dnsProxied", "dns_proxied"),
         ("serverBackups", "server_backups"),
         ("publicDocs", "public_docs"),
+        ("hstsPreload", "hsts_preload"),
     ):
         if raw[key]:
             values[field] = _bool(key, raw[key])

@@ -62,6 +62,22 @@ def platform_for(server_type: str) -> str:
     return "linux/arm64" if server_type.lower().startswith("cax") else "linux/amd64"
 
 
+# GB of memory per Hetzner server type (hetzner.com/cloud, late 2026). A type not listed is sized as the smallest
+# (2 GB): its containers' memory limits are then lower than they could be, never more than the server has.
+SERVER_MEMORY_GB = {
+    **{name: gb for name, gb in (("cx22", 4), ("cx32", 8), ("cx42", 16), ("cx52", 32))},
+    **{name: gb for name, gb in (("cx23", 4), ("cx33", 8), ("cx43", 16), ("cx53", 32))},
+    **{name: gb for name, gb in (("cpx11", 2), ("cpx21", 4), ("cpx31", 8), ("cpx41", 16), ("cpx51", 32))},
+    **{name: gb for name, gb in (("cax11", 4), ("cax21", 8), ("cax31", 16), ("cax41", 32))},
+    **{name: gb for name, gb in (("ccx13", 8), ("ccx23", 16), ("ccx33", 32), ("ccx43", 64), ("ccx53", 128))},
+}
+SMALLEST_SERVER_GB = 2
+
+
+def server_memory_mb(server_type: str) -> int:
+    return SERVER_MEMORY_GB.get(server_type.lower(), SMALLEST_SERVER_GB) * 1024
+
+
 def smoke_command(domain: str, ip: str, *, staging: bool, attempts: int = 60, delay_s: int = 10) -> str:
     """The post-deploy check `pulumi up` runs locally (see infra/smoke.py): it dials the server's own IP with the
     domain as SNI and Host, so a resolver cache on the operator's machine cannot make it test the old server."""

@@ -1,6 +1,7 @@
 """Apply the spec to a Docker engine through its API: this machine's (`make local-up`) or a host's over ssh://
 (the VM stand-in test). It does what the Pulumi components declare, from the same spec: swarm mode, the overlay
-network, the admin-token secret, the Traefik container and the model's swarm service, then waits for the rollout
+network, the token secrets, the proxy and Traefik containers and the model's
+swarm service, then waits for the rollout
 the way the Docker provider's converge step does, and says why when swarm rolled an update back.
 """
 
@@ -95,8 +96,9 @@ def remove_unused_secrets(client: docker.DockerClient, base: str, keep: str) -> 
 
 
 # -- plain containers (Traefik, Pebble) --------------------------------------------------------------------------
-def ensure_container(client: docker.DockerClient, name: str, digest: str, create: dict):
-    """Keep a running container whose definition is unchanged; otherwise replace it (idempotent `up`)."""
+def ensure_container(client: docker.DockerClient, name: str, digest: str, create: dict, networks: tuple[str, ...] = ()):
+    """Keep a running container whose definition is unchanged; otherwise replace it (idempotent `up`). ``networks``:
+    the ones it joins besides the one it is created on, before it starts."""
     try:
         existing = client.containers.get(name)
     except docker.errors.NotFound:
@@ -109,27 +111,38 @@ def ensure_container(client: docker.DockerClient, name: str, digest: str, create
         existing.remove(force=True)
     create["labels"] = {**create.get("labels", {}), HASH_LABEL: digest}
     container = client.containers.create(name=name, detach=True, **create)
+    for network in networks:
+        client.networks.get(network).connect(container)
     container.start()
     return container
 
 
-def container_create_args(client: docker.DockerClient, spec: ContainerSpec, network: str) -> dict:
-    """One spec container as docker-py arguments: every field comes from the spec, nothing is added here."""
+def container_create_args(client: docker.DockerClient, spec: ContainerSpec) -> dict:
+    """One spec container as docker-py arguments: every field comes from the spec, nothing is added here. It is
+    created on its first network (with the aliases), or none; ensure_container connects the others."""
     ports: dict[str, list[tuple[str, int]]] = {}
     for port in spec.ports:
         ports.setdefault(f"{port.container_port}/tcp", []).append((port.host_ip, port.host_port))
+    network = (
+        {
+            "network": spec.networks[0],
+            "networking_config": {spec.networks[0]: client.api.create_endpoint_config(aliases=list(spec.aliases))},
+        }
+        if spec.networks
+        else {"network_mode": "none"}
+    )
     return {
         "image": spec.image,
         "command": list(spec.command),
         "environment": dict(spec.env),
         "labels": dict(spec.labels),
-        "mounts": [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
+        "mounts": [Mount(target=m.target, source=m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts],
         "ports": ports,
-        "healthcheck": _healthcheck(spec.healthcheck),
+        **({"healthcheck": _healthcheck(spec.healthcheck)} if spec.healthcheck else {}),
         "restart_policy": {"Name": spec.restart},
+        "user": spec.user,
         **_confined_container(spec.confinement),
-        "network": network,
-        "networking_config": {network: client.api.create_endpoint_config(aliases=list(spec.aliases))},
+        **network,
     }
 
 
@@ -141,14 +154,19 @@ def _confined_container(confinement: Confinement) -> dict:
         "tmpfs": {confinement.tmpfs_path: f"size={confinement.tmpfs_bytes}"},
         "mem_limit": confinement.memory_bytes,
         "security_opt": ["no-new-privileges:true"] if confinement.no_new_privileges else [],
+        "ulimits": [api.Ulimit(name="nproc", soft=limit, hard=limit) for limit in _process_limit(confinement)],
     }
 
 
-def run_container(client: docker.DockerClient, spec: ContainerSpec, network: str):
-    args = container_create_args(client, spec, network)
+def _process_limit(confinement: Confinement) -> list[int]:
+    return [] if confinement.process_limit is None else [confinement.process_limit]
+
+
+def run_container(client: docker.DockerClient, spec: ContainerSpec):
+    args = container_create_args(client, spec)
     image_id = client.images.get(spec.image).id
     digest = config_hash(args["command"], args["environment"], args["labels"], spec, image_id)
-    return ensure_container(client, spec.name, digest, args)
+    return ensure_container(client, spec.name, digest, args, spec.networks[1:])
 
 
 # -- the model's swarm service ---------------------------------------------------------------------------------
@@ -170,7 +188,7 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
         image=spec.image,
         command=list(spec.command),
         env=[f"{key}={value}" for key, value in spec.env.items()],
-        mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts]
+        mounts=[Mount(target=m.target, source=m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts]
         + [Mount(target=confinement.tmpfs_path, source=None, type="tmpfs", tmpfs_size=confinement.tmpfs_bytes)],
         healthcheck=_healthcheck(spec.healthcheck),
         stop_grace_period=_ns(spec.stop_grace_period_s),
@@ -316,7 +334,8 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
     ensure_swarm(client)
     ensure_network(client, spec.network)
     secrets = {base: ensure_secret(client, base, value) for base, value in tokens.items()}
-    run_container(client, spec.traefik, spec.network)
+    run_container(client, spec.docker_api)
+    run_container(client, spec.traefik)
     rollout = apply_service(client, spec.model, spec.network, secrets)
     for base, (_, name) in secrets.items():
         remove_unused_secrets(client, base, keep=name)

@@ -76,19 +76,23 @@ def host_files(spec: StackSpec) -> tuple[HostFile, ...]:
 
 
 def layout_script(spec: StackSpec) -> str:
-    """The data directories with their owners and modes (idempotent)."""
+    """The data directories with their owners and modes, and the generated configuration files (idempotent)."""
     lines = []
     for directory in spec.host_directories:
         path = shlex.quote(directory.path)
+        owner = f"{directory.owner_uid}:{directory.owner_uid}"
         lines += [
             f"mkdir -p {path}",
-            f"chown {directory.owner_uid}:{directory.owner_uid} {path}",
+            f"chown {'-R ' if directory.recursive else ''}{owner} {path}",
             f"chmod {directory.mode} {path}",
         ]
-    for path, content in spec.edge_files:  # written whole, then renamed: Traefik watches the directory
-        blob = base64.b64encode(content.encode()).decode()
-        target = shlex.quote(path)
-        lines.append(f"echo {blob} | base64 -d > {target}.new && chmod 0600 {target}.new && mv {target}.new {target}")
+    for item in spec.config_files:  # written whole, then renamed: Traefik watches its directory
+        blob = base64.b64encode(item.content.encode()).decode()
+        target = shlex.quote(item.path)
+        lines.append(
+            f"echo {blob} | base64 -d > {target}.new && chown {item.owner_uid}:{item.owner_uid} {target}.new "
+            f"&& chmod {item.mode} {target}.new && mv {target}.new {target}"
+        )
     return "\n".join(lines) + "\n"
 
 

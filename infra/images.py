@@ -86,7 +86,11 @@ def apt_mirror() -> str:
 
 
 def debootstrap_image(
-    tag: str, packages: tuple[str, ...], cmd: str, customize: Callable[[Path], None] = lambda rootfs: None
+    tag: str,
+    packages: tuple[str, ...],
+    cmd: str,
+    customize: Callable[[Path], None] = lambda rootfs: None,
+    entrypoint: str | None = None,
 ) -> None:
     """Debian (SUITE, minbase) with ``packages`` from this host's mirror, adjusted by ``customize``, imported."""
     if shutil.which("debootstrap") is None:
@@ -102,7 +106,8 @@ def debootstrap_image(
                 if item.is_file():
                     item.unlink()
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        _run(["docker", "import", "-c", f"CMD {cmd}", "-", tag], f"docker import of {tag}", stdin=tar.stdout)
+        changes = ["-c", f"CMD {cmd}", *(["-c", f"ENTRYPOINT {entrypoint}"] if entrypoint else [])]
+        _run(["docker", "import", *changes, "-", tag], f"docker import of {tag}", stdin=tar.stdout)
         tar.wait()
 
 
@@ -252,4 +257,15 @@ def build_pebble(client: docker.DockerClient, base: str) -> str:
             "docker build of the Pebble image",
             env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
         )
+    return tag
+
+
+def build_docker_api_proxy(client: docker.DockerClient) -> str:
+    """Debian's HAProxy, started the way the official `haproxy` image's entrypoint starts it (master-worker, in the
+    foreground), so that the spec's command (`-f <config>`) means the same in both images."""
+    packages = ("haproxy",)
+    entrypoint = '["haproxy", "-W", "-db"]'
+    tag = f"mlapi-docker-api:{_short_hash(SUITE, *packages, entrypoint)}"
+    if not _has_image(client, tag):
+        debootstrap_image(tag, packages, "[]", entrypoint=entrypoint)
     return tag

@@ -9,7 +9,8 @@ change in app/ is a rolling, start-first update of the service, not a restart. T
   Pebble's listener CA (one extra read-only mount plus the `acme.cacertificates` flag);
 - domain: api.localtest; Traefik carries it as a network alias so Pebble's validation reaches it;
 - host ports: 127.0.0.1:8080/8443 instead of every interface on 80/443;
-- images: built here (infra/images.py) instead of pulled or built on the VM;
+- images: built here (infra/images.py) instead of pulled or built on the VM (the Docker API proxy: Debian's HAProxy
+  instead of the official image, same configuration);
 - data root: .local/data instead of /srv/mlapi on the Hetzner volume; the tokens in .local/state;
 - per-client limits at the edge: high, since every local client (and every load test) comes from one address.
 
@@ -32,6 +33,7 @@ import docker
 from docker.types import Mount
 
 from infra import images
+from infra.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME
 from infra.engine import (
     deploy_stack,
     ensure_network,
@@ -54,6 +56,8 @@ from infra.spec import (
     MODEL_SERVICE,
     NETWORK,
     TRAEFIK_CONTAINER,
+    WEB_PORT,
+    WEBSECURE_PORT,
     StackInputs,
     StackSpec,
     acme_storage,
@@ -125,7 +129,7 @@ def engine() -> docker.DockerClient:
     return client
 
 
-def local_inputs(options: LocalOptions, model_image: str, traefik_image: str, ca_bundle: Path) -> StackInputs:
+def local_inputs(options: LocalOptions, built: dict[str, str], ca_bundle: Path) -> StackInputs:
     """Production inputs with exactly the documented local differences applied."""
     production = StackInputs(domain=options.domain, acme_email=options.acme_email)
     return production.model_copy(
@@ -136,8 +140,9 @@ def local_inputs(options: LocalOptions, model_image: str, traefik_image: str, ca
             "http_port": options.http_port,
             "https_port": options.https_port,
             "traefik_aliases": (production.domain,),
-            "model_image": model_image,
-            "traefik_image": traefik_image,
+            "model_image": built["model"],
+            "traefik_image": built["traefik"],
+            "docker_api_image": built["docker_api"],
             "data_root": str(options.data_root),
             "model_replicas": options.model_replicas,
             # Every local client (and every load test) reaches Traefik from one address, the bridge's gateway.
@@ -189,6 +194,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     base = images.build_base(client)
     built = {
         "traefik": images.build_traefik(client),
+        "docker_api": images.build_docker_api_proxy(client),
         "pebble": images.build_pebble(client, base),
         "model": images.build_model(client, base),
     }
@@ -200,8 +206,9 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
         say("note: this Docker engine was not in swarm mode; it is now a single-node swarm manager on 127.0.0.1.")
         say("      `make local-destroy` leaves swarm mode again.")
     _remove_pre_swarm_containers(client)
-    pebble_dir = pebble_files(options.state_dir)
-    inputs = local_inputs(options, built["model"], built["traefik"], pebble_dir / "ca.pem")
+    # Pebble reaches Traefik on the overlay by its alias: the ports Traefik listens on inside its container.
+    pebble_dir = pebble_files(options.state_dir, (WEB_PORT, WEBSECURE_PORT))
+    inputs = local_inputs(options, built, pebble_dir / "ca.pem")
     spec = build_stack(inputs)
     ensure_network(client, spec.network)
     run_pebble(client, built["pebble"], pebble_dir, spec.network)
@@ -261,11 +268,13 @@ def down(options: LocalOptions | None = None, *, delete_data: bool = False, quie
     if client.info()["Swarm"]["LocalNodeState"] == "active":
         remove_service(client, MODEL_SERVICE)  # waits for the tasks' graceful shutdown
     _remove_pre_swarm_containers(client)
-    for name in (TRAEFIK_CONTAINER, PEBBLE_CONTAINER):
+    for name in (TRAEFIK_CONTAINER, DOCKER_API_CONTAINER, PEBBLE_CONTAINER):
         with contextlib.suppress(docker.errors.NotFound):
             client.containers.get(name).remove(force=True)
     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
         client.networks.get(NETWORK).remove()
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        client.volumes.get(DOCKER_API_VOLUME).remove()  # holds only the proxy's socket
     with contextlib.suppress(docker.errors.APIError):
         for base in (ADMIN_SECRET, INGEST_SECRET):
             remove_unused_secrets(client, base, keep="")

@@ -13,6 +13,7 @@ import sys
 import docker
 
 from infra import images, local_backup
+from infra.docker_api import DOCKER_API_CONTAINER
 from infra.engine import RolloutFailed
 from infra.local import LocalOptions, LocalStackError, down, engine, up
 from infra.pebble import PEBBLE_CONTAINER, PebbleError
@@ -23,32 +24,32 @@ def status(options: LocalOptions | None = None) -> int:
     options = options or LocalOptions()
     client = engine()
     healthy = 0
-    for name in (TRAEFIK_CONTAINER, PEBBLE_CONTAINER):
+    for name in (TRAEFIK_CONTAINER, DOCKER_API_CONTAINER, PEBBLE_CONTAINER):
         try:
             container = client.containers.get(name)
         except docker.errors.NotFound:
-            print(f"{name:15} absent")
+            print(f"{name:16} absent")
             continue
         health = container.attrs["State"].get("Health", {}).get("Status", "-")
-        print(f"{name:15} {container.status:10} health={health}")
+        print(f"{name:16} {container.status:10} health={health}")
         healthy += container.status == "running"
     try:
         service = client.api.inspect_service(MODEL_SERVICE)
     except docker.errors.APIError:
-        print(f"{MODEL_SERVICE:15} absent (no swarm service)")
+        print(f"{MODEL_SERVICE:16} absent (no swarm service)")
     else:
         tasks = client.api.tasks(filters={"service": MODEL_SERVICE, "desired-state": "running"})
         running = sum(task["Status"]["State"] == "running" for task in tasks)
         wanted = service["Spec"]["Mode"]["Replicated"]["Replicas"]
         update = (service.get("UpdateStatus") or {}).get("State", "-")
-        print(f"{MODEL_SERVICE:15} service    replicas={running}/{wanted} last-update={update}")
+        print(f"{MODEL_SERVICE:16} service    replicas={running}/{wanted} last-update={update}")
         healthy += running == wanted
     if healthy:
         print(f"url: https://{options.domain}:{options.https_port}  (CA root: {options.state_dir / 'pebble-root.pem'})")
     backups = local_backup.LocalBackupOptions.from_environment(options.backup_dir)
     print(f"backups: {local_backup.last_backup(options.data_root)}; repository {backups.where}")
     print("         `make local-backup`, `make local-restore [SNAPSHOT=<id>]`")
-    return 0 if healthy == 3 else 1
+    return 0 if healthy == 4 else 1
 
 
 def backup_or_restore(options: LocalOptions, command: str, snapshot: str = "latest") -> int:

@@ -27,13 +27,18 @@ class PebbleError(RuntimeError):
 
 
 def pebble_files(
-    state_dir: Path, extra_ips: tuple[str, ...] = (), names: tuple[str, ...] = ("pebble", PEBBLE_CONTAINER)
+    state_dir: Path,
+    validation_ports: tuple[int, int],
+    extra_ips: tuple[str, ...] = (),
+    names: tuple[str, ...] = ("pebble", PEBBLE_CONTAINER),
 ) -> Path:
-    """A throwaway CA and listener certificate for Pebble's own HTTPS API, plus its config (made once)."""
+    """A throwaway CA and listener certificate for Pebble's own HTTPS API (made once), and its config: validation
+    goes to ``validation_ports`` (HTTP, TLS) where Pebble reaches Traefik (its container's ports, or the host's)."""
     directory = state_dir / "pebble"
-    if (directory / "config.json").exists():
+    if (directory / "key.pem").exists():
         for name in ("ca.key", "key.pem"):  # a state dir from before the keys were made private
             (directory / name).chmod(0o600)
+        _write_config(directory, validation_ports)
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     run = lambda *args: subprocess.run(args, cwd=directory, check=True, capture_output=True)  # noqa: E731
@@ -90,6 +95,12 @@ def pebble_files(
         (directory / name).chmod(0o644)  # public: Traefik's container trusts ca.pem
     for name in ("ca.key", "key.pem"):
         (directory / name).chmod(0o600)  # private keys: only their owner (Pebble runs as root in its container)
+    _write_config(directory, validation_ports)
+    return directory
+
+
+def _write_config(directory: Path, validation_ports: tuple[int, int]) -> None:
+    http_port, tls_port = validation_ports
     (directory / "config.json").write_text(
         json.dumps(
             {
@@ -98,8 +109,8 @@ def pebble_files(
                     "managementListenAddress": "0.0.0.0:15000",
                     "certificate": "/pebble/cert.pem",
                     "privateKey": "/pebble/key.pem",
-                    "httpPort": 80,  # validation goes to the real ports Traefik listens on
-                    "tlsPort": 443,
+                    "httpPort": http_port,
+                    "tlsPort": tls_port,
                     "ocspResponderURL": "",
                     "externalAccountBindingRequired": False,
                 }
@@ -107,7 +118,6 @@ def pebble_files(
             indent=2,
         )
     )
-    return directory
 
 
 def fetch_pebble_root(
@@ -155,6 +165,7 @@ def run_pebble(
         "network": network,
         "networking_config": {network: client.api.create_endpoint_config(aliases=[alias], ipv4_address=ip)},
     }
+    config = (pebble_dir / "config.json").read_text()
     return ensure_container(
-        client, name, config_hash(args["command"], args["environment"], ip, client.images.get(image).id), args
+        client, name, config_hash(args["command"], args["environment"], ip, config, client.images.get(image).id), args
     )

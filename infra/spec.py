@@ -15,6 +15,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from infra.docker_api import (
+    DOCKER_API_CONFIG_FILE,
+    DOCKER_API_CONFIG_PATH,
+    DOCKER_API_CONTAINER,
+    DOCKER_API_IMAGE,
+    DOCKER_API_VOLUME,
+    PROXY_SOCKET_DIR,
+    SOCKET,
+    docker_api_config,
+)
 from infra.durations import go_duration  # noqa: F401 (re-exported: the components spell durations with it)
 from infra.traefik import (  # noqa: F401 (re-exported for the components, the local stack and tests)
     ACME_CA_BUNDLE_PATH,
@@ -23,6 +33,8 @@ from infra.traefik import (  # noqa: F401 (re-exported for the components, the l
     PROVIDER_REFRESH_S,
     PROXY_HEALTH_INTERVAL_S,
     TLS_FILE,
+    WEB_PORT,
+    WEBSECURE_PORT,
     acme_storage,
     model_labels,
     tls_options_yaml,
@@ -36,6 +48,7 @@ TRAEFIK_CONTAINER = "mlapi-traefik"
 MODEL_SERVICE = "mlapi-model"
 MODEL_PORT = 8000
 MODEL_UID = 10001  # the image's non-root user (app/Dockerfile)
+TRAEFIK_UID = 10002  # Traefik runs as this user: it owns its certificates and nothing else on the host
 DEFAULT_DATA_ROOT = "/srv/mlapi"
 DEFAULT_RETRAIN_SCHEDULE = "0 * * * *"
 DEFAULT_MODEL_REPLICAS = 2
@@ -92,13 +105,16 @@ class StackInputs(BaseModel):
     acme_staging: bool = False
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
     model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)
+    server_memory_mb: int = Field(4096, ge=1024, description="the server's memory: the containers' limits follow it")
     public_docs: bool = True  # /docs, /redoc and /openapi.json routed from the internet
+    hsts_preload: bool = False  # HSTS with `preload` and the two years hstspreload.org requires
     # Per client address at the edge (429 beyond): one client cannot take the whole VM (~150-200 predictions/s).
     rate_limit_per_s: int = Field(100, ge=1)
     rate_limit_burst: int = Field(200, ge=1)
     in_flight_per_client: int = Field(32, ge=1)
     model_image: str = Field("mlapi-model:latest", description="image the model service runs")
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
+    docker_api_image: str = DOCKER_API_IMAGE
     data_root: str = DEFAULT_DATA_ROOT
     # Local differences (see infra/local.py): where ACME lives, which CA to trust, where ports bind.
     acme_ca_server: str | None = None
@@ -138,9 +154,10 @@ class StackInputs(BaseModel):
 
 @dataclass(frozen=True)
 class Mount:
-    source: str  # a host path
+    source: str  # a host path, or a named volume's name
     target: str
     read_only: bool = False
+    kind: str = "bind"  # bind | volume
 
 
 @dataclass(frozen=True)
@@ -197,7 +214,7 @@ class Workload:
     env: dict[str, str]
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
-    healthcheck: Healthcheck
+    healthcheck: Healthcheck | None  # None: the image's own (the Docker API proxy has no client to check itself with)
 
 
 MiB = 1024 * 1024
@@ -216,6 +233,9 @@ class Confinement:
     tmpfs_path: str = "/tmp"  # noqa: S108 (a private tmpfs inside the container)
     tmpfs_bytes: int = 64 * MiB
     no_new_privileges: bool = True
+    # Processes and threads of the container's user (RLIMIT_NPROC): a fork bomb stops there, not at the host's limit.
+    # Root is exempt from it (the kernel's rule), so the proxy has none; the Docker provider has no pids limit field.
+    process_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -236,13 +256,15 @@ class ServiceSpec(Workload):
 
 @dataclass(frozen=True)
 class ContainerSpec(Workload):
-    """A plain container (Traefik), with published ports and network aliases."""
+    """A plain container (Traefik, the Docker API proxy): its networks (aliases on the first; none: no network at
+    all), published ports and user."""
 
     ports: tuple[PublishedPort, ...]
     aliases: tuple[str, ...]
+    networks: tuple[str, ...]
+    user: str  # uid:gid, explicit for every container (an image's default user is not the spec's decision)
+    confinement: Confinement
     restart: str = "unless-stopped"
-    # Traefik binds 80/443 (NET_BIND_SERVICE); as root it owns the socket and /acme, so it needs nothing else.
-    confinement: Confinement = Confinement(memory_bytes=256 * MiB, cap_add=("NET_BIND_SERVICE",))
 
 
 @dataclass(frozen=True)
@@ -250,18 +272,31 @@ class HostDirectory:
     path: str
     owner_uid: int
     mode: str
+    recursive: bool = False  # own the contents too (a volume from before Traefik ran as TRAEFIK_UID holds root's)
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A file the deploy step writes onto the data volume at every deploy (generated, never edited by hand)."""
+
+    path: str
+    content: str
+    owner_uid: int
+    mode: str = "0600"
 
 
 @dataclass(frozen=True)
 class StackSpec:
     network: str
     traefik: ContainerSpec
+    docker_api: ContainerSpec  # the only holder of the Docker socket (infra/docker_api.py)
+    volumes: tuple[str, ...]  # named Docker volumes the containers share
     model: ServiceSpec
     host_directories: tuple[HostDirectory, ...]
     app_script: str  # installed on the host as APP_COMMAND
     retrain_cron: str
     domain: str
-    edge_files: tuple[tuple[str, str], ...] = ()  # (host path, content): Traefik's dynamic configuration
+    config_files: tuple[ConfigFile, ...] = ()  # Traefik's dynamic configuration, the Docker API proxy's
 
 
 def app_script() -> str:
@@ -280,6 +315,21 @@ exec docker exec "$task" python -m app "$@"
 """
 
 
+HOST_RESERVED_MB = 512  # the OS, dockerd, sshd, cron's retrain client
+TRAEFIK_MEMORY_MB = 256
+DOCKER_API_MEMORY_MB = 64
+REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
+TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking syscall
+REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
+
+
+def replica_memory_mb(inputs: StackInputs) -> int:
+    """What is left after the host and the edge, shared by the replicas plus the one a start-first update adds."""
+    free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
+    low, high = REPLICA_MEMORY_MB
+    return max(low, min(high, free // (inputs.model_replicas + 1)))
+
+
 def build_stack(inputs: StackInputs) -> StackSpec:
     root = inputs.data_root.rstrip("/")
     traefik = ContainerSpec(
@@ -289,17 +339,40 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         env={},
         labels={},
         mounts=(
-            Mount("/var/run/docker.sock", "/var/run/docker.sock", read_only=True),
             Mount(f"{root}/traefik", "/acme"),
+            Mount(DOCKER_API_VOLUME, PROXY_SOCKET_DIR, read_only=True, kind="volume"),  # the proxy's socket
             *((Mount(inputs.acme_ca_bundle, ACME_CA_BUNDLE_PATH, read_only=True),) if inputs.acme_ca_bundle else ()),
         ),
+        # Unprivileged ports inside the container, so Traefik needs no capability at all; 80/443 on the host.
         ports=tuple(
             PublishedPort(ip, host_port, container_port)
-            for container_port, host_port in ((80, inputs.http_port), (443, inputs.https_port))
+            for container_port, host_port in ((WEB_PORT, inputs.http_port), (WEBSECURE_PORT, inputs.https_port))
             for ip in inputs.publish_ips
         ),
         aliases=inputs.traefik_aliases,
+        networks=(NETWORK,),
+        user=f"{TRAEFIK_UID}:{TRAEFIK_UID}",
         healthcheck=Healthcheck(("CMD", "traefik", "healthcheck", "--ping"), start_period_s=10),
+        confinement=Confinement(memory_bytes=TRAEFIK_MEMORY_MB * MiB, process_limit=TRAEFIK_PROCESS_LIMIT),
+    )
+    docker_api = ContainerSpec(
+        name=DOCKER_API_CONTAINER,
+        image=inputs.docker_api_image,
+        command=("-f", DOCKER_API_CONFIG_PATH),  # both images' entrypoint is `haproxy -W -db`
+        env={},
+        labels={},
+        mounts=(
+            Mount(SOCKET, SOCKET, read_only=True),
+            Mount(f"{root}/docker-api/{DOCKER_API_CONFIG_FILE}", DOCKER_API_CONFIG_PATH, read_only=True),
+            Mount(DOCKER_API_VOLUME, PROXY_SOCKET_DIR, kind="volume"),
+        ),
+        ports=(),
+        aliases=(),
+        networks=(),  # none: it listens on a socket in the volume it shares with Traefik
+        # root, for the socket (root:docker 0660; with no capability, root passes only as the owner) and nothing else
+        user="0:0",
+        healthcheck=None,
+        confinement=Confinement(memory_bytes=DOCKER_API_MEMORY_MB * MiB),
     )
     model = ServiceSpec(
         name=MODEL_SERVICE,
@@ -311,6 +384,9 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
             "MLAPI_INGEST_TOKEN_FILE": f"/run/secrets/{INGEST_SECRET_FILE}",
             "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
+            # RLIMIT_NPROC counts every process of the model's user on the node: all replicas, and one more during
+            # a start-first update. Swarm services cannot set ulimits through the provider, so the app sets it.
+            "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (inputs.model_replicas + 1)),
         },
         labels=model_labels(inputs, NETWORK, MODEL_PORT),
         mounts=(Mount(f"{root}/model", "/data"),),
@@ -337,17 +413,24 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             SecretFile(INGEST_SECRET, INGEST_SECRET_FILE, MODEL_UID),
         ),
         stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
+        confinement=Confinement(memory_bytes=replica_memory_mb(inputs) * MiB),
     )
     return StackSpec(
         network=NETWORK,
         traefik=traefik,
+        docker_api=docker_api,
+        volumes=(DOCKER_API_VOLUME,),
         model=model,
         host_directories=(
             HostDirectory(f"{root}/model", MODEL_UID, "0750"),
-            HostDirectory(f"{root}/traefik", 0, "0700"),
-            HostDirectory(f"{root}/traefik/dynamic", 0, "0700"),
+            HostDirectory(f"{root}/traefik", TRAEFIK_UID, "0700", recursive=True),
+            HostDirectory(f"{root}/traefik/dynamic", TRAEFIK_UID, "0700"),
+            HostDirectory(f"{root}/docker-api", 0, "0755"),
         ),
-        edge_files=((f"{root}/traefik/dynamic/{TLS_FILE}", tls_options_yaml()),),
+        config_files=(
+            ConfigFile(f"{root}/traefik/dynamic/{TLS_FILE}", tls_options_yaml(), TRAEFIK_UID),
+            ConfigFile(f"{root}/docker-api/{DOCKER_API_CONFIG_FILE}", docker_api_config(), 0, "0644"),
+        ),
         app_script=app_script(),
         retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
         domain=inputs.domain,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from infra.docker_api import ENDPOINT as DOCKER_API_ENDPOINT
 from infra.durations import go_duration
 
 if TYPE_CHECKING:
@@ -29,7 +30,13 @@ ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, 
 # Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
 PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
 PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
-BACKEND_IDLE_TIMEOUT_S = 30  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
+BACKEND_IDLE_TIMEOUT_S = 30
+HSTS_S = 365 * 24 * 3600
+HSTS_PRELOAD_S = 2 * HSTS_S  # hstspreload.org's requirement for submission
+# Traefik listens on unprivileged ports (it runs as a plain user with no capability); the host publishes 80/443.
+# Not 8080: Traefik's own entrypoint (ping) is there.
+WEB_PORT = 8880
+WEBSECURE_PORT = 8443  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
 
 
 def acme_storage(ca_server: str) -> str:
@@ -76,7 +83,7 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
     resolver = f"--certificatesresolvers.{CERT_RESOLVER}.acme"
     flags = [
         "--providers.swarm=true",
-        "--providers.swarm.endpoint=unix:///var/run/docker.sock",
+        f"--providers.swarm.endpoint={DOCKER_API_ENDPOINT}",  # the read-only proxy, never the socket
         "--providers.swarm.exposedbydefault=false",
         f"--providers.swarm.network={network}",
         f"--providers.swarm.refreshseconds={go_duration(PROVIDER_REFRESH_S)}",
@@ -85,11 +92,12 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         # A task that is gone refuses connections at once; fail over quickly instead of waiting 30 s.
         f"--serverstransport.forwardingtimeouts.dialtimeout={go_duration(1)}",
         f"--serverstransport.forwardingtimeouts.idleconntimeout={go_duration(BACKEND_IDLE_TIMEOUT_S)}",
-        "--entrypoints.web.address=:80",
-        "--entrypoints.web.http.redirections.entrypoint.to=websecure",
+        f"--entrypoints.web.address=:{WEB_PORT}",
+        # The port clients reach (the host's), not websecure's inside the container (Traefik omits :443 itself).
+        f"--entrypoints.web.http.redirections.entrypoint.to=:{inputs.https_port}",
         "--entrypoints.web.http.redirections.entrypoint.scheme=https",
         "--entrypoints.web.http.redirections.entrypoint.permanent=true",
-        "--entrypoints.websecure.address=:443",
+        f"--entrypoints.websecure.address=:{WEBSECURE_PORT}",
         f"--providers.file.directory={DYNAMIC_DIR}",
         "--providers.file.watch=true",
         f"{resolver}.email={inputs.acme_email}",
@@ -145,8 +153,9 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{middleware}.{PREDICT_ROUTER}-retry.retry.status": "502-504",
         f"{middleware}.{PREDICT_ROUTER}-retry.retry.retrynonidempotentmethod": "true",
         f"{middleware}.{PREDICT_ROUTER}-retry.retry.maxrequestbodybytes": str(RETRY_BODY_LIMIT),
-        f"{middleware}.{ROUTER}-headers.headers.stsseconds": "31536000",
+        f"{middleware}.{ROUTER}-headers.headers.stsseconds": str(HSTS_PRELOAD_S if inputs.hsts_preload else HSTS_S),
         f"{middleware}.{ROUTER}-headers.headers.stsincludesubdomains": "true",
+        **({f"{middleware}.{ROUTER}-headers.headers.stspreload": "true"} if inputs.hsts_preload else {}),
         f"{middleware}.{ROUTER}-headers.headers.contenttypenosniff": "true",
         f"{middleware}.{ROUTER}-headers.headers.framedeny": "true",
         f"{middleware}.{ROUTER}-headers.headers.referrerpolicy": "no-referrer",

@@ -209,7 +209,7 @@ def test_traefik_container(deployment: Deployment) -> None:
         "--providers.swarm.network=mlapi",
         "--providers.swarm.refreshseconds=2s",
         "--providers.swarm.allowemptyservices=true",
-        "--entrypoints.web.http.redirections.entrypoint.to=websecure",
+        "--entrypoints.web.http.redirections.entrypoint.to=:443",
         "--entrypoints.web.http.redirections.entrypoint.scheme=https",
         "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json",
         f"--certificatesresolvers.letsencrypt.acme.caserver={LETSENCRYPT_PRODUCTION}",
@@ -219,15 +219,38 @@ def test_traefik_container(deployment: Deployment) -> None:
     assert not any(flag.startswith(("--api", "--providers.docker")) for flag in flags), (
         "no dashboard, no docker provider"
     )
+    assert "--providers.swarm.endpoint=unix:///run/mlapi-docker-api/docker.sock" in flags
     mounts = {m["target"]: m for m in traefik.inputs["mounts"]}
-    assert mounts["/var/run/docker.sock"]["readOnly"] is True
+    assert set(mounts) == {"/acme", "/run/mlapi-docker-api"}  # no Docker socket: the proxy's, read-only
     assert mounts["/acme"]["source"] == "/srv/mlapi/traefik"
+    assert (mounts["/run/mlapi-docker-api"]["type"], mounts["/run/mlapi-docker-api"]["readOnly"]) == ("volume", True)
     ports = sorted((p["internal"], p["external"], p["ip"]) for p in traefik.inputs["ports"])
-    assert ports == [(80, 80, "0.0.0.0"), (80, 80, "::"), (443, 443, "0.0.0.0"), (443, 443, "::")]
-    assert traefik.inputs["restart"] == "unless-stopped"
+    assert ports == [(8443, 443, "0.0.0.0"), (8443, 443, "::"), (8880, 80, "0.0.0.0"), (8880, 80, "::")]
+    assert traefik.inputs["restart"] == "unless-stopped" and traefik.inputs["user"] == "10002:10002"
     assert traefik.inputs["healthcheck"]["tests"] == ["CMD", "traefik", "healthcheck", "--ping"]
-    network = deployment.one("docker:index/network:Network").inputs
+    assert [n["name"] for n in traefik.inputs["networksAdvanced"]] == ["mlapi"]
+    network = deployment.one("docker:index/network:Network", "dev-network").inputs
     assert (network["name"], network["driver"], network["attachable"]) == ("mlapi", "overlay", True)
+
+
+def test_only_the_docker_api_proxy_holds_the_socket(deployment: Deployment) -> None:
+    """Traefik reads the swarm through a proxy that allows GET/HEAD of a few endpoints (infra/docker_api.py)."""
+    holders = [
+        r.name
+        for r in deployment.of_type(CONTAINER)
+        if any(m["source"] == "/var/run/docker.sock" for m in r.inputs.get("mounts", []))
+    ]
+    assert holders == ["mlapi-dev-docker-api"]
+    proxy = deployment.one(CONTAINER, "-docker-api").inputs
+    image = deployment.one("docker:index/remoteImage:RemoteImage", "docker-api-image").inputs
+    assert image["name"] == "haproxy:3.2" and proxy["command"] == ["-f", "/usr/local/etc/haproxy/haproxy.cfg"]
+    mounts = {m["target"]: (m["source"], m["readOnly"]) for m in proxy["mounts"]}
+    assert mounts["/usr/local/etc/haproxy/haproxy.cfg"] == ("/srv/mlapi/docker-api/docker-api.cfg", True)
+    assert proxy["networkMode"] == "none" and not proxy.get("networksAdvanced") and not proxy.get("ports")
+    assert proxy["capabilities"] == {"drops": ["ALL"], "adds": []} and proxy["readOnly"] is True
+    assert proxy["securityOpts"] == ["no-new-privileges:true"] and proxy["memory"] == 64
+    assert mounts["/run/mlapi-docker-api"] == ("mlapi-docker-api", False)  # its socket, in the volume Traefik shares
+    assert deployment.one("docker:index/volume:Volume").inputs["name"] == "mlapi-docker-api"
 
 
 def service_labels(service) -> dict[str, str]:
@@ -261,7 +284,9 @@ def test_model_service(deployment: Deployment) -> None:
     ]
     # Least privilege: no capabilities, a read-only root, a memory limit (the image runs as a non-root user).
     assert container["readOnly"] is True and container["capDrops"] == ["ALL"] and "capAdds" not in container
-    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1024 * 2**20}}
+    # cx23, 4 GB: what is left after the host (512 MiB), Traefik (256) and the proxy (64), over 2 replicas + 1
+    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1088 * 2**20}}
+    assert container["env"]["MLAPI_PROCESS_LIMIT"] == str(512 * 3)
     assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
     assert container["env"]["MLAPI_INGEST_TOKEN_FILE"] == "/run/secrets/ingest_token"
     assert not any("TOKEN=" in f"{k}={v}" for k, v in container["env"].items() if not k.endswith("_TOKEN_FILE"))
@@ -282,7 +307,9 @@ def test_model_service(deployment: Deployment) -> None:
         assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == ADMIN_TOKEN  # the mock's random value
     assert deployment.exports["ingestToken"] == ADMIN_TOKEN  # for whoever sends ground truth (a secret output)
     assert inputs["taskSpec"]["restartPolicy"]["condition"] == "any"
-    assert inputs["taskSpec"]["networksAdvanceds"] == [{"id": deployment.one("docker:index/network:Network").id}]
+    assert inputs["taskSpec"]["networksAdvanceds"] == [
+        {"id": deployment.one("docker:index/network:Network", "dev-network").id}
+    ]
     labels = service_labels(model)
     assert labels["traefik.enable"] == "true" and labels["traefik.swarm.network"] == "mlapi"
     assert labels["traefik.http.routers.mlapi.rule"] == (
@@ -327,7 +354,7 @@ def test_model_service(deployment: Deployment) -> None:
 
 def test_traefik_runs_confined(deployment: Deployment) -> None:
     traefik = deployment.one(CONTAINER, "traefik").inputs
-    assert traefik["capabilities"] == {"drops": ["ALL"], "adds": ["NET_BIND_SERVICE"]}
+    assert traefik["capabilities"] == {"drops": ["ALL"], "adds": []}  # unprivileged ports, its own user
     assert traefik["readOnly"] is True and traefik["tmpfs"] == {"/tmp": f"size={64 * 2**20}"}
     assert traefik["securityOpts"] == ["no-new-privileges:true"] and traefik["memory"] == 256
 
@@ -353,6 +380,30 @@ def test_public_docs_can_be_turned_off() -> None:
     for path in ("/admin", "/metrics", "/docs", "/redoc", "/openapi.json"):
         assert f"!PathPrefix(`{path}`)" in rule
     assert_config_refused({**VALID_CONFIG, "publicDocs": "sometimes"}, "publicDocs", "true or false")
+
+
+@pytest.mark.parametrize(
+    ("server_type", "replicas", "replica_mb"),
+    [("cx23", "2", 1088), ("cpx11", "2", 405), ("cx53", "2", 2048), ("cx23", "8", 384), ("cx99", "2", 405)],
+)
+def test_memory_limits_follow_the_server_size(server_type: str, replicas: str, replica_mb: int) -> None:
+    """Unknown types are sized as the smallest (2 GB): limits can be lower than the server allows, never higher."""
+    deployment = run_program({**VALID_CONFIG, "serverType": server_type, "modelReplicas": replicas})
+    limits = deployment.one(SERVICE).inputs["taskSpec"]["resources"]["limits"]
+    assert limits["memoryBytes"] == replica_mb * 2**20
+    traefik = deployment.one(CONTAINER, "-traefik").inputs
+    assert traefik["memory"] == 256 and traefik["ulimits"] == [{"name": "nproc", "soft": 1024, "hard": 1024}]
+    assert not deployment.one(CONTAINER, "-docker-api").inputs.get("ulimits")  # root: RLIMIT_NPROC does not apply
+
+
+def test_hsts_preload_is_opt_in() -> None:
+    headers = "traefik.http.middlewares.mlapi-headers.headers"
+    default = service_labels(run_program(VALID_CONFIG).one(SERVICE))
+    assert default[f"{headers}.stsseconds"] == "31536000" and f"{headers}.stspreload" not in default
+    preload = service_labels(run_program({**VALID_CONFIG, "hstsPreload": "true"}).one(SERVICE))
+    assert preload[f"{headers}.stsseconds"] == "63072000" and preload[f"{headers}.stspreload"] == "true"
+    assert preload[f"{headers}.stsincludesubdomains"] == "true"
+    assert_config_refused({**VALID_CONFIG, "hstsPreload": "maybe"}, "hstsPreload", "true or false")
 
 
 def test_model_replicas_config() -> None:

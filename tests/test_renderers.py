@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -19,6 +20,7 @@ from infra.cloud_init import (
     render_user_data,
     user_data_document,
 )
+from infra.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME, allowed_path_regex, docker_api_config
 from infra.host_setup import (
     CRON_FILE,
     LOGROTATE_FILE,
@@ -33,6 +35,7 @@ from infra.spec import (
     APP_COMMAND,
     LETSENCRYPT_STAGING,
     MODEL_UID,
+    TRAEFIK_UID,
     StackInputs,
     acme_storage,
     build_stack,
@@ -334,8 +337,9 @@ def test_the_edge_tls_options_are_mozilla_intermediate_and_written_by_the_layout
 
     inputs = StackInputs(domain="api.example.com", acme_email="ops@example.com", data_root=str(tmp_path))
     spec = build_stack(inputs)
-    [(path, content)] = spec.edge_files
-    assert path == f"{tmp_path}/traefik/dynamic/tls.yml"
+    [tls_file] = [item for item in spec.config_files if item.path.endswith("/tls.yml")]
+    path, content = tls_file.path, tls_file.content
+    assert path == f"{tmp_path}/traefik/dynamic/tls.yml" and tls_file.owner_uid == TRAEFIK_UID
     default = yaml.safe_load(content)["tls"]["options"]["default"]
     assert default["minVersion"] == "VersionTLS12" and default["sniStrict"] is True
     assert all("ECDHE" in suite and ("GCM" in suite or "CHACHA20" in suite) for suite in default["cipherSuites"])
@@ -344,6 +348,43 @@ def test_the_edge_tls_options_are_mozilla_intermediate_and_written_by_the_layout
     assert f"--providers.file.directory={DYNAMIC_DIR}" in flags
     assert "--certificatesresolvers.letsencrypt.acme.keytype=EC256" in flags
     # The layout (deploy step and local stack alike) writes the file, whole, where Traefik's /acme mount sees it.
-    script = layout_script(spec).replace("chown 0:0", "true").replace("chown 10001:10001", "true")
+    script = re.sub(r"chown (-R )?\d+:\d+", "true", layout_script(spec))  # owners need root: the stack tests check
     subprocess.run(["sh", "-eu", "-c", script], check=True)
     assert Path(path).read_text() == content and oct(Path(path).stat().st_mode & 0o777) == "0o600"
+    proxy_config = Path(f"{tmp_path}/docker-api/docker-api.cfg")
+    assert proxy_config.read_text() == docker_api_config() and oct(proxy_config.stat().st_mode & 0o777) == "0o644"
+    assert f"chown -R {TRAEFIK_UID}:{TRAEFIK_UID} {tmp_path}/traefik" in layout_script(spec)
+
+
+def test_only_the_docker_api_proxy_holds_the_socket_and_it_allows_only_reads() -> None:
+    spec = build_stack(StackInputs(domain="api.example.com", acme_email="ops@example.com"))
+    holders = [c.name for c in (spec.traefik, spec.docker_api) if any("docker.sock" in m.source for m in c.mounts)]
+    assert holders == [DOCKER_API_CONTAINER]
+    assert not any("docker.sock" in m.source for m in spec.model.mounts)
+    assert "--providers.swarm.endpoint=unix:///run/mlapi-docker-api/docker.sock" in spec.traefik.command
+    # Traefik: its own user, no capability at all; it and the proxy (no network at all) share the proxy's socket.
+    assert spec.traefik.user == f"{TRAEFIK_UID}:{TRAEFIK_UID}" and spec.traefik.confinement.cap_add == ()
+    assert spec.traefik.networks == (spec.network,) and spec.docker_api.networks == ()
+    sharing = [c.name for c in (spec.traefik, spec.docker_api) for m in c.mounts if m.source == DOCKER_API_VOLUME]
+    assert sharing == [spec.traefik.name, DOCKER_API_CONTAINER] and spec.volumes == (DOCKER_API_VOLUME,)
+    assert "bind /run/mlapi-docker-api/docker.sock mode 666" in docker_api_config()
+    assert {(p.host_port, p.container_port) for p in spec.traefik.ports} == {(80, 8880), (443, 8443)}
+    assert spec.docker_api.ports == () and spec.docker_api.confinement.cap_add == ()
+    allowed = re.compile(allowed_path_regex())
+    for path in ("/_ping", "/v1.41/version", "/v1.44/services", "/services/abc", "/v1.24/tasks", "/networks/x"):
+        assert allowed.match(path), path
+    for path in (
+        "/containers/json",
+        "/v1.41/containers/create",
+        "/exec/abc/start",
+        "/services/abc/logs",
+        "/secrets",
+        "/info",
+        "/v1.41/swarm/unlockkey",
+        "/servicesx",
+        "/v1.41/services/../containers/json",
+    ):
+        assert not allowed.match(path), path
+    config = docker_api_config()
+    assert "acl read_only method GET HEAD" in config
+    assert "http-request deny deny_status 403 if !read_only || !listed" in config

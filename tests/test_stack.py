@@ -22,8 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from docker.types import Mount
 
 from infra import local
+from infra.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME, PROXY_SOCKET, PROXY_SOCKET_DIR, SOCKET
 from infra.engine import HASH_LABEL, RolloutFailed, apply_service, run_container, running_tasks
 from infra.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
@@ -31,8 +33,12 @@ from infra.spec import (
     ACME_CA_BUNDLE_PATH,
     LETSENCRYPT_PRODUCTION,
     MODEL_SERVICE,
+    MODEL_UID,
     SECRETS,
     TRAEFIK_CONTAINER,
+    TRAEFIK_UID,
+    WEB_PORT,
+    WEBSECURE_PORT,
     acme_storage,
     build_stack,
 )
@@ -47,6 +53,7 @@ from tests.stack_support import (
     fresh_observations,
     https,
     peer_certificate,
+    pin_holdout_seed,
     promote_with_fresh_data,
     tls_context,
     wait_until,
@@ -63,6 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack
     local.down(quiet=True)  # names are the production ones: a running `make local-up` is stopped (data kept)
     root = tmp_path_factory.mktemp("stack")
     options = local.LocalOptions.isolated(root, free_port(), free_port())
+    pin_holdout_seed(options.data_root)
     try:
         started = local.up(options, quiet=True)
         timing = started.timings
@@ -174,7 +182,9 @@ def test_http_redirects_to_https_keeping_path_and_query(stack: local.LocalStack)
     connection.request("GET", "/predict?confidence=0.9&x=a%20b", headers={"Host": stack.options.domain})
     response = connection.getresponse()
     assert response.status == 301
-    assert response.getheader("Location") == f"https://{stack.options.domain}/predict?confidence=0.9&x=a%20b"
+    # To the port clients reach: 8443 locally, and no port on the VM (443; tests/test_standin.py)
+    target = f"https://{stack.options.domain}:{stack.options.https_port}/predict?confidence=0.9&x=a%20b"
+    assert response.getheader("Location") == target
     status, headers, _ = https(stack, "GET", "/health")
     assert status == 200
     assert headers["strict-transport-security"] == "max-age=31536000; includeSubDomains"
@@ -452,7 +462,7 @@ def test_traefik_restart_reuses_the_stored_certificate(stack: local.LocalStack) 
 def test_switching_the_ca_serves_a_certificate_from_the_new_ca(stack: local.LocalStack, tmp_path: Path) -> None:
     """Like acmeStaging true → false: another CA, so another certificate store; the old certificate is not kept."""
     client = docker_engine()
-    second = pebble_files(tmp_path, names=("pebble-second",))
+    second = pebble_files(tmp_path, (WEB_PORT, WEBSECURE_PORT), names=("pebble-second",))
     bundle = tmp_path / "both-listener-cas.pem"  # Traefik must trust the new CA's API, as it trusts Let's Encrypt's
     bundle.write_bytes((stack.options.state_dir / "pebble" / "ca.pem").read_bytes() + (second / "ca.pem").read_bytes())
     run_pebble(
@@ -469,14 +479,14 @@ def test_switching_the_ca_serves_a_certificate_from_the_new_ca(stack: local.Loca
             update={"acme_ca_server": "https://pebble-second:14000/dir", "acme_ca_bundle": str(bundle)}
         )
         assert acme_storage(switched.ca_server) != acme_storage(stack.inputs.ca_server)
-        run_container(client, build_stack(switched).traefik, stack.spec.network)
+        run_container(client, build_stack(switched).traefik)
         ok, message = wait_healthy(
             f"{stack.url}/health", attempts=120, delay=0.5, cacert=str(second_root), connect_to="127.0.0.1"
         )
         assert ok, f"not served with a certificate from the new CA: {message}"
         assert pebble_orders(client, "mlapi-pebble-second") >= 1
     finally:
-        run_container(client, stack.spec.traefik, stack.spec.network)  # back to the first CA, its own store
+        run_container(client, stack.spec.traefik)  # back to the first CA, its own store
         client.containers.get("mlapi-pebble-second").remove(force=True)
     ok, message = wait_healthy(
         f"{stack.url}/health", attempts=120, delay=0.5, cacert=str(stack.ca_root), connect_to="127.0.0.1"
@@ -488,46 +498,68 @@ def test_switching_the_ca_serves_a_certificate_from_the_new_ca(stack: local.Loca
 CA_FLAG = "--certificatesresolvers.letsencrypt.acme.caserver="
 STORE_FLAG = "--certificatesresolvers.letsencrypt.acme.storage="
 TRUST_FLAG = f"--certificatesresolvers.letsencrypt.acme.cacertificates={ACME_CA_BUNDLE_PATH}"
+REDIRECT_FLAG = "--entrypoints.web.http.redirections.entrypoint.to=:"  # to the host's HTTPS port: 443, or local's
 
 
-def without_ca_flags(flags: list[str]) -> list[str]:
-    """Traefik's flags minus the documented local difference: which ACME CA (and so its store), and trusting it."""
-    return [f for f in flags if not f.startswith((CA_FLAG, STORE_FLAG)) and f != TRUST_FLAG]
+def without_local_flags(flags: list[str]) -> list[str]:
+    """Traefik's flags minus the documented local differences: which ACME CA (and so its store), trusting it, and
+    the HTTPS port the redirect names."""
+    return [f for f in flags if not f.startswith((CA_FLAG, STORE_FLAG, REDIRECT_FLAG)) and f != TRUST_FLAG]
+
+
+def assert_runs_as_declared(running: dict, declared: dict, data_root: str, local_mounts: tuple = ()) -> None:
+    """A running container has the Pulumi inputs' mounts, health check, restart policy, user, confinement, ports
+    and networks (``local_mounts``: the documented local extras)."""
+    assert running["Name"] == f"/{declared['name']}"
+    assert running["Config"]["User"] == declared["user"]
+    mounts = sorted((m.get("Name") or m["Source"], m["Destination"], not m["RW"]) for m in running["Mounts"])
+    declared_mounts = sorted(
+        [(m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in declared["mounts"]]
+        + list(local_mounts)
+    )
+    assert mounts == declared_mounts
+    check, declared_check = running["Config"].get("Healthcheck"), declared.get("healthcheck")
+    if declared_check is None:
+        assert check is None
+    else:
+        assert check["Test"] == declared_check["tests"]
+        assert (check["Interval"], check["Timeout"], check["StartPeriod"], check["Retries"]) == (
+            parse_go_duration(declared_check["interval"]) * NS,
+            parse_go_duration(declared_check["timeout"]) * NS,
+            parse_go_duration(declared_check["startPeriod"]) * NS,
+            declared_check["retries"],
+        )
+    host = running["HostConfig"]
+    assert host["RestartPolicy"]["Name"] == declared["restart"]
+    assert host["CapDrop"] == declared["capabilities"]["drops"]
+    assert (host["CapAdd"] or []) == declared["capabilities"]["adds"]
+    assert host["ReadonlyRootfs"] is declared["readOnly"] is True
+    assert host["Tmpfs"] == declared["tmpfs"]
+    assert host["Memory"] == declared["memory"] * 2**20
+    assert host["SecurityOpt"] == declared["securityOpts"]
+    networks = running["NetworkSettings"]["Networks"]
+    if declared.get("networkMode") == "none":
+        assert host["NetworkMode"] == "none" and list(networks) == ["none"]
+    else:
+        assert list(networks) == [n["name"] for n in declared["networksAdvanced"]]
 
 
 def test_local_traefik_equals_what_pulumi_declares(stack: local.LocalStack) -> None:
     declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
     pulumi_inputs = declared.one("docker:index/container:Container", "-traefik").inputs
     running = docker_engine().containers.get(TRAEFIK_CONTAINER).attrs
-    assert running["Name"] == f"/{pulumi_inputs['name']}"
     local_cmd, declared_cmd = running["Config"]["Cmd"], pulumi_inputs["command"]
     assert f"{CA_FLAG}{PEBBLE_DIRECTORY}" in local_cmd and TRUST_FLAG in local_cmd
     assert f"{CA_FLAG}{LETSENCRYPT_PRODUCTION}" in declared_cmd
-    assert without_ca_flags(local_cmd) == without_ca_flags(declared_cmd)
+    assert without_local_flags(local_cmd) == without_local_flags(declared_cmd)
+    assert f"{REDIRECT_FLAG}{stack.options.https_port}" in local_cmd and f"{REDIRECT_FLAG}443" in declared_cmd
     assert {k: v for k, v in running["Config"]["Labels"].items() if k != HASH_LABEL} == {}
-    data_root = str(stack.options.data_root)
-    local_mounts = sorted((m["Source"], m["Destination"], not m["RW"]) for m in running["Mounts"])
-    declared_mounts = sorted(
-        [(m["source"].replace("/srv/mlapi", data_root), m["target"], m["readOnly"]) for m in pulumi_inputs["mounts"]]
-        + [(str(stack.inputs.acme_ca_bundle), ACME_CA_BUNDLE_PATH, True)]
+    assert_runs_as_declared(
+        running,
+        pulumi_inputs,
+        str(stack.options.data_root),
+        local_mounts=((str(stack.inputs.acme_ca_bundle), ACME_CA_BUNDLE_PATH, True),),
     )
-    assert local_mounts == declared_mounts
-    check, declared_check = running["Config"]["Healthcheck"], pulumi_inputs["healthcheck"]
-    assert check["Test"] == declared_check["tests"]
-    assert (check["Interval"], check["Timeout"], check["StartPeriod"], check["Retries"]) == (
-        parse_go_duration(declared_check["interval"]) * NS,
-        parse_go_duration(declared_check["timeout"]) * NS,
-        parse_go_duration(declared_check["startPeriod"]) * NS,
-        declared_check["retries"],
-    )
-    assert running["HostConfig"]["RestartPolicy"]["Name"] == pulumi_inputs["restart"]
-    host = running["HostConfig"]
-    assert host["CapDrop"] == pulumi_inputs["capabilities"]["drops"]
-    assert host["CapAdd"] == pulumi_inputs["capabilities"]["adds"]
-    assert host["ReadonlyRootfs"] is pulumi_inputs["readOnly"] is True
-    assert host["Tmpfs"] == pulumi_inputs["tmpfs"]
-    assert host["Memory"] == pulumi_inputs["memory"] * 2**20
-    assert host["SecurityOpt"] == pulumi_inputs["securityOpts"]
     published = sorted(
         (int(port.split("/")[0]), b["HostIp"], int(b["HostPort"]))
         for port, bindings in (running["HostConfig"]["PortBindings"] or {}).items()
@@ -536,9 +568,115 @@ def test_local_traefik_equals_what_pulumi_declares(stack: local.LocalStack) -> N
     ports = {80: stack.options.http_port, 443: stack.options.https_port}
     assert published == sorted({(p["internal"], "127.0.0.1", ports[p["external"]]) for p in pulumi_inputs["ports"]})
     networks = running["NetworkSettings"]["Networks"]
-    assert list(networks) == ["mlapi"]
     aliases = set(networks["mlapi"]["Aliases"]) - {running["Id"][:12]}
     assert aliases == set(pulumi_inputs["networksAdvanced"][0].get("aliases", [])) | {stack.options.domain}
+
+
+def test_local_docker_api_proxy_equals_what_pulumi_declares(stack: local.LocalStack) -> None:
+    """Same configuration, mounts and confinement; the image differs (Debian's HAProxy here, the official one there)
+    with the same entrypoint semantics, so the declared command means the same."""
+    declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
+    pulumi_inputs = declared.one("docker:index/container:Container", "-docker-api").inputs
+    running = docker_engine().containers.get(DOCKER_API_CONTAINER).attrs
+    assert running["Config"]["Cmd"] == pulumi_inputs["command"]
+    assert running["Config"]["Entrypoint"] == ["haproxy", "-W", "-db"]  # what the official image's entrypoint runs
+    assert not running["HostConfig"]["PortBindings"]
+    assert_runs_as_declared(running, pulumi_inputs, str(stack.options.data_root))
+
+
+PROBE_DOCKER_API = """
+import http.client, json, socket, sys
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[1])
+answers = []
+for method, path in json.loads(sys.argv[2]):
+    connection = Unix("docker")
+    connection.request(method, path)  # no body: the proxy answers a refusal before reading one
+    answers.append(connection.getresponse().status)
+print(json.dumps(answers))
+"""
+
+
+def test_traefik_reaches_docker_only_through_the_read_only_proxy(stack: local.LocalStack) -> None:
+    """Whoever holds Traefik's view of Docker can read the swarm, never change it: every write, and every read
+    Traefik does not need (containers, secrets, exec, logs), is a 403 from the proxy. The model's tasks cannot
+    reach it at all, and Traefik itself ran without a single refusal."""
+    client = docker_engine()
+    probes = [
+        ("GET", "/v1.41/services"),
+        ("GET", "/v1.41/tasks"),
+        ("HEAD", "/_ping"),
+        ("POST", "/v1.41/containers/create"),
+        ("GET", "/v1.41/containers/json"),
+        ("POST", f"/v1.41/services/{MODEL_SERVICE}/update"),
+        ("DELETE", f"/v1.41/services/{MODEL_SERVICE}"),
+        ("GET", "/v1.41/secrets"),
+        ("GET", f"/v1.41/services/{MODEL_SERVICE}/logs"),
+        ("POST", "/v1.41/swarm/leave"),
+    ]
+    output = client.containers.run(
+        stack.inputs.model_image,  # any image with Python; as Traefik's user, with Traefik's mount
+        ["python", "-c", PROBE_DOCKER_API, PROXY_SOCKET, json.dumps(probes)],
+        user=stack.spec.traefik.user,
+        mounts=[Mount(target=PROXY_SOCKET_DIR, source=DOCKER_API_VOLUME, type="volume", read_only=True)],
+        network_mode="none",
+        remove=True,
+    )
+    assert json.loads(output) == [200, 200, 200, 403, 403, 403, 403, 403, 403, 403]
+    assert (
+        client.api.inspect_service(MODEL_SERVICE)["Spec"]["Mode"]["Replicated"]["Replicas"] == stack.spec.model.replicas
+    )
+    # No Docker socket and no proxy socket in a model task.
+    [task, *_] = client.containers.list(filters={"label": f"com.docker.swarm.service.name={MODEL_SERVICE}"})
+    assert not {m["Destination"] for m in task.attrs["Mounts"]} & {SOCKET, PROXY_SOCKET_DIR}
+    probe = task.exec_run(
+        ["python", "-c", f"import os; print(os.path.exists({SOCKET!r}), os.path.exists({PROXY_SOCKET!r}))"]
+    )
+    assert probe.output.decode().split() == ["False", "False"]
+    # Traefik's own reads were never refused (a 403 would leave routes out), and it runs as its own user.
+    refused = [
+        line for line in client.containers.get(DOCKER_API_CONTAINER).logs().decode().splitlines() if " 403 " in line
+    ]
+    assert not [line for line in refused if not any(f'"{m} {p} ' in line for m, p in probes)], refused
+    traefik = client.containers.get(TRAEFIK_CONTAINER)
+    assert "403 Forbidden" not in traefik.logs(since=int(time.time()) - 120).decode()
+    assert traefik.attrs["State"]["Pid"] and _process_uid(traefik.attrs["State"]["Pid"]) == TRAEFIK_UID
+
+
+def _max_processes(pid: int) -> int | None:
+    """The RLIMIT_NPROC of a host process, as /proc shows it (None: unlimited)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max processes"):
+            soft = line.split()[2]
+            return None if soft == "unlimited" else int(soft)
+    raise AssertionError(f"no Max processes line for pid {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_running_containers_have_their_memory_and_process_limits(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    traefik = client.containers.get(TRAEFIK_CONTAINER).attrs
+    assert _max_processes(traefik["State"]["Pid"]) == stack.spec.traefik.confinement.process_limit == 1024
+    assert traefik["HostConfig"]["Memory"] == stack.spec.traefik.confinement.memory_bytes
+    budget = int(stack.spec.model.env["MLAPI_PROCESS_LIMIT"])
+    for task in client.containers.list(filters={"label": f"com.docker.swarm.service.name={MODEL_SERVICE}"}):
+        init = task.attrs["State"]["Pid"]  # tini; the app below it lowered its own limit before serving
+        [app] = _children(init)
+        assert _max_processes(app) == budget and _process_uid(app) == MODEL_UID
+        assert task.attrs["HostConfig"]["Memory"] == stack.spec.model.confinement.memory_bytes
+
+
+def _process_uid(pid: int) -> int:
+    """The real uid of a host process (the container's PID 1, as the kernel sees it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
 
 
 def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack) -> None:

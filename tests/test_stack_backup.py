@@ -25,7 +25,7 @@ from docker.types import Mount
 from infra import local, local_backup, local_cli
 from infra.backup import ENV_FILE, STATUS_FILE, environment_lines, restore_script
 from tests.conftest import record
-from tests.stack_support import TIMINGS, docker_engine, free_port, https, wait_until
+from tests.stack_support import TIMINGS, docker_engine, free_port, https, pin_holdout_seed, wait_until
 from tests.test_stack import app_command, pebble_orders, promote, tasks
 
 pytestmark = pytest.mark.stack
@@ -41,6 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack
     local.down(quiet=True)  # the names are the production ones
     root = tmp_path_factory.mktemp("backup-stack")
     options = local.LocalOptions.isolated(root, free_port(), free_port())
+    pin_holdout_seed(options.data_root)
     try:
         yield local.up(options, quiet=True)
     finally:

@@ -178,7 +178,7 @@ class Environment:
         )
         remote = self.remote_docker()
         try:
-            for tag in {self.spec.traefik.image, self.spec.model.image}:
+            for tag in {self.spec.traefik.image, self.spec.docker_api.image, self.spec.model.image}:
                 remote.images.load(self.client.images.get(tag).save(named=tag))
             deploy_stack(remote, self.spec, self.tokens)
         finally:
@@ -215,6 +215,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
     base = images.build_base(client)
     built = {
         "traefik": images.build_traefik(client),
+        "docker_api": images.build_docker_api_proxy(client),
         "pebble": images.build_pebble(client, base),
         "model": images.build_model(client, base),
         "standin": build_standin_image(client),
@@ -259,7 +260,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             ),
         )
         created.append(("network", network))
-        pebble_dir = pebble_files(tmp, extra_ips=(pebble_ip,))
+        pebble_dir = pebble_files(tmp, (80, 443), extra_ips=(pebble_ip,))  # the VM's ports, as Let's Encrypt dials
         run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
         created.append(("container", PEBBLE))
         pebble_root = fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
@@ -273,6 +274,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             acme_ca_bundle=CA_ON_HOST,
             model_image=built["model"],
             traefik_image=built["traefik"],
+            docker_api_image=built["docker_api"],
             # The load tests' clients all come from this machine's one address (as locally, infra/local.py).
             rate_limit_per_s=LOCAL_RATE_LIMIT,
             rate_limit_burst=LOCAL_RATE_LIMIT,
