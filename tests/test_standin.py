@@ -30,12 +30,22 @@ from infra import images
 from infra.backup import INSTALL_CREDENTIALS, host_setup_parts
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.deploy import docker_ssh_options
+from infra.docker_api import DOCKER_API_CONTAINER, SOCKET
 from infra.engine import deploy_stack, running_tasks
 from infra.host_setup import render_graceful_stop, render_host_setup
 from infra.local import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
-from infra.spec import APP_COMMAND, MODEL_SERVICE, SECRETS, TRAEFIK_CONTAINER, StackInputs, StackSpec, build_stack
+from infra.spec import (
+    APP_COMMAND,
+    MODEL_SERVICE,
+    SECRETS,
+    TRAEFIK_CONTAINER,
+    TRAEFIK_UID,
+    StackInputs,
+    StackSpec,
+    build_stack,
+)
 from tests.conftest import record
 from tests.stack_support import COUNT_PREDICTIONS, TIMINGS, docker_engine, wait_until
 from tests.standin import StandIn, boot_standin, build_standin_image
@@ -355,19 +365,29 @@ def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environ
         remote.close()
     inspect = json.loads(env.ssh(f"docker inspect {TASK}").stdout)[0]
     assert inspect["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "10m"}}
-    # Least privilege on the VM's running containers: read-only roots, no capabilities but Traefik's port binding.
+    # Least privilege on the VM's running containers: read-only roots, no capabilities, Traefik as its own user, and
+    # the Docker socket only in the network-less proxy.
     assert inspect["HostConfig"]["ReadonlyRootfs"] is True and inspect["HostConfig"]["CapDrop"] == ["ALL"]
     assert inspect["HostConfig"]["Memory"] == env.spec.model.confinement.memory_bytes
-    edge = json.loads(env.ssh(f"docker inspect {TRAEFIK_CONTAINER}").stdout)[0]["HostConfig"]
-    assert (edge["ReadonlyRootfs"], edge["CapDrop"], edge["CapAdd"]) == (True, ["ALL"], ["NET_BIND_SERVICE"])
-    assert edge["SecurityOpt"] == ["no-new-privileges:true"]
+    edge = json.loads(env.ssh(f"docker inspect {TRAEFIK_CONTAINER}").stdout)[0]
+    assert (edge["HostConfig"]["ReadonlyRootfs"], edge["HostConfig"]["CapDrop"]) == (True, ["ALL"])
+    assert not edge["HostConfig"]["CapAdd"] and edge["Config"]["User"] == f"{TRAEFIK_UID}:{TRAEFIK_UID}"
+    assert edge["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
+    assert SOCKET not in {m["Source"] for m in edge["Mounts"]}
+    proxy = json.loads(env.ssh(f"docker inspect {DOCKER_API_CONTAINER}").stdout)[0]
+    assert proxy["HostConfig"]["NetworkMode"] == "none" and SOCKET in {m["Source"] for m in proxy["Mounts"]}
+    refused = env.ssh(f"docker logs {DOCKER_API_CONTAINER} 2>&1 | grep -c ' 403 ' || true").stdout.strip()
+    assert refused == "0", "Traefik asked the Docker API proxy for something it refuses"
+    # The certificate store belongs to Traefik's user (a volume from before held root's).
+    owners = env.ssh("stat -c %u /srv/mlapi/traefik /srv/mlapi/traefik/*.json").stdout.split()
+    assert set(owners) == {str(TRAEFIK_UID)}, owners
     publishing = {}
     for line in env.ssh("docker ps --format '{{.Names}} {{.Ports}}'").stdout.splitlines():
         name, _, ports = line.partition(" ")
         if "->" in ports:
             publishing[name] = ports
     assert list(publishing) == [TRAEFIK_CONTAINER]
-    assert "0.0.0.0:443->443/tcp" in publishing[TRAEFIK_CONTAINER]
+    assert "0.0.0.0:443->8443/tcp" in publishing[TRAEFIK_CONTAINER]
     # Containers cannot reach the instance metadata service (user-data holds the host key).
     assert "-A DOCKER-USER -d 169.254.169.254/32 -j REJECT" in env.ssh("iptables -S DOCKER-USER").stdout
 
