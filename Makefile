@@ -50,7 +50,7 @@ local-restore: venv
 	$(PY) -m infra.local restore $(SNAPSHOT)
 
 bench: venv
-	$(PY) -m benchmarks.bench_service
+	$(PY) -m benchmarks.bench_stack
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

