@@ -84,7 +84,8 @@ def load_token(settings: Settings, kind: str) -> str:
         except OSError as exc:
             raise TokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
     else:
-        token, source = _generated_token(settings.data_dir / f"{kind}-token"), str(settings.data_dir / f"{kind}-token")
+        generated = settings.data_dir / f"{kind}-token"
+        token, source = _generated_token(generated), str(generated)
     if not token:
         raise TokenError(f"the {kind} token from {source} is empty: set a non-empty token")
     if len(token) < MIN_TOKEN_LENGTH:

@@ -51,11 +51,11 @@ def container(
     resource_name: str,
     spec: ContainerSpec,
     image: pulumi.Input[str],
-    networks: dict[str, docker.Network],
+    network: docker.Network | None,
     opts: pulumi.ResourceOptions,
 ) -> docker.Container:
     """One spec container as a docker.Container: every field comes from the spec, nothing is added here.
-    ``networks``: the network resources by the names the spec uses (aliases on the first)."""
+    ``network``: the resource of the spec's network (None with a container that has none)."""
     return docker.Container(
         resource_name,
         name=spec.name,
@@ -71,13 +71,10 @@ def container(
             docker.ContainerPortArgs(internal=p.container_port, external=p.host_port, ip=p.host_ip, protocol="tcp")
             for p in spec.ports
         ],
-        networks_advanced=[
-            docker.ContainerNetworksAdvancedArgs(
-                name=networks[network].name, aliases=list(spec.aliases) if index == 0 else None
-            )
-            for index, network in enumerate(spec.networks)
-        ],
-        network_mode=None if spec.networks else "none",
+        networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(spec.aliases))]
+        if network
+        else [],
+        network_mode=None if network else "none",
         healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)) if spec.healthcheck else None,
         restart=spec.restart,
         user=spec.user,
@@ -89,8 +86,7 @@ def container(
         memory=spec.confinement.memory_bytes // MiB,  # the provider counts megabytes
         security_opts=["no-new-privileges:true"] if spec.confinement.no_new_privileges else [],
         ulimits=[
-            docker.ContainerUlimitArgs(name="nproc", soft=limit, hard=limit)
-            for limit in ([spec.confinement.process_limit] if spec.confinement.process_limit else [])
+            docker.ContainerUlimitArgs(name=name, soft=limit, hard=limit) for name, limit in spec.confinement.ulimits
         ],
         opts=opts,
     )
@@ -311,16 +307,15 @@ class ModelStack(pulumi.ComponentResource):
         # (whoever sends ground truth; `pulumi stack output ingestToken --show-secrets`).
         self.admin_token, self.admin_secret = swarm_token(f"{name}-admin", ADMIN_SECRET, self, on_host)
         self.ingest_token, self.ingest_secret = swarm_token(f"{name}-ingest", INGEST_SECRET, self, on_host)
-        networks = {spec.network: self.network}
         with_volumes = pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=self.volumes))
         self.docker_api = container(
-            f"{name}-docker-api", spec.docker_api, self.docker_api_image.image_id, networks, with_volumes
+            f"{name}-docker-api", spec.docker_api, self.docker_api_image.image_id, None, with_volumes
         )
         self.traefik = container(
             f"{name}-traefik",
             spec.traefik,
             self.traefik_image.image_id,
-            networks,
+            self.network,
             pulumi.ResourceOptions.merge(with_volumes, pulumi.ResourceOptions(depends_on=[self.docker_api])),
         )
         self.model = service(

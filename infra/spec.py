@@ -237,6 +237,11 @@ class Confinement:
     # Root is exempt from it (the kernel's rule), so the proxy has none; the Docker provider has no pids limit field.
     process_limit: int | None = None
 
+    @property
+    def ulimits(self) -> tuple[tuple[str, int], ...]:
+        """(name, soft = hard limit) for a plain container's ulimits."""
+        return () if self.process_limit is None else (("nproc", self.process_limit),)
+
 
 @dataclass(frozen=True)
 class ServiceSpec(Workload):
@@ -256,12 +261,12 @@ class ServiceSpec(Workload):
 
 @dataclass(frozen=True)
 class ContainerSpec(Workload):
-    """A plain container (Traefik, the Docker API proxy): its networks (aliases on the first; none: no network at
-    all), published ports and user."""
+    """A plain container (Traefik, the Docker API proxy): its network (with the aliases; None: no network at all),
+    published ports and user."""
 
     ports: tuple[PublishedPort, ...]
     aliases: tuple[str, ...]
-    networks: tuple[str, ...]
+    network: str | None
     user: str  # uid:gid, explicit for every container (an image's default user is not the spec's decision)
     confinement: Confinement
     restart: str = "unless-stopped"
@@ -290,13 +295,18 @@ class StackSpec:
     network: str
     traefik: ContainerSpec
     docker_api: ContainerSpec  # the only holder of the Docker socket (infra/docker_api.py)
-    volumes: tuple[str, ...]  # named Docker volumes the containers share
     model: ServiceSpec
     host_directories: tuple[HostDirectory, ...]
     app_script: str  # installed on the host as APP_COMMAND
     retrain_cron: str
     domain: str
     config_files: tuple[ConfigFile, ...] = ()  # Traefik's dynamic configuration, the Docker API proxy's
+
+    @property
+    def volumes(self) -> tuple[str, ...]:
+        """The named Docker volumes the containers mount (the deployment creates them)."""
+        mounts = (*self.traefik.mounts, *self.docker_api.mounts, *self.model.mounts)
+        return tuple(sorted({m.source for m in mounts if m.kind == "volume"}))
 
 
 def app_script() -> str:
@@ -350,7 +360,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             for ip in inputs.publish_ips
         ),
         aliases=inputs.traefik_aliases,
-        networks=(NETWORK,),
+        network=NETWORK,
         user=f"{TRAEFIK_UID}:{TRAEFIK_UID}",
         healthcheck=Healthcheck(("CMD", "traefik", "healthcheck", "--ping"), start_period_s=10),
         confinement=Confinement(memory_bytes=TRAEFIK_MEMORY_MB * MiB, process_limit=TRAEFIK_PROCESS_LIMIT),
@@ -368,7 +378,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         ),
         ports=(),
         aliases=(),
-        networks=(),  # none: it listens on a socket in the volume it shares with Traefik
+        network=None,  # it listens on a socket in the volume it shares with Traefik
         # root, for the socket (root:docker 0660; with no capability, root passes only as the owner) and nothing else
         user="0:0",
         healthcheck=None,
@@ -419,7 +429,6 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         network=NETWORK,
         traefik=traefik,
         docker_api=docker_api,
-        volumes=(DOCKER_API_VOLUME,),
         model=model,
         host_directories=(
             HostDirectory(f"{root}/model", MODEL_UID, "0750"),

@@ -30,13 +30,13 @@ ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, 
 # Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
 PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
 PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
-BACKEND_IDLE_TIMEOUT_S = 30
+BACKEND_IDLE_TIMEOUT_S = 30  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
 HSTS_S = 365 * 24 * 3600
 HSTS_PRELOAD_S = 2 * HSTS_S  # hstspreload.org's requirement for submission
 # Traefik listens on unprivileged ports (it runs as a plain user with no capability); the host publishes 80/443.
 # Not 8080: Traefik's own entrypoint (ping) is there.
 WEB_PORT = 8880
-WEBSECURE_PORT = 8443  # Traefik closes idle backend connections before uvicorn's 75 s keep-alive does
+WEBSECURE_PORT = 8443
 
 
 def acme_storage(ca_server: str) -> str:

@@ -364,7 +364,7 @@ def test_only_the_docker_api_proxy_holds_the_socket_and_it_allows_only_reads() -
     assert "--providers.swarm.endpoint=unix:///run/mlapi-docker-api/docker.sock" in spec.traefik.command
     # Traefik: its own user, no capability at all; it and the proxy (no network at all) share the proxy's socket.
     assert spec.traefik.user == f"{TRAEFIK_UID}:{TRAEFIK_UID}" and spec.traefik.confinement.cap_add == ()
-    assert spec.traefik.networks == (spec.network,) and spec.docker_api.networks == ()
+    assert spec.traefik.network == spec.network and spec.docker_api.network is None
     sharing = [c.name for c in (spec.traefik, spec.docker_api) for m in c.mounts if m.source == DOCKER_API_VOLUME]
     assert sharing == [spec.traefik.name, DOCKER_API_CONTAINER] and spec.volumes == (DOCKER_API_VOLUME,)
     assert "bind /run/mlapi-docker-api/docker.sock mode 666" in docker_api_config()
