@@ -22,7 +22,7 @@ from app.data import load_dataset
 from app.lifecycle import DRAINING
 from app.limits import MAX_ERRORS, BodyLimit, public_errors
 from app.metrics import BackupStatus, ServiceMetrics
-from app.predlog import PredictionRecord, StorageFull
+from app.predlog import PredictionRecord, StorageFull, StoreUnavailable
 from app.registry import RegistryError
 from app.schemas import (
     BatchResponse,
@@ -57,6 +57,17 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     )
 
 
+async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The log store (PostgreSQL) is away: nothing was stored, and the client may retry. The reason goes to the
+    log only: it names hosts."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "the prediction log store is unavailable; nothing was stored: try again"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     dataset = load_dataset(settings.dataset, settings.target_column)
@@ -83,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Regression predictions with conformal prediction intervals and out-of-distribution flags.",
         version="1.0.0",
         lifespan=lifespan,
-        exception_handlers={RequestValidationError: validation_error},
+        exception_handlers={RequestValidationError: validation_error, StoreUnavailable: store_unavailable},
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(

@@ -1,8 +1,9 @@
-"""Prediction log and observations in SQLite (WAL) on the data directory.
+"""Prediction log and observations: SQLite (WAL) on the data directory on one node, PostgreSQL (app/pglog.py) when
+replicas run on several nodes. Both are a ``PredictionLog``: the service sees one interface.
 
-Predictions are queued and written by one background thread: a slow or full disk costs log records (counted as
-dropped), never a prediction. Observations are ground truth that retraining consumes, so they are written
-synchronously and the caller learns whether they were stored.
+Predictions are queued and written by one background thread: a slow or full disk, or a database that is away for a
+moment, costs log records (counted as dropped), never a prediction. Observations are ground truth that retraining
+consumes, so they are written synchronously and the caller learns whether they were stored.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
+SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     id TEXT PRIMARY KEY,
     ts REAL NOT NULL,
@@ -51,6 +54,10 @@ class StorageFull(RuntimeError):
     """The data volume is below its free-space floor: ground truth is refused rather than filling the disk."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The log store cannot be reached (the database is restarting or away): nothing was stored."""
+
+
 @dataclass(frozen=True)
 class Retention:
     """How much of the prediction log is kept, and how much of the volume must stay free (for model saves and
@@ -76,31 +83,100 @@ class PredictionRecord:
     latency_ms: float
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    connection.executescript(SCHEMA)
-    return connection
+INSERT_PREDICTIONS = "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+INSERT_OBSERVATIONS = "INSERT INTO observations (ts, prediction_id, features, target) VALUES (?,?,?,?)"
+PRUNE_AGED = "DELETE FROM predictions WHERE ts < ?"
+PRUNE_CAPPED = "DELETE FROM predictions WHERE ts <= (SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?)"
+RECENT_FEATURES = "SELECT features FROM predictions ORDER BY ts DESC LIMIT ?"
+NEWEST_OBSERVATIONS = (
+    "SELECT features, target FROM (SELECT rowid, features, target FROM observations "
+    "ORDER BY rowid DESC LIMIT ?) AS newest ORDER BY rowid"
+)
 
 
-class PredictionLog:
+class PredictionLog(ABC):
+    """The queue, its writer thread, retention and the queries; a subclass says how to connect and store features.
+
+    Queries are written once with ``?`` marks; a backend with another paramstyle translates them (``_sql``)."""
+
+    no_limit: int | None = None  # the LIMIT value meaning "all rows"
+    errors: tuple[type[Exception], ...] = ()  # what a failed statement raises
+
     def __init__(
         self,
-        path: Path,
         queue_size: int,
         on_drop: Callable[[int], None] = lambda n: None,
         retention: Retention = Retention(),
     ) -> None:
-        self.path = path
         self.retention = retention
         self._pruned_at = 0.0
         self._queue: queue.Queue[PredictionRecord | None] = queue.Queue(maxsize=queue_size)
         self._on_drop = on_drop
-        self._observations_lock = threading.Lock()
-        self._observations = connect(path)
+        self._shared_lock = threading.Lock()
+        self._shared_connection: Any = None
         self._writer = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+
+    def start(self) -> PredictionLog:
+        """Create the schema (or fail with the reason) and start the writer."""
+        with self._shared():
+            pass
         self._writer.start()
+        return self
+
+    # -- what a backend provides --------------------------------------------------------------------------------
+    @abstractmethod
+    def connect(self) -> Any:
+        """A new connection with the schema in place."""
+
+    @abstractmethod
+    def _transaction(self, connection: Any) -> contextlib.AbstractContextManager:
+        """Commits on success, rolls back on error."""
+
+    @abstractmethod
+    def encode_features(self, features: list[float]) -> Any: ...
+
+    @abstractmethod
+    def decode_features(self, stored: Any) -> list[float]: ...
+
+    def has_room(self) -> bool:
+        return True
+
+    def _sql(self, query: str) -> str:
+        return query
+
+    def _usable(self, connection: Any) -> bool:
+        return connection is not None
+
+    def _full(self, exc: Exception) -> bool:
+        """The statement failed because the store's disk is full."""
+        return False
+
+    # -- the shared connection (readers and observations), reopened after a failure ----------------------------
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[Any]:
+        with self._shared_lock:
+            if not self._usable(self._shared_connection):
+                try:
+                    self._shared_connection = self.connect()
+                except self.errors as exc:
+                    raise StoreUnavailable(f"the prediction log store is unreachable: {exc}") from exc
+            try:
+                yield self._shared_connection
+            except self.errors:
+                self._drop_shared()
+                raise
+
+    def _drop_shared(self) -> None:
+        with contextlib.suppress(Exception):
+            self._shared_connection.close()
+        self._shared_connection = None
+
+    def _query(self, query: str, parameters: tuple | list = ()) -> list[tuple]:
+        try:
+            with self._shared() as connection:
+                return connection.execute(self._sql(query), parameters).fetchall()
+        except self.errors as exc:
+            raise StoreUnavailable(f"the prediction log store failed: {exc}") from exc
 
     # -- predictions --------------------------------------------------------------------------------------------
     def record(self, records: list[PredictionRecord]) -> None:
@@ -120,46 +196,52 @@ class PredictionLog:
         return self._queue.unfinished_tasks == 0
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._writer.join(timeout=5)
-        self._observations.close()
+        if self._writer.is_alive():
+            self.flush()
+            self._queue.put(None)
+            self._writer.join(timeout=5)
+        with self._shared_lock:
+            if self._shared_connection is not None:
+                self._drop_shared()
 
-    def _run(self) -> None:
-        connection: sqlite3.Connection | None = None
-        while True:
-            first = self._queue.get()
-            if first is None:
+    def _next_batch(self) -> list[PredictionRecord] | None:
+        first = self._queue.get()
+        if first is None:
+            self._queue.task_done()
+            return None
+        batch = [first]
+        while len(batch) < 500:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # keep the stop signal for the outer loop
                 self._queue.task_done()
                 break
-            batch = [first]
-            while len(batch) < 500:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # keep the stop signal for the outer loop
-                    self._queue.task_done()
-                    break
-                batch.append(item)
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        connection: Any = None
+        while (batch := self._next_batch()) is not None:
             try:
                 if not self.has_room():
-                    raise sqlite3.OperationalError(
+                    raise StorageFull(
                         f"below the free-space floor ({self.retention.min_free_bytes // 2**20} MiB free kept)"
                     )
-                connection = connection or connect(self.path)
+                connection = connection if self._usable(connection) else self.connect()
                 if time.monotonic() - self._pruned_at > self.retention.prune_every_s:
                     self.prune(connection)
-                with connection:
-                    connection.executemany(
-                        "INSERT OR IGNORE INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                with self._transaction(connection):
+                    connection.cursor().executemany(
+                        self._sql(INSERT_PREDICTIONS),
                         [
                             (
                                 r.id,
                                 r.ts,
                                 r.model_version,
-                                json.dumps(r.features),
+                                self.encode_features(r.features),
                                 r.prediction,
                                 r.lower,
                                 r.upper,
@@ -170,9 +252,11 @@ class PredictionLog:
                             for r in batch
                         ],
                     )
-            except sqlite3.Error as exc:  # disk full, read-only, locked: logging degrades, serving goes on
+            except (StorageFull, *self.errors) as exc:  # disk full, read-only, locked, away: logging degrades
                 log.warning("prediction log: dropped %d records: %s", len(batch), exc)
                 self._on_drop(len(batch))
+                with contextlib.suppress(Exception):
+                    connection.close()
                 connection = None
             finally:
                 for _ in batch:
@@ -180,45 +264,30 @@ class PredictionLog:
         if connection is not None:
             connection.close()
 
-    def has_room(self) -> bool:
-        return shutil.disk_usage(self.path.parent).free >= self.retention.min_free_bytes
-
-    def prune(self, connection: sqlite3.Connection | None = None, now: float | None = None) -> int:
+    def prune(self, connection: Any = None, now: float | None = None) -> int:
         """Delete predictions older than the retention or beyond the row cap (the oldest first); how many went."""
         self._pruned_at = time.monotonic()
         now = time.time() if now is None else now
         # The writer thread prunes on its own connection; anyone else uses the shared one, under its lock.
-        lock = self._observations_lock if connection is None else contextlib.nullcontext()
-        connection = connection or self._observations
-        with lock, connection:
-            aged = connection.execute("DELETE FROM predictions WHERE ts < ?", (now - self.retention.max_age_s,))
-            capped = connection.execute(
-                "DELETE FROM predictions WHERE ts <= (SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?)",
-                (self.retention.max_rows,),
-            )
+        owner = contextlib.nullcontext(connection) if connection is not None else self._shared()
+        with owner as used, self._transaction(used):
+            aged = used.execute(self._sql(PRUNE_AGED), (now - self.retention.max_age_s,))
+            capped = used.execute(self._sql(PRUNE_CAPPED), (self.retention.max_rows,))
         return aged.rowcount + capped.rowcount
 
     def recent_features(self, limit: int) -> np.ndarray:
-        with self._observations_lock:
-            rows = self._observations.execute(
-                "SELECT features FROM predictions ORDER BY ts DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return np.array([json.loads(row[0]) for row in rows], dtype=np.float64)
+        rows = self._query(RECENT_FEATURES, (limit,))
+        return np.array([self.decode_features(row[0]) for row in rows], dtype=np.float64)
 
     def count_predictions(self) -> int:
-        with self._observations_lock:
-            return self._observations.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM predictions")[0][0]
 
     def prediction_features(self, prediction_ids: list[str]) -> dict[str, list[float]]:
         if not prediction_ids:
             return {}
         marks = ",".join("?" * len(prediction_ids))
-        with self._observations_lock:
-            rows = self._observations.execute(
-                f"SELECT id, features FROM predictions WHERE id IN ({marks})",  # noqa: S608 (only "?" marks)
-                prediction_ids,
-            ).fetchall()
-        return {row[0]: json.loads(row[1]) for row in rows}
+        rows = self._query(f"SELECT id, features FROM predictions WHERE id IN ({marks})", prediction_ids)  # noqa: S608 (only "?" marks)
+        return {row[0]: self.decode_features(row[1]) for row in rows}
 
     # -- observations -------------------------------------------------------------------------------------------
     def add_observations(self, rows: list[tuple[str | None, list[float], float]]) -> int:
@@ -228,22 +297,56 @@ class PredictionLog:
                 "observations are not stored until space is freed"
             )
         now = time.time()
-        with self._observations_lock, self._observations:
-            self._observations.executemany(
-                "INSERT INTO observations (ts, prediction_id, features, target) VALUES (?,?,?,?)",
-                [(now, pid, json.dumps(features), target) for pid, features, target in rows],
-            )
+        try:
+            with self._shared() as connection, self._transaction(connection):
+                connection.cursor().executemany(
+                    self._sql(INSERT_OBSERVATIONS),
+                    [(now, pid, self.encode_features(features), target) for pid, features, target in rows],
+                )
+        except self.errors as exc:
+            if self._full(exc):
+                raise StorageFull(f"the log store's disk is full: nothing was stored ({exc})") from exc
+            raise StoreUnavailable(f"the log store failed, nothing was stored: {exc}") from exc
         return len(rows)
 
     def observations(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The stored observations, oldest first; with ``limit``, only the newest ``limit`` of them."""
-        with self._observations_lock:
-            rows = self._observations.execute(
-                "SELECT features, target FROM (SELECT rowid, features, target FROM observations "
-                "ORDER BY rowid DESC LIMIT ?) ORDER BY rowid",
-                (-1 if limit is None else limit,),
-            ).fetchall()
+        rows = self._query(NEWEST_OBSERVATIONS, (self.no_limit if limit is None else limit,))
         if not rows:
             return np.empty((0, 0)), np.empty(0)
-        X = np.array([json.loads(row[0]) for row in rows], dtype=np.float64)
+        X = np.array([self.decode_features(row[0]) for row in rows], dtype=np.float64)
         return X, np.array([row[1] for row in rows], dtype=np.float64)
+
+
+def connect_sqlite(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.executescript(SQLITE_SCHEMA)
+    return connection
+
+
+class SqliteLog(PredictionLog):
+    """One file on the data volume, shared by the replicas of one node (WAL: readers never wait for the writer)."""
+
+    no_limit = -1
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path, queue_size: int, **options: Any) -> None:
+        super().__init__(queue_size, **options)
+        self.path = path
+
+    def connect(self) -> sqlite3.Connection:
+        return connect_sqlite(self.path)
+
+    def _transaction(self, connection: sqlite3.Connection) -> contextlib.AbstractContextManager:
+        return connection  # sqlite3's connection commits or rolls back as a context manager
+
+    def encode_features(self, features: list[float]) -> str:
+        return json.dumps(features)
+
+    def decode_features(self, stored: str) -> list[float]:
+        return json.loads(stored)
+
+    def has_room(self) -> bool:
+        return shutil.disk_usage(self.path.parent).free >= self.retention.min_free_bytes

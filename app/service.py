@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from app.data import Dataset, load_dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
-from app.predlog import PredictionLog, Retention
+from app.predlog import PredictionLog, Retention, SqliteLog
 from app.registry import Registry, RegistryError, write_json_line
 from app.schemas import AcceptedRanges
 from app.settings import Settings
@@ -112,6 +112,43 @@ def _generated_token(path: Path, make: Callable[[], str] = lambda: secrets.token
     return path.read_text().strip()
 
 
+class StoreConfigError(RuntimeError):
+    """MLAPI_DATABASE_URL(_FILE) is unreadable or not a PostgreSQL URL."""
+
+
+def database_url(settings: Settings) -> str | None:
+    """PostgreSQL's URL from MLAPI_DATABASE_URL or MLAPI_DATABASE_URL_FILE (a swarm secret); None: SQLite."""
+    if settings.database_url is not None:
+        url, source = settings.database_url.get_secret_value().strip(), "MLAPI_DATABASE_URL"
+    elif settings.database_url_file is not None:
+        try:
+            url, source = settings.database_url_file.read_text().strip(), str(settings.database_url_file)
+        except OSError as exc:
+            raise StoreConfigError(f"MLAPI_DATABASE_URL_FILE: cannot read {settings.database_url_file}: {exc}") from exc
+    else:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise StoreConfigError(f"the database URL from {source} must start with postgresql:// (got {url[:13]!r}…)")
+    return url
+
+
+def open_prediction_log(settings: Settings, on_drop: Callable[[int], None]) -> PredictionLog:
+    """PostgreSQL when a database URL is configured (replicas on several nodes), else SQLite in the data dir."""
+    retention = Retention(
+        max_age_s=settings.log_retention_days * 86400,
+        max_rows=settings.log_max_rows,
+        min_free_bytes=settings.min_free_mb * 2**20,
+    )
+    url = database_url(settings)
+    if url is None:
+        return SqliteLog(
+            settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
+        )
+    from app.pglog import PostgresLog  # only where PostgreSQL is used
+
+    return PostgresLog(url, settings.log_queue_size, on_drop=on_drop, retention=retention)
+
+
 class ModelService:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -122,16 +159,7 @@ class ModelService:
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.ptp(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
-        self.prediction_log = PredictionLog(
-            settings.data_dir / "predictions.sqlite3",
-            settings.log_queue_size,
-            on_drop=metrics.log_dropped.inc,
-            retention=Retention(
-                max_age_s=settings.log_retention_days * 86400,
-                max_rows=settings.log_max_rows,
-                min_free_bytes=settings.min_free_mb * 2**20,
-            ),
-        )
+        self.prediction_log = open_prediction_log(settings, on_drop=metrics.log_dropped.inc).start()
         self.history_path: Path = settings.data_dir / "retrain-history.jsonl"
         self.lock_path: Path = settings.data_dir / "registry.lock"
         self.load_error: str | None = None

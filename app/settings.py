@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     ingest_token_file: Path | None = Field(
         None, description="File holding the ingest token (a swarm secret); generated into data_dir if unset."
     )
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL for the prediction log and observations (postgresql://user:password@host/db; prefer "
+        "database_url_file). Unset: SQLite in data_dir, for replicas on one node.",
+    )
+    database_url_file: Path | None = Field(
+        None, description="File holding database_url (a swarm secret): every node's replicas write to one store."
+    )
     log_retention_days: float = Field(90.0, gt=0, description="Predictions older than this are deleted.")
     log_max_rows: int = Field(2_000_000, ge=1000, description="At most this many predictions are kept (newest).")
     min_free_mb: int = Field(

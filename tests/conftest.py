@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from tests.postgres_support import PostgresServer, postgres_server  # noqa: E402
 
 FEATURES = tuple(load_diabetes().feature_names)
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -29,13 +30,30 @@ def record(**overrides: float) -> dict[str, float]:
     return row
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session; each test that uses it gets its own database."""
+    with postgres_server() as server:
+        yield server
+
+
 @pytest.fixture
-def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+def log_backend() -> str:
+    """Where the prediction log and observations live: "sqlite" by default; a module can parametrize it."""
+    return "sqlite"
+
+
+@pytest.fixture
+def make_client(
+    tmp_path: Path, log_backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
+    database = request.getfixturevalue("postgres").database() if log_backend == "postgresql" else None
 
     def factory(**settings: object) -> TestClient:
         values = {
             "data_dir": tmp_path / "data",
+            **({"database_url": database} if database else {}),
             "admin_token": ADMIN_TOKEN,
             "ingest_token": INGEST_TOKEN,
             "holdout_seed": 42,  # reproducible outcomes; the random default has its own test

@@ -15,6 +15,14 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_TOKEN, FEATURES, admin_headers, ingest_headers, metric_value, record
 
+SQLITE_ONLY = pytest.mark.parametrize("log_backend", ["sqlite"])  # about the data volume's own file
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_backend(request: pytest.FixtureRequest) -> str:
+    """The whole API suite runs against both stores: SQLite (one node) and PostgreSQL (replicas on many nodes)."""
+    return request.param
+
 
 def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
@@ -95,20 +103,17 @@ def test_metrics_expose_http_and_model_series(client: TestClient) -> None:
     assert metric_value(text, "http_requests_total", handler="/predict", method="POST", status="2xx") == 1.0
 
 
-def test_predictions_are_logged_with_version_and_latency(client: TestClient) -> None:
+def test_predictions_are_logged_with_version_and_latency(client: TestClient, log_backend: str) -> None:
     client.post("/predict/batch", json={"records": [record(), record(bmi=5.0)]})
-    service = client.app.state.service
-    assert service.prediction_log.flush()
-    import sqlite3
-
-    with sqlite3.connect(service.prediction_log.path) as connection:
-        rows = connection.execute(
-            "SELECT model_version, ood, latency_ms, lower < prediction FROM predictions"
-        ).fetchall()
-        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
-    assert sorted(rows, key=lambda r: r[1]) == [("v0001", 0, rows[0][2], 1), ("v0001", 1, rows[1][2], 1)]
+    log = client.app.state.service.prediction_log
+    assert log.flush()
+    rows = log._query("SELECT model_version, ood, latency_ms, lower < prediction, features FROM predictions")
+    rows = sorted(((r[0], r[1], r[2], bool(r[3]), log.decode_features(r[4])) for r in rows), key=lambda r: r[1])
+    assert [(r[0], r[1], r[3]) for r in rows] == [("v0001", 0, True), ("v0001", 1, True)]
     assert all(row[2] > 0 for row in rows)
+    assert rows[1][4] == list(record(bmi=5.0).values())
+    if log_backend == "sqlite":
+        assert log._query("PRAGMA journal_mode")[0][0] == "wal"
 
 
 @pytest.fixture
@@ -129,6 +134,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+@SQLITE_ONLY
 def test_full_disk_degrades_logging_not_serving(make_client, tiny_disk: Path) -> None:
     client = make_client(data_dir=tiny_disk, min_free_mb=0)  # a truly full disk, not the floor (tested below)
     log = client.app.state.service.prediction_log
@@ -393,10 +399,15 @@ def test_a_422_never_echoes_the_input(client: TestClient) -> None:
 
 
 # -- the volume never fills: retention, a free-space floor ------------------------------------------------------------
-def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path) -> None:
-    from app.predlog import PredictionLog, PredictionRecord, Retention
+def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path, log_backend: str, request) -> None:
+    from app.pglog import PostgresLog
+    from app.predlog import PredictionRecord, Retention, SqliteLog
 
-    log = PredictionLog(tmp_path / "log.sqlite3", 5000, retention=Retention(max_age_s=3600, max_rows=1000))
+    retention = Retention(max_age_s=3600, max_rows=1000)
+    if log_backend == "sqlite":
+        log = SqliteLog(tmp_path / "log.sqlite3", 5000, retention=retention).start()
+    else:
+        log = PostgresLog(request.getfixturevalue("postgres").database(), 5000, retention=retention).start()
     now = time.time()
 
     def records(count: int, start: float) -> list[PredictionRecord]:
@@ -415,6 +426,7 @@ def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path) -> None:
     log.close()
 
 
+@SQLITE_ONLY
 def test_below_the_free_space_floor_observations_are_refused_and_predictions_go_on(make_client) -> None:
     client = make_client(min_free_mb=10**9)  # a floor no disk meets: the volume counts as full
     refused = client.post(

@@ -1,0 +1,81 @@
+"""The prediction log and observations in PostgreSQL: one store for replicas on every node of the swarm.
+
+SQLite stays the single-node default (a file on the data volume); a SQLite file shared over a network filesystem
+is not an option (its locks are not safe there), so with worker nodes every replica writes here instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from app.predlog import PredictionLog
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id TEXT PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    model_version TEXT NOT NULL,
+    features DOUBLE PRECISION[] NOT NULL,
+    prediction DOUBLE PRECISION NOT NULL,
+    lower DOUBLE PRECISION NOT NULL,
+    upper DOUBLE PRECISION NOT NULL,
+    confidence DOUBLE PRECISION NOT NULL,
+    ood INTEGER NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+CREATE TABLE IF NOT EXISTS observations (
+    rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    prediction_id TEXT,
+    features DOUBLE PRECISION[] NOT NULL,
+    target DOUBLE PRECISION NOT NULL
+);
+"""
+# Replicas starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation in pg_type): one at a
+# time, under a transaction-scoped advisory lock (the number is arbitrary and only ours).
+SCHEMA_LOCK = 0x6D6C617069
+
+
+class PostgresLog(PredictionLog):
+    """``conninfo``: a libpq URL or key=value string (postgresql://mlapi@mlapi-postgres:5432/mlapi)."""
+
+    no_limit = None  # LIMIT NULL: all rows
+    errors = (psycopg.Error,)
+
+    def __init__(self, conninfo: str, queue_size: int, connect_timeout_s: int = 5, **options: Any) -> None:
+        super().__init__(queue_size, **options)
+        self._conninfo = conninfo
+        self._connect_timeout_s = connect_timeout_s
+
+    def connect(self) -> psycopg.Connection:
+        # autocommit: reads hold no transaction open between requests; writes use explicit transactions.
+        connection = psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=self._connect_timeout_s, application_name="mlapi"
+        )
+        with connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            connection.execute(SCHEMA)
+        return connection
+
+    def _transaction(self, connection: psycopg.Connection) -> contextlib.AbstractContextManager:
+        return connection.transaction()
+
+    def _sql(self, query: str) -> str:
+        return query.replace("?", "%s")
+
+    def _usable(self, connection: psycopg.Connection | None) -> bool:
+        return connection is not None and not connection.closed and not connection.broken
+
+    def _full(self, exc: Exception) -> bool:
+        return isinstance(exc, pg_errors.DiskFull)
+
+    def encode_features(self, features: list[float]) -> list[float]:
+        return [float(value) for value in features]
+
+    def decode_features(self, stored: list[float]) -> list[float]:
+        return stored
