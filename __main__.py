@@ -1,6 +1,7 @@
-"""mlapi: a scikit-learn model as an HTTPS API on one Hetzner VM.
+"""mlapi: a scikit-learn model as an HTTPS API on a Hetzner VM, and on worker VMs when one is not enough.
 
-config → spec (what runs on the VM) → Host (server, host key, firewall, volume, DNS)
+config → spec (what runs on the VMs) → [PrivateNetwork → LoadBalancerFront] (only with workers or loadBalancer)
+       → Host (manager: server, host key, firewall, volume, DNS) → [Cluster (workers joined to its swarm)]
        → ModelStack (deploy step, swarm: Traefik + the model service) → exports
 """
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pulumi
 
+from infra.cluster import Cluster, LoadBalancerFront, PrivateNetwork
+from infra.cluster_plan import LOAD_BALANCER_PRIVATE_IP
 from infra.components import ModelStack
 from infra.config import WORLD, ConfigError, load_config
 from infra.deploy import server_memory_mb
@@ -36,7 +39,12 @@ inputs = StackInputs(
     acme_staging=cfg.acme_staging,
     retrain_schedule=cfg.retrain_schedule,
     model_replicas=cfg.model_replicas,
-    server_memory_mb=server_memory_mb(cfg.server_type),
+    nodes=1 + cfg.workers,
+    server_memory_mb=min(
+        server_memory_mb(cfg.server_type), server_memory_mb(cfg.worker_server_type or cfg.server_type)
+    ),
+    acme_challenge=cfg.acme_challenge,
+    proxy_protocol_ips=(f"{LOAD_BALANCER_PRIVATE_IP}/32",) if cfg.load_balancer else (),
     public_docs=cfg.public_docs,
     hsts_preload=cfg.hsts_preload,
     rate_limit_per_s=cfg.rate_limit_per_s,
@@ -46,16 +54,23 @@ inputs = StackInputs(
 )
 spec = build_stack(inputs)
 name = f"mlapi-{pulumi.get_stack()}"
+network = PrivateNetwork(name, cfg) if cfg.workers or cfg.load_balancer else None
+front = LoadBalancerFront(name, cfg, network) if cfg.load_balancer and network else None
 try:
-    host = Host(name, cfg, spec, data_root=inputs.data_root)
+    host = Host(name, cfg, spec, data_root=inputs.data_root, front=(front.ipv4, front.ipv6) if front else None)
 except ConfigError as error:  # a check against what already exists in the project (e.g. the volume's location)
     raise pulumi.RunError(str(error)) from None
-stack = ModelStack(name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root)
+cluster = Cluster(name, cfg, spec, host, network, front, data_root=inputs.data_root) if network else None
+stack = ModelStack(name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root, cluster=cluster)
 
 pulumi.export("url", f"https://{spec.domain}")
 pulumi.export("ipv4", host.ipv4)
 pulumi.export("ipv6", host.ipv6)
 pulumi.export("sshCommand", host.ipv4.apply(lambda ip: f"ssh root@{ip}"))
 pulumi.export("serverId", host.server.id)
+if cluster is not None and cfg.workers:
+    pulumi.export("workerIpv4s", [worker.server.ipv4_address for worker in cluster.workers])
+if front is not None:
+    pulumi.export("loadBalancerIpv4", front.ipv4)
 # The bearer token of POST /observations: `pulumi stack output ingestToken --show-secrets` (a secret output).
 pulumi.export("ingestToken", pulumi.Output.secret(stack.ingest_token.result))

@@ -9,185 +9,26 @@ Lifecycle rules that make every later `pulumi up` safe (README: "Changing things
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 
 import pulumi
 import pulumi_command as command
 import pulumi_docker as docker
-import pulumi_random as random
 
 from infra.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts
+from infra.cluster import Cluster
 from infra.config import DeployConfig
 from infra.deploy import docker_ssh_options, platform_for, smoke_command
+from infra.dns_challenge import install_token_command, scoped_token
+from infra.docker_resources import container, service, swarm_token
 from infra.host import Host
 from infra.host_setup import render_graceful_stop, render_host_setup, render_platform_check
 from infra.spec import (
     ADMIN_SECRET,
     INGEST_SECRET,
-    ContainerSpec,
-    MiB,
-    ServiceSpec,
     StackSpec,
-    go_duration,
-    secret_name,
 )
-
-CONVERGE_TIMEOUT_S = 600
-
-
-def _health(check) -> dict:
-    return {
-        "tests": list(check.test),
-        "interval": go_duration(check.interval_s),
-        "timeout": go_duration(check.timeout_s),
-        "retries": check.retries,
-        "start_period": go_duration(check.start_period_s),
-    }
-
-
-def container(
-    resource_name: str,
-    spec: ContainerSpec,
-    image: pulumi.Input[str],
-    network: docker.Network | None,
-    opts: pulumi.ResourceOptions,
-) -> docker.Container:
-    """One spec container as a docker.Container: every field comes from the spec, nothing is added here.
-    ``network``: the resource of the spec's network (None with a container that has none)."""
-    return docker.Container(
-        resource_name,
-        name=spec.name,
-        image=image,
-        command=list(spec.command),
-        envs=[f"{key}={value}" for key, value in spec.env.items()],
-        labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in spec.labels.items()],
-        mounts=[
-            docker.ContainerMountArgs(type=m.kind, source=m.source, target=m.target, read_only=m.read_only)
-            for m in spec.mounts
-        ],
-        ports=[
-            docker.ContainerPortArgs(internal=p.container_port, external=p.host_port, ip=p.host_ip, protocol="tcp")
-            for p in spec.ports
-        ],
-        networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(spec.aliases))]
-        if network
-        else [],
-        network_mode=None if network else "none",
-        healthcheck=docker.ContainerHealthcheckArgs(**_health(spec.healthcheck)) if spec.healthcheck else None,
-        restart=spec.restart,
-        user=spec.user,
-        capabilities=docker.ContainerCapabilitiesArgs(
-            drops=list(spec.confinement.cap_drop), adds=list(spec.confinement.cap_add)
-        ),
-        read_only=spec.confinement.read_only_root,
-        tmpfs={spec.confinement.tmpfs_path: f"size={spec.confinement.tmpfs_bytes}"},
-        memory=spec.confinement.memory_bytes // MiB,  # the provider counts megabytes
-        security_opts=["no-new-privileges:true"] if spec.confinement.no_new_privileges else [],
-        ulimits=[
-            docker.ContainerUlimitArgs(name=name, soft=limit, hard=limit) for name, limit in spec.confinement.ulimits
-        ],
-        opts=opts,
-    )
-
-
-def swarm_token(
-    name: str, base: str, parent: pulumi.Resource, on_host: pulumi.ResourceOptions
-) -> tuple[random.RandomPassword, docker.Secret]:
-    """A random bearer token and the swarm secret holding it (a new value gets a new secret name)."""
-    token = random.RandomPassword(f"{name}-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=parent))
-    secret = docker.Secret(
-        f"{name}-secret",
-        name=token.result.apply(lambda value: secret_name(base, value)),
-        data=token.result.apply(lambda value: base64.urlsafe_b64encode(value.encode()).decode()),
-        opts=on_host,
-    )
-    return token, secret
-
-
-def _rollout(policy) -> dict:
-    return {
-        "parallelism": policy.parallelism,
-        "delay": go_duration(policy.delay_s),
-        "failure_action": policy.failure_action,
-        "monitor": go_duration(policy.monitor_s),
-        "max_failure_ratio": f"{policy.max_failure_ratio:g}",
-        "order": policy.order,
-    }
-
-
-def service(
-    resource_name: str,
-    spec: ServiceSpec,
-    image: pulumi.Input[str],
-    network: docker.Network,
-    secrets: dict[str, docker.Secret],
-    opts: pulumi.ResourceOptions,
-) -> docker.Service:
-    """The spec's swarm service as a docker.Service. With converge_config, `pulumi up` waits for the rolling update
-    and fails ("service rollback completed: …") when swarm had to roll it back; the old version keeps serving."""
-    restart = spec.restart
-    return docker.Service(
-        resource_name,
-        name=spec.name,
-        labels=[docker.ServiceLabelArgs(label=key, value=value) for key, value in spec.labels.items()],
-        task_spec=docker.ServiceTaskSpecArgs(
-            container_spec=docker.ServiceTaskSpecContainerSpecArgs(
-                image=image,
-                commands=list(spec.command),
-                env=dict(spec.env),
-                mounts=[
-                    docker.ServiceTaskSpecContainerSpecMountArgs(
-                        type=m.kind, source=m.source, target=m.target, read_only=m.read_only
-                    )
-                    for m in spec.mounts
-                ]
-                + [
-                    docker.ServiceTaskSpecContainerSpecMountArgs(
-                        type="tmpfs",
-                        target=spec.confinement.tmpfs_path,
-                        tmpfs_options=docker.ServiceTaskSpecContainerSpecMountTmpfsOptionsArgs(
-                            size_bytes=spec.confinement.tmpfs_bytes
-                        ),
-                    )
-                ],
-                read_only=spec.confinement.read_only_root,
-                cap_drops=list(spec.confinement.cap_drop),
-                cap_adds=list(spec.confinement.cap_add) or None,
-                healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**_health(spec.healthcheck)),
-                stop_grace_period=go_duration(spec.stop_grace_period_s),
-                secrets=[
-                    docker.ServiceTaskSpecContainerSpecSecretArgs(
-                        secret_id=secrets[item.secret].id,
-                        secret_name=secrets[item.secret].name,
-                        file_name=item.file_name,  # under /run/secrets/
-                        file_uid=str(item.uid),
-                        file_gid=str(item.uid),
-                        file_mode=item.mode,
-                    )
-                    for item in spec.secrets
-                ],
-                init=spec.init,
-            ),
-            resources=docker.ServiceTaskSpecResourcesArgs(
-                limits=docker.ServiceTaskSpecResourcesLimitsArgs(memory_bytes=spec.confinement.memory_bytes)
-            ),
-            restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(
-                condition=restart.condition,
-                delay=go_duration(restart.delay_s),
-                max_attempts=restart.max_attempts,
-                window=go_duration(restart.window_s),
-            ),
-            networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=network.id)],
-        ),
-        mode=docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas)),
-        update_config=docker.ServiceUpdateConfigArgs(**_rollout(spec.update)),
-        rollback_config=docker.ServiceRollbackConfigArgs(**_rollout(spec.rollback)),
-        endpoint_spec=docker.ServiceEndpointSpecArgs(mode=spec.endpoint_mode),
-        converge_config=docker.ServiceConvergeConfigArgs(delay=go_duration(5), timeout=go_duration(CONVERGE_TIMEOUT_S)),
-        opts=opts,
-    )
 
 
 class ModelStack(pulumi.ComponentResource):
@@ -201,10 +42,13 @@ class ModelStack(pulumi.ComponentResource):
         host: Host,
         app_dir: Path,
         data_root: str,
+        cluster: Cluster | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        """``cluster``: the private network's nodes; the model service is placed once they have joined."""
         super().__init__("mlapi:infra:ModelStack", name, None, opts)
-        after_boot = pulumi.ResourceOptions(parent=self, depends_on=[host.ready])
+        nodes_ready = cluster.ready if cluster is not None else []
+        after_boot = pulumi.ResourceOptions(parent=self, depends_on=[host.ready, *nodes_ready])
         backup_files, backup_commands = host_setup_parts(cfg.backup, data_root)
         # Runs at every `up` whose host files, layout or server changed; never replaces the server.
         self.host_setup = command.remote.Command(
@@ -308,6 +152,21 @@ class ModelStack(pulumi.ComponentResource):
         self.admin_token, self.admin_secret = swarm_token(f"{name}-admin", ADMIN_SECRET, self, on_host)
         self.ingest_token, self.ingest_secret = swarm_token(f"{name}-ingest", INGEST_SECRET, self, on_host)
         with_volumes = pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=self.volumes))
+        edge_dependencies: list[pulumi.Resource] = list(self.volumes)
+        if cfg.acme_challenge == "dns":
+            self.dns_token = scoped_token(
+                name, cfg.cloudflare_zone_id, spec.domain, pulumi.ResourceOptions(parent=self)
+            )
+            self.dns_token_file = command.remote.Command(
+                f"{name}-dns-token",
+                connection=host.connection,
+                create=install_token_command(data_root),
+                stdin=pulumi.Output.secret(self.dns_token.value),
+                triggers=[host.server.id, self.dns_token.id],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_setup]),
+            )
+            edge_dependencies.append(self.dns_token_file)
+        with_edge_files = pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=edge_dependencies))
         self.docker_api = container(
             f"{name}-docker-api", spec.docker_api, self.docker_api_image.image_id, None, with_volumes
         )
@@ -316,7 +175,7 @@ class ModelStack(pulumi.ComponentResource):
             spec.traefik,
             self.traefik_image.image_id,
             self.network,
-            pulumi.ResourceOptions.merge(with_volumes, pulumi.ResourceOptions(depends_on=[self.docker_api])),
+            pulumi.ResourceOptions.merge(with_edge_files, pulumi.ResourceOptions(depends_on=[self.docker_api])),
         )
         self.model = service(
             f"{name}-model",
@@ -330,7 +189,8 @@ class ModelStack(pulumi.ComponentResource):
         )
         self.smoke = command.local.Command(
             f"{name}-smoke-check",
-            create=host.ipv4.apply(lambda ip: smoke_command(spec.domain, ip, staging=cfg.acme_staging)),
+            # The address clients reach: the server's, or the load balancer's in front of it.
+            create=host.front_ipv4.apply(lambda ip: smoke_command(spec.domain, ip, staging=cfg.acme_staging)),
             triggers=[host.server.id, self.traefik.id, self.model.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.traefik, self.model, host.dns_a, host.dns_aaaa]),
         )

@@ -19,6 +19,8 @@ from infra.spec import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackIn
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
 WORLD = ("0.0.0.0/0", "::/0")
+ACME_CHALLENGES = ("tls", "dns")
+MAX_WORKERS = 10
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,11 @@ class DeployConfig(BaseModel):
     dns_proxied: bool = False
     public_docs: bool = True
     hsts_preload: bool = False
+    workers: int = 0  # worker VMs joined to the manager's swarm over a private network
+    worker_server_type: str | None = None  # None: the manager's serverType
+    acme_challenge: str = "tls"  # tls (TLS-ALPN on 443) | dns (DNS-01 through Cloudflare, a scoped token)
+    load_balancer: bool = False  # a Hetzner Load Balancer in front, TCP passthrough with the PROXY protocol
+    load_balancer_type: str = "lb11"
     server_backups: bool = False  # Hetzner's own; they do not include the data volume (restic covers that)
     backup: BackupSettings | None = None
     backup_password: SecretStr | None = None
@@ -76,14 +83,24 @@ KEYS: dict[str, tuple[bool, str, str]] = {
     "acmeStaging": (False, "true", "use Let's Encrypt's staging CA (true/false)"),
     "modelImage": (False, "ghcr.io/acme/model:1.2", "registry image instead of building app/ on the host"),
     "retrainSchedule": (False, '"0 3 * * *"', "cron expression for scheduled retraining"),
-    "modelReplicas": (False, "2", "replicas of the model service (1-64)"),
+    "modelReplicas": (False, "2", "replicas of the model service across all nodes (1-64)"),
+    "workers": (False, "2", "worker VMs joining the swarm over a private network (0-10; README: Growing past one VM)"),
+    "workerServerType": (False, "cx33", "Hetzner server type of the workers (default: serverType)"),
+    "acmeChallenge": (
+        False,
+        "dns",
+        "how Let's Encrypt validates the domain: tls (TLS-ALPN on port 443) or dns (DNS-01 with a scoped Cloudflare "
+        "token the program creates)",
+    ),
+    "loadBalancer": (False, "true", "a Hetzner Load Balancer in front of Traefik, PROXY protocol (true/false)"),
+    "loadBalancerType": (False, "lb11", "Hetzner load balancer type (lb11, lb21, lb31)"),
     "rateLimitPerSecond": (False, "100", "requests per second per client address at the edge, 429 beyond (1-100000)"),
     "rateLimitBurst": (False, "200", "requests a client may burst above the rate (1-100000)"),
     "inFlightPerClient": (False, "32", "concurrent requests per client address at the edge (1-10000)"),
     "volumeSize": (False, "10", "data volume size in GB (10-10240)"),
     "keepDataVolume": (False, "true", "keep the data volume on `pulumi destroy` (true/false)"),
     "dataVolumeId": (False, "12345678", "attach this existing (kept) volume instead of creating one"),
-    "dnsProxied": (False, "false", "proxy the DNS record through Cloudflare (only with DNS-01 certificates)"),
+    "dnsProxied": (False, "true", "proxy the DNS record through Cloudflare (only with acmeChallenge=dns)"),
     "publicDocs": (False, "false", "serve /docs, /redoc and /openapi.json to the internet (true/false)"),
     "hstsPreload": (
         False,
@@ -256,10 +273,20 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         if not expanded.is_file() or not os.access(expanded, os.R_OK):
             raise _error("sshPrivateKeyPath", f"{key_path} is not a readable file on this machine")
         values["ssh_private_key_path"] = key_path
-    if raw["serverType"]:
-        if not re.fullmatch(r"[a-z]{2,4}\d{2,3}[a-z]*", raw["serverType"].strip()):
-            raise _error("serverType", f"{raw['serverType']!r} does not look like a Hetzner type (cx23, cax11, …)")
-        values["server_type"] = raw["serverType"].strip()
+    for key, field in (("serverType", "server_type"), ("workerServerType", "worker_server_type")):
+        if raw[key]:
+            if not re.fullmatch(r"[a-z]{2,4}\d{2,3}[a-z]*", raw[key].strip()):
+                raise _error(key, f"{raw[key]!r} does not look like a Hetzner type (cx23, cax11, …)")
+            values[field] = raw[key].strip()
+    if raw["acmeChallenge"]:
+        challenge = raw["acmeChallenge"].strip().lower()
+        if challenge not in ACME_CHALLENGES:
+            raise _error("acmeChallenge", f"{raw['acmeChallenge']!r} is not one of {', '.join(ACME_CHALLENGES)}")
+        values["acme_challenge"] = challenge
+    if raw["loadBalancerType"]:
+        if not re.fullmatch(r"lb\d{2}", raw["loadBalancerType"].strip()):
+            raise _error("loadBalancerType", f"{raw['loadBalancerType']!r} is not a Hetzner load balancer type")
+        values["load_balancer_type"] = raw["loadBalancerType"].strip()
     if raw["location"]:
         if raw["location"].strip() not in HETZNER_LOCATIONS:
             raise _error("location", f"{raw['location']!r} is not a Hetzner location")
@@ -273,6 +300,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("serverBackups", "server_backups"),
         ("publicDocs", "public_docs"),
         ("hstsPreload", "hsts_preload"),
+        ("loadBalancer", "load_balancer"),
     ):
         if raw[key]:
             values[field] = _bool(key, raw[key])
@@ -290,6 +318,7 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         ("volumeSize", "volume_size", 10, 10240),
         ("dataVolumeId", "data_volume_id", 1, None),
         ("modelReplicas", "model_replicas", 1, 64),
+        ("workers", "workers", 0, MAX_WORKERS),
         ("rateLimitPerSecond", "rate_limit_per_s", 1, 100_000),
         ("rateLimitBurst", "rate_limit_burst", 1, 100_000),
         ("inFlightPerClient", "in_flight_per_client", 1, 10_000),
@@ -309,13 +338,19 @@ def load_config(get: Callable[[str], str | None]) -> DeployConfig:
         raise _error(key, first["msg"].removeprefix("Value error, ")) from None
     values["domain"] = StackInputs(domain=values["domain"], acme_email=values["acme_email"]).domain
     values.update(_backup(raw))
-    if values.get("dns_proxied"):
+    if values.get("workers") and not values.get("model_image"):
+        raise _error(
+            "modelImage",
+            "is required with workers > 0: every node pulls the model image from a registry (an image built on the "
+            "manager exists only there)",
+        )
+    if values.get("dns_proxied") and values.get("acme_challenge", "tls") != "dns":
         # Behind Cloudflare's proxy, Let's Encrypt's TLS-ALPN (and HTTP) validation reaches Cloudflare, not Traefik:
         # the first certificate may be issued before the proxy is on, but every renewal fails, silently.
         raise _error(
             "dnsProxied",
-            "true is refused: the certificate is validated over a direct connection to the server (TLS-ALPN), which "
-            "Cloudflare's proxy intercepts, so renewals would fail silently. Keep it false until DNS-01 "
-            "certificates are supported",
+            "true is refused with acmeChallenge=tls: the certificate is validated over a direct connection to the "
+            "server (TLS-ALPN), which Cloudflare's proxy intercepts, so renewals would fail silently. Use "
+            "`pulumi config set acmeChallenge dns` first (DNS-01 works behind the proxy)",
         )
     return DeployConfig(**values)

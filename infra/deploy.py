@@ -20,14 +20,19 @@ class FirewallRule:
     direction: str = "in"
 
 
-def firewall_rules(ssh_allowed_cidrs: tuple[str, ...]) -> tuple[FirewallRule, ...]:
+def firewall_rules(ssh_allowed_cidrs: tuple[str, ...], *, public_web: bool = True) -> tuple[FirewallRule, ...]:
     """Inbound 80/443 from anywhere, 22 from the allowed CIDRs, ICMP; everything else is dropped.
 
     Docker-published ports bypass a host firewall (docker/for-linux#690), so this cloud firewall is the boundary.
+    ``public_web=False`` (a load balancer in front): no 80/443 on the public interface; the load balancer reaches
+    Traefik over the private network, which the cloud firewall does not filter.
     """
-    return (
+    web = (
         FirewallRule("HTTP (ACME http-01 and redirect to HTTPS)", "tcp", "80", WORLD),
         FirewallRule("HTTPS", "tcp", "443", WORLD),
+    )
+    return (
+        *(web if public_web else ()),
         FirewallRule("SSH (deploys and operators)", "tcp", "22", tuple(ssh_allowed_cidrs)),
         FirewallRule("ICMP (ping, path MTU discovery)", "icmp", None, WORLD),
     )

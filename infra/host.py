@@ -16,7 +16,7 @@ import pulumi_tls as tls
 
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.config import WORLD, ConfigError, DeployConfig
-from infra.deploy import firewall_rules
+from infra.deploy import FirewallRule, firewall_rules
 from infra.spec import StackSpec
 
 
@@ -80,12 +80,33 @@ def _kept_volume_id(stack_labels: dict[str, str], location: str) -> int | None:
     return None
 
 
+def firewall_args(rules: tuple[FirewallRule, ...]) -> list[hcloud.FirewallRuleArgs]:
+    return [
+        hcloud.FirewallRuleArgs(
+            direction=rule.direction,
+            protocol=rule.protocol,
+            port=rule.port,
+            source_ips=list(rule.source_ips),
+            description=rule.description,
+        )
+        for rule in rules
+    ]
+
+
 class Host(pulumi.ComponentResource):
     """The VM: SSH key, host key, cloud firewall, data volume, server with our user-data, DNS, the cloud-init wait."""
 
     def __init__(
-        self, name: str, cfg: DeployConfig, spec: StackSpec, data_root: str, opts: pulumi.ResourceOptions | None = None
+        self,
+        name: str,
+        cfg: DeployConfig,
+        spec: StackSpec,
+        data_root: str,
+        front: tuple[pulumi.Output[str], pulumi.Output[str]] | None = None,
+        opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        """``front``: the (IPv4, IPv6) clients reach instead of the server's (a load balancer); the server then takes
+        web traffic only from it, over the private network."""
         super().__init__("mlapi:infra:Host", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         labels = {"app": "mlapi", "stack": pulumi.get_stack()}
@@ -98,6 +119,7 @@ class Host(pulumi.ComponentResource):
             ssh_key_id: pulumi.Input[str] = self.ssh_key.id
         else:
             self.ssh_key, ssh_key_id = None, existing_key
+        self.ssh_key_id = ssh_key_id  # the workers get the same key
         # The server's SSH host key: made here, installed by cloud-init, pinned by every connection from the first.
         self.host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child)
         self.host_public_key: pulumi.Output[str] = self.host_key.public_key_openssh.apply(str.strip)
@@ -108,16 +130,7 @@ class Host(pulumi.ComponentResource):
             f"{name}-firewall",
             name=name,
             labels={**labels, "ssh-world-explicit": "true"} if world_by_choice else labels,
-            rules=[
-                hcloud.FirewallRuleArgs(
-                    direction=rule.direction,
-                    protocol=rule.protocol,
-                    port=rule.port,
-                    source_ips=list(rule.source_ips),
-                    description=rule.description,
-                )
-                for rule in firewall_rules(cfg.ssh_allowed_cidrs)
-            ],
+            rules=firewall_args(firewall_rules(cfg.ssh_allowed_cidrs, public_web=front is None)),
             opts=child,
         )
         if cfg.data_volume_id is not None:
@@ -176,7 +189,8 @@ class Host(pulumi.ComponentResource):
         self.ipv4: pulumi.Output[str] = self.server.ipv4_address
         self.ipv6: pulumi.Output[str] = self.server.ipv6_address
 
-        # Not proxied (config refuses it): the ACME challenge needs a direct connection to Traefik.
+        # Proxied only with DNS-01 certificates (config refuses it otherwise): TLS-ALPN needs a direct connection.
+        self.front_ipv4, front_ipv6 = front or (self.ipv4, self.ipv6)
         self.dns_a, self.dns_aaaa = (
             cloudflare.DnsRecord(
                 f"{name}-dns-{record_type.lower()}",
@@ -185,11 +199,11 @@ class Host(pulumi.ComponentResource):
                 type=record_type,
                 content=address,
                 ttl=300,
-                proxied=False,
+                proxied=cfg.dns_proxied,
                 comment="mlapi (pulumi)",
                 opts=child,
             )
-            for record_type, address in (("A", self.ipv4), ("AAAA", self.ipv6))
+            for record_type, address in (("A", self.front_ipv4), ("AAAA", front_ipv6))
         )
 
         self.connection = command.remote.ConnectionArgs(

@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +29,7 @@ from infra.docker_api import (
 from infra.durations import go_duration  # noqa: F401 (re-exported: the components spell durations with it)
 from infra.traefik import (  # noqa: F401 (re-exported for the components, the local stack and tests)
     ACME_CA_BUNDLE_PATH,
+    DNS_TOKEN_FILE,
     LETSENCRYPT_PRODUCTION,
     LETSENCRYPT_STAGING,
     PROVIDER_REFRESH_S,
@@ -38,6 +40,7 @@ from infra.traefik import (  # noqa: F401 (re-exported for the components, the l
     acme_storage,
     model_labels,
     tls_options_yaml,
+    traefik_env,
     traefik_flags,
 )
 
@@ -62,6 +65,8 @@ SECRETS = (ADMIN_SECRET, INGEST_SECRET)  # every swarm secret the model service 
 # Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
 SWARM_ADVERTISE_ADDR = "127.0.0.1"
 SWARM_LISTEN_ADDR = "127.0.0.1:2377"
+NODE_LABEL = "mlapi.node"  # each node's own value (the manager: "manager"; a worker: its hostname)
+PLACEMENT_SPREAD = f"spread=node.labels.{NODE_LABEL}"
 # A stopping task keeps serving (health 503) this long: Traefik has polled the swarm API and health-checked it by then.
 DRAIN_S = PROVIDER_REFRESH_S + PROXY_HEALTH_INTERVAL_S + 2
 
@@ -104,8 +109,14 @@ class StackInputs(BaseModel):
     acme_email: str
     acme_staging: bool = False
     retrain_schedule: str = DEFAULT_RETRAIN_SCHEDULE
-    model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)
-    server_memory_mb: int = Field(4096, ge=1024, description="the server's memory: the containers' limits follow it")
+    model_replicas: int = Field(DEFAULT_MODEL_REPLICAS, ge=1, le=64)  # across every node
+    nodes: int = Field(1, ge=1, le=11, description="the manager plus the worker VMs of the swarm")
+    server_memory_mb: int = Field(
+        4096, ge=1024, description="the smallest node's memory: the containers' limits follow it"
+    )
+    acme_challenge: Literal["tls", "dns"] = "tls"  # dns: Cloudflare DNS-01, the token in DNS_TOKEN_FILE
+    # Addresses whose PROXY protocol header Traefik trusts (a load balancer in front); empty: none is read.
+    proxy_protocol_ips: tuple[str, ...] = ()
     public_docs: bool = True  # /docs, /redoc and /openapi.json routed from the internet
     hsts_preload: bool = False  # HSTS with `preload` and the two years hstspreload.org requires
     # Per client address at the edge (429 beyond): one client cannot take the whole VM (~150-200 predictions/s).
@@ -254,6 +265,9 @@ class ServiceSpec(Workload):
     secrets: tuple[SecretFile, ...]
     stop_grace_period_s: int
     endpoint_mode: str = "dnsrr"  # Traefik balances across task IPs; swarm's VIP (IPVS) is not needed
+    # With several nodes: spread over the nodes' labels, at most one more than a node's share on any node.
+    placement_prefs: tuple[str, ...] = ()
+    max_replicas_per_node: int | None = None
     init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
     # A replica holds the model and, while it retrains, the observations it fits on (bounded by the row cap).
     confinement: Confinement = Confinement(memory_bytes=1024 * MiB)
@@ -333,11 +347,17 @@ TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking
 REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
 
 
+def replicas_per_node(inputs: StackInputs) -> int:
+    """The most replicas one node holds: its share of the swarm's, rounded up."""
+    return -(-inputs.model_replicas // inputs.nodes)
+
+
 def replica_memory_mb(inputs: StackInputs) -> int:
-    """What is left after the host and the edge, shared by the replicas plus the one a start-first update adds."""
+    """What is left after the host and the edge (every node is sized as if it ran them, as the manager does),
+    shared by a node's replicas plus the one a start-first update adds."""
     free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
     low, high = REPLICA_MEMORY_MB
-    return max(low, min(high, free // (inputs.model_replicas + 1)))
+    return max(low, min(high, free // (replicas_per_node(inputs) + 1)))
 
 
 def build_stack(inputs: StackInputs) -> StackSpec:
@@ -346,7 +366,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         name=TRAEFIK_CONTAINER,
         image=inputs.traefik_image,
         command=traefik_flags(inputs, NETWORK),
-        env={},
+        env=traefik_env(inputs),
         labels={},
         mounts=(
             Mount(f"{root}/traefik", "/acme"),
@@ -396,7 +416,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
             # RLIMIT_NPROC counts every process of the model's user on the node: all replicas, and one more during
             # a start-first update. Swarm services cannot set ulimits through the provider, so the app sets it.
-            "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (inputs.model_replicas + 1)),
+            "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (replicas_per_node(inputs) + 1)),
         },
         labels=model_labels(inputs, NETWORK, MODEL_PORT),
         mounts=(Mount(f"{root}/model", "/data"),),
@@ -424,6 +444,10 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         ),
         stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
         confinement=Confinement(memory_bytes=replica_memory_mb(inputs) * MiB),
+        # The node count is part of the spec on purpose: adding a node changes it, and the rolling update that
+        # follows spreads the replicas onto the new node (swarm never moves running tasks by itself).
+        placement_prefs=(PLACEMENT_SPREAD,) if inputs.nodes > 1 else (),
+        max_replicas_per_node=replicas_per_node(inputs) + 1 if inputs.nodes > 1 else None,
     )
     return StackSpec(
         network=NETWORK,

@@ -27,6 +27,10 @@ RETRY_BODY_LIMIT = MAX_BODY_BYTES
 PRIVATE_PREFIXES = ("/admin", "/metrics")  # never routed from the internet: the host and the overlay reach them
 DOCS_PREFIXES = ("/docs", "/redoc", "/openapi.json")  # private too with publicDocs=false
 ACME_CA_BUNDLE_PATH = "/etc/mlapi/acme-ca.pem"  # inside the Traefik container, only when acme_ca_bundle is set
+# The scoped Cloudflare token of the DNS challenge: in Traefik's own directory (0700, its user's), written from stdin
+# by the deploy (infra/components.py); /acme is that directory inside the container.
+DNS_TOKEN_FILE = "cloudflare-dns-token"  # noqa: S105 (a file name)
+DNS_TOKEN_PATH = f"/acme/{DNS_TOKEN_FILE}"
 # Timing that makes tasks coming and going cost no request (README: "How an update proceeds").
 PROVIDER_REFRESH_S = 2  # Traefik polls the swarm API this often (default 15 s)
 PROXY_HEALTH_INTERVAL_S = 2  # Traefik's own health check of each task
@@ -102,7 +106,16 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         "--providers.file.watch=true",
         f"{resolver}.email={inputs.acme_email}",
         f"{resolver}.storage={acme_storage(inputs.ca_server)}",
-        f"{resolver}.tlschallenge=true",
+        *(
+            (f"{resolver}.tlschallenge=true",)
+            if inputs.acme_challenge == "tls"
+            else (
+                # DNS-01: a TXT record through Cloudflare's API with the scoped token (lego reads
+                # CF_DNS_API_TOKEN_FILE), checked on Cloudflare's resolvers: works behind its proxy and behind an LB.
+                f"{resolver}.dnschallenge.provider=cloudflare",
+                f"{resolver}.dnschallenge.resolvers=1.1.1.1:53,1.0.0.1:53",
+            )
+        ),
         f"{resolver}.keytype=EC256",  # smaller and faster handshakes than RSA 4096
         f"{resolver}.caserver={inputs.ca_server}",
         "--ping=true",
@@ -113,7 +126,18 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
     ]
     if inputs.acme_ca_bundle:
         flags.append(f"{resolver}.cacertificates={ACME_CA_BUNDLE_PATH}")
+    if inputs.proxy_protocol_ips:
+        # Only these peers (the load balancer) may state a client address; anyone else's header is not read.
+        trusted = ",".join(inputs.proxy_protocol_ips)
+        flags += [
+            f"--entrypoints.{entrypoint}.proxyprotocol.trustedips={trusted}" for entrypoint in ("web", "websecure")
+        ]
     return tuple(flags)
+
+
+def traefik_env(inputs: StackInputs) -> dict[str, str]:
+    """Traefik's environment: only the DNS challenge's token file (a file, never the token in the environment)."""
+    return {"CF_DNS_API_TOKEN_FILE": DNS_TOKEN_PATH} if inputs.acme_challenge == "dns" else {}
 
 
 def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]:
@@ -161,7 +185,7 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{middleware}.{ROUTER}-headers.headers.referrerpolicy": "no-referrer",
         f"{middleware}.{ROUTER}-headers.headers.contentsecuritypolicy": "frame-ancestors 'none'",
         f"{middleware}.{ROUTER}-limit.buffering.maxrequestbodybytes": str(MAX_BODY_BYTES),
-        # Per client address (the connection's, depth 0; a load balancer in front would need its PROXY protocol).
+        # Per client address (the connection's, depth 0; behind the load balancer, the one its PROXY header states).
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.average": str(inputs.rate_limit_per_s),
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.burst": str(inputs.rate_limit_burst),
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.period": go_duration(1),

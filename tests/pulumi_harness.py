@@ -20,6 +20,8 @@ MAIN = PROJECT_DIR / "__main__.py"
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMockServer0000000000000"
 HOST_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nbW9jayBob3N0IGtleQ==\n-----END OPENSSH PRIVATE KEY-----\n"
 ADMIN_TOKEN = "MockAdminToken0123456789abcdefghijklmnopqrstuvwx"
+CLOUDFLARE_TOKEN = "MockScopedCloudflareToken0123456789abcdef"
+LOAD_BALANCER_IPS = ("203.0.113.250", "2001:db8::250")
 
 VALID_CONFIG = {
     "domain": "api.example.com",
@@ -102,6 +104,10 @@ class RecordingMocks(pulumi.runtime.Mocks):
             # Another server (another id) gets another address, as a replacement does.
             octet = 10 + int(resource_id) % 199
             state.update(ipv4Address=f"203.0.113.{octet}", ipv6Address=f"2001:db8::{octet}", status="running")
+        if args.typ == "hcloud:index/loadBalancer:LoadBalancer":
+            state.update(ipv4=LOAD_BALANCER_IPS[0], ipv6=LOAD_BALANCER_IPS[1])
+        if args.typ == "cloudflare:index/apiToken:ApiToken":
+            state["value"] = CLOUDFLARE_TOKEN  # the provider marks it secret itself; the program must keep it so
         if self.preview and args.typ.startswith("command:"):
             return resource_id, state  # a command's output is unknown until it has run, as in a real preview
         if args.typ == "command:remote:Command":
@@ -152,6 +158,9 @@ def run_program(
     def program() -> pulumi.Output:
         pulumi.runtime.register_stack_transformation(capture)
         pulumi.log.warn = warn
+        root = pulumi.runtime.get_root_resource()
+        if root is not None:  # one root for every run in this process: a run exports only what its program does
+            root.outputs = {}
         cwd = os.getcwd()
         os.chdir(PROJECT_DIR)  # Pulumi runs the program from the project directory
         try:
