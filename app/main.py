@@ -23,7 +23,7 @@ from app.lifecycle import DRAINING
 from app.limits import MAX_ERRORS, BodyLimit, public_errors
 from app.metrics import BackupStatus, ServiceMetrics
 from app.predlog import PredictionRecord, StorageFull, StoreUnavailable
-from app.registry import RegistryError
+from app.registry import RegistryError, RetrainBusy
 from app.schemas import (
     BatchResponse,
     ObservationsResponse,
@@ -31,7 +31,7 @@ from app.schemas import (
     RollbackRequest,
     build_request_schemas,
 )
-from app.service import ModelService, NotReady, RetrainBusy, load_token
+from app.service import ModelService, NotReady, load_token
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ is not an option (its locks are not safe there), so with worker nodes every repl
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import psycopg
@@ -39,6 +40,20 @@ CREATE TABLE IF NOT EXISTS observations (
 # Replicas starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation in pg_type): one at a
 # time, under a transaction-scoped advisory lock (the number is arbitrary and only ours).
 SCHEMA_LOCK = 0x6D6C617069
+
+
+def wait_for_database(conninfo: str, timeout_s: float) -> None:
+    """At start-up the database may still be starting (a fresh deploy, a restart): retry, then give up saying why."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with psycopg.connect(conninfo, connect_timeout=5) as connection:
+                connection.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL is unreachable after {timeout_s:g} s: {exc}") from exc
+            time.sleep(1)
 
 
 class PostgresLog(PredictionLog):

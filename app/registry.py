@@ -1,16 +1,23 @@
-"""Model versions on the data directory: one skops file plus metadata each, and an atomic "current" pointer.
+"""Model versions on the data directory: one skops file plus metadata each, and an atomic "current" pointer; the
+fixed holdout, its seed, the retrain history, and the lock that makes one writer at a time.
 
+With replicas on several nodes the same interface is served from PostgreSQL (app/pgregistry.py).
 Files are loaded with skops and an explicit allow-list of types, never with pickle or joblib: a model file is data
 that may have been tampered with, and loading it must not run code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import re
+import secrets
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,52 @@ class RegistryError(RuntimeError):
     """A version is missing, unreadable or untrusted; the message says which and why."""
 
 
+class RetrainBusy(RuntimeError):
+    """Another writer (a retrain or rollback, in this or another replica) holds the registry lock."""
+
+
+def generated_once(path: Path, make: Callable[[], str]) -> str:
+    """A value made once, atomically: written to a temporary file and linked into place, so no reader ever sees it
+    half-written and two processes starting together agree on one value."""
+    if not path.exists():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make())
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)  # fails if another process made it first: use theirs
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    return path.read_text().strip()
+
+
+def load_verified(version: str, metadata: ModelMetadata, blob: bytes) -> Predictor:
+    """A stored model, only if it is the one recorded (sha256) and consists of trusted types only."""
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != metadata.sha256:
+        raise RegistryError(f"version {version}: {MODEL_FILE} does not match its recorded sha256 (tampered?)")
+    try:
+        untrusted = set(sio.get_untrusted_types(data=blob))
+    except Exception as exc:  # skops raises several types for a malformed archive
+        raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
+    unknown = sorted(untrusted - TRUSTED_TYPES)
+    if unknown:
+        raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
+    try:
+        conformal = sio.loads(blob, trusted=sorted(untrusted))
+    except Exception as exc:
+        raise RegistryError(f"version {version}: loading failed ({exc})") from exc
+    return Predictor(conformal, metadata)
+
+
+def new_seed() -> str:
+    return str(secrets.randbits(62))
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -54,10 +107,43 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 class Registry:
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.root = data_dir / "models"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holdout_path = data_dir / "holdout.npz"
         self.pointer = self.root / "CURRENT"
+        self.lock_path = data_dir / "registry.lock"
+        self.history_path = data_dir / "retrain-history.jsonl"
+        self.seed_path = data_dir / "holdout-seed"
+
+    @contextlib.contextmanager
+    def lock(self, *, blocking: bool) -> Iterator[None]:
+        """One writer of the registry at a time across every replica on the volume (an flock on a shared file).
+        Non-blocking callers get RetrainBusy when another replica (or thread) holds it."""
+        with open(self.lock_path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise RetrainBusy("a retrain or rollback is already running (in this or another replica)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def holdout_seed(self) -> int:
+        """The installation's holdout seed: random, made once, kept (nobody can tell the holdout rows from the code)."""
+        return int(generated_once(self.seed_path, new_seed))
+
+    def append_history(self, record: dict) -> None:
+        write_json_line(self.history_path, record)
+
+    def history(self, limit: int) -> list[dict]:
+        if not self.history_path.exists():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines()[-limit:]]
+
+    def holdout_bytes(self) -> bytes | None:
+        return self.holdout_path.read_bytes() if self.holdout_path.exists() else None
 
     # -- versions ---------------------------------------------------------------------------------------------
     def version_names(self) -> list[str]:
@@ -104,21 +190,11 @@ class Registry:
             blob = blob_path.read_bytes()
         except OSError as exc:
             raise RegistryError(f"version {version}: cannot read {blob_path} ({exc})") from exc
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != metadata.sha256:
-            raise RegistryError(f"version {version}: {MODEL_FILE} does not match its recorded sha256 (tampered?)")
-        try:
-            untrusted = set(sio.get_untrusted_types(data=blob))
-        except Exception as exc:  # skops raises several types for a malformed archive
-            raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
-        unknown = sorted(untrusted - TRUSTED_TYPES)
-        if unknown:
-            raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
-        try:
-            conformal = sio.loads(blob, trusted=sorted(untrusted))
-        except Exception as exc:
-            raise RegistryError(f"version {version}: loading failed ({exc})") from exc
-        return Predictor(conformal, metadata)
+        return load_verified(version, metadata, blob)
+
+    def model_bytes(self, version: str) -> bytes:
+        """The stored file as it is (an import into the shared registry copies it unchanged)."""
+        return (self._version_dir(version) / MODEL_FILE).read_bytes()
 
     # -- current pointer --------------------------------------------------------------------------------------
     def current(self) -> str | None:
@@ -134,21 +210,11 @@ class Registry:
 
     # -- holdout: fixed once, so every version is judged on the same rows -------------------------------------
     def load_holdout(self, feature_names: tuple[str, ...]) -> Dataset | None:
-        if not self.holdout_path.exists():
-            return None
-        with np.load(self.holdout_path, allow_pickle=False) as stored:
-            names = tuple(str(name) for name in stored["feature_names"])
-            if names != feature_names:
-                raise RegistryError(
-                    f"{self.holdout_path} was made for features {list(names)}, the dataset has {list(feature_names)}"
-                )
-            return Dataset(names, stored["X"], stored["y"])
+        stored = self.holdout_bytes()
+        return None if stored is None else holdout_from_bytes(stored, feature_names, str(self.holdout_path))
 
     def save_holdout(self, holdout: Dataset) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.holdout_path.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, X=holdout.X, y=holdout.y, feature_names=np.array(holdout.feature_names))
-        os.replace(tmp, self.holdout_path)
+        _atomic_write(self.holdout_path, holdout_to_bytes(holdout))
 
     def _version_dir(self, version: str) -> Path:
         if not VERSION_PATTERN.match(version):
@@ -157,6 +223,20 @@ class Registry:
         if not path.is_dir():
             raise RegistryError(f"version {version} does not exist (known: {self.version_names()})")
         return path
+
+
+def holdout_to_bytes(holdout: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, X=holdout.X, y=holdout.y, feature_names=np.array(holdout.feature_names))
+    return buffer.getvalue()
+
+
+def holdout_from_bytes(data: bytes, feature_names: tuple[str, ...], where: str) -> Dataset:
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        names = tuple(str(name) for name in stored["feature_names"])
+        if names != feature_names:
+            raise RegistryError(f"{where} was made for features {list(names)}, the dataset has {list(feature_names)}")
+        return Dataset(names, stored["X"], stored["y"])
 
 
 def write_json_line(path: Path, record: dict) -> None:

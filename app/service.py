@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
-import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import SecretStr
@@ -22,15 +19,14 @@ from app.data import Dataset, load_dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
 from app.predlog import PredictionLog, Retention, SqliteLog
-from app.registry import Registry, RegistryError, write_json_line
+from app.registry import Registry, RegistryError, generated_once
 from app.schemas import AcceptedRanges
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from app.pgregistry import SharedRegistry
+
 log = logging.getLogger(__name__)
-
-
-class RetrainBusy(RuntimeError):
-    """Another retrain is running."""
 
 
 class NotReady(RuntimeError):
@@ -85,31 +81,12 @@ def load_token(settings: Settings, kind: str) -> str:
             raise TokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
     else:
         generated = settings.data_dir / f"{kind}-token"
-        token, source = _generated_token(generated), str(generated)
+        token, source = generated_once(generated, lambda: secrets.token_urlsafe(32)), str(generated)
     if not token:
         raise TokenError(f"the {kind} token from {source} is empty: set a non-empty token")
     if len(token) < MIN_TOKEN_LENGTH:
         raise TokenError(f"the {kind} token from {source} is shorter than {MIN_TOKEN_LENGTH} characters")
     return token
-
-
-def _generated_token(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
-    """Made once, atomically: written to a temporary file and linked into place, so no reader ever sees it
-    half-written and two processes starting together agree on one value."""
-    if not path.exists():
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(make())
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)  # fails if another process made it first: use theirs
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
-    return path.read_text().strip()
 
 
 class StoreConfigError(RuntimeError):
@@ -154,50 +131,59 @@ class ModelService:
         self.settings = settings
         self.metrics = metrics
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(settings.data_dir)
+        url = database_url(settings)
+        if url is None:
+            self.registry: Registry | SharedRegistry = Registry(settings.data_dir)
+        else:
+            from app.pglog import wait_for_database  # only where PostgreSQL is used
+            from app.pgregistry import SharedRegistry
+
+            wait_for_database(url, settings.database_wait_s)
+            self.registry = SharedRegistry(url)
         self.dataset = load_dataset(settings.dataset, settings.target_column)
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.ptp(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
         self.prediction_log = open_prediction_log(settings, on_drop=metrics.log_dropped.inc).start()
-        self.history_path: Path = settings.data_dir / "retrain-history.jsonl"
-        self.lock_path: Path = settings.data_dir / "registry.lock"
         self.load_error: str | None = None
         self._current: Predictor | None = None
         self._failed_version: str | None = None
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
 
-    @contextlib.contextmanager
-    def registry_lock(self, *, blocking: bool) -> Iterator[None]:
-        """One writer of the registry at a time across every replica on the volume (an flock on a shared file).
-
-        Non-blocking callers get RetrainBusy when another replica (or thread) holds it.
-        """
-        with open(self.lock_path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise RetrainBusy("a retrain or rollback is already running (in this or another replica)") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Serve the current version; on an empty registry, train the first one from the base data. Then follow
         the registry's current pointer, so a promotion or rollback made by any replica reaches this one."""
-        if self.registry.current() is None:
-            with self.registry_lock(blocking=True):  # replicas starting together train one first version
-                if self.registry.current() is None:
+        if self.registry.current() is None and self._may_seed():
+            with self.registry.lock(blocking=True):  # replicas starting together train one first version
+                if self.registry.current() is None and not self._import_node_registry():
                     development, holdout = self._splits()
                     predictor = self._train(development, holdout, n_observations=0)
                     version = self.registry.save(predictor, parent=None)
                     self.registry.set_current(version)
                     log.info("trained initial model %s", version)
-        self.sync_with_registry()
+        self.sync_with_registry()  # a replica that may not seed serves once the seeding one has (the watcher)
         self._watcher.start()
+
+    def _may_seed(self) -> bool:
+        marker = self.settings.seed_marker
+        if marker is None or marker.exists():
+            return True
+        log.info("waiting for the shared registry's first version (seeded where %s exists)", marker)
+        return False
+
+    def _import_node_registry(self) -> bool:
+        """A shared registry starts from this node's file registry, if it has one (a single-VM stack that grew):
+        every version, the current pointer, the holdout and its seed, the history. True if something came over."""
+        if isinstance(self.registry, Registry):
+            return False
+        local = Registry(self.settings.data_dir)
+        if local.current() is None:
+            return False
+        imported = self.registry.import_from(local)
+        log.info("imported %d versions from %s into the shared registry", imported, local.root)
+        return True
 
     def sync_with_registry(self) -> bool:
         """Serve the registry's current version if it is not the one served; True if a swap happened."""
@@ -229,6 +215,8 @@ class ModelService:
         if self._watcher.is_alive():
             self._watcher.join(timeout=5)
         self.prediction_log.close()
+        if not isinstance(self.registry, Registry):
+            self.registry.close()
 
     @property
     def current(self) -> Predictor | None:
@@ -254,7 +242,7 @@ class ModelService:
     def _splits(self) -> tuple[Dataset, Dataset]:
         seed = self.settings.holdout_seed
         if seed is None:
-            seed = int(_generated_token(self.settings.data_dir / "holdout-seed", lambda: str(secrets.randbits(62))))
+            seed = self.registry.holdout_seed()
         development, holdout = split_holdout(self.dataset, seed)
         stored = self.registry.load_holdout(self.dataset.feature_names)
         if stored is None:
@@ -274,13 +262,13 @@ class ModelService:
 
     def retrain(self) -> RetrainOutcome:
         """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin."""
-        with self.registry_lock(blocking=False):
+        with self.registry.lock(blocking=False):
             self.sync_with_registry()  # judge against what the registry says is current, not a stale copy
             outcome = self._retrain_locked()
         self.metrics.retrains.labels(outcome.outcome).inc()
         self.metrics.last_retrain.set(time.time())
         self.metrics.last_retrain_promoted.set(1 if outcome.outcome == "promoted" else 0)
-        write_json_line(self.history_path, outcome.__dict__)
+        self.registry.append_history(outcome.__dict__)
         log.info("retrain %s: %s", outcome.outcome, outcome.reason)
         return outcome
 
@@ -359,17 +347,14 @@ class ModelService:
 
     def rollback(self, version: str) -> Predictor:
         """Serve an earlier version; a missing or untrusted one raises and the current model keeps serving."""
-        with self.registry_lock(blocking=True):
+        with self.registry.lock(blocking=True):
             predictor = self.registry.load(version)
             self.registry.set_current(version)
             self._swap(predictor)
         return predictor
 
     def history(self, limit: int = 20) -> list[dict]:
-        if not self.history_path.exists():
-            return []
-        lines = self.history_path.read_text().splitlines()[-limit:]
-        return [json.loads(line) for line in lines]
+        return self.registry.history(limit)
 
     # -- monitoring ---------------------------------------------------------------------------------------------
     def drift(self, window: int) -> dict:

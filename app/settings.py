@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     database_url_file: Path | None = Field(
         None, description="File holding database_url (a swarm secret): every node's replicas write to one store."
     )
+    database_wait_s: float = Field(60.0, ge=0, description="How long start-up waits for PostgreSQL to answer.")
+    seed_marker: Path | None = Field(
+        None,
+        description="With the shared registry (PostgreSQL): only a replica that finds this file creates the first "
+        "version (importing this node's file registry, else training one); the others wait for it. Unset: any may.",
+    )
     log_retention_days: float = Field(90.0, gt=0, description="Predictions older than this are deleted.")
     log_max_rows: int = Field(2_000_000, ge=1000, description="At most this many predictions are kept (newest).")
     min_free_mb: int = Field(

@@ -15,7 +15,6 @@ from sklearn.datasets import load_diabetes
 from sklearn.preprocessing import FunctionTransformer
 
 import app.service
-from app.registry import Registry
 from tests.conftest import FEATURES, admin_headers, ingest_headers, metric_value, write_csv
 
 BASE_ROWS = list(range(0, 120))  # the service starts from these; the rest of the bundled data arrives later
@@ -268,7 +267,7 @@ def test_hot_swap_under_concurrent_requests(make_client, small_base: Path) -> No
     assert len(after) >= 4 * requests_after_promotion
     assert set(after) == {"v0002"}, "a request that starts after the promotion returned is served by it"
     # Each answer is exactly what the version it names computes: no request was served by a half-swapped model.
-    registry = Registry(client.app.state.service.settings.data_dir)
+    registry = client.app.state.service.registry
     X = np.array([[features[name] for name in FEATURES]])
     expected = {version: float(registry.load(version).point(X)[0]) for version in seen}
     for _, version, prediction, _ in results:
@@ -280,7 +279,7 @@ def test_concurrent_retrain_is_refused(make_client, small_base: Path) -> None:
     """Another replica on the same volume holds the registry lock: this one answers 409, not a second retrain."""
     client = make_client(dataset=str(small_base))
     other_replica = make_client(dataset=str(small_base)).app.state.service
-    with other_replica.registry_lock(blocking=False):
+    with other_replica.registry.lock(blocking=False):
         busy = client.post("/admin/retrain", headers=admin_headers())
     assert busy.status_code == 409 and "already running" in busy.text
     assert client.post("/admin/retrain", headers=admin_headers()).status_code == 200  # released: it runs
