@@ -26,6 +26,7 @@ from infra.cluster_plan import (
     render_node_ready,
     render_swarm_address,
     render_worker_join,
+    seed_marker_path,
     worker_firewall_rules,
     worker_name,
     worker_private_ip,
@@ -148,7 +149,7 @@ class Cluster(pulumi.ComponentResource):
         self.swarm_address = command.remote.Command(
             f"{name}-swarm-address",
             connection=host.connection,
-            create=render_swarm_address(PRIVATE),
+            create=render_swarm_address(PRIVATE, seed_marker=seed_marker_path(data_root)),
             delete=render_swarm_address(LOOPBACK),  # the last worker is gone: back to loopback
             triggers=[host.server.id],
             # A manager that is itself going away needs no move (and cannot be reached).

@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from infra.deploy import FirewallRule
-from infra.spec import MODEL_SERVICE, NODE_LABEL, SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR
+from infra.spec import MODEL_SERVICE, MODEL_UID, NODE_LABEL, SEED_MARKER, SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR
 
 PRIVATE_NETWORK = "10.44.0.0/16"
 PRIVATE_SUBNET = "10.44.1.0/24"
@@ -39,6 +39,10 @@ NETWORK_ZONES = {
 def network_zone(location: str) -> str:
     """Hetzner's network zone of a location (a subnet and its servers must share one)."""
     return NETWORK_ZONES[location]
+
+
+def seed_marker_path(data_root: str) -> str:
+    return f"{data_root.rstrip('/')}/model/{SEED_MARKER}"
 
 
 def worker_private_ip(index: int) -> str:
@@ -86,10 +90,17 @@ def _wait_for_address(address: str, what: str, timeout_s: int = 120) -> str:
     )
 
 
-def render_swarm_address(target: SwarmAddress) -> str:
+def render_swarm_address(target: SwarmAddress, seed_marker: str | None = None) -> str:
     """Move the manager's swarm to ``target`` if it is elsewhere. `--force-new-cluster` rebuilds the one-manager
     cluster from its own raft state, so services, secrets, networks and node labels are kept; the running tasks are
-    not restarted. Idempotent: a second `up` finds the address in place and does nothing."""
+    not restarted. Idempotent: a second `up` finds the address in place and does nothing.
+    ``seed_marker``: a file put in the model directory on the data volume: the replicas that see it (this node's)
+    seed the shared registry, importing this node's models (app/service.py)."""
+    marker = (
+        f"touch {shlex.quote(seed_marker)} && chown {MODEL_UID}:{MODEL_UID} {shlex.quote(seed_marker)}\n"
+        if seed_marker
+        else ""
+    )
     addresses = f"--advertise-addr {target.advertise} --listen-addr {target.listen}" + (
         f" --data-path-addr {target.data_path}" if target.data_path else ""
     )
@@ -107,6 +118,7 @@ def render_swarm_address(target: SwarmAddress) -> str:
         + "fi\n"
         + "docker node update --label-add "
         + f"{NODE_LABEL}={MANAGER_NODE} \"$(docker info --format '{{{{.Swarm.NodeID}}}}')\" >/dev/null\n"
+        + marker
         + f"echo swarm on {target.advertise}\n"
     )
 
@@ -164,7 +176,8 @@ def render_node_drain(node_id: str, timeout_s: int = DRAIN_TIMEOUT_S) -> str:
         "set -u\n"
         f"docker node inspect {node} >/dev/null 2>&1 || {{ echo 'node {node_id} is already gone'; exit 0; }}\n"
         f"docker node update --availability drain {node} >/dev/null\n"
-        f"i=0; while [ -n \"$(docker node ps --filter desired-state=running --format '{{{{.ID}}}}' {node})\" ] "
+        # Until no task of the node still runs: a stopping replica finishes its requests (its grace period).
+        f"i=0; while docker node ps --format '{{{{.CurrentState}}}}' {node} | grep -qE '^(Running|Starting|Preparing)' "
         f"&& [ $i -lt {timeout_s} ]; do sleep 1; i=$((i+1)); done\n"
         # The node's tasks are gone; wait for the service to be whole again elsewhere before the node goes.
         f"i=0; while docker service ls --filter name={MODEL_SERVICE} --format '{{{{.Replicas}}}}' "

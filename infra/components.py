@@ -15,18 +15,22 @@ from pathlib import Path
 import pulumi
 import pulumi_command as command
 import pulumi_docker as docker
+import pulumi_random as random
 
 from infra.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts
 from infra.cluster import Cluster
 from infra.config import DeployConfig
 from infra.deploy import docker_ssh_options, platform_for, smoke_command
 from infra.dns_challenge import install_token_command, scoped_token
-from infra.docker_resources import container, service, swarm_token
+from infra.docker_resources import container, service, swarm_secret, swarm_token
 from infra.host import Host
 from infra.host_setup import render_graceful_stop, render_host_setup, render_platform_check
+from infra.postgres_spec import database_url
 from infra.spec import (
     ADMIN_SECRET,
+    DATABASE_URL_SECRET,
     INGEST_SECRET,
+    POSTGRES_PASSWORD_SECRET,
     StackSpec,
 )
 
@@ -177,12 +181,15 @@ class ModelStack(pulumi.ComponentResource):
             self.network,
             pulumi.ResourceOptions.merge(with_edge_files, pulumi.ResourceOptions(depends_on=[self.docker_api])),
         )
+        secrets = {ADMIN_SECRET: self.admin_secret, INGEST_SECRET: self.ingest_secret}
+        if spec.postgres is not None:
+            model_dependencies.append(self._postgres(name, spec, platform, on_host, secrets))
         self.model = service(
             f"{name}-model",
             spec.model,
             model_image_ref,
             self.network,
-            {ADMIN_SECRET: self.admin_secret, INGEST_SECRET: self.ingest_secret},
+            secrets,
             pulumi.ResourceOptions.merge(
                 on_host, pulumi.ResourceOptions(depends_on=[self.traefik, *model_dependencies])
             ),
@@ -195,3 +202,34 @@ class ModelStack(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.traefik, self.model, host.dns_a, host.dns_aaaa]),
         )
         self.register_outputs({})
+
+    def _postgres(
+        self,
+        name: str,
+        spec: StackSpec,
+        platform: str,
+        on_host: pulumi.ResourceOptions,
+        secrets: dict[str, docker.Secret],
+    ) -> docker.Service:
+        """With workers: PostgreSQL on the manager; its password and the replicas' URL as two swarm secrets of one
+        random value (no URL-unsafe characters). Adds the URL's secret to ``secrets``."""
+        assert spec.postgres is not None
+        self.postgres_password = random.RandomPassword(
+            f"{name}-postgres-password", length=40, special=False, opts=pulumi.ResourceOptions(parent=self)
+        )
+        password = self.postgres_password.result
+        password_secret = swarm_secret(f"{name}-postgres-password-secret", POSTGRES_PASSWORD_SECRET, password, on_host)
+        secrets[DATABASE_URL_SECRET] = swarm_secret(
+            f"{name}-database-url-secret", DATABASE_URL_SECRET, password.apply(database_url), on_host
+        )
+        self.postgres_image = docker.RemoteImage(
+            f"{name}-postgres-image", name=spec.postgres.image, platform=platform, keep_locally=True, opts=on_host
+        )
+        return service(
+            f"{name}-postgres",
+            spec.postgres,
+            self.postgres_image.image_id,
+            self.network,
+            {POSTGRES_PASSWORD_SECRET: password_secret},
+            on_host,
+        )

@@ -69,18 +69,24 @@ def container(
     )
 
 
+def swarm_secret(
+    resource_name: str, base: str, value: pulumi.Output[str], opts: pulumi.ResourceOptions
+) -> docker.Secret:
+    """A swarm secret holding ``value`` (a new value gets a new secret name: swarm secrets are immutable)."""
+    return docker.Secret(
+        resource_name,
+        name=value.apply(lambda plain: secret_name(base, plain)),
+        data=value.apply(lambda plain: base64.urlsafe_b64encode(plain.encode()).decode()),
+        opts=opts,
+    )
+
+
 def swarm_token(
     name: str, base: str, parent: pulumi.Resource, on_host: pulumi.ResourceOptions
 ) -> tuple[random.RandomPassword, docker.Secret]:
-    """A random bearer token and the swarm secret holding it (a new value gets a new secret name)."""
+    """A random bearer token and the swarm secret holding it."""
     token = random.RandomPassword(f"{name}-token", length=48, special=False, opts=pulumi.ResourceOptions(parent=parent))
-    secret = docker.Secret(
-        f"{name}-secret",
-        name=token.result.apply(lambda value: secret_name(base, value)),
-        data=token.result.apply(lambda value: base64.urlsafe_b64encode(value.encode()).decode()),
-        opts=on_host,
-    )
-    return token, secret
+    return token, swarm_secret(f"{name}-secret", base, token.result, on_host)
 
 
 def _rollout(policy) -> dict:
@@ -112,7 +118,8 @@ def service(
         task_spec=docker.ServiceTaskSpecArgs(
             container_spec=docker.ServiceTaskSpecContainerSpecArgs(
                 image=image,
-                commands=list(spec.command),
+                commands=list(spec.command) or None,
+                args=list(spec.args) or None,
                 env=dict(spec.env),
                 mounts=[
                     docker.ServiceTaskSpecContainerSpecMountArgs(
@@ -146,6 +153,7 @@ def service(
                     for item in spec.secrets
                 ],
                 init=spec.init,
+                user=spec.user,
             ),
             resources=docker.ServiceTaskSpecResourcesArgs(
                 limits=docker.ServiceTaskSpecResourcesLimitsArgs(memory_bytes=spec.confinement.memory_bytes)
@@ -158,9 +166,11 @@ def service(
             ),
             networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=network.id)],
             placement=docker.ServiceTaskSpecPlacementArgs(
-                prefs=list(spec.placement_prefs), max_replicas=spec.max_replicas_per_node
+                prefs=list(spec.placement_prefs) or None,
+                max_replicas=spec.max_replicas_per_node,
+                constraints=list(spec.constraints) or None,
             )
-            if spec.placement_prefs
+            if spec.placement_prefs or spec.constraints
             else None,
         ),
         mode=docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas)),

@@ -177,7 +177,8 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
     confinement = spec.confinement
     container = api.ContainerSpec(
         image=spec.image,
-        command=list(spec.command),
+        command=list(spec.command) or None,
+        args=list(spec.args) or None,
         env=[f"{key}={value}" for key, value in spec.env.items()],
         mounts=[Mount(target=m.target, source=m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts]
         + [Mount(target=confinement.tmpfs_path, source=None, type="tmpfs", tmpfs_size=confinement.tmpfs_bytes)],
@@ -198,8 +199,18 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
             for item in spec.secrets
         ],
         init=spec.init,
+        user=spec.user,
     )
     restart = spec.restart
+    placement = (
+        api.Placement(
+            constraints=list(spec.constraints) or None,
+            preferences=[tuple(pref.split("=", 1)) for pref in spec.placement_prefs] or None,
+            maxreplicas=spec.max_replicas_per_node,
+        )
+        if spec.placement_prefs or spec.constraints
+        else None
+    )
     return {
         "task_template": api.TaskTemplate(
             container_spec=container,
@@ -211,6 +222,7 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
             ),
             resources=api.Resources(mem_limit=confinement.memory_bytes),
             networks=[network],
+            placement=placement,
         ),
         "name": spec.name,
         "labels": dict(spec.labels),
@@ -317,9 +329,9 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
 
 # -- the whole stack -----------------------------------------------------------------------------------------------
 def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
-    """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, model service.
-    ``tokens``: the value of each swarm secret the service mounts (infra.spec.SECRETS), by base name."""
-    missing = sorted({item.secret for item in spec.model.secrets} - set(tokens))
+    """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, the services
+    (PostgreSQL first, with workers). ``tokens``: the value of each swarm secret the services mount, by base name."""
+    missing = sorted(set(spec.secret_bases) - set(tokens))
     if missing:
         raise ValueError(f"deploy_stack: no value for the secrets {missing}")
     ensure_swarm(client)
@@ -327,6 +339,8 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
     secrets = {base: ensure_secret(client, base, value) for base, value in tokens.items()}
     run_container(client, spec.docker_api)
     run_container(client, spec.traefik)
+    if spec.postgres is not None:
+        apply_service(client, spec.postgres, spec.network, secrets)
     rollout = apply_service(client, spec.model, spec.network, secrets)
     for base, (_, name) in secrets.items():
         remove_unused_secrets(client, base, keep=name)

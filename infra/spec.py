@@ -27,6 +27,19 @@ from infra.docker_api import (
     docker_api_config,
 )
 from infra.durations import go_duration  # noqa: F401 (re-exported: the components spell durations with it)
+from infra.postgres_spec import (
+    COMMAND as POSTGRES_COMMAND,
+)
+from infra.postgres_spec import (
+    DATA_MOUNT,
+    PGDATA,
+    POSTGRES_DB,
+    POSTGRES_IMAGE,
+    POSTGRES_PORT,
+    POSTGRES_SERVICE,
+    POSTGRES_UID,
+    POSTGRES_USER,
+)
 from infra.traefik import (  # noqa: F401 (re-exported for the components, the local stack and tests)
     ACME_CA_BUNDLE_PATH,
     DNS_TOKEN_FILE,
@@ -61,7 +74,13 @@ ADMIN_SECRET = "mlapi-admin-token"  # noqa: S105 — swarm secrets are immutable
 ADMIN_SECRET_FILE = "admin_token"  # noqa: S105 — /run/secrets/admin_token inside each task
 INGEST_SECRET = "mlapi-ingest-token"  # noqa: S105 — the bearer token of POST /observations, likewise
 INGEST_SECRET_FILE = "ingest_token"  # noqa: S105
-SECRETS = (ADMIN_SECRET, INGEST_SECRET)  # every swarm secret the model service mounts
+SECRETS = (ADMIN_SECRET, INGEST_SECRET)  # every swarm secret the model service mounts on one node
+# With workers: PostgreSQL's password (its service) and the URL with it (the model service); one random value.
+POSTGRES_PASSWORD_SECRET = "mlapi-postgres-password"  # noqa: S105 — a secret's base name
+DATABASE_URL_SECRET = "mlapi-database-url"  # noqa: S105 — likewise
+POSTGRES_PASSWORD_FILE = "postgres_password"  # noqa: S105 — a file name under /run/secrets
+DATABASE_URL_FILE = "database_url"
+SEED_MARKER = "holds-the-data-volume"  # in the manager's model directory: the replicas there seed the shared registry
 # Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
 SWARM_ADVERTISE_ADDR = "127.0.0.1"
 SWARM_LISTEN_ADDR = "127.0.0.1:2377"
@@ -124,6 +143,7 @@ class StackInputs(BaseModel):
     rate_limit_burst: int = Field(200, ge=1)
     in_flight_per_client: int = Field(32, ge=1)
     model_image: str = Field("mlapi-model:latest", description="image the model service runs")
+    postgres_image: str = POSTGRES_IMAGE  # with workers only
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
     docker_api_image: str = DOCKER_API_IMAGE
     data_root: str = DEFAULT_DATA_ROOT
@@ -268,6 +288,10 @@ class ServiceSpec(Workload):
     # With several nodes: spread over the nodes' labels, at most one more than a node's share on any node.
     placement_prefs: tuple[str, ...] = ()
     max_replicas_per_node: int | None = None
+    constraints: tuple[str, ...] = ()  # e.g. node.role==manager: where the data volume is
+    # A service's `command` replaces the image's entrypoint (swarm's Command); `args` go to the entrypoint.
+    args: tuple[str, ...] = ()
+    user: str | None = None  # uid:gid; None: the image's own
     init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
     # A replica holds the model and, while it retrains, the observations it fits on (bounded by the row cap).
     confinement: Confinement = Confinement(memory_bytes=1024 * MiB)
@@ -315,6 +339,17 @@ class StackSpec:
     retrain_cron: str
     domain: str
     config_files: tuple[ConfigFile, ...] = ()  # Traefik's dynamic configuration, the Docker API proxy's
+    postgres: ServiceSpec | None = None  # with workers: the shared store of models and logs, on the manager
+
+    @property
+    def services(self) -> tuple[ServiceSpec, ...]:
+        """In the order they start: the database before the replicas that need it."""
+        return (*((self.postgres,) if self.postgres else ()), self.model)
+
+    @property
+    def secret_bases(self) -> tuple[str, ...]:
+        """Every swarm secret the services mount, by base name."""
+        return tuple(dict.fromkeys(item.secret for service in self.services for item in service.secrets))
 
     @property
     def volumes(self) -> tuple[str, ...]:
@@ -340,6 +375,7 @@ exec docker exec "$task" python -m app "$@"
 
 
 HOST_RESERVED_MB = 512  # the OS, dockerd, sshd, cron's retrain client
+POSTGRES_MEMORY_MB = 512  # with workers, on the manager
 TRAEFIK_MEMORY_MB = 256
 DOCKER_API_MEMORY_MB = 64
 REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
@@ -356,12 +392,51 @@ def replica_memory_mb(inputs: StackInputs) -> int:
     """What is left after the host and the edge (every node is sized as if it ran them, as the manager does),
     shared by a node's replicas plus the one a start-first update adds."""
     free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
+    if inputs.nodes > 1:
+        free -= POSTGRES_MEMORY_MB
     low, high = REPLICA_MEMORY_MB
     return max(low, min(high, free // (replicas_per_node(inputs) + 1)))
 
 
+def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
+    """PostgreSQL on the manager, its data on the volume: one task, replaced stop-first (two servers on one data
+    directory would corrupt it), reached by the replicas at mlapi-postgres:5432 on the overlay."""
+    return ServiceSpec(
+        name=POSTGRES_SERVICE,
+        image=inputs.postgres_image,
+        command=(),  # the image's entrypoint initializes an empty data directory
+        args=POSTGRES_COMMAND,
+        env={
+            "POSTGRES_USER": POSTGRES_USER,
+            "POSTGRES_DB": POSTGRES_DB,
+            "POSTGRES_PASSWORD_FILE": f"/run/secrets/{POSTGRES_PASSWORD_FILE}",
+            "PGDATA": PGDATA,
+        },
+        labels={},
+        mounts=(Mount(f"{root}/postgres", DATA_MOUNT),),
+        healthcheck=Healthcheck(
+            ("CMD", "pg_isready", "-h", "127.0.0.1", "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "-d", POSTGRES_DB),
+            interval_s=5,
+            timeout_s=3,
+            retries=3,
+            start_period_s=60,
+        ),
+        replicas=1,
+        update=RolloutPolicy(failure_action="rollback", order="stop-first"),
+        rollback=RolloutPolicy(failure_action="pause", order="stop-first"),
+        restart=RestartPolicy(),
+        secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, POSTGRES_UID),),
+        stop_grace_period_s=30,  # a fast shutdown checkpoints first
+        confinement=Confinement(memory_bytes=POSTGRES_MEMORY_MB * MiB),
+        constraints=("node.role==manager",),
+        user=f"{POSTGRES_UID}:{POSTGRES_UID}",
+        init=False,  # postgres is its own PID 1 and reaps its children
+    )
+
+
 def build_stack(inputs: StackInputs) -> StackSpec:
     root = inputs.data_root.rstrip("/")
+    clustered = inputs.nodes > 1
     traefik = ContainerSpec(
         name=TRAEFIK_CONTAINER,
         image=inputs.traefik_image,
@@ -417,6 +492,15 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             # RLIMIT_NPROC counts every process of the model's user on the node: all replicas, and one more during
             # a start-first update. Swarm services cannot set ulimits through the provider, so the app sets it.
             "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (replicas_per_node(inputs) + 1)),
+            # With workers: models and logs in PostgreSQL; the manager's replicas (the data volume) seed it.
+            **(
+                {
+                    "MLAPI_DATABASE_URL_FILE": f"/run/secrets/{DATABASE_URL_FILE}",
+                    "MLAPI_SEED_MARKER": f"/data/{SEED_MARKER}",
+                }
+                if clustered
+                else {}
+            ),
         },
         labels=model_labels(inputs, NETWORK, MODEL_PORT),
         mounts=(Mount(f"{root}/model", "/data"),),
@@ -441,6 +525,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         secrets=(
             SecretFile(ADMIN_SECRET, ADMIN_SECRET_FILE, MODEL_UID),
             SecretFile(INGEST_SECRET, INGEST_SECRET_FILE, MODEL_UID),
+            *((SecretFile(DATABASE_URL_SECRET, DATABASE_URL_FILE, MODEL_UID),) if clustered else ()),
         ),
         stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
         confinement=Confinement(memory_bytes=replica_memory_mb(inputs) * MiB),
@@ -459,6 +544,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             HostDirectory(f"{root}/traefik", TRAEFIK_UID, "0700", recursive=True),
             HostDirectory(f"{root}/traefik/dynamic", TRAEFIK_UID, "0700"),
             HostDirectory(f"{root}/docker-api", 0, "0755"),
+            *((HostDirectory(f"{root}/postgres", POSTGRES_UID, "0700"),) if clustered else ()),
         ),
         config_files=(
             ConfigFile(f"{root}/traefik/dynamic/{TLS_FILE}", tls_options_yaml(), TRAEFIK_UID),
@@ -467,6 +553,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         app_script=app_script(),
         retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
         domain=inputs.domain,
+        postgres=postgres_service(inputs, root) if clustered else None,
     )
 
 

@@ -64,7 +64,7 @@ def test_workers_get_a_private_network_in_the_locations_zone(cluster: Deployment
 
 
 def test_workers_are_servers_on_the_private_network_with_ssh_only(cluster: Deployment) -> None:
-    workers = [r for r in cluster.of_type(SERVER) if "-worker-" in r.name]
+    workers = sorted((r for r in cluster.of_type(SERVER) if "-worker-" in r.name), key=lambda r: r.name)
     manager = cluster.one(SERVER, "dev-server")
     assert [w.inputs["name"] for w in workers] == ["mlapi-dev-worker-1", "mlapi-dev-worker-2"]
     firewall = cluster.one(FIREWALL, "worker-firewall")
@@ -111,12 +111,12 @@ def test_workers_join_with_the_token_as_a_secret_and_drain_before_they_go(cluste
         assert f"--label-add mlapi.node=mlapi-dev-worker-{index}" in node.inputs["create"]
         drain = node.inputs["delete"]
         assert drain.index("--availability drain") < drain.index("docker node rm")
-        assert "desired-state=running" in drain  # waits for the node's tasks to be gone
+        assert "grep -qE '^(Running|Starting|Preparing)'" in drain  # waits until the node's tasks have stopped
         assert {d._name for d in node.opts.depends_on} == {f"mlapi-dev-worker-{index}-join"}
 
 
 def test_replicas_spread_over_the_nodes_once_they_have_joined(cluster: Deployment) -> None:
-    service = cluster.one(SERVICE)
+    service = cluster.one(SERVICE, "model")
     placement = service.inputs["taskSpec"]["placement"]
     assert placement == {"prefs": ["spread=node.labels.mlapi.node"], "maxReplicas": 2}  # 2 replicas, 3 nodes: 1 + 1
     host_setup = cluster.one(REMOTE, "host-setup")
@@ -191,3 +191,53 @@ def test_a_preview_with_workers_evaluates_before_any_command_has_run() -> None:
     """In a preview the join's stdout (the node ID) is unknown: the program must still evaluate."""
     preview = run_program(WORKERS, preview=True)
     assert len([r for r in preview.of_type(REMOTE) if r.name.endswith("-node")]) == 2
+
+
+SECRET_TYPE = "docker:index/secret:Secret"
+RANDOM = "random:index/randomPassword:RandomPassword"
+
+
+def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster: Deployment) -> None:
+    postgres = cluster.one(SERVICE, "postgres")
+    task = postgres.inputs["taskSpec"]
+    container = task["containerSpec"]
+    assert task["placement"] == {"constraints": ["node.role==manager"]}  # the data volume is there
+    assert container["user"] == "999:999" and container["readOnly"] is True
+    # The image's entrypoint stays (it initializes an empty data directory); the server's options are its args.
+    assert "commands" not in container and container["args"] == ["postgres", "-c", "unix_socket_directories=/tmp"]
+    assert container["mounts"][0] == {
+        "type": "bind",
+        "source": "/srv/mlapi/postgres",
+        "target": "/var/lib/postgresql/data",
+        "readOnly": False,
+    }
+    assert container["env"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in container["env"]
+    assert postgres.inputs["updateConfig"]["order"] == "stop-first"  # never two servers on one data directory
+    assert postgres.inputs["mode"]["replicated"]["replicas"] == 1
+    model = cluster.one(SERVICE, "model").inputs["taskSpec"]["containerSpec"]
+    assert model["env"]["MLAPI_DATABASE_URL_FILE"] == "/run/secrets/database_url"
+    assert model["env"]["MLAPI_SEED_MARKER"] == "/data/holds-the-data-volume"
+    assert {s["fileName"] for s in model["secrets"]} == {"admin_token", "ingest_token", "database_url"}
+    assert "mlapi-dev-postgres" in {d._name for d in cluster.one(SERVICE, "model").opts.depends_on}
+    # One random password, in two secrets: the server's and the replicas' URL; neither in plaintext anywhere.
+    password = cluster.one(RANDOM, "postgres-password").inputs
+    assert password["special"] is False and password["length"] >= 32
+    url_secret = cluster.one(SECRET_TYPE, "database-url-secret")
+    assert plaintext_strings(url_secret.wire["data"]) == []
+    assert "--force-new-cluster" in cluster.one(REMOTE, "swarm-address").inputs["create"]
+    assert "touch /srv/mlapi/model/holds-the-data-volume" in cluster.one(REMOTE, "swarm-address").inputs["create"]
+
+
+def test_a_single_vm_has_no_postgresql() -> None:
+    single = run_program(VALID_CONFIG)
+    assert [r.name for r in single.of_type(SERVICE)] == ["mlapi-dev-model"]
+    env = single.one(SERVICE).inputs["taskSpec"]["containerSpec"]["env"]
+    assert "MLAPI_DATABASE_URL_FILE" not in env and "MLAPI_SEED_MARKER" not in env
+
+
+def test_no_secret_of_the_cluster_in_plaintext(cluster: Deployment) -> None:
+    from tests.pulumi_harness import ADMIN_TOKEN
+
+    for resource in cluster.resources:
+        assert ADMIN_TOKEN not in "\n".join(plaintext_strings(resource.wire)), resource.name  # every random value
