@@ -54,8 +54,17 @@ def features() -> dict[str, float]:
 class Load:
     """wrk and hey in a throwaway container on the overlay network, with the request body in a mounted file."""
 
-    def __init__(self, client: docker.DockerClient, image: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        image: str,
+        workdir: Path,
+        network: str = NETWORK,
+        hosts: dict[str, str] | None = None,
+    ) -> None:
+        """``network``: where the load container runs; ``hosts``: names it resolves to given addresses."""
         self.client, self.image, self.workdir = client, image, workdir
+        self.network, self.hosts = network, hosts or {}
         body = json.dumps({"features": features()})
         (workdir / "body.json").write_text(body)
         (workdir / "post.lua").write_text(
@@ -66,7 +75,8 @@ class Load:
         return self.client.containers.run(
             self.image,
             ["sh", "-c", script],
-            network=NETWORK,
+            network=self.network,
+            extra_hosts=self.hosts,
             mounts=[Mount(target="/bench", source=str(self.workdir), type="bind", read_only=True)],
             remove=True,
         ).decode()

@@ -11,6 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 from infra.host_setup import START_EDGE, HostFile
+from infra.postgres_spec import POSTGRES_DB, POSTGRES_SERVICE, POSTGRES_USER
 from infra.spec import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
 
 BACKUP_DIR = "/etc/mlapi/backup"
@@ -144,12 +145,69 @@ source.backup(target)
 target.close(); source.close()' "$DATA/model/predictions.sqlite3" "$STAGE/model/predictions.sqlite3"
 fi
 cp -a "$DATA/traefik" "$STAGE/traefik"  # with its owner and mode (0700: private keys)
-{extra_stage}restic backup --quiet --tag {TAG} --host {TAG} "$STAGE"
+{PG_DUMP}{extra_stage}restic backup --quiet --tag {TAG} --host {TAG} "$STAGE"
 restic forget --quiet --tag {TAG} --host {TAG} {keep} --prune
 count=$({COUNT_SNAPSHOTS})
 status success "$count"
 say "snapshot saved ($count in the repository)"
 """
+
+
+# With workers, models and logs are in PostgreSQL (infra/postgres_spec.py): pg_dump is a consistent snapshot (one
+# transaction) taken while the replicas keep writing; its live files on the volume are never copied.
+PG_TASK = (
+    f"pg=$(docker ps --quiet --filter label=com.docker.swarm.service.name={POSTGRES_SERVICE} --filter health=healthy"
+    " | head -n 1)\n"
+)
+PG_DUMP = (
+    PG_TASK
+    + 'if [ -n "$pg" ]; then\n'
+    + f'  docker exec "$pg" pg_dump -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --format=custom \\\n'
+    + '    > "$STAGE/postgres.dump" \\\n'
+    + '    || fail "pg_dump failed; no snapshot was made"\n'
+    + "fi\n"
+)
+PENDING_DUMP = "postgres-restore.dump"  # in the data root: loaded by the deploy once PostgreSQL runs
+# One transaction: the database is the snapshot's, whole, or unchanged. Before the files are swapped, so a failure
+# leaves both as they were. No PostgreSQL yet (a new stack after a loss): the deploy loads it (LOAD_PENDING_DUMP).
+PG_RESTORE = (
+    'if [ -f "$restored/postgres.dump" ]; then\n'
+    + "  "
+    + PG_TASK
+    + '  if [ -n "$pg" ]; then\n'
+    + f'    if ! docker exec -i "$pg" pg_restore -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
+    + '--single-transaction --no-owner < "$restored/postgres.dump"; then\n'
+    + f'      if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}="$replicas" '
+    + ">/dev/null; fi\n"
+    + f"      {START_EDGE}\n"
+    + '      fail "pg_restore failed; the database and the files are unchanged"\n'
+    + "    fi\n"
+    + '    say "restored the database (models, prediction log, observations)"\n'
+    + "  else\n"
+    + f'    cp "$restored/postgres.dump" "$DATA/{PENDING_DUMP}"\n'
+    + '    say "PostgreSQL is not running here: the next deploy loads the database snapshot"\n'
+    + "  fi\n"
+    + "fi\n"
+)
+
+
+def load_pending_dump(data_root: str) -> str:
+    """The deploy step after PostgreSQL is up (with workers): a snapshot restored before it existed is loaded now,
+    once (then renamed aside)."""
+    pending = shlex.quote(f"{data_root.rstrip('/')}/{PENDING_DUMP}")
+    return (
+        "set -eu\n"
+        + f"[ -f {pending} ] || {{ echo 'no database snapshot to load'; exit 0; }}\n"
+        + "i=0; while :; do\n  "
+        + PG_TASK
+        + '  [ -n "$pg" ] && break\n'
+        + '  i=$((i+1)); [ $i -lt 120 ] || { echo "PostgreSQL did not turn healthy" >&2; exit 1; }; sleep 1\n'
+        + "done\n"
+        + f'docker exec -i "$pg" pg_restore -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
+        + f"--single-transaction --no-owner < {pending}\n"
+        + f"mv {pending} {pending}.loaded-$(date +%Y%m%d%H%M%S)\n"
+        + "echo loaded the database snapshot\n"
+    )
 
 
 def restore_script(data_root: str, hints: Hints = Hints()) -> str:
@@ -186,7 +244,7 @@ if docker service inspect {MODEL_SERVICE} >/dev/null 2>&1; then
 fi
 if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}=0 >/dev/null; fi
 docker stop --time 10 {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
-for part in model traefik; do
+{PG_RESTORE}for part in model traefik; do
   if [ -e "$DATA/$part" ]; then mv "$DATA/$part" "$DATA/$part.before-restore-$stamp"; fi
   mv "$DATA/$part.restoring-$stamp" "$DATA/$part"
 done

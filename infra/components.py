@@ -17,7 +17,7 @@ import pulumi_command as command
 import pulumi_docker as docker
 import pulumi_random as random
 
-from infra.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts
+from infra.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts, load_pending_dump
 from infra.cluster import Cluster
 from infra.config import DeployConfig
 from infra.deploy import docker_ssh_options, platform_for, smoke_command
@@ -183,7 +183,16 @@ class ModelStack(pulumi.ComponentResource):
         )
         secrets = {ADMIN_SECRET: self.admin_secret, INGEST_SECRET: self.ingest_secret}
         if spec.postgres is not None:
-            model_dependencies.append(self._postgres(name, spec, platform, on_host, secrets))
+            postgres = self._postgres(name, spec, platform, on_host, secrets)
+            # A database snapshot restored before PostgreSQL existed (a new stack after a loss) is loaded first.
+            self.pending_dump = command.remote.Command(
+                f"{name}-postgres-pending-dump",
+                connection=host.connection,
+                create=load_pending_dump(data_root),
+                triggers=[host.server.id, postgres.id],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[postgres]),
+            )
+            model_dependencies.append(self.pending_dump)
         self.model = service(
             f"{name}-model",
             spec.model,

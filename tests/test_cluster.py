@@ -12,6 +12,15 @@ import time
 
 import pytest
 
+from infra.backup import (
+    BACKUP_COMMAND,
+    ENV_FILE,
+    INSTALL_CREDENTIALS,
+    RESTORE_COMMAND,
+    BackupSettings,
+    credentials_bundle,
+    host_setup_parts,
+)
 from infra.cluster_plan import (
     JOIN_TOKEN_COMMAND,
     SwarmAddress,
@@ -19,6 +28,8 @@ from infra.cluster_plan import (
     render_swarm_address,
     render_worker_join,
 )
+from infra.host_setup import render_host_setup
+from infra.postgres_spec import POSTGRES_SERVICE
 from infra.spec import APP_COMMAND, SECRETS
 from tests.cluster_support import DATA_ROOT, DOMAIN, MANAGER, WORKER, Cluster, two_node_cluster
 from tests.load import Load
@@ -81,6 +92,43 @@ def test_a_promotion_reaches_the_replicas_on_both_nodes(cluster: Cluster) -> Non
 
 
 # 4
+def database_state(cluster: Cluster) -> tuple[str, ...]:
+    """Versions, the current one, observations and history rows, read in PostgreSQL on the manager."""
+    query = (
+        "select string_agg(number::text, ',' order by number) from model_versions; "
+        "select convert_from(value, 'UTF8') from registry_state where key = 'current'; "
+        "select count(*) from observations; select count(*) from retrain_history;"
+    )
+    task = f"$(docker ps -q --filter label=com.docker.swarm.service.name={POSTGRES_SERVICE} | head -n 1)"
+    output = cluster.ssh(cluster.manager, f'docker exec {task} psql -h /tmp -U mlapi -d mlapi -Atc "{query}"')
+    return tuple(output.split())
+
+
+def test_backup_and_restore_carry_the_database(cluster: Cluster) -> None:
+    """With workers the models and logs are in PostgreSQL: the snapshot holds a pg_dump, and a restore puts the
+    database back as it was (in one transaction), with the replicas serving the snapshot's current version."""
+    settings = BackupSettings("/var/lib/mlapi-test-repository", "@daily")
+    cluster.ssh(cluster.manager, render_host_setup(cluster.spec, *host_setup_parts(settings, DATA_ROOT)))
+    bundle = credentials_bundle(settings, "correct horse battery staple", {}, None, None)
+    cluster.ssh(cluster.manager, INSTALL_CREDENTIALS, stdin=bundle)
+    snapshot = database_state(cluster)
+    backed_up = cluster.ssh(cluster.manager, BACKUP_COMMAND)
+    assert "snapshot saved" in backed_up
+    listing = cluster.ssh(cluster.manager, f"set -a; . {ENV_FILE}; set +a; restic ls latest")
+    assert "/postgres.dump" in listing
+    ingest = cluster.tokens[SECRETS[1]]
+    status, _ = cluster.https("POST", "/observations", {"observations": fresh_observations(100, seed=11)}, ingest)
+    assert status == 201
+    cluster.ssh(cluster.manager, f"{APP_COMMAND} retrain")
+    assert database_state(cluster) != snapshot
+    restored = cluster.ssh(cluster.manager, f"{RESTORE_COMMAND} latest")
+    assert "restored the database" in restored, restored
+    assert database_state(cluster) == snapshot
+    current = snapshot[1]
+    wait_until(lambda: set(cluster.served(10).values()) == {current}, 30, f"every replica to serve {current}")
+
+
+# 5
 def test_the_worker_is_drained_and_removed_under_load_without_a_failed_request(cluster: Cluster) -> None:
     with Load(DOMAIN, 443, str(cluster.pebble_root), address=cluster.manager.ip, clients=4, max_seconds=180) as load:
         time.sleep(3)

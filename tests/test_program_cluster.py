@@ -219,7 +219,11 @@ def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster:
     assert model["env"]["MLAPI_DATABASE_URL_FILE"] == "/run/secrets/database_url"
     assert model["env"]["MLAPI_SEED_MARKER"] == "/data/holds-the-data-volume"
     assert {s["fileName"] for s in model["secrets"]} == {"admin_token", "ingest_token", "database_url"}
-    assert "mlapi-dev-postgres" in {d._name for d in cluster.one(SERVICE, "model").opts.depends_on}
+    pending = cluster.one(REMOTE, "postgres-pending-dump")
+    assert "pg_restore" in pending.inputs["create"] and {d._name for d in pending.opts.depends_on} == {
+        "mlapi-dev-postgres"
+    }
+    assert "mlapi-dev-postgres-pending-dump" in {d._name for d in cluster.one(SERVICE, "model").opts.depends_on}
     # One random password, in two secrets: the server's and the replicas' URL; neither in plaintext anywhere.
     password = cluster.one(RANDOM, "postgres-password").inputs
     assert password["special"] is False and password["length"] >= 32
