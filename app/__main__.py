@@ -17,7 +17,7 @@ from app.settings import get_settings
 
 
 def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
-    from app.service import load_token
+    from app.stores import load_token
 
     settings = get_settings()
     token = load_token(settings, "admin")

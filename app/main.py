@@ -31,8 +31,9 @@ from app.schemas import (
     RollbackRequest,
     build_request_schemas,
 )
-from app.service import ModelService, NotReady, load_token
+from app.service import ModelService, NotReady
 from app.settings import Settings, get_settings
+from app.stores import load_token
 
 log = logging.getLogger(__name__)
 bearer = HTTPBearer(auto_error=False)

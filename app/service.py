@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import SecretStr
 
 from app.data import Dataset, load_dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
-from app.predlog import PredictionLog, Retention, SqliteLog
-from app.registry import Registry, RegistryError, generated_once
+from app.registry import Registry, RegistryError
 from app.schemas import AcceptedRanges
 from app.settings import Settings
+from app.stores import database_url, open_prediction_log
 
 if TYPE_CHECKING:
     from app.pgregistry import SharedRegistry
@@ -55,75 +51,7 @@ class Prediction:
     ood: list[list[OutOfRange]]
 
 
-class TokenError(RuntimeError):
-    """A bearer token (admin or ingest) is unreadable, empty or short: refuse to start rather than fail open."""
-
-
-MIN_TOKEN_LENGTH = 16
 HOLDOUT_NEIGHBOURHOOD = 1e-3  # of each feature's training span: closer than this to a holdout row is that row
-
-
-def load_token(settings: Settings, kind: str) -> str:
-    """The ``kind`` ("admin" or "ingest") bearer token: from MLAPI_<KIND>_TOKEN, MLAPI_<KIND>_TOKEN_FILE (a swarm
-    secret), or generated once into the data directory (<kind>-token).
-
-    An empty or short token is a startup error, never "no authentication": an empty file (a full disk, a race) must
-    not open /admin or /observations."""
-    value: SecretStr | None = getattr(settings, f"{kind}_token")
-    file: Path | None = getattr(settings, f"{kind}_token_file")
-    variable = f"MLAPI_{kind.upper()}_TOKEN"
-    if value is not None:
-        token, source = value.get_secret_value().strip(), variable
-    elif file is not None:
-        try:
-            token, source = file.read_text().strip(), str(file)
-        except OSError as exc:
-            raise TokenError(f"{variable}_FILE: cannot read {file}: {exc}") from exc
-    else:
-        generated = settings.data_dir / f"{kind}-token"
-        token, source = generated_once(generated, lambda: secrets.token_urlsafe(32)), str(generated)
-    if not token:
-        raise TokenError(f"the {kind} token from {source} is empty: set a non-empty token")
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise TokenError(f"the {kind} token from {source} is shorter than {MIN_TOKEN_LENGTH} characters")
-    return token
-
-
-class StoreConfigError(RuntimeError):
-    """MLAPI_DATABASE_URL(_FILE) is unreadable or not a PostgreSQL URL."""
-
-
-def database_url(settings: Settings) -> str | None:
-    """PostgreSQL's URL from MLAPI_DATABASE_URL or MLAPI_DATABASE_URL_FILE (a swarm secret); None: SQLite."""
-    if settings.database_url is not None:
-        url, source = settings.database_url.get_secret_value().strip(), "MLAPI_DATABASE_URL"
-    elif settings.database_url_file is not None:
-        try:
-            url, source = settings.database_url_file.read_text().strip(), str(settings.database_url_file)
-        except OSError as exc:
-            raise StoreConfigError(f"MLAPI_DATABASE_URL_FILE: cannot read {settings.database_url_file}: {exc}") from exc
-    else:
-        return None
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise StoreConfigError(f"the database URL from {source} must start with postgresql:// (got {url[:13]!r}…)")
-    return url
-
-
-def open_prediction_log(settings: Settings, on_drop: Callable[[int], None]) -> PredictionLog:
-    """PostgreSQL when a database URL is configured (replicas on several nodes), else SQLite in the data dir."""
-    retention = Retention(
-        max_age_s=settings.log_retention_days * 86400,
-        max_rows=settings.log_max_rows,
-        min_free_bytes=settings.min_free_mb * 2**20,
-    )
-    url = database_url(settings)
-    if url is None:
-        return SqliteLog(
-            settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
-        )
-    from app.pglog import PostgresLog  # only where PostgreSQL is used
-
-    return PostgresLog(url, settings.log_queue_size, on_drop=on_drop, retention=retention)
 
 
 class ModelService:

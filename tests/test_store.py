@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.pglog import PostgresLog
-from app.service import StoreConfigError, database_url
 from app.settings import Settings
+from app.stores import StoreConfigError, database_url
 from tests.conftest import admin_headers, ingest_headers, metric_value, record
 from tests.postgres_support import PostgresServer, postgres_server, wait_for
 
