@@ -15,6 +15,8 @@ import pulumi_cloudflare as cloudflare
 
 from infra.spec import DNS_TOKEN_FILE, TRAEFIK_UID
 
+# On the DNS records when certificates use DNS-01: the policy pack (policy/rules.py) then allows them proxied.
+DNS01_COMMENT = "certificates by DNS-01"
 ZONE_READ = "c8fed203ed3043cba015a93ad1616f1f"
 DNS_WRITE = "4755a26eedb94da69e1066d98aa820be"
 

@@ -17,6 +17,7 @@ import pulumi_tls as tls
 from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
 from infra.config import WORLD, ConfigError, DeployConfig
 from infra.deploy import FirewallRule, firewall_rules
+from infra.dns_challenge import DNS01_COMMENT
 from infra.spec import StackSpec
 
 
@@ -200,7 +201,8 @@ class Host(pulumi.ComponentResource):
                 content=address,
                 ttl=300,
                 proxied=cfg.dns_proxied,
-                comment="mlapi (pulumi)",
+                # The policy pack allows a proxied record only where the program says certificates use DNS-01.
+                comment="mlapi (pulumi)" + (f"; {DNS01_COMMENT}" if cfg.acme_challenge == "dns" else ""),
                 opts=child,
             )
             for record_type, address in (("A", self.front_ipv4), ("AAAA", front_ipv6))

@@ -2,7 +2,8 @@
 engine sends them (camelCase names) and reports a violation with a message that says what to change.
 
 Mandatory: a violation stops `pulumi preview`/`up` (an open port, a published model, the Docker socket in a routed
-container, a data volume replaced delete-first, an unpinned image, a proxied record, a secret in plain sight).
+container, a data volume replaced delete-first, an unpinned image, a proxied record without DNS-01 certificates,
+a secret in plain sight).
 Advisory: SSH open to the world when the operator said so explicitly is reported, not blocked.
 """
 
@@ -124,11 +125,17 @@ def images_are_pinned(args: ResourceValidationArgs, report: Report) -> None:
             report(f"image {reference!r} is not pinned: give a version tag or a digest, never `latest`.", None)
 
 
+DNS01_COMMENT = "certificates by DNS-01"  # the program says so on records it proxies (acmeChallenge=dns)
+
+
 def dns_is_not_proxied(args: ResourceValidationArgs, report: Report) -> None:
-    if args.resource_type == DNS_RECORD and args.props.get("proxied"):
+    if args.resource_type != DNS_RECORD or not args.props.get("proxied"):
+        return
+    if DNS01_COMMENT not in str(args.props.get("comment") or ""):
         report(
             "the DNS record is proxied by Cloudflare: certificate validation (TLS-ALPN) needs a direct connection, "
-            "so renewals would fail. Keep proxied false until DNS-01 certificates are used.",
+            "so renewals would fail. Keep proxied false, or use DNS-01 certificates (`pulumi config set acmeChallenge "
+            "dns`).",
             None,
         )
 

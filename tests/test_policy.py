@@ -152,6 +152,22 @@ def test_a_proxied_record_is_blocked(good: Deployment) -> None:
     assert found.startswith("dns-is-not-proxied: the DNS record is proxied by Cloudflare")
 
 
+def test_a_proxied_record_passes_with_dns01_certificates() -> None:
+    from infra.dns_challenge import DNS01_COMMENT
+
+    assert DNS01_COMMENT == rules.DNS01_COMMENT  # the program's comment is the one the pack looks for
+    deployment = run_program({**GOOD_CONFIG, "acmeChallenge": "dns", "dnsProxied": "true"})
+    assert all(r.inputs["proxied"] for r in deployment.of_type(rules.DNS_RECORD))
+    assert all_violations(deployment) == []
+
+
+def test_the_cluster_configuration_passes_every_rule() -> None:
+    from tests.test_program_cluster import WORKERS
+
+    deployment = run_program({**GOOD_CONFIG, **WORKERS, "loadBalancer": "true", "acmeChallenge": "dns"})
+    assert all_violations(deployment) == []
+
+
 def test_secrets_in_plain_sight_are_blocked(good: Deployment) -> None:
     model = good.one(rules.SERVICE)
     spec = copy.deepcopy(model.inputs["taskSpec"])
