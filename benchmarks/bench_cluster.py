@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlapi-bench-cluster-") as tmp, two_node_cluster(Path(tmp)) as cluster:
         tool = images.build_base(cluster.client, BENCH_PACKAGES)
         load = Load(cluster.client, tool, Path(tmp), network=cluster.network, hosts={DOMAIN: cluster.manager.ip})
-        url = f"https://{DOMAIN}/predict"
+        url = f"https://{DOMAIN}:443/predict"  # the port spelled out: the tool image has no /etc/services
 
         def placed() -> str:
             return ", ".join(f"{node}: {len(ids)}" for node, ids in cluster.replicas_by_node().items())

@@ -78,6 +78,7 @@ class Load:
             network=self.network,
             extra_hosts=self.hosts,
             mounts=[Mount(target="/bench", source=str(self.workdir), type="bind", read_only=True)],
+            stderr=True,  # wrk's and hey's errors (a refused connection, a TLS failure) say why a report is missing
             remove=True,
         ).decode()
 
@@ -91,6 +92,8 @@ class Load:
             for index, url in enumerate(urls)
         )
         output = self.run(f"{script} & wait; for f in /tmp/wrk*.txt; do cat $f; echo ===; done")
+        if "Requests/sec" not in output:
+            output += self.run(f"wrk -t1 -c1 -d1s {urls[0]} 2>&1 | tail -5")  # one short run, to show the error
         reports = [part for part in output.split("===") if "Requests/sec" in part]
         if len(reports) != len(urls):
             raise SystemExit(f"wrk did not report for every URL:\n{output}")
