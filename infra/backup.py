@@ -162,7 +162,7 @@ PG_TASK = (
 PG_DUMP = (
     PG_TASK
     + 'if [ -n "$pg" ]; then\n'
-    + f'  docker exec "$pg" pg_dump -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --format=custom \\\n'
+    + f'  docker exec "$pg" pg_dump -U {POSTGRES_USER} -d {POSTGRES_DB} --format=custom \\\n'
     + '    > "$STAGE/postgres.dump" \\\n'
     + '    || fail "pg_dump failed; no snapshot was made"\n'
     + "fi\n"
@@ -175,7 +175,7 @@ PG_RESTORE = (
     + "  "
     + PG_TASK
     + '  if [ -n "$pg" ]; then\n'
-    + f'    if ! docker exec -i "$pg" pg_restore -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
+    + f'    if ! docker exec -i "$pg" pg_restore -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
     + '--single-transaction --no-owner < "$restored/postgres.dump"; then\n'
     + f'      if [ "$replicas" != 0 ]; then docker service scale --detach=false {MODEL_SERVICE}="$replicas" '
     + ">/dev/null; fi\n"
@@ -203,7 +203,7 @@ def load_pending_dump(data_root: str) -> str:
         + '  [ -n "$pg" ] && break\n'
         + '  i=$((i+1)); [ $i -lt 120 ] || { echo "PostgreSQL did not turn healthy" >&2; exit 1; }; sleep 1\n'
         + "done\n"
-        + f'docker exec -i "$pg" pg_restore -h /tmp -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
+        + f'docker exec -i "$pg" pg_restore -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
         + f"--single-transaction --no-owner < {pending}\n"
         + f"mv {pending} {pending}.loaded-$(date +%Y%m%d%H%M%S)\n"
         + "echo loaded the database snapshot\n"

@@ -28,8 +28,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     --auth-local=trust --auth-host=scram-sha-256 -E UTF8 >/dev/null
   echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
   echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
-  "$BIN/pg_ctl" -D "$PGDATA" -o "-c listen_addresses='' -k /tmp" -w start >/dev/null
-  if [ "$POSTGRES_DB" != postgres ]; then "$BIN/createdb" -h /tmp -U "$POSTGRES_USER" "$POSTGRES_DB"; fi
+  "$BIN/pg_ctl" -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
+  if [ "$POSTGRES_DB" != postgres ]; then "$BIN/createdb" -U "$POSTGRES_USER" "$POSTGRES_DB"; fi
   "$BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null
   echo "initialized $PGDATA"
 fi

@@ -11,8 +11,9 @@ POSTGRES_USER = "mlapi"
 POSTGRES_DB = "mlapi"
 DATA_MOUNT = "/var/lib/postgresql/data"
 PGDATA = f"{DATA_MOUNT}/pgdata"  # a directory of its own below the mount, as the official image recommends
-# The server's command: its socket in /tmp (a tmpfs; the root filesystem is read-only), for either image.
-COMMAND = ("postgres", "-c", "unix_socket_directories=/tmp")
+# The server's socket directory, the images' default (the official entrypoint's own psql calls expect it there): a
+# tmpfs, since the root filesystem is read-only.
+SOCKET_DIR = "/var/run/postgresql"
 
 
 def database_url(password: str) -> str:

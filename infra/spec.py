@@ -30,9 +30,6 @@ from infra.inputs import (  # noqa: F401 (re-exported: config, the local stack a
     check_cron,
 )
 from infra.postgres_spec import (
-    COMMAND as POSTGRES_COMMAND,
-)
-from infra.postgres_spec import (
     DATA_MOUNT,
     PGDATA,
     POSTGRES_DB,
@@ -41,6 +38,7 @@ from infra.postgres_spec import (
     POSTGRES_UID,
     POSTGRES_USER,
 )
+from infra.postgres_spec import SOCKET_DIR as POSTGRES_SOCKET_DIR
 from infra.spec_types import (  # noqa: F401 (re-exported: the components, the engine and tests use them)
     ConfigFile,
     Confinement,
@@ -148,8 +146,7 @@ def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
     return ServiceSpec(
         name=POSTGRES_SERVICE,
         image=inputs.postgres_image,
-        command=(),  # the image's entrypoint initializes an empty data directory
-        args=POSTGRES_COMMAND,
+        command=(),  # the image's entrypoint (it initializes an empty data directory) and command (`postgres`)
         env={
             "POSTGRES_USER": POSTGRES_USER,
             "POSTGRES_DB": POSTGRES_DB,
@@ -171,7 +168,7 @@ def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
         restart=RestartPolicy(),
         secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, POSTGRES_UID),),
         stop_grace_period_s=30,  # a fast shutdown checkpoints first
-        confinement=Confinement(memory_bytes=POSTGRES_MEMORY_MB * MiB),
+        confinement=Confinement(memory_bytes=POSTGRES_MEMORY_MB * MiB, tmpfs_path=POSTGRES_SOCKET_DIR),
         constraints=("node.role==manager",),
         user=f"{POSTGRES_UID}:{POSTGRES_UID}",
         init=False,  # postgres is its own PID 1 and reaps its children

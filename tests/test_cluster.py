@@ -100,7 +100,7 @@ def database_state(cluster: Cluster) -> tuple[str, ...]:
         "select count(*) from observations; select count(*) from retrain_history;"
     )
     task = f"$(docker ps -q --filter label=com.docker.swarm.service.name={POSTGRES_SERVICE} | head -n 1)"
-    output = cluster.ssh(cluster.manager, f'docker exec {task} psql -h /tmp -U mlapi -d mlapi -Atc "{query}"')
+    output = cluster.ssh(cluster.manager, f'docker exec {task} psql -U mlapi -d mlapi -Atc "{query}"')
     return tuple(output.split())
 
 

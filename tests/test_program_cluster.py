@@ -203,8 +203,9 @@ def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster:
     container = task["containerSpec"]
     assert task["placement"] == {"constraints": ["node.role==manager"]}  # the data volume is there
     assert container["user"] == "999:999" and container["readOnly"] is True
-    # The image's entrypoint stays (it initializes an empty data directory); the server's options are its args.
-    assert "commands" not in container and container["args"] == ["postgres", "-c", "unix_socket_directories=/tmp"]
+    # The image's own entrypoint and command (it initializes an empty data directory); its socket on a tmpfs.
+    assert "commands" not in container and "args" not in container
+    assert {"type": "tmpfs", "target": "/var/run/postgresql"}.items() <= container["mounts"][-1].items()
     assert container["mounts"][0] == {
         "type": "bind",
         "source": "/srv/mlapi/postgres",
