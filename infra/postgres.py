@@ -37,15 +37,20 @@ exec "$BIN/postgres" -D "$PGDATA" "$@"
 """
 
 
+# The socket directory as in the official image: its owner's, 3777 (a tmpfs mounted there takes this mode).
+SOCKET_DIRECTORY = "mkdir -p /run/postgresql && chown postgres:postgres /run/postgresql && chmod 3777 /run/postgresql"
+
+
 def _customize(rootfs: Path) -> None:
     """uid 999 for `postgres`, as in the official image (initdb needs a passwd entry for the running uid); the
-    binaries on PATH; no default cluster; the entrypoint."""
+    binaries on PATH; no default cluster; the socket directory; the entrypoint."""
     for command in (
         ["usermod", "-u", str(POSTGRES_UID), "postgres"],
         ["groupmod", "-g", str(POSTGRES_UID), "postgres"],
     ):
         _run(["chroot", str(rootfs), *command], f"{command[0]} in the postgres image")
     _run(["chroot", str(rootfs), "sh", "-c", "rm -rf /var/lib/postgresql/*"], "removing the default cluster")
+    _run(["chroot", str(rootfs), "sh", "-c", SOCKET_DIRECTORY], "the socket directory")
     bindir = rootfs / f"usr/lib/postgresql/{POSTGRES_VERSION}/bin"
     for binary in bindir.iterdir():
         link = rootfs / "usr/local/bin" / binary.name
@@ -58,7 +63,8 @@ def _customize(rootfs: Path) -> None:
 
 def build_postgres(client: docker.DockerClient) -> str:
     packages = (f"postgresql-{POSTGRES_VERSION}",)
-    tag = f"mlapi-postgres:{POSTGRES_VERSION}-{_short_hash(SUITE, *packages, ENTRYPOINT, str(POSTGRES_UID))}"
+    inputs = _short_hash(SUITE, *packages, ENTRYPOINT, SOCKET_DIRECTORY, str(POSTGRES_UID))
+    tag = f"mlapi-postgres:{POSTGRES_VERSION}-{inputs}"
     if not _has_image(client, tag):
         debootstrap_image(
             tag, packages, '["postgres"]', customize=_customize, entrypoint='["/usr/local/bin/docker-entrypoint.sh"]'
