@@ -151,6 +151,7 @@ class ModelService:
         return self._current
 
     def _swap(self, predictor: Predictor) -> None:
+        predictor.interval_offsets()  # measured before it serves, not on its first request
         self._current = predictor  # a single reference assignment: each request sees the old or the new, whole
         self.load_error = None
         self.metrics.model.info({"version": predictor.metadata.version, "estimator": predictor.metadata.estimator})
