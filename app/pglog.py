@@ -56,6 +56,16 @@ def wait_for_database(conninfo: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
+def connect(conninfo: str, timeout_s: int, schema: str, schema_lock: int) -> psycopg.Connection:
+    """A connection with ``schema`` in place. Autocommit: reads hold no transaction open between requests; writes
+    use explicit transactions. Replicas starting together create the schema one at a time (``schema_lock``)."""
+    connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=timeout_s, application_name="mlapi")
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
+        connection.execute(schema)
+    return connection
+
+
 class PostgresLog(PredictionLog):
     """``conninfo``: a libpq URL or key=value string (postgresql://mlapi@mlapi-postgres:5432/mlapi)."""
 
@@ -68,14 +78,7 @@ class PostgresLog(PredictionLog):
         self._connect_timeout_s = connect_timeout_s
 
     def connect(self) -> psycopg.Connection:
-        # autocommit: reads hold no transaction open between requests; writes use explicit transactions.
-        connection = psycopg.connect(
-            self._conninfo, autocommit=True, connect_timeout=self._connect_timeout_s, application_name="mlapi"
-        )
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            connection.execute(SCHEMA)
-        return connection
+        return connect(self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK)
 
     def _transaction(self, connection: psycopg.Connection) -> contextlib.AbstractContextManager:
         return connection.transaction()

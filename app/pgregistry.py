@@ -20,6 +20,7 @@ from psycopg import errors as pg_errors
 
 from app.data import Dataset
 from app.model import ModelMetadata, Predictor
+from app.pglog import connect
 from app.registry import (
     VERSION_PATTERN,
     Registry,
@@ -71,21 +72,12 @@ class SharedRegistry:
         self._connection: psycopg.Connection | None = None
 
     # -- connections -------------------------------------------------------------------------------------------
-    def _connect(self) -> psycopg.Connection:
-        connection = psycopg.connect(
-            self._conninfo, autocommit=True, connect_timeout=self._connect_timeout_s, application_name="mlapi"
-        )
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            connection.execute(SCHEMA)
-        return connection
-
     @contextlib.contextmanager
     def _use(self) -> Iterator[psycopg.Connection]:
         """The shared connection, reopened after a failure (a database restart)."""
         with self._lock:
             if self._connection is None or self._connection.closed or self._connection.broken:
-                self._connection = self._connect()
+                self._connection = connect(self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK)
             try:
                 yield self._connection
             except psycopg.OperationalError:

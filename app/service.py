@@ -17,10 +17,11 @@ from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, popu
 from app.registry import Registry, RegistryError
 from app.schemas import AcceptedRanges
 from app.settings import Settings
-from app.stores import database_url, open_prediction_log
+from app.stores import open_stores
 
 if TYPE_CHECKING:
     from app.pgregistry import SharedRegistry
+    from app.predlog import PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +60,13 @@ class ModelService:
         self.settings = settings
         self.metrics = metrics
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        url = database_url(settings)
-        if url is None:
-            self.registry: Registry | SharedRegistry = Registry(settings.data_dir)
-        else:
-            from app.pglog import wait_for_database  # only where PostgreSQL is used
-            from app.pgregistry import SharedRegistry
-
-            wait_for_database(url, settings.database_wait_s)
-            self.registry = SharedRegistry(url)
+        self.registry: Registry | SharedRegistry
+        self.prediction_log: PredictionLog
+        self.registry, self.prediction_log = open_stores(settings, on_drop=metrics.log_dropped.inc)
         self.dataset = load_dataset(settings.dataset, settings.target_column)
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.ptp(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
-        self.prediction_log = open_prediction_log(settings, on_drop=metrics.log_dropped.inc).start()
         self.load_error: str | None = None
         self._current: Predictor | None = None
         self._failed_version: str | None = None

@@ -6,11 +6,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+if TYPE_CHECKING:
+    from app.pgregistry import SharedRegistry
+
 from app.predlog import PredictionLog, Retention, SqliteLog
-from app.registry import generated_once
+from app.registry import Registry, generated_once
 from app.settings import Settings
 
 
@@ -67,8 +71,9 @@ def database_url(settings: Settings) -> str | None:
     return url
 
 
-def open_prediction_log(settings: Settings, on_drop: Callable[[int], None]) -> PredictionLog:
-    """PostgreSQL when a database URL is configured (replicas on several nodes), else SQLite in the data dir."""
+def open_stores(settings: Settings, on_drop: Callable[[int], None]) -> tuple[Registry | SharedRegistry, PredictionLog]:
+    """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
+    several nodes; start-up waits for it), else the file registry and SQLite in the data dir. The log is started."""
     retention = Retention(
         max_age_s=settings.log_retention_days * 86400,
         max_rows=settings.log_max_rows,
@@ -76,9 +81,13 @@ def open_prediction_log(settings: Settings, on_drop: Callable[[int], None]) -> P
     )
     url = database_url(settings)
     if url is None:
-        return SqliteLog(
+        log = SqliteLog(
             settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
         )
-    from app.pglog import PostgresLog  # only where PostgreSQL is used
+        return Registry(settings.data_dir), log.start()
+    from app.pglog import PostgresLog, wait_for_database  # only where PostgreSQL is used
+    from app.pgregistry import SharedRegistry
 
-    return PostgresLog(url, settings.log_queue_size, on_drop=on_drop, retention=retention)
+    wait_for_database(url, settings.database_wait_s)
+    log = PostgresLog(url, settings.log_queue_size, on_drop=on_drop, retention=retention)
+    return SharedRegistry(url), log.start()
