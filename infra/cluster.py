@@ -32,7 +32,7 @@ from infra.cluster_plan import (
     worker_private_ip,
 )
 from infra.config import DeployConfig
-from infra.host import Host, firewall_args
+from infra.host import Host, firewall_args, ssh_connection
 from infra.spec import StackSpec
 
 
@@ -226,13 +226,8 @@ class Worker(pulumi.ComponentResource):
             labels=_labels("worker"),
             opts=pulumi.ResourceOptions(parent=self, depends_on=[network.subnet], delete_before_replace=True),
         )
-        self.connection = command.remote.ConnectionArgs(
-            host=self.server.ipv4_address,
-            user="root",
-            private_key=host.connection.private_key,
-            host_key=self.host_key.public_key_openssh.apply(str.strip),
-            dial_error_limit=60,
-            per_dial_timeout=10,
+        self.connection = ssh_connection(
+            self.server.ipv4_address, host.connection.private_key, self.host_key.public_key_openssh.apply(str.strip)
         )
         self.ready = command.remote.Command(
             f"{name}-cloud-init-ready",

@@ -27,6 +27,15 @@ def _private_key(cfg: DeployConfig) -> pulumi.Output[str] | None:
     return pulumi.Output.secret(Path(cfg.ssh_private_key_path).expanduser().read_text())  # checked by load_config
 
 
+def ssh_connection(
+    address: pulumi.Input[str], private_key: pulumi.Input[str] | None, host_key: pulumi.Input[str]
+) -> command.remote.ConnectionArgs:
+    """Root on a server whose host key the program made: pinned from the first dial, retried while it boots."""
+    return command.remote.ConnectionArgs(
+        host=address, user="root", private_key=private_key, host_key=host_key, dial_error_limit=60, per_dial_timeout=10
+    )
+
+
 def _look_up(what: str, invoke):
     """A read-only look-up in the Hetzner project; if it cannot be made, say so and carry on as if nothing was found
     (the create that follows then fails with the provider's own error, naming the conflict)."""
@@ -208,14 +217,7 @@ class Host(pulumi.ComponentResource):
             for record_type, address in (("A", self.front_ipv4), ("AAAA", front_ipv6))
         )
 
-        self.connection = command.remote.ConnectionArgs(
-            host=self.ipv4,
-            user="root",
-            private_key=_private_key(cfg),
-            host_key=self.host_public_key,
-            dial_error_limit=60,
-            per_dial_timeout=10,
-        )
+        self.connection = ssh_connection(self.ipv4, _private_key(cfg), self.host_public_key)
         self.ready = command.remote.Command(
             f"{name}-cloud-init-ready",
             connection=self.connection,
