@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_stack import BENCH_PACKAGES, CONNECTIONS, DOCS, Load
+from benchmarks.bench_stack import BENCH_PACKAGES, CONNECTIONS, Load, publish
 from infra import images
 from infra.cluster_plan import render_node_drain
 from infra.spec import MODEL_SERVICE
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Ratio two ÷ one: {two_nodes / one_node:.2f}. Both nodes run on the same cores here, so the second node "
         "cannot add capacity; the ratio shows its cost. On separate VMs each node brings its own cores.\n"
     )
-    print(table)
-    if args.write:
-        DOCS.write_text(DOCS.read_text().rstrip("\n") + "\n\n" + table)
-        print(f"added to {DOCS}")
+    publish(table, write=args.write)
     return 0
 
 

@@ -46,6 +46,14 @@ BENCH_PACKAGES = ("wrk", "hey")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
+def publish(table: str, *, write: bool) -> None:
+    """Print a results table; with ``write``, also add it to docs/benchmarks.md."""
+    print(table)
+    if write:
+        DOCS.write_text(DOCS.read_text().rstrip("\n") + "\n\n" + table)
+        print(f"added to {DOCS}")
+
+
 def features() -> dict[str, float]:
     data = load_diabetes()
     return dict(zip(data.feature_names, data.data[7].tolist(), strict=True))
@@ -266,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {key} | {what} | {value} | {'' if ratio is None else f'{ratio:.2f}'} | {goal} |\n"
         for key, what, value, ratio, goal in rows
     )
-    print(table)
-    if args.write:
-        DOCS.write_text(DOCS.read_text().rstrip("\n") + "\n\n" + table)
-        print(f"added to {DOCS}")
+    publish(table, write=args.write)
     return 0
 
 
