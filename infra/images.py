@@ -305,6 +305,18 @@ def build_pebble(client: docker.DockerClient, base: str) -> str:
     return tag
 
 
+def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
+    """Every image the single-VM stack runs, Pebble (the local ACME CA) and the base they start from, by role."""
+    base = build_base(client)
+    return {
+        "base": base,
+        "traefik": build_traefik(client),
+        "docker_api": build_docker_api_proxy(client),
+        "pebble": build_pebble(client, base),
+        "model": build_model(client, base),
+    }
+
+
 def build_docker_api_proxy(client: docker.DockerClient) -> str:
     """Debian's HAProxy, started the way the official `haproxy` image's entrypoint starts it (master-worker, in the
     foreground), so that the spec's command (`-f <config>`) means the same in both images."""

@@ -191,13 +191,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     client = engine()
     started = time.monotonic()
     say("building images (cached after the first run)…")
-    base = images.build_base(client)
-    built = {
-        "traefik": images.build_traefik(client),
-        "docker_api": images.build_docker_api_proxy(client),
-        "pebble": images.build_pebble(client, base),
-        "model": images.build_model(client, base),
-    }
+    built = images.build_stack_images(client)
     images_ready = time.monotonic()
 
     options.state_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +216,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
             client.containers.get(TRAEFIK_CONTAINER).remove(force=True)
         remove_as_root(client, options.data_root, "traefik/" + acme_storage(inputs.ca_server).rsplit("/", 1)[1])
 
-    prepare_host(client, spec, options.data_root, base)
+    prepare_host(client, spec, options.data_root, built["base"])
     rollout = deploy_stack(client, spec, stack_tokens(options.state_dir))  # what the VM gets, over ssh:// there
 
     url = f"https://{spec.domain}:{options.https_port}"

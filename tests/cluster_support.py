@@ -8,10 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shlex
-import socket
-import ssl
 import subprocess
 import time
 import uuid
@@ -22,7 +18,7 @@ from pathlib import Path
 import docker
 
 from infra import images
-from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
+from infra.cloud_init import READINESS_COMMAND, hcloud_volume_device, render_user_data
 from infra.cluster_plan import (
     JOIN_TOKEN_COMMAND,
     SwarmAddress,
@@ -34,7 +30,6 @@ from infra.cluster_plan import (
 from infra.engine import deploy_stack
 from infra.host_setup import render_host_setup
 from infra.local import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
-from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.postgres import build_postgres
 from infra.postgres_spec import database_url
 from infra.smoke import wait_healthy
@@ -48,8 +43,16 @@ from infra.spec import (
     build_stack,
 )
 from tests.stack_support import TIMINGS, docker_engine, wait_until
-from tests.standin import StandIn, boot_standin, build_standin_image
-from tests.test_standin import free_subnet
+from tests.standin import (
+    StandIn,
+    boot_standin,
+    build_standin_image,
+    https,
+    network_with_pebble,
+    new_key,
+    remove_volume,
+    ssh_on_path,
+)
 
 DOMAIN = "cluster.mlapi.test"
 MANAGER, WORKER = "mlapi-cluster-manager", "mlapi-cluster-worker-1"
@@ -101,21 +104,13 @@ class Cluster:
         return docker.DockerClient(base_url=f"ssh://root@{node.ip}", use_ssh_client=True, timeout=600)
 
     def https(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-        context = ssl.create_default_context(cafile=str(self.pebble_root))
+        """Through Traefik on the manager; the JSON answer."""
         payload = json.dumps(body).encode() if body is not None else b""
-        headers = f"Host: {DOMAIN}\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n"
-        headers += "Content-Type: application/json\r\n" if body is not None else ""
-        headers += f"Authorization: Bearer {token}\r\n" if token else ""
-        with (
-            socket.create_connection((self.manager.ip, 443), timeout=30) as raw,
-            context.wrap_socket(raw, server_hostname=DOMAIN) as tls,
-        ):
-            tls.sendall(f"{method} {path} HTTP/1.1\r\n{headers}\r\n".encode() + payload)
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        return int(head.split()[1]), json.loads(rest or b"{}")
+        request = f"{method} {path} HTTP/1.1\r\n"
+        request += "Content-Type: application/json\r\n" if body is not None else ""
+        request += f"Authorization: Bearer {token}\r\n" if token else ""
+        status, _, answer, _ = https(self.manager.ip, DOMAIN, self.pebble_root, request, payload)
+        return status, json.loads(answer or b"{}")
 
     def replicas_by_node(self) -> dict[str, set[str]]:
         """Which node runs which model container: {node name: {container hostnames (12-character IDs)}}."""
@@ -157,59 +152,31 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
     """Boot, join and deploy; yield; remove every container, volume and network it made."""
     client = docker_engine()
     started = time.monotonic()
-    base = images.build_base(client)
     built = {
-        "traefik": images.build_traefik(client),
-        "docker_api": images.build_docker_api_proxy(client),
-        "pebble": images.build_pebble(client, base),
-        "model": images.build_model(client, base),
+        **images.build_stack_images(client),
         "postgres": build_postgres(client),
         "standin": build_standin_image(client),
     }
     key = tmp / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host_keys = {}
-    for name in (MANAGER, WORKER):  # each server's own host key, made before it exists, as the program does
-        path = tmp / f"host-{name}"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True)
-        host_keys[name] = HostKey(path.read_text(), Path(f"{path}.pub").read_text().strip())
+    new_key(key)
+    # Each server's own host key, made before it exists, as the program does.
+    host_keys = {name: new_key(tmp / f"host-{name}") for name in (MANAGER, WORKER)}
     known_hosts = tmp / "known_hosts"
     ssh_options = [
         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-i", str(key),
         "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=15",
     ]  # fmt: skip
-    wrapper_dir = tmp / "bin"
-    wrapper_dir.mkdir()
-    (wrapper_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh {shlex.join(ssh_options)} "$@"\n')
-    (wrapper_dir / "ssh").chmod(0o755)
-    old_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{wrapper_dir}:{old_path}"
-
-    network = f"mlapi-cluster-{uuid.uuid4().hex[:6]}"  # stands in for the Hetzner private network
-    subnet = free_subnet(client)
-    hosts = list(subnet.hosts())
-    pebble_ip = str(hosts[-1])
-    created: list[tuple[str, str]] = []
     nodes: list[Node] = []
-    try:
-        client.networks.create(
-            network,
-            driver="bridge",
-            ipam=docker.types.IPAMConfig(
-                pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=str(hosts[0]))]
-            ),
-        )
-        created.append(("network", network))
-        pebble_dir = pebble_files(tmp, (80, 443), extra_ips=(pebble_ip,))
-        run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
-        created.append(("container", PEBBLE))
-        pebble_root = fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
-
+    with contextlib.ExitStack() as teardown:
+        teardown.enter_context(ssh_on_path(tmp / "bin", ssh_options))
+        # Stands in for the Hetzner private network.
+        network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-cluster", built["pebble"], PEBBLE))
+        teardown.callback(_remove_nodes, client, nodes)
         inputs = StackInputs(
             domain=DOMAIN,
             acme_email="ops@example.com",
-            acme_ca_server=f"https://{pebble_ip}:14000/dir",
+            acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
             acme_ca_bundle=CA_ON_HOST,
             model_image=built["model"],
             traefik_image=built["traefik"],
@@ -240,7 +207,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         }
         booting = time.monotonic()
         for name, aliases in ((MANAGER, [DOMAIN]), (WORKER, [])):
-            node = boot(client, built["standin"], name, network, user_data[name], aliases)
+            node = boot(client, built["standin"], name, network.name, user_data[name], aliases)
             nodes.append(node)
         known_hosts.write_text("".join(f"{n.ip} {host_keys[n.name].public_openssh}\n" for n in nodes))
         manager, worker = nodes
@@ -250,7 +217,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
             POSTGRES_PASSWORD_SECRET: password,
             DATABASE_URL_SECRET: database_url(password),
         }
-        env = Cluster(client, spec, manager, worker, ssh_options, pebble_root, tokens, network)
+        env = Cluster(client, spec, manager, worker, ssh_options, network.pebble_root, tokens, network.name)
         for node in nodes:
             wait_until(lambda n=node: _ssh_ok(env, n), 180, f"sshd on {node.name}")
             _retry_refused(lambda n=node: env.ssh(n, READINESS_COMMAND))
@@ -262,7 +229,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         env.ssh(manager, render_swarm_address(private, seed_marker=seed_marker_path(DATA_ROOT)))
         env.ssh(manager, render_host_setup(spec))
         env.ssh(manager, f"mkdir -p {Path(CA_ON_HOST).parent} && cat > {CA_ON_HOST}",
-                stdin=(pebble_dir / "ca.pem").read_text())  # fmt: skip
+                stdin=(network.pebble_dir / "ca.pem").read_text())  # fmt: skip
         token = env.ssh(manager, JOIN_TOKEN_COMMAND).strip()
         env.worker_node_id = env.ssh(worker, render_worker_join(worker.ip, manager.ip), stdin=token).strip()
         env.ssh(manager, render_node_ready(env.worker_node_id, WORKER))
@@ -280,7 +247,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         finally:
             remote.close()
         ok, message = wait_healthy(
-            f"https://{DOMAIN}/health", attempts=240, delay=0.5, cacert=str(pebble_root), connect_to=manager.ip
+            f"https://{DOMAIN}/health", attempts=240, delay=0.5, cacert=str(network.pebble_root), connect_to=manager.ip
         )
         assert ok, message
         TIMINGS.append(
@@ -288,20 +255,14 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
             f"+ deploy to first verified HTTPS 200 {time.monotonic() - deploying:.1f} s"
         )
         yield env
-    finally:
-        for node in nodes:
-            with contextlib.suppress(docker.errors.NotFound):
-                node.standin.container.remove(force=True)
-            for volume in (node.docker_volume, node.data_volume):
-                with contextlib.suppress(docker.errors.NotFound):
-                    client.volumes.get(volume).remove(force=True)
-        for kind, name in reversed(created):
-            with contextlib.suppress(docker.errors.NotFound):
-                if kind == "container":
-                    client.containers.get(name).remove(force=True)
-                else:
-                    client.networks.get(name).remove()
-        os.environ["PATH"] = old_path
+
+
+def _remove_nodes(client: docker.DockerClient, nodes: list[Node]) -> None:
+    for node in nodes:
+        with contextlib.suppress(docker.errors.NotFound):
+            node.standin.container.remove(force=True)
+        remove_volume(client, node.docker_volume)
+        remove_volume(client, node.data_volume)
 
 
 def _ssh_ok(env: Cluster, node: Node) -> bool:

@@ -7,16 +7,26 @@ The image is cached by a hash of its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import ipaddress
+import os
+import shlex
+import socket
+import ssl
+import subprocess
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import docker
 
+from infra.cloud_init import HostKey
 from infra.images import SUITE, _has_image, _run, _short_hash, debootstrap_image
+from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 
 PACKAGES = (
     "cloud-init",
@@ -180,3 +190,107 @@ def _seed_dir_tar() -> bytes:
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             archive.addfile(info)
     return buffer.getvalue()
+
+
+# -- what every stand-in test sets up around its stand-ins -------------------------------------------------------
+def new_key(path: Path) -> HostKey:
+    """An ed25519 key pair without passphrase (ssh-keygen), as the program's tls.PrivateKey makes a host key."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True)
+    return HostKey(path.read_text(), Path(f"{path}.pub").read_text().strip())
+
+
+@contextlib.contextmanager
+def ssh_on_path(directory: Path, options: list[str]) -> Iterator[None]:
+    """docker's ssh:// transport runs plain `ssh` and takes no options: a wrapper first on PATH supplies them (the
+    options the Pulumi Docker provider gets, or a test's own known_hosts)."""
+    directory.mkdir()
+    (directory / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh {shlex.join(options)} "$@"\n')
+    (directory / "ssh").chmod(0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{directory}:{old_path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old_path
+
+
+def remove_volume(client: docker.DockerClient, name: str) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get(name).remove(force=True)
+
+
+def free_subnet(client: docker.DockerClient) -> ipaddress.IPv4Network:
+    used = [
+        ipaddress.ip_network(config["Subnet"])
+        for network in client.networks.list(greedy=True)
+        for config in (network.attrs.get("IPAM", {}).get("Config") or [])
+        if "Subnet" in config
+    ]
+    for third in range(200, 250):
+        candidate = ipaddress.ip_network(f"10.231.{third}.0/24")
+        if not any(candidate.overlaps(existing) for existing in used):
+            return candidate
+    raise AssertionError("no free /24 for the stand-in test network")
+
+
+@dataclass(frozen=True)
+class PebbleNetwork:
+    """A bridge network of the test's own (the VM's public side, or the private network) with Pebble on it."""
+
+    name: str
+    pebble_ip: str
+    pebble_dir: Path  # its configuration and CA (ca.pem: what Traefik trusts for ACME)
+    pebble_root: Path  # the root its certificates chain to (what clients verify against)
+
+
+@contextlib.contextmanager
+def network_with_pebble(
+    client: docker.DockerClient, tmp: Path, prefix: str, pebble_image: str, pebble_name: str
+) -> Iterator[PebbleNetwork]:
+    """Create the network and start Pebble on it, validating on the VM's ports (80/443, as Let's Encrypt dials);
+    remove both afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    subnet = free_subnet(client)
+    hosts = list(subnet.hosts())
+    pebble_ip = str(hosts[-1])
+    client.networks.create(
+        name,
+        driver="bridge",
+        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=str(hosts[0]))]),
+    )
+    try:
+        pebble_dir = pebble_files(tmp, (80, 443), extra_ips=(pebble_ip,))
+        run_pebble(client, pebble_image, pebble_dir, name, name=pebble_name, ip=pebble_ip)
+        try:
+            yield PebbleNetwork(
+                name, pebble_ip, pebble_dir, fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", pebble_name)
+            )
+        finally:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.containers.get(pebble_name).remove(force=True)
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.networks.get(name).remove()
+
+
+def https(
+    address: str, domain: str, cafile: Path, request: str, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes, dict]:
+    """One HTTPS request to ``address``:443 with the domain as SNI and Host, verified against ``cafile``.
+    ``request``: the request line and any extra header lines. Returns status, headers (lower-case names), body and
+    the peer certificate."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection((address, 443), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname=domain) as tls,
+    ):
+        head = f"{request.rstrip()}\r\nHost: {domain}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        tls.sendall(head.encode() + body)
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        certificate = tls.getpeercert()
+    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode().split("\r\n")
+    headers = {key.lower(): value for key, _, value in (line.partition(": ") for line in lines[1:] if ": " in line)}
+    return int(lines[0].split()[1]), headers, payload, certificate

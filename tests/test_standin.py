@@ -9,13 +9,10 @@ repository cannot be reached here), covered by tests/test_renderers.py. These te
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
-import os
 import re
 import shlex
 import socket
-import ssl
 import subprocess
 import time
 import uuid
@@ -28,13 +25,12 @@ import pytest
 
 from infra import images
 from infra.backup import INSTALL_CREDENTIALS, host_setup_parts
-from infra.cloud_init import READINESS_COMMAND, HostKey, hcloud_volume_device, render_user_data
+from infra.cloud_init import READINESS_COMMAND, hcloud_volume_device, render_user_data
 from infra.deploy import docker_ssh_options
 from infra.docker_api import DOCKER_API_CONTAINER, SOCKET
 from infra.engine import deploy_stack, running_tasks
 from infra.host_setup import render_graceful_stop, render_host_setup
 from infra.local import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
-from infra.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.smoke import wait_healthy
 from infra.spec import (
     APP_COMMAND,
@@ -48,7 +44,16 @@ from infra.spec import (
 )
 from tests.conftest import record
 from tests.stack_support import COUNT_PREDICTIONS, TIMINGS, docker_engine, wait_until
-from tests.standin import StandIn, boot_standin, build_standin_image
+from tests.standin import (
+    StandIn,
+    boot_standin,
+    build_standin_image,
+    https,
+    network_with_pebble,
+    new_key,
+    remove_volume,
+    ssh_on_path,
+)
 
 pytestmark = pytest.mark.standin
 
@@ -56,20 +61,6 @@ DOMAIN = "vm.mlapi.test"
 STANDIN = "mlapi-standin"
 PEBBLE = "mlapi-standin-pebble"
 CA_ON_HOST = "/etc/mlapi-test/pebble-ca.pem"  # where the stand-in keeps the test CA Traefik must trust
-
-
-def free_subnet(client: docker.DockerClient) -> ipaddress.IPv4Network:
-    used = [
-        ipaddress.ip_network(config["Subnet"])
-        for network in client.networks.list(greedy=True)
-        for config in (network.attrs.get("IPAM", {}).get("Config") or [])
-        if "Subnet" in config
-    ]
-    for third in range(200, 250):
-        candidate = ipaddress.ip_network(f"10.231.{third}.0/24")
-        if not any(candidate.overlaps(existing) for existing in used):
-            return candidate
-    raise AssertionError("no free /24 for the stand-in test network")
 
 
 @dataclass
@@ -117,20 +108,7 @@ class Environment:
         return docker.DockerClient(base_url=f"ssh://root@{self.standin.ip}", use_ssh_client=True, timeout=600)
 
     def https(self, path: str) -> tuple[int, dict, bytes, dict]:
-        context = ssl.create_default_context(cafile=str(self.pebble_root))
-        with (
-            socket.create_connection((self.standin.ip, 443), timeout=15) as raw,
-            context.wrap_socket(raw, server_hostname=DOMAIN) as tls,
-        ):
-            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-            certificate = tls.getpeercert()
-        head, _, body = data.partition(b"\r\n\r\n")
-        status = int(head.split()[1])
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line)
-        return status, {k.lower(): v for k, v in headers.items()}, body, certificate
+        return https(self.standin.ip, DOMAIN, self.pebble_root, f"GET {path} HTTP/1.1")
 
     def serial(self) -> str:
         return self.https("/health")[3]["serialNumber"]
@@ -212,8 +190,7 @@ class Environment:
             self.standin.container.remove(force=True)
             self.standin = None
         if self.docker_volume:
-            with contextlib.suppress(docker.errors.NotFound):
-                self.client.volumes.get(self.docker_volume).remove(force=True)
+            remove_volume(self.client, self.docker_volume)
             self.docker_volume = ""
 
 
@@ -222,22 +199,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
     client = docker_engine()
     tmp = tmp_path_factory.mktemp("standin")
     started = time.monotonic()
-    base = images.build_base(client)
-    built = {
-        "traefik": images.build_traefik(client),
-        "docker_api": images.build_docker_api_proxy(client),
-        "pebble": images.build_pebble(client, base),
-        "model": images.build_model(client, base),
-        "standin": build_standin_image(client),
-    }
+    built = {**images.build_stack_images(client), "standin": build_standin_image(client)}
     images_s = time.monotonic() - started
 
     key = tmp / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    # The server's host key, made before the server exists, as tls.PrivateKey does in the program.
-    host_key_file = tmp / "host_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(host_key_file)], check=True)
-    host_key = HostKey(host_key_file.read_text(), Path(f"{host_key_file}.pub").read_text().strip())
+    new_key(key)
+    host_key = new_key(tmp / "host_ed25519")  # the server's, made before the server exists, as the program does
     ssh_options = [
         *docker_ssh_options(host_key.public_openssh, str(key)),
         "-o",
@@ -245,42 +212,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         "-o",
         "LogLevel=ERROR",
     ]
-    # docker's ssh:// transport runs plain `ssh` and takes no options: a wrapper first on PATH supplies exactly
-    # the options the Pulumi Docker provider gets (infra.deploy.docker_ssh_options).
-    wrapper_dir = tmp / "bin"
-    wrapper_dir.mkdir()
-    (wrapper_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh {shlex.join(ssh_options)} "$@"\n')
-    (wrapper_dir / "ssh").chmod(0o755)
-    old_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{wrapper_dir}:{old_path}"
-
-    network = f"mlapi-standin-{uuid.uuid4().hex[:6]}"
-    subnet = free_subnet(client)
-    hosts = list(subnet.hosts())
-    pebble_ip = str(hosts[-1])
-    created = []
     data_volume = f"mlapi-standin-data-{uuid.uuid4().hex[:8]}"
-    environment: Environment | None = None
-    try:
-        client.networks.create(
-            network,
-            driver="bridge",
-            ipam=docker.types.IPAMConfig(
-                pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=str(hosts[0]))]
-            ),
-        )
-        created.append(("network", network))
-        pebble_dir = pebble_files(tmp, (80, 443), extra_ips=(pebble_ip,))  # the VM's ports, as Let's Encrypt dials
-        run_pebble(client, built["pebble"], pebble_dir, network, name=PEBBLE, ip=pebble_ip)
-        created.append(("container", PEBBLE))
-        pebble_root = fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=PEBBLE)
-        client.volumes.create(data_volume)
-        created.append(("volume", data_volume))
+    with contextlib.ExitStack() as teardown:
+        # The ssh wrapper supplies exactly the options the Pulumi Docker provider gets (docker_ssh_options).
+        teardown.enter_context(ssh_on_path(tmp / "bin", ssh_options))
+        network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-standin", built["pebble"], PEBBLE))
+        teardown.callback(remove_volume, client, client.volumes.create(data_volume).name)
 
         inputs = StackInputs(
             domain=DOMAIN,
             acme_email="ops@example.com",
-            acme_ca_server=f"https://{pebble_ip}:14000/dir",
+            acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
             acme_ca_bundle=CA_ON_HOST,
             model_image=built["model"],
             traefik_image=built["traefik"],
@@ -301,8 +243,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         )
         environment = Environment(
             client,
-            network,
-            pebble_root,
+            network.name,
+            network.pebble_root,
             spec,
             user_data,
             key,
@@ -312,6 +254,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             built["standin"],
             tokens={base: uuid.uuid4().hex for base in SECRETS},
         )
+        teardown.callback(environment.remove_server)  # before the volume it holds is removed
         boot_s = environment.boot()
         deploy_s = environment.deploy()
         TIMINGS.append(
@@ -319,20 +262,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             f"{boot_s:.1f} s, deploy over ssh:// to first verified HTTPS 200 {deploy_s:.1f} s"
         )
         yield environment
-    finally:
-        if environment is not None:
-            environment.remove_server()
-        for kind, name in reversed(created):
-            try:
-                if kind == "container":
-                    client.containers.get(name).remove(force=True)
-                elif kind == "volume":
-                    client.volumes.get(name).remove(force=True)
-                else:
-                    client.networks.get(name).remove()
-            except docker.errors.NotFound:
-                pass
-        os.environ["PATH"] = old_path
 
 
 # 1
