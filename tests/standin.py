@@ -263,7 +263,10 @@ def network_with_pebble(
         run_pebble(client, pebble_image, pebble_dir, name, name=pebble_name, ip=pebble_ip)
         try:
             yield PebbleNetwork(
-                name, pebble_ip, pebble_dir, fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", pebble_name)
+                name,
+                pebble_ip,
+                pebble_dir,
+                fetch_pebble_root(client, pebble_dir, tmp / "pebble-root.pem", name=pebble_name),
             )
         finally:
             with contextlib.suppress(docker.errors.NotFound):
