@@ -318,9 +318,23 @@ class PredictionLog(ABC):
         return X, np.array([row[1] for row in rows], dtype=np.float64)
 
 
+SQLITE_BUSY_S = 5
+
+
 def connect_sqlite(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
+    connection = sqlite3.connect(path, timeout=SQLITE_BUSY_S, check_same_thread=False)
+    # Replicas starting together on a new file race to switch it to WAL, and SQLite answers that switch with "locked"
+    # at once instead of waiting out its busy timeout: wait that long here.
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                connection.close()
+                raise
+            time.sleep(0.05)
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.executescript(SQLITE_SCHEMA)
     return connection
