@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,12 @@ class ServiceMetrics:
             registry=registry,
         )
         self.observations = Counter("mlapi_observations_total", "Ground-truth observations stored.", registry=registry)
+        self.coalesced_rows = Histogram(
+            "mlapi_predict_coalesced_rows",
+            "Single-row /predict requests answered by one model call (app/batching.py).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
 
 
 class BackupStatus(Collector):

@@ -51,6 +51,19 @@ class Prediction:
     upper: np.ndarray
     ood: list[list[OutOfRange]]
 
+    def rows(self, n: int) -> list[Prediction]:
+        """One single-row Prediction per row, in order (how a coalesced call is handed back to its requests)."""
+        return [
+            Prediction(
+                self.version,
+                self.points[i : i + 1],
+                self.lower[i : i + 1],
+                self.upper[i : i + 1],
+                self.ood[i : i + 1],
+            )
+            for i in range(n)
+        ]
+
 
 HOLDOUT_NEIGHBOURHOOD = 1e-3  # of each feature's training span: closer than this to a holdout row is that row
 

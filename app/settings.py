@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     default_confidence: float = 0.9
     max_batch_rows: int = Field(10_000, ge=1)
+    max_coalesced_rows: int = Field(
+        256, ge=1, le=10_000, description="At most this many concurrent /predict rows share one model call."
+    )
     max_observations_per_call: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413 before they are read or parsed."
