@@ -72,7 +72,12 @@ def public_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validation errors without the input they quote (a 20 MB body came back as a 20 MB 422), at most MAX_ERRORS
     of them, and a last entry saying how many more there were."""
     shown = [{key: error[key] for key in ("type", "loc", "msg", "ctx") if key in error} for error in errors]
-    if len(shown) > MAX_ERRORS:
-        more = len(shown) - MAX_ERRORS
-        shown = [*shown[:MAX_ERRORS], {"type": "too_many_errors", "loc": [], "msg": f"{more} more errors not shown"}]
+    already_counted = len(shown) == MAX_ERRORS + 1 and shown[-1]["type"] == "too_many_errors"
+    if len(shown) > MAX_ERRORS and not already_counted:
+        shown = [*shown[:MAX_ERRORS], too_many_errors(len(shown) - MAX_ERRORS)]
     return shown
+
+
+def too_many_errors(more: int) -> dict[str, Any]:
+    """The last entry of a cut list of errors (a check that finds many need not build them all)."""
+    return {"type": "too_many_errors", "loc": [], "msg": f"{more} more errors not shown"}

@@ -17,8 +17,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.concurrency import run_in_threadpool
 
 from app.batching import MicroBatcher
+from app.columns import parse_columns
 from app.data import load_dataset
 from app.lifecycle import DRAINING
 from app.limits import MAX_ERRORS, BodyLimit, public_errors
@@ -257,14 +259,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary=f"Many records in one call (at most {settings.max_batch_rows}).",
     )
     def predict_batch(body: schemas.batch, service: Service) -> JSONResponse:  # type: ignore[valid-type]
-        X, started = rows_of(body.records), time.perf_counter()
+        return batch_answer(service, rows_of(body.records), body.confidence, "predict_batch")
+
+    def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route: str) -> JSONResponse:
+        started = time.perf_counter()
         try:
-            result = service.predict(X, body.confidence)
+            result = service.predict(X, confidence)
         except NotReady as exc:
             raise not_ready(exc) from exc
-        version, items = answer(service, X, result, body.confidence, "predict_batch", started)
-        # Serialized directly; `response_model=BatchResponse` above still documents the shape in OpenAPI.
+        version, items = answer(service, X, result, confidence, route, started)
+        # Serialized directly; `response_model=BatchResponse` still documents the shape in OpenAPI.
         return JSONResponse({"model_version": version, "predictions": items})
+
+    def columns_answer(body: bytes, service: ModelService) -> JSONResponse:
+        X, confidence = parse_columns(body, schemas.columns, feature_names, schemas.ranges)
+        return batch_answer(service, X, confidence, "predict_columns")
+
+    @app.post(
+        "/predict/columns",
+        responses={
+            **body_errors,
+            422: {
+                "description": "a value outside its feature's range, columns that do not name each feature once, "
+                "rows of the wrong length",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+            },
+        },
+        response_model=BatchResponse,
+        tags=["public"],
+        summary=f"Many rows in columnar form (at most {settings.max_batch_rows}): the cheapest way to send a batch.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schemas.columns.model_json_schema()}},
+            }
+        },
+    )
+    async def predict_columns(request: Request, service: Service) -> JSONResponse:
+        # The raw body, parsed by pydantic-core from bytes (app/columns.py), off the event loop.
+        return await run_in_threadpool(columns_answer, await request.body(), service)
 
     @app.get(
         "/model",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -63,7 +63,9 @@ class RequestSchemas:
     features: type[BaseModel]
     predict: type[BaseModel]
     batch: type[BaseModel]
+    columns: type[BaseModel]
     observations: type[BaseModel]
+    ranges: AcceptedRanges
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,31 @@ def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchema
         confidence=confidence_field,
     )
 
+    width = len(feature_names)
+    columns = create_model(
+        "ColumnsPredictRequest",
+        __config__=STRICT,
+        __validators__=validators,
+        columns=(
+            list[str],
+            Field(
+                min_length=width,
+                max_length=width,
+                description="every feature's name once, in the order of each row's values",
+                examples=[list(feature_names)],
+            ),
+        ),
+        rows=(
+            list[Annotated[list[float], Field(min_length=width, max_length=width)]],
+            Field(
+                min_length=1,
+                max_length=settings.max_batch_rows,
+                description=f"at most {settings.max_batch_rows} rows of {width} numbers, in the order of columns",
+            ),
+        ),
+        confidence=confidence_field,
+    )
+
     def one_source(self: Any) -> Any:
         if (self.features is None) == (self.prediction_id is None):
             raise ValueError("give exactly one of 'features' or 'prediction_id'")
@@ -173,4 +200,4 @@ def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchema
         __config__=STRICT,
         observations=(list[observation], Field(min_length=1, max_length=settings.max_observations_per_call)),
     )
-    return RequestSchemas(features, predict, batch, observations)
+    return RequestSchemas(features, predict, batch, columns, observations, ranges)
