@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_stack import BENCH_PACKAGES, CONNECTIONS, Load, publish
+from benchmarks.bench_stack import publish
+from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, Load
 from infra import images
 from infra.cluster_plan import render_node_drain
 from infra.spec import MODEL_SERVICE

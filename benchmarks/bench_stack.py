@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -33,16 +32,14 @@ from pathlib import Path
 
 import docker
 import httpx
-from docker.types import Mount
 from sklearn.datasets import load_diabetes
 
+from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load
 from infra import images, local
 from infra.spec import MODEL_PORT, MODEL_SERVICE, NETWORK, WEBSECURE_PORT
 from tests.stack_support import free_port
 
 BATCH_ROWS = 10_000
-CONNECTIONS = 8  # wrk/hey connections: 4 per replica when direct
-BENCH_PACKAGES = ("wrk", "hey")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
@@ -52,91 +49,6 @@ def publish(table: str, *, write: bool) -> None:
     if write:
         DOCS.write_text(DOCS.read_text().rstrip("\n") + "\n\n" + table)
         print(f"added to {DOCS}")
-
-
-def features() -> dict[str, float]:
-    data = load_diabetes()
-    return dict(zip(data.feature_names, data.data[7].tolist(), strict=True))
-
-
-class Load:
-    """wrk and hey in a throwaway container on the overlay network, with the request body in a mounted file."""
-
-    def __init__(
-        self,
-        client: docker.DockerClient,
-        image: str,
-        workdir: Path,
-        network: str = NETWORK,
-        hosts: dict[str, str] | None = None,
-    ) -> None:
-        """``network``: where the load container runs; ``hosts``: names it resolves to given addresses."""
-        self.client, self.image, self.workdir = client, image, workdir
-        self.network, self.hosts = network, hosts or {}
-        body = json.dumps({"features": features()})
-        (workdir / "body.json").write_text(body)
-        (workdir / "post.lua").write_text(
-            f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n'
-        )
-
-    def run(self, script: str) -> str:
-        return self.client.containers.run(
-            self.image,
-            ["sh", "-c", script],
-            network=self.network,
-            extra_hosts=self.hosts,
-            mounts=[Mount(target="/bench", source=str(self.workdir), type="bind", read_only=True)],
-            stderr=True,  # wrk's and hey's errors (a refused connection, a TLS failure) say why a report is missing
-            remove=True,
-        ).decode()
-
-    def wrk(self, urls: list[str], seconds: float, *, post: bool) -> tuple[float, dict[str, float]]:
-        """Requests/s summed over one wrk per URL (the connections split between them), and the first's latency
-        percentiles (ms)."""
-        per_url = max(1, CONNECTIONS // len(urls))
-        script = " & ".join(
-            f"wrk -t1 -c{per_url} -d{seconds:.0f}s --latency {'-s /bench/post.lua ' if post else ''}{url} "
-            f"> /tmp/wrk{index}.txt"
-            for index, url in enumerate(urls)
-        )
-        output = self.run(f"{script} & wait; for f in /tmp/wrk*.txt; do cat $f; echo ===; done")
-        if "Requests/sec" not in output:
-            output += self.run(f"wrk -t1 -c1 -d1s {urls[0]} 2>&1 | tail -5")  # one short run, to show the error
-        reports = [part for part in output.split("===") if "Requests/sec" in part]
-        if len(reports) != len(urls):
-            raise SystemExit(f"wrk did not report for every URL:\n{output}")
-        for report in reports:
-            errors = re.search(r"Non-2xx or 3xx responses: (\d+)", report)
-            if errors or "Socket errors" in report:
-                raise SystemExit(f"wrk saw failed requests:\n{report}")
-        rate = sum(float(re.search(r"Requests/sec:\s+([\d.]+)", report).group(1)) for report in reports)
-        return rate, _wrk_percentiles(reports[0])
-
-    def hey(self, url: str, host: str, seconds: float, rate: float) -> dict[str, float]:
-        """A fixed request rate (hey's per-worker limit times workers) for ``seconds``: latency percentiles (ms).
-        ``host``: the Host header, which hey also sends as SNI (the URL's would carry the port)."""
-        per_worker = max(1.0, rate / CONNECTIONS)
-        output = self.run(
-            f"hey -z {seconds:.0f}s -c {CONNECTIONS} -q {per_worker:.1f} -m POST -T application/json "
-            f"-D /bench/body.json -host {host} {url}"
-        )
-        statuses = re.findall(r"\[(\d{3})\]\s+(\d+) responses", output)
-        if not statuses or any(code != "200" for code, _ in statuses):
-            raise SystemExit(f"hey saw answers other than 200:\n{output}")
-        found = dict(re.findall(r"\s(\d+)%+ in ([\d.]+) secs", output))
-        return {
-            "p50": float(found["50"]) * 1000,
-            "p99": float(found["99"]) * 1000,
-            "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
-        }
-
-
-def _wrk_percentiles(report: str) -> dict[str, float]:
-    units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    found = {}
-    for percent, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", report, re.M):
-        found[f"p{percent}"] = float(value) * units[unit]
-    return found
 
 
 def task_addresses(client: docker.DockerClient) -> list[str]:
@@ -205,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             edge = f"https://{domain}:{WEBSECURE_PORT}"
             replicas = [f"http://{ip}:{MODEL_PORT}" for ip in task_addresses(client)]
             load.wrk([f"{edge}/predict"], 3, post=True)  # warm up both paths and the connection pools
-            proxied, proxied_latency = load.wrk([f"{edge}/predict"], args.seconds, post=True)
-            direct, _ = load.wrk([f"{r}/predict" for r in replicas], args.seconds, post=True)
+            meter = CpuMeter(client, load)
+            proxied, proxied_latency, proxied_cpu = meter.measure(
+                lambda: load.wrk([f"{edge}/predict"], args.seconds, post=True), args.seconds
+            )
+            direct, _, direct_cpu = meter.measure(
+                lambda: load.wrk([f"{r}/predict" for r in replicas], args.seconds, post=True), args.seconds
+            )
             trivial, _ = load.wrk([f"{r}/health" for r in replicas], args.seconds, post=False)
             steady = load.hey(f"{edge}/predict", domain, args.seconds, proxied / 2)
 
@@ -274,8 +191,32 @@ def main(argv: list[str] | None = None) -> int:
         f"| {key} | {what} | {value} | {'' if ratio is None else f'{ratio:.2f}'} | {goal} |\n"
         for key, what, value, ratio, goal in rows
     )
+    table += cpu_table(proxied_cpu, direct_cpu)
     publish(table, write=args.write)
     return 0
+
+
+def cpu_table(proxied: dict[str, float], direct: dict[str, float]) -> str:
+    """Where a request's CPU goes on each path of (a), and the ratio the machine's cores allow: with every core busy,
+    req/s is cores ÷ CPU per request, so the proxied path can reach at most direct's CPU ÷ its own."""
+    parts = (
+        ("traefik", "Traefik (TLS, routing, middlewares, access log, proxying)"),
+        ("replicas", "model replicas (uvicorn + the app)"),
+        ("load", "load generator (wrk; a TLS client on the proxied path)"),
+        ("rest", "the rest: dockerd, the kernel's network path, other processes"),
+    )
+    lines = "".join(f"| {label} | {proxied[key]:,.0f} | {direct[key]:,.0f} |\n" for key, label in parts)
+    total_proxied, total_direct = sum(proxied.values()), sum(direct.values())
+    # In production the clients are elsewhere: what the server's own cores allow leaves the load generator out.
+    server_proxied, server_direct = total_proxied - proxied["load"], total_direct - direct["load"]
+    return (
+        "\nCPU per request in (a), µs (cgroup counters and /proc/stat over each phase):\n\n"
+        "| part | through Traefik | direct |\n|---|---|---|\n"
+        f"{lines}| **total** | **{total_proxied:,.0f}** | **{total_direct:,.0f}** |\n\n"
+        f"Bound on (a) when the cores are the limit: {total_direct:,.0f} ÷ {total_proxied:,.0f} = "
+        f"{total_direct / total_proxied:.2f}; on a server whose clients are elsewhere (without the load generator): "
+        f"{server_direct:,.0f} ÷ {server_proxied:,.0f} = {server_direct / server_proxied:.2f}.\n"
+    )
 
 
 if __name__ == "__main__":
