@@ -139,3 +139,19 @@ def test_a_cancelled_request_does_not_disturb_the_others() -> None:
 
     first, second = asyncio.run(run())
     assert isinstance(first, asyncio.CancelledError) and second == 4
+
+
+def test_start_up_freezes_its_long_lived_objects_out_of_the_collector(tmp_path: Path) -> None:
+    """A full collection over start-up's objects stalls requests for ~100 ms (docs/benchmarks.md, g)."""
+    import gc
+
+    gc.unfreeze()
+    app = create_app(Settings(data_dir=tmp_path, holdout_seed=42))
+
+    async def run() -> int:
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count()
+
+    frozen = asyncio.run(run())
+    gc.unfreeze()  # the rest of the test session collects as usual
+    assert frozen > 50_000  # scikit-learn, SciPy and the model: about 160k objects
