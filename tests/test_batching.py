@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -16,6 +18,17 @@ from app.settings import Settings
 from tests.conftest import FEATURES
 
 REQUESTS = 48
+T = TypeVar("T")
+
+
+def run_in_own_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Like asyncio.run, without leaving the main thread with no current event loop (asyncio.run sets it to None,
+    and later code that asks for the current loop, as Pulumi's mocks do, then fails)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
 
 
 def coalesced(metrics_text: str) -> tuple[float, float]:
@@ -53,7 +66,7 @@ def test_concurrent_predictions_share_model_calls_and_equal_the_record_path(tmp_
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
         return [a.json() for a in answers], by_record_path, coalesced(metrics)
 
-    singles, batches, (calls, coalesced_rows) = asyncio.run(run())
+    singles, batches, (calls, coalesced_rows) = run_in_own_loop(run())
     assert coalesced_rows == REQUESTS
     assert calls <= 4, f"{REQUESTS} concurrent requests took {calls:g} model calls"  # one per confidence, ideally
     assert len({s["prediction_id"] for s in singles}) == REQUESTS
@@ -94,7 +107,7 @@ def gather(coalescer: MicroBatcher, values: list[tuple[float, float]]) -> list[o
     async def run() -> list[object]:
         return await asyncio.gather(*(coalescer.predict(np.array([[v]]), c) for v, c in values), return_exceptions=True)
 
-    return asyncio.run(run())
+    return run_in_own_loop(run())
 
 
 def test_rows_of_other_confidences_go_into_their_own_calls_in_order() -> None:
@@ -137,7 +150,7 @@ def test_a_cancelled_request_does_not_disturb_the_others() -> None:
         first.cancel()
         return await asyncio.gather(first, second, return_exceptions=True)
 
-    first, second = asyncio.run(run())
+    first, second = run_in_own_loop(run())
     assert isinstance(first, asyncio.CancelledError) and second == 4
 
 
@@ -152,6 +165,6 @@ def test_start_up_freezes_its_long_lived_objects_out_of_the_collector(tmp_path: 
         async with app.router.lifespan_context(app):
             return gc.get_freeze_count()
 
-    frozen = asyncio.run(run())
+    frozen = run_in_own_loop(run())
     gc.unfreeze()  # the rest of the test session collects as usual
     assert frozen > 50_000  # scikit-learn, SciPy and the model: about 160k objects
