@@ -1,0 +1,66 @@
+"""The private /admin routes: retrain, versions, rollback, drift."""
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+
+from app.registry import RegistryError, RetrainBusy
+from app.routes.common import (
+    Service,
+    require_admin,
+)
+from app.schemas import RollbackRequest
+from app.service import NotReady
+
+log = logging.getLogger(__name__)
+
+
+def admin_router() -> APIRouter:
+    """Never routed by the public proxy, and guarded by a token anyway."""
+    router = APIRouter()
+
+    admin = [Depends(require_admin)]
+
+    @router.post("/admin/retrain", tags=["admin"], dependencies=admin, summary="Retrain now; promote only if better.")
+    def retrain(service: Service) -> dict[str, Any]:
+        try:
+            return service.retrain().__dict__
+        except RetrainBusy as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+    @router.get("/admin/versions", tags=["admin"], dependencies=admin, summary="All versions and the current one.")
+    def versions(service: Service) -> dict[str, Any]:
+        current = service.current.metadata.version if service.current else None
+        return {
+            "current": current,
+            "versions": [
+                m.model_dump(
+                    include={"version", "parent", "created_at", "data_fingerprint", "metrics", "n_observations"}
+                )
+                for m in service.registry.list()
+            ],
+            "history": service.history(),
+        }
+
+    @router.post("/admin/rollback", tags=["admin"], dependencies=admin, summary="Serve an earlier version.")
+    def rollback(body: RollbackRequest, service: Service) -> dict[str, str]:
+        try:
+            predictor = service.rollback(body.version)
+        except RegistryError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"rollback refused, current model kept: {exc}") from exc
+        return {"current": predictor.metadata.version}
+
+    @router.get(
+        "/admin/drift",
+        tags=["admin"],
+        dependencies=admin,
+        summary="Population stability index per feature: recent predictions vs training data.",
+    )
+    def drift(service: Service, window: Annotated[int, Query(ge=10, le=100_000)] = 1000) -> dict[str, Any]:
+        try:
+            return service.drift(window)
+        except NotReady as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+
+    return router

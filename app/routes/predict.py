@@ -1,0 +1,154 @@
+"""Predictions: one record (coalesced with concurrent ones), a batch of records, a batch of columns."""
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.columns import parse_columns
+from app.limits import MAX_ERRORS
+from app.predlog import PredictionRecord
+from app.routes.common import (
+    Service,
+    body_errors,
+    rows_of,
+)
+from app.schemas import BatchResponse, PredictResponse, RequestSchemas
+from app.service import ModelService, NotReady, Prediction
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def not_ready(exc: NotReady) -> HTTPException:
+    log.warning("prediction refused, model not ready: %s", exc)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model not ready")
+
+
+def answer(
+    service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
+) -> tuple[str, list[dict[str, Any]]]:
+    """The response items for a prediction, with the rows logged and counted."""
+    finite = np.isfinite(result.points) & np.isfinite(result.lower) & np.isfinite(result.upper)
+    if not finite.all():  # inside the accepted ranges this should not happen; never answer null or 500
+        bad = np.flatnonzero(~finite)[:MAX_ERRORS].tolist()
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ["body", i], "msg": "these inputs give no finite prediction"} for i in bad]
+        )
+    latency_ms = (time.perf_counter() - started) * 1000 / len(X)
+    now = time.time()
+    # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
+    # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
+    points, lower, upper = result.points.tolist(), result.lower.tolist(), result.upper.tolist()
+    rows = X.tolist()
+    items: list[dict[str, Any]] = []
+    records: list[PredictionRecord] = []
+    for i, reasons in enumerate(result.ood):
+        prediction_id = uuid.uuid4().hex
+        flagged = [reason.__dict__ for reason in reasons]
+        items.append(
+            {
+                "prediction_id": prediction_id,
+                "prediction": points[i],
+                "interval": {"lower": lower[i], "upper": upper[i], "confidence": confidence},
+                "out_of_distribution": {"flag": bool(flagged), "reasons": flagged},
+            }
+        )
+        records.append(
+            PredictionRecord(
+                prediction_id,
+                now,
+                result.version,
+                rows[i],
+                points[i],
+                lower[i],
+                upper[i],
+                confidence,
+                bool(flagged),
+                latency_ms,
+            )
+        )
+    service.prediction_log.record(records)
+    service.metrics.predictions.labels(route).inc(len(X))
+    flagged = sum(1 for reasons in result.ood if reasons)
+    if flagged:
+        service.metrics.ood.inc(flagged)
+    return result.version, items
+
+
+def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route: str) -> JSONResponse:
+    started = time.perf_counter()
+    try:
+        result = service.predict(X, confidence)
+    except NotReady as exc:
+        raise not_ready(exc) from exc
+    version, items = answer(service, X, result, confidence, route, started)
+    # Serialized directly; `response_model=BatchResponse` still documents the shape in OpenAPI.
+    return JSONResponse({"model_version": version, "predictions": items})
+
+
+def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: tuple[str, ...]) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/predict",
+        responses=body_errors(settings),
+        response_model=PredictResponse,
+        tags=["public"],
+        summary="One record → prediction, interval at the requested confidence, out-of-distribution flag.",
+    )
+    async def predict(body: schemas.predict, request: Request, service: Service) -> JSONResponse:  # type: ignore[valid-type]
+        # On the event loop: the request's own work is small, and a thread hop per request cost more than it did.
+        X, started = rows_of([body.features], feature_names), time.perf_counter()
+        try:
+            result = await request.app.state.coalesce.predict(X, body.confidence)
+        except NotReady as exc:
+            raise not_ready(exc) from exc
+        version, items = answer(service, X, result, body.confidence, "predict", started)
+        return JSONResponse({"model_version": version, **items[0]})  # the shape of PredictResponse, unvalidated
+
+    @router.post(
+        "/predict/batch",
+        responses=body_errors(settings),
+        response_model=BatchResponse,
+        tags=["public"],
+        summary=f"Many records in one call (at most {settings.max_batch_rows}).",
+    )
+    def predict_batch(body: schemas.batch, service: Service) -> JSONResponse:  # type: ignore[valid-type]
+        return batch_answer(service, rows_of(body.records, feature_names), body.confidence, "predict_batch")
+
+    def columns_answer(body: bytes, service: ModelService) -> JSONResponse:
+        X, confidence = parse_columns(body, schemas.columns, feature_names, schemas.ranges)
+        return batch_answer(service, X, confidence, "predict_columns")
+
+    @router.post(
+        "/predict/columns",
+        responses={
+            **body_errors(settings),
+            422: {
+                "description": "a value outside its feature's range, columns that do not name each feature once, "
+                "rows of the wrong length",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+            },
+        },
+        response_model=BatchResponse,
+        tags=["public"],
+        summary=f"Many rows in columnar form (at most {settings.max_batch_rows}): the cheapest way to send a batch.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schemas.columns.model_json_schema()}},
+            }
+        },
+    )
+    async def predict_columns(request: Request, service: Service) -> JSONResponse:
+        # The raw body, parsed by pydantic-core from bytes (app/columns.py), off the event loop.
+        return await run_in_threadpool(columns_answer, await request.body(), service)
+
+    return router
