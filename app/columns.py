@@ -47,9 +47,9 @@ def parse_columns(
                 }
             ]
         )
-    given = np.array(request.rows, dtype=np.float64)  # type: ignore[attr-defined]
-    X = given[:, [columns.index(name) for name in feature_names]]
-    errors = out_of_range(X, feature_names, ranges, [columns.index(name) for name in feature_names])
+    request_columns = [columns.index(name) for name in feature_names]  # where each feature is in a row as sent
+    X = np.array(request.rows, dtype=np.float64)[:, request_columns]  # type: ignore[attr-defined]
+    errors = out_of_range(X, feature_names, ranges, request_columns)
     if errors:
         raise RequestValidationError(errors)
     return X, request.confidence  # type: ignore[attr-defined]
@@ -60,8 +60,7 @@ def out_of_range(
 ) -> list[dict[str, Any]]:
     """Errors for values outside their feature's accepted range, as the record form words them: the first
     MAX_ERRORS by row then column (as the request orders them), and how many more there are."""
-    low = np.array([bounds.low for bounds in ranges.features])
-    high = np.array([bounds.high for bounds in ranges.features])
+    low, high = ranges.feature_limits()
     too_low, too_high = values < low, values > high
     rows, features = np.nonzero(too_low | too_high)
     order = np.lexsort((np.array(request_columns)[features], rows)) if len(rows) else []

@@ -94,10 +94,13 @@ class AcceptedRanges:
         features = tuple(accepted_bounds(dataset.X[:, i], multiple) for i in range(dataset.X.shape[1]))
         return cls(features, accepted_bounds(dataset.y, multiple))
 
+    def feature_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each feature's lowest and highest accepted value, as arrays in feature order."""
+        return np.array([bounds.low for bounds in self.features]), np.array([bounds.high for bounds in self.features])
+
     def admits(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per row: finite, and every feature and the target within range."""
-        low = np.array([bounds.low for bounds in self.features])
-        high = np.array([bounds.high for bounds in self.features])
+        low, high = self.feature_limits()
         rows = np.isfinite(X).all(axis=1) & ((low <= X) & (high >= X)).all(axis=1)
         return rows & np.isfinite(y) & (y >= self.target.low) & (y <= self.target.high)
 
