@@ -103,19 +103,24 @@ def backup_script(data_root: str, settings: BackupSettings, hints: Hints = Hints
 STAGE={STAGE}
 exec 9>/run/mlapi-backup.lock
 flock -n 9 || fail "another backup is running"
-status() {{  # $1 = success | failure; the service reads this file for its backup gauges
-  python3 - "$STATUS" "$1" "${{2:-0}}" <<'PY'
-import json, os, sys, time
+# $1 = success | failure; the service reads this file for its backup gauges. As the model's user, never root: the
+# directory is the replicas', so a link planted there must reach nothing root could (e.g. this job's env file).
+status() {{
+  setpriv --reuid={MODEL_UID} --regid={MODEL_UID} --clear-groups python3 - "$STATUS" "$1" "${{2:-0}}" <<'PY'
+import json, os, sys, tempfile, time
 path, outcome, snapshots = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:
-    state = json.load(open(path))
+    with open(path, opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW)) as handle:
+        state = json.load(handle)
+    if not isinstance(state, dict):
+        state = {{}}
 except (OSError, ValueError):
     state = {{}}
 state[f"last_{{outcome}}_unixtime"] = time.time()
 if outcome == "success":
     state["snapshots"] = snapshots
-tmp = path + ".tmp"
-with open(tmp, "w") as handle:
+descriptor, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))  # O_EXCL
+with os.fdopen(descriptor, "w") as handle:
     json.dump(state, handle)
 os.chmod(tmp, 0o644)
 os.replace(tmp, path)
@@ -251,8 +256,10 @@ done
 # A snapshot from before Traefik ran as its own user holds root's certificate store: Traefik could not read it.
 chown -R {TRAEFIK_UID}:{TRAEFIK_UID} "$DATA/traefik"
 # The backup status describes the repository, not the snapshot: keep the gauges' history.
+# As the model's user, links not followed: both directories hold what the replicas wrote.
 if [ -f "$DATA/model.before-restore-$stamp/{STATUS_FILE}" ]; then
-  cp -p "$DATA/model.before-restore-$stamp/{STATUS_FILE}" "$DATA/model/"
+  setpriv --reuid={MODEL_UID} --regid={MODEL_UID} --clear-groups cp -P -p --remove-destination \
+    "$DATA/model.before-restore-$stamp/{STATUS_FILE}" "$DATA/model/" || say "the backup status was not carried over"
 fi
 # The local stack's extra files (the CA root its certificates chain to), for a caller that names a place for them.
 if [ -d "$restored/local" ] && [ -n "${{RESTORE_EXTRA_TARGET:-}}" ]; then

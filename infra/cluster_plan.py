@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from infra.deploy import FirewallRule
+from infra.host_setup import as_owner, refuse_link
 from infra.spec import MODEL_SERVICE, MODEL_UID, NODE_LABEL, SEED_MARKER, SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR
 
 PRIVATE_NETWORK = "10.44.0.0/16"
@@ -97,7 +98,8 @@ def render_swarm_address(target: SwarmAddress, seed_marker: str | None = None) -
     ``seed_marker``: a file put in the model directory on the data volume: the replicas that see it (this node's)
     seed the shared registry, importing this node's models (app/service.py)."""
     marker = (
-        f"touch {shlex.quote(seed_marker)} && chown {MODEL_UID}:{MODEL_UID} {shlex.quote(seed_marker)}\n"
+        # The model's directory is the replicas': never written by root, and a link there is refused.
+        refuse_link(seed_marker) + "\n" + as_owner(MODEL_UID, f"touch {shlex.quote(seed_marker)}") + "\n"
         if seed_marker
         else ""
     )

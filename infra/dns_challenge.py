@@ -8,11 +8,11 @@ its permission groups API; fixed here so that a preview needs no API call.
 from __future__ import annotations
 
 import json
-import shlex
 
 import pulumi
 import pulumi_cloudflare as cloudflare
 
+from infra.host_setup import write_as_owner
 from infra.spec import DNS_TOKEN_FILE, TRAEFIK_UID
 
 # On the DNS records when certificates use DNS-01: the policy pack (policy/rules.py) then allows them proxied.
@@ -45,13 +45,13 @@ def scoped_token(name: str, zone_id: str, domain: str, opts: pulumi.ResourceOpti
 
 
 def install_token_command(data_root: str) -> str:
-    """Reads the token from stdin into Traefik's directory: written beside, owned by Traefik's user, 0400, renamed."""
-    path = shlex.quote(f"{data_root.rstrip('/')}/traefik/{DNS_TOKEN_FILE}")
-    owner = f"{TRAEFIK_UID}:{TRAEFIK_UID}"
+    """Reads the token from stdin into Traefik's directory, written as Traefik's user (0400): the directory is
+    Traefik's, so root writing there could be led by a link to any file on the host."""
+    path = f"{data_root.rstrip('/')}/traefik/{DNS_TOKEN_FILE}"
     return (
-        "set -eu\numask 077\n"
-        f"cat > {path}.new\n"
-        f"test -s {path}.new || {{ echo 'the DNS challenge token is empty' >&2; exit 1; }}\n"
-        f"chown {owner} {path}.new && chmod 0400 {path}.new && mv {path}.new {path}\n"
+        "set -eu\n"
+        "token=$(cat)\n"
+        "[ -n \"$token\" ] || { echo 'the DNS challenge token is empty' >&2; exit 1; }\n"
+        f'printf %s "$token" | {write_as_owner(path, TRAEFIK_UID, "0400")}\n'
         "echo dns token installed\n"
     )

@@ -75,24 +75,42 @@ def host_files(spec: StackSpec) -> tuple[HostFile, ...]:
     )
 
 
+def as_owner(uid: int, command: str) -> str:
+    """``command`` run as ``uid`` with no groups. In a directory a container owns, root never writes, renames or
+    changes modes itself: a link planted there then reaches only what that uid could already touch."""
+    return command if uid == 0 else f"setpriv --reuid={uid} --regid={uid} --clear-groups {command}"
+
+
+def write_as_owner(path: str, uid: int, mode: str) -> str:
+    """A command that writes its stdin to ``path`` whole, as ``uid``: beside the target, then renamed over it, so a
+    reader (Traefik watches its directory, cron its files) never sees half a file."""
+    script = 'umask 077; rm -f "$1.new" && cat > "$1.new" && chmod "$2" "$1.new" && mv -fT "$1.new" "$1"'
+    return as_owner(uid, f"sh -c {shlex.quote(script)} sh {shlex.quote(path)} {mode}")
+
+
+def refuse_link(path: str) -> str:
+    """Fail the step, naming the path, where a directory root is about to manage has been replaced by a link."""
+    quoted = shlex.quote(path)
+    message = shlex.quote(f"{path} is a symbolic link; refusing to follow it (remove it, then deploy again)")
+    return f"if [ -L {quoted} ]; then echo {message} >&2; exit 1; fi"
+
+
 def layout_script(spec: StackSpec) -> str:
-    """The data directories with their owners and modes, and the generated configuration files (idempotent)."""
+    """The data directories with their owners and modes, and the generated configuration files (idempotent).
+    ``chown -h`` never follows a link; modes and files are set as the directory's owner (``as_owner``)."""
     lines = []
     for directory in spec.host_directories:
         path = shlex.quote(directory.path)
         owner = f"{directory.owner_uid}:{directory.owner_uid}"
         lines += [
+            refuse_link(directory.path),
             f"mkdir -p {path}",
-            f"chown {'-R ' if directory.recursive else ''}{owner} {path}",
-            f"chmod {directory.mode} {path}",
+            f"chown -h {'-R ' if directory.recursive else ''}{owner} {path}",
+            as_owner(directory.owner_uid, f"chmod {directory.mode} {path}"),
         ]
-    for item in spec.config_files:  # written whole, then renamed: Traefik watches its directory
+    for item in spec.config_files:
         blob = base64.b64encode(item.content.encode()).decode()
-        target = shlex.quote(item.path)
-        lines.append(
-            f"echo {blob} | base64 -d > {target}.new && chown {item.owner_uid}:{item.owner_uid} {target}.new "
-            f"&& chmod {item.mode} {target}.new && mv {target}.new {target}"
-        )
+        lines.append(f"echo {blob} | base64 -d | {write_as_owner(item.path, item.owner_uid, item.mode)}")
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +38,22 @@ def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session; each test that uses it gets its own database."""
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture
+def host_root() -> Iterator[Path]:
+    """A directory as root holds one on the VM (0755): the containers' uids can traverse it, which pytest's tmp_path
+    (0700) does not allow. For tests that run host scripts as root; CI runs as root, elsewhere they skip."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: this test must run there")
+        pytest.skip("needs root (chown and setpriv, as the deploy step on the VM)")
+    base = Path(tempfile.mkdtemp(prefix="mlapi-host-"))
+    try:
+        base.chmod(0o755)
+        yield base
+    finally:
+        shutil.rmtree(base)
 
 
 @pytest.fixture

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from docker.types import Mount
 
 from infra import local, local_backup, local_cli
 from infra.backup import ENV_FILE, STATUS_FILE, environment_lines, restore_script
+from infra.spec import MODEL_UID
 from tests.conftest import record
 from tests.stack_support import TIMINGS, docker_engine, free_port, https, pin_holdout_seed, wait_until
 from tests.test_stack import app_command, pebble_orders, promote, tasks
@@ -167,6 +170,34 @@ def test_an_unreachable_repository_fails_clearly_and_changes_nothing(stack: loca
         local_backup.restore(client, nowhere, stack.options.data_root, stack.options.state_dir)
     assert data_fingerprint(stack) == before
     wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 120, "the stack serving again after the failure")
+
+
+def test_a_link_planted_in_the_model_directory_leads_the_root_backup_job_nowhere(stack: local.LocalStack) -> None:
+    """The replicas own the model directory. The root backup job once wrote its status through a planted
+    `backup-status.json.tmp` into whatever it named (the root-sourced env file: root on the host). Now the status is
+    written as the model's user, to a fresh name: the link's target stays as it was, on success and on failure."""
+    model = stack.options.data_root / "model"
+    victim = stack.options.data_root / "root-only-file"  # root's, as /etc/mlapi/backup/env is on the VM
+    victim.write_text("RESTIC_PASSWORD=kept\n")
+    victim.chmod(0o600)
+    link = model / f"{STATUS_FILE}.tmp"
+    link.symlink_to(victim)
+    os.chown(link, MODEL_UID, MODEL_UID, follow_symlinks=False)
+    client = docker_engine()
+    nowhere = backups(stack, repository=f"rest:http://127.0.0.1:{free_port()}/")
+    try:
+        with pytest.raises(local_backup.LocalBackupError, match="cannot reach the restic repository"):
+            local_backup.backup(client, nowhere, stack.options.data_root, stack.options.state_dir)  # the EXIT trap
+        assert local_cli.backup_or_restore(stack.options, "backup") == 0
+        assert victim.read_text() == "RESTIC_PASSWORD=kept\n"
+        info = victim.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
+        status = json.loads((model / STATUS_FILE).read_text())
+        assert status["last_success_unixtime"] > status["last_failure_unixtime"] > 0
+        assert (model / STATUS_FILE).stat().st_uid == MODEL_UID
+    finally:
+        link.unlink()
+        victim.unlink()
 
 
 def test_a_full_disk_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
