@@ -6,7 +6,7 @@ whose stdout is a host key. Tests may pass other configs to prove the program do
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import os
 import runpy
 from dataclasses import dataclass, field
@@ -19,7 +19,6 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 MAIN = PROJECT_DIR / "__main__.py"
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMockServer0000000000000"
 HOST_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nbW9jayBob3N0IGtleQ==\n-----END OPENSSH PRIVATE KEY-----\n"
-ADMIN_TOKEN = "MockAdminToken0123456789abcdefghijklmnopqrstuvwx"
 CLOUDFLARE_TOKEN = "MockScopedCloudflareToken0123456789abcdef"
 LOAD_BALANCER_IPS = ("203.0.113.250", "2001:db8::250")
 
@@ -43,6 +42,12 @@ class Recorded:
     wire: dict[str, Any] = field(default_factory=dict)  # the inputs as sent, secrets still marked
 
 
+def mock_secret(name: str) -> str:
+    """What the mocks give a generated secret (RandomPassword) named ``name``: distinct per resource and recognisable,
+    so a test can tell the admin token from the ingest token and find either wherever it leaks."""
+    return f"MockSecret{hashlib.sha256(name.encode()).hexdigest()[:24]}{''.join(c for c in name if c.isalnum())}"
+
+
 def plaintext_strings(value: Any) -> list[str]:
     """Every string in wire-form inputs that is not inside a secret marker: what a state file or preview shows."""
     if isinstance(value, dict):
@@ -62,6 +67,15 @@ class Deployment:
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.typ == typ]
+
+    def secret_of(self, name_suffix: str) -> str:
+        """The generated value of the one RandomPassword named *``name_suffix``."""
+        return mock_secret(self.one("random:index/randomPassword:RandomPassword", name_suffix).name)
+
+    def generated_secrets(self) -> list[str]:
+        values = [mock_secret(r.name) for r in self.of_type("random:index/randomPassword:RandomPassword")]
+        assert len(set(values)) == len(values), "every generated secret is distinct"
+        return values
 
     def one(self, typ: str, name_suffix: str = "") -> Recorded:
         found = [r for r in self.of_type(typ) if r.name.endswith(name_suffix)]
@@ -91,12 +105,14 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.deployment = deployment
         self.preview = preview
         self.invokes = invokes or {}
-        self.ids = itertools.count(first_id)
+        self.first_id = first_id
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
         state = dict(args.inputs)
-        # hcloud ids are numbers on the wire; others are opaque strings.
-        resource_id = str(next(self.ids)) if args.typ.startswith("hcloud:") else f"{args.name}-id"
+        # hcloud ids are numbers on the wire; others are opaque strings. A function of the resource, not of the order
+        # in which resources register (that order is asynchronous, and ids drawn from a counter made runs differ).
+        digest = int(hashlib.sha256(f"{args.typ}/{args.name}".encode()).hexdigest()[:8], 16)
+        resource_id = str(self.first_id + digest % 900_000) if args.typ.startswith("hcloud:") else f"{args.name}-id"
         self.deployment.resources.append(
             Recorded(args.typ, args.name, unwrap(dict(args.inputs)), args.provider, resource_id, wire=dict(args.inputs))
         )
@@ -117,7 +133,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "tls:index/privateKey:PrivateKey":
             state.update(privateKeyOpenssh=HOST_PRIVATE_KEY, publicKeyOpenssh=HOST_KEY + "\n")
         if args.typ == "random:index/randomPassword:RandomPassword":
-            state["result"] = ADMIN_TOKEN
+            state["result"] = mock_secret(args.name)
         if args.typ == "docker:index/remoteImage:RemoteImage":
             state["imageId"] = "sha256:" + "ab" * 32
         if args.typ == "docker:index/image:Image":

@@ -15,7 +15,6 @@ from infra.cloud_init import READINESS_COMMAND
 from infra.host import md5_fingerprint
 from infra.spec import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING, TRAEFIK_VERSION, go_duration
 from tests.pulumi_harness import (
-    ADMIN_TOKEN,
     HOST_KEY,
     HOST_PRIVATE_KEY,
     PROJECT_DIR,
@@ -103,7 +102,7 @@ def test_server_inputs_and_user_data(deployment: Deployment) -> None:
 
 def test_user_data_holds_no_secret_but_the_host_key(deployment: Deployment) -> None:
     user_data = deployment.one(SERVER).inputs["userData"]
-    assert ADMIN_TOKEN not in user_data
+    assert all(secret not in user_data for secret in deployment.generated_secrets())
     without_host_key = user_data.replace(HOST_PRIVATE_KEY.replace("\n", "\n    ").strip(), "")
     for word in ("token", "-----begin", "secret", "mlapi_admin"):
         assert word not in without_host_key.lower()
@@ -302,10 +301,14 @@ def test_model_service(deployment: Deployment) -> None:
         }
         for kind in ("admin", "ingest")
     ]
+    tokens = {kind: deployment.secret_of(f"{kind}-token") for kind in ("admin", "ingest")}
+    assert tokens["admin"] != tokens["ingest"]
     for kind, secret in secrets.items():
-        assert secret.inputs["name"].startswith(f"mlapi-{kind}-token-") and ADMIN_TOKEN not in secret.inputs["name"]
-        assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == ADMIN_TOKEN  # the mock's random value
-    assert deployment.exports["ingestToken"] == ADMIN_TOKEN  # for whoever sends ground truth (a secret output)
+        assert secret.inputs["name"].startswith(f"mlapi-{kind}-token-") and tokens[kind] not in secret.inputs["name"]
+        assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == tokens[kind]  # each its own value
+    # For whoever sends ground truth (a secret output): the ingest token, never the admin token.
+    assert deployment.exports["ingestToken"] == tokens["ingest"]
+    assert tokens["admin"] not in repr(deployment.exports)
     assert inputs["taskSpec"]["restartPolicy"]["condition"] == "any"
     assert inputs["taskSpec"]["networksAdvanceds"] == [
         {"id": deployment.one("docker:index/network:Network", "dev-network").id}
@@ -463,7 +466,7 @@ def test_exports(deployment: Deployment) -> None:
         "ipv6": deployment.exports["ipv6"],
         "sshCommand": f"ssh root@{ip}",
         "serverId": deployment.exports["serverId"],
-        "ingestToken": ADMIN_TOKEN,  # the mock's random value; a secret output
+        "ingestToken": deployment.secret_of("ingest-token"),  # a secret output; never the admin token
     }
     assert int(deployment.exports["serverId"]) > 0 and ip.startswith("203.0.113.")
 
@@ -766,7 +769,7 @@ def test_every_secret_is_marked_secret_on_the_wire() -> None:
         "s3cr3t-value",
         "YmFja3VwIGtleQ==",  # the backup key's body, also inside the base64 bundle
         base64.b64encode(BACKUP_KEY.encode()).decode()[:40],
-        ADMIN_TOKEN,
+        *on.generated_secrets(),  # the admin and ingest tokens
         "bW9jayBob3N0IGtleQ==",  # the host's private key
     ]
     for resource in on.resources:
