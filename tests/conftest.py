@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,6 +39,35 @@ def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session; each test that uses it gets its own database."""
     with postgres_server() as server:
         yield server
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def places_tests_must_not_write() -> set[str]:
+    """What a test that writes outside its temporary directories leaves behind: new entries at the filesystem root or
+    in the home directory, and files in the project that git neither tracks nor ignores (state belongs in .local/)."""
+    found = {f"/{entry.name}" for entry in Path("/").iterdir()} | {str(entry) for entry in Path.home().iterdir()}
+    untracked = subprocess.run(
+        ["git", "-C", str(PROJECT_DIR), "ls-files", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found | {f"{PROJECT_DIR}/{name}" for name in untracked.stdout.splitlines()}
+
+
+# Taken when pytest loads this file: before any test module is imported (an import can start an app, as the fuzz's
+# schema loading once did).
+BEFORE_ANY_TEST = places_tests_must_not_write()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_outside_temporary_directories() -> Iterator[None]:
+    before = BEFORE_ANY_TEST
+    yield
+    written = sorted(places_tests_must_not_write() - before)
+    assert not written, f"tests wrote outside tmp_path and the ignored state directories: {written}"
 
 
 @pytest.fixture
