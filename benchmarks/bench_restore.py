@@ -59,6 +59,8 @@ def run(stack: local.LocalStack, rows: int) -> int:
     while logged(database) < rows and time.monotonic() < deadline:
         time.sleep(0.5)
     count = logged(database)
+    if count < rows:
+        raise SystemExit(f"bench_restore: {count} of {rows} predictions reached the log within 120 s")
     size_mb = sum(p.stat().st_size for p in stack.options.data_root.rglob("*") if p.is_file()) / 1e6
 
     client = local.engine()
@@ -94,11 +96,13 @@ def run(stack: local.LocalStack, rows: int) -> int:
 
 
 def logged(database: Path) -> int:
+    """The rows in the prediction log. A database that cannot be read fails the benchmark, naming it: a count of 0
+    would let the restore check below pass on a log that is not there."""
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
             return db.execute("select count(*) from predictions").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    except sqlite3.Error as error:
+        raise SystemExit(f"bench_restore: cannot count the rows of {database}: {error}") from error
 
 
 if __name__ == "__main__":

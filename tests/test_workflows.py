@@ -80,10 +80,15 @@ def test_the_preview_is_safe_for_pull_requests() -> None:
 
 @pytest.mark.parametrize("checkout_in", ["preview.yml", "test.yml", "up.yml"])
 def test_checkout_never_persists_credentials(checkout_in: str) -> None:
-    for job in load(checkout_in)["jobs"].values():
-        for step in job["steps"]:
-            if step.get("uses", "").startswith("actions/checkout@"):
-                assert step["with"]["persist-credentials"] is False
+    checkouts = [
+        step
+        for job in load(checkout_in)["jobs"].values()
+        for step in job["steps"]
+        if step.get("uses", "").startswith("actions/checkout@")
+    ]
+    assert checkouts, f"{checkout_in} checks nothing out: this test would prove nothing"
+    for step in checkouts:
+        assert step["with"]["persist-credentials"] is False
 
 
 def test_up_is_opt_in_and_protected() -> None:
