@@ -56,7 +56,11 @@ frontend docker_api
   bind {PROXY_SOCKET} mode 666
   acl read_only method {methods}
   acl listed path_reg {allowed_path_regex()}
-  http-request deny deny_status 403 if !read_only || !listed
+  # The allow-list reads the raw path, the engine's router decodes it: /services/x%2Flogs is one segment here and
+  # GET /services/{{id}}/logs there. No Docker id or name needs a percent-escape (Traefik's filters are in the
+  # query string), so a path holding any is refused whole: %2F, %5C, %2E in any case, and double encodings.
+  acl escaped path_sub %
+  http-request deny deny_status 403 if !read_only || !listed || escaped
   default_backend engine
 
 backend engine

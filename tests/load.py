@@ -3,7 +3,8 @@ the stack's CA, SNI = the domain, dialing 127.0.0.1 or a test host), alternating
 outcome recorded. A failed request is anything but a 200: an error status, a reset, a timeout.
 
 Bounded twice: it stops when `stop()` is called or after ``max_seconds``, and each client sends at most
-``max_requests``.
+``max_requests``. Because it can stop by itself, "0 failed requests" proves nothing alone: `LoadReport.covers`
+checks that requests were answered before, during and after the event, and that the load had not ended early.
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ class Outcome:
 class LoadReport:
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
+    started_at: float = 0.0
+    ended_by_itself_at: float | None = None  # a client hit max_seconds or max_requests before stop()
+
+    def covers(self, began: float, converged: float) -> int:
+        """Fails unless the load saw the whole event: requests answered before ``began``, between it and
+        ``converged`` (the service whole again), and after; and no client stopped by itself before the end.
+        Returns the number of requests answered during the event."""
+        assert self.started_at and self.started_at < began, "the load started after the event"
+        assert any(o.at < began for o in self.outcomes), f"no request answered before the event: {self.summary()}"
+        during = sum(began <= o.at <= converged for o in self.outcomes)
+        assert during, f"no request answered during the event ({converged - began:.1f} s): {self.summary()}"
+        assert any(o.at > converged for o in self.outcomes), f"no request after the event: {self.summary()}"
+        ended = self.ended_by_itself_at
+        assert ended is None or ended > converged, (
+            f"the load stopped by itself {converged - ended:.1f} s before the event converged: raise max_seconds"
+        )
+        return during
 
     @property
     def failed(self) -> list[Outcome]:
@@ -89,7 +107,10 @@ class Load:
         connection: http.client.HTTPSConnection | None = None
         deadline = self._started + self.max_seconds
         for sent in range(self.max_requests):
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stop.is_set():
+                break
+            if time.monotonic() > deadline:
+                self._ended_by_itself()
                 break
             path, body = ("/predict", SINGLE) if (sent + index) % 4 else ("/predict/batch", BATCH)
             began = time.monotonic()
@@ -112,11 +133,30 @@ class Load:
                 connection = None
             with self._lock:
                 self.report.outcomes.append(outcome)
+        else:
+            self._ended_by_itself()  # max_requests sent
         if connection is not None:
             connection.close()
 
+    def _ended_by_itself(self) -> None:
+        with self._lock:
+            if self.report.ended_by_itself_at is None:
+                self.report.ended_by_itself_at = time.monotonic()
+
+    def answered_after(self, moment: float) -> int:
+        with self._lock:
+            return sum(o.at > moment for o in self.report.outcomes)
+
+    def wait_for_answers_after(self, moment: float, count: int = 20, timeout: float = 60) -> None:
+        """Polls until ``count`` requests were answered after ``moment`` (instead of sleeping and hoping)."""
+        deadline = time.monotonic() + timeout
+        while self.answered_after(moment) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} requests answered within {timeout} s"
+            assert self.report.ended_by_itself_at is None, "the load stopped by itself"
+            time.sleep(0.05)
+
     def start(self) -> Load:
-        self._started = time.monotonic()
+        self._started = self.report.started_at = time.monotonic()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
         for thread in self._threads:
             thread.start()

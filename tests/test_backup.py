@@ -80,8 +80,14 @@ def predict_inside(env: Environment, n: int) -> None:
         f"for _ in range({n}): u.urlopen(u.Request('http://127.0.0.1:8000/predict', data={body!r}.encode(), "
         "headers={'Content-Type': 'application/json'}))"
     )
+    before = logged_inside(env)
     env.ssh(f"docker exec {TASK} python -c {shlex.quote(code)}")
-    time.sleep(1.5)  # the prediction log writes in the background
+    # The prediction log writes in the background: wait for the rows themselves.
+    wait_until(lambda: logged_inside(env) >= before + n, 30, f"{n} new rows in the prediction log")
+
+
+def logged_inside(env: Environment) -> int:
+    return int(env.ssh(f"docker exec {TASK} python -c {shlex.quote(COUNT_PREDICTIONS)}").stdout)
 
 
 def metric(env: Environment, name: str) -> float:
@@ -100,12 +106,13 @@ def test_a_backup_under_load_fails_no_request_and_is_exported(backed_up: Environ
         if line.startswith("30 2 * * * root ")
     )
     with traffic:
-        time.sleep(5)
+        traffic.wait_for_answers_after(traffic.report.started_at, count=50)
         began = time.monotonic()
         env.ssh(scheduled)  # exactly what cron runs, log redirection included
         ended = time.monotonic()
-        time.sleep(3)
+        traffic.wait_for_answers_after(ended)
     report = traffic.report
+    report.covers(began, ended)
     log = env.ssh("cat /var/log/mlapi-backup.log").stdout
     assert "snapshot saved (1 in the repository)" in log, log
     assert report.outcomes and not report.failed, report.summary()

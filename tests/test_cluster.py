@@ -131,12 +131,14 @@ def test_backup_and_restore_carry_the_database(cluster: Cluster) -> None:
 # 5
 def test_the_worker_is_drained_and_removed_under_load_without_a_failed_request(cluster: Cluster) -> None:
     with Load(DOMAIN, 443, str(cluster.pebble_root), address=cluster.manager.ip, clients=4, max_seconds=180) as load:
-        time.sleep(3)
+        load.wait_for_answers_after(load.report.started_at, count=50)
         drained_at = time.monotonic()
         output = cluster.ssh(cluster.manager, render_node_drain(cluster.worker_node_id))
-        drain_s = time.monotonic() - drained_at
-        time.sleep(3)
+        converged = time.monotonic()
+        drain_s = converged - drained_at
+        load.wait_for_answers_after(converged)
     report = load.report
+    report.covers(drained_at, converged)
     assert "drained and removed" in output
     assert report.failed == [], report.summary()
     assert len(report.outcomes) > 100, report.summary()

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from infra.spec import (
     build_stack,
 )
 from tests.conftest import FEATURES, record
-from tests.load import Load
+from tests.load import Load, LoadReport
 from tests.pulumi_harness import VALID_CONFIG, run_program
 from tests.stack_support import (
     COUNT_PREDICTIONS,
@@ -87,8 +88,11 @@ def load(stack: local.LocalStack, **kwargs) -> Load:
     return Load(stack.options.domain, stack.options.https_port, str(stack.ca_root), **kwargs)
 
 
-def record_load(what: str, report) -> None:
-    TIMINGS.append(f"{what}: {report.summary()}")
+def record_load(what: str, report: LoadReport, event: tuple[float, float] | None = None) -> None:
+    """Zero failed requests, and with an ``event`` (when it began, when the service was whole again) proof that the
+    load covered it: requests answered before, during and after."""
+    during = f"; {report.covers(*event)} answered during the event" if event else ""
+    TIMINGS.append(f"{what}: {report.summary()}{during}")
     assert report.outcomes, "the load generator sent nothing"
     assert not report.failed, f"{what}: {report.summary()}; first failures: {report.failed[:5]}"
 
@@ -357,23 +361,76 @@ def test_testssl_finds_nothing_but_local_ca_artefacts(stack: local.LocalStack, t
     assert "EC" in by_id.get("cert_keySize", "") and "256" in by_id.get("cert_keySize", "")
 
 
-def test_a_client_over_its_rate_or_concurrency_gets_429(stack: local.LocalStack) -> None:
-    """The production limits' labels, tightened on the running service: a burst from one address is cut off with
-    429 while the rest is served; then the local limits come back. (Service labels change without new tasks.)"""
+def limited(stack: local.LocalStack, **middleware: str) -> dict[str, str]:
+    """The model service's labels with some of the prediction route's limits tightened."""
+    prefix = "traefik.http.middlewares"
+    return {**stack.spec.model.labels, **{f"{prefix}.{key}": value for key, value in middleware.items()}}
+
+
+def test_a_client_over_its_rate_gets_429_in_proportion_to_the_rate_it_achieved(stack: local.LocalStack) -> None:
+    """The production rate limit's labels, tightened on the running service (labels change without new tasks): a
+    burst from one address is cut to what the bucket allows for the rate the test actually reached."""
     client = docker_engine()
-    tight = {
-        **stack.spec.model.labels,
-        "traefik.http.middlewares.mlapi-ratelimit.ratelimit.average": "5",
-        "traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst": "5",
-    }
+    average = burst = 5
+    tight = limited(
+        stack, **{"mlapi-ratelimit.ratelimit.average": str(average), "mlapi-ratelimit.ratelimit.burst": str(burst)}
+    )
     deploy_model_spec(client, stack, replace(stack.spec.model, labels=tight))
     try:
         wait_until(lambda: 429 in {https(stack, "GET", "/health")[0] for _ in range(15)}, 30, "the tight limit")
-        time.sleep(2)  # a fresh bucket
-        statuses = [https(stack, "GET", "/health")[0] for _ in range(30)]
-        assert statuses.count(200) >= 5 and statuses.count(429) >= 10, statuses
+        sent = 40
+        with ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            statuses = list(pool.map(lambda _: https(stack, "GET", "/health")[0], range(sent)))
+            elapsed = time.monotonic() - started
     finally:
         deploy_model_spec(client, stack, stack.spec.model)
+    achieved = sent / elapsed
+    assert achieved > 2 * average, f"{achieved:.1f} req/s cannot show a limit of {average}/s"
+    allowed = burst + average * elapsed  # a full bucket at most, plus what refills while the burst runs
+    TIMINGS.append(f"rate limit {average}/s: {sent} requests at {achieved:.0f}/s, {statuses.count(200)} allowed")
+    assert set(statuses) <= {200, 429}, statuses
+    assert 1 <= statuses.count(200) <= allowed + 1, (statuses.count(200), allowed)
+    wait_until(lambda: all(https(stack, "GET", "/health")[0] == 200 for _ in range(30)), 30, "the local limits")
+
+
+def test_a_client_over_its_concurrency_gets_429_and_within_it_none(stack: local.LocalStack) -> None:
+    """The in-flight limit, exercised for real: slow requests (10,000-row batches) from one address, more at once
+    than the limit allows, get 429s; as many at once as it allows, none."""
+    client = docker_engine()
+    amount = 2
+    tight = limited(
+        stack,
+        **{
+            "mlapi-inflight.inflightreq.amount": str(amount),
+            "mlapi-ratelimit.ratelimit.average": "1000",
+            "mlapi-ratelimit.ratelimit.burst": "1000",
+        },
+    )
+    batch = {"records": [record(age=0.001 * (i % 50)) for i in range(10_000)]}
+
+    def slow(_: int) -> tuple[int, float, float]:
+        began = time.monotonic()
+        status = https(stack, "POST", "/predict/batch", batch, timeout=120)[0]
+        return status, began, time.monotonic()
+
+    def at_once(clients: int, requests: int) -> list[tuple[int, float, float]]:
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(slow, range(requests)))
+
+    deploy_model_spec(client, stack, replace(stack.spec.model, labels=tight))
+    try:
+        wait_until(lambda: 429 in {status for status, _, _ in at_once(6, 6)}, 60, "the tight limit")
+        beyond, within = at_once(8, 8), at_once(amount, 3 * amount)
+    finally:
+        deploy_model_spec(client, stack, stack.spec.model)
+    statuses = [status for status, _, _ in beyond]
+    assert set(statuses) <= {200, 429} and statuses.count(429) >= 1 and statuses.count(200) >= amount, statuses
+    served = sorted((began, ended) for status, began, ended in beyond if status == 200)
+    overlapping = max(sum(b <= t < e for b, e in served) for t, _ in served)
+    assert overlapping <= amount + 1, f"{overlapping} of one client's requests were served at once"  # +1: timing
+    assert [status for status, _, _ in within] == [200] * (3 * amount)
+    TIMINGS.append(f"in-flight limit {amount}: 8 at once -> {statuses.count(429)} refused; {amount} at once -> none")
     wait_until(lambda: all(https(stack, "GET", "/health")[0] == 200 for _ in range(30)), 30, "the local limits")
 
 
@@ -381,11 +438,13 @@ def test_a_client_over_its_rate_or_concurrency_gets_429(stack: local.LocalStack)
 def test_rolling_update_to_a_new_image_fails_no_request(stack: local.LocalStack) -> None:
     client = docker_engine()
     new_image = variant_image(client, stack.spec.model.image, "rolling")
-    with load(stack) as traffic:
-        time.sleep(1)
+    with load(stack, max_seconds=400) as traffic:  # the rollout may take up to 300 s
+        traffic.wait_for_answers_after(traffic.report.started_at)
+        began = time.monotonic()
         rollout = deploy_model(client, stack, new_image)
-        time.sleep(2)
-    record_load(f"rolling update ({rollout.action} in {rollout.seconds} s)", traffic.report)
+        converged = time.monotonic()
+        traffic.wait_for_answers_after(converged)
+    record_load(f"rolling update ({rollout.action} in {rollout.seconds} s)", traffic.report, (began, converged))
     assert rollout.action == "updated"
     running = running_tasks(client, MODEL_SERVICE)
     assert len(running) == 2
@@ -397,15 +456,15 @@ def test_a_crashed_replica_fails_no_request_and_swarm_replaces_it(stack: local.L
     client = docker_engine()
     for crash in ("kill -9 of the main process", "docker kill of the task"):
         victim = tasks(client)[0]
-        with load(stack) as traffic:
-            time.sleep(1)
+        with load(stack, max_seconds=180) as traffic:  # the replacement may take up to 120 s
+            traffic.wait_for_answers_after(traffic.report.started_at)
+            started = time.monotonic()
             if crash.startswith("kill -9"):
                 # What an OOM kill or a segfault looks like: uvicorn dies (tini, PID 1 in the task, then exits).
                 pid = next(int(p[1]) for p in victim.top()["Processes"] if "app serve" in p[-1])
                 os.kill(pid, signal.SIGKILL)
             else:
                 victim.kill()
-            started = time.monotonic()
 
             def replaced(victim_id: str = victim.id) -> bool:
                 running = running_tasks(client, MODEL_SERVICE)
@@ -413,9 +472,10 @@ def test_a_crashed_replica_fails_no_request_and_swarm_replaces_it(stack: local.L
                 return len(running) == 2 and victim_id not in ids
 
             wait_until(replaced, 120, f"swarm to replace the task after {crash}")
-            replaced_s = time.monotonic() - started
-            time.sleep(2)
-        record_load(f"{crash} (replaced after {replaced_s:.1f} s)", traffic.report)
+            converged = time.monotonic()
+            replaced_s = converged - started
+            traffic.wait_for_answers_after(converged)
+        record_load(f"{crash} (replaced after {replaced_s:.1f} s)", traffic.report, (started, converged))
 
 
 def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: local.LocalStack) -> None:
@@ -424,7 +484,8 @@ def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: l
     before = set(versions_by_replica(stack).values())
     assert len(before) == 1
     with load(stack) as traffic:
-        time.sleep(1)
+        traffic.wait_for_answers_after(traffic.report.started_at)
+        began = time.monotonic()
         outcome = promote(stack)
         promoted = outcome["current_version"]
         started = time.monotonic()
@@ -434,12 +495,14 @@ def test_promotion_and_rollback_reach_every_replica_and_fail_no_request(stack: l
         assert rolled.returncode == 0, rolled.stderr
         started = time.monotonic()
         wait_until(lambda: set(versions_by_replica(stack).values()) == before, 15, f"all replicas back on {before}")
-        rollback_s = time.monotonic() - started
-        time.sleep(1)
+        converged = time.monotonic()
+        rollback_s = converged - started
+        traffic.wait_for_answers_after(converged)
     record_load(
         f"promotion to {promoted} (all replicas after {promotion_s:.1f} s) and rollback "
         f"(all replicas after {rollback_s:.1f} s)",
         traffic.report,
+        (began, converged),
     )
 
 
@@ -453,14 +516,15 @@ def test_a_broken_image_is_rolled_back_and_the_old_version_serves(stack: local.L
         "broken",
         "USER root\nRUN echo 'import time; time.sleep(10 ** 6)' > /opt/mlapi/app/main.py\nUSER 10001:10001\n",
     )
-    with load(stack, max_seconds=240) as traffic:
-        time.sleep(1)
+    with load(stack, max_seconds=400) as traffic:
+        traffic.wait_for_answers_after(traffic.report.started_at)
         started = time.monotonic()
         with pytest.raises(RolloutFailed) as failed:
             deploy_model(client, stack, broken)
-        reported_s = time.monotonic() - started
-        time.sleep(2)
-    record_load(f"broken image rolled back (reported after {reported_s:.0f} s)", traffic.report)
+        converged = time.monotonic()
+        reported_s = converged - started
+        traffic.wait_for_answers_after(converged)
+    record_load(f"broken image rolled back (reported after {reported_s:.0f} s)", traffic.report, (started, converged))
     message = str(failed.value)
     assert "rollback completed" in message and "previous version keeps serving" in message
     assert "unhealthy" in message, message
@@ -639,6 +703,18 @@ def test_traefik_reaches_docker_only_through_the_read_only_proxy(stack: local.Lo
         ("GET", f"/v1.41/services/{MODEL_SERVICE}/logs"),
         ("POST", "/v1.41/swarm/leave"),
     ]
+    # Encoded forms one allow-listed segment to the proxy, a forbidden path to the engine (which decodes).
+    task_id = client.api.tasks(filters={"service": MODEL_SERVICE})[0]["ID"]
+    encoded = [
+        ("GET", f"/v1.41/services/{MODEL_SERVICE}%2Flogs?stdout=1"),
+        ("GET", f"/v1.41/services/{MODEL_SERVICE}%2flogs?stdout=1"),
+        ("GET", f"/v1.41/tasks/{task_id}%2Flogs?stdout=1"),
+        ("GET", "/v1.41/nodes/..%2F..%2Fcontainers%2Fjson"),
+        ("GET", "/v1.41/services/%2E%2E%2Fsecrets"),
+        ("GET", f"/v1.41/services/{MODEL_SERVICE}%252Flogs"),
+        ("GET", f"/v1.41/services/{MODEL_SERVICE}%5Clogs"),
+    ]
+    probes += encoded
     output = client.containers.run(
         stack.inputs.model_image,  # any image with Python; as Traefik's user, with Traefik's mount
         ["python", "-c", PROBE_DOCKER_API, PROXY_SOCKET, json.dumps(probes)],
@@ -647,7 +723,7 @@ def test_traefik_reaches_docker_only_through_the_read_only_proxy(stack: local.Lo
         network_mode="none",
         remove=True,
     )
-    assert json.loads(output) == [200, 200, 200, 403, 403, 403, 403, 403, 403, 403]
+    assert json.loads(output) == [200, 200, 200, 403, 403, 403, 403, 403, 403, 403] + [403] * len(encoded)
     assert (
         client.api.inspect_service(MODEL_SERVICE)["Spec"]["Mode"]["Replicated"]["Replicas"] == stack.spec.model.replicas
     )
@@ -835,8 +911,9 @@ def test_down_then_up_keeping_data_serves_a_verifiable_certificate(stack: local.
         versions = sorted(p.name for p in (stack.options.data_root / "model" / "models").glob("v*"))
         return int(logged), versions
 
+    logged = counts()[0]
     https(stack, "POST", "/predict", {"features": record(age=0.01)})
-    time.sleep(1)  # the prediction log writes in the background
+    wait_until(lambda: counts()[0] > logged, 30, "the prediction in the log (written in the background)")
     before = counts()
     assert before[0] >= 1 and before[1]
     old_serial = serial(stack)

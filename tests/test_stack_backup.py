@@ -92,10 +92,12 @@ def data_fingerprint(stack: local.LocalStack) -> list[str]:
 
 def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local.LocalStack) -> None:
     client = docker_engine()
+    logged = state_of(stack)["predictions"]
     for age in (0.01, 0.02, 0.03):
         assert https(stack, "POST", "/predict", {"features": record(age=age)})[0] == 200
     promote(stack)
-    time.sleep(1.5)  # the prediction log writes in the background
+    # The prediction log writes in the background: wait for the rows themselves.
+    wait_until(lambda: state_of(stack)["predictions"] >= logged + 3, 30, "3 new rows in the prediction log")
     before = state_of(stack)
     assert before["predictions"] >= 3 and before["observations"] >= 354
     assert len(before["versions"]) == 2
@@ -268,8 +270,7 @@ def test_an_s3_repository_backs_up_and_restores(stack: local.LocalStack, tmp_pat
         assert "created the restic repository" in out and "snapshot saved (1 in the repository)" in out
         before = state_of(stack)
         assert https(stack, "POST", "/predict", {"features": record(age=0.04)})[0] == 200
-        time.sleep(1.5)
-        assert state_of(stack)["predictions"] == before["predictions"] + 1
+        wait_until(lambda: state_of(stack)["predictions"] == before["predictions"] + 1, 30, "the new row in the log")
         local_backup.restore(client, s3, stack.options.data_root, stack.options.state_dir)
         wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 120, "the stack serving the restored data")
         assert state_of(stack) == before

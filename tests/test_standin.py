@@ -446,8 +446,9 @@ def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -
         "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/predict', "
         f"data={body!r}.encode(), headers={{'Content-Type': 'application/json'}}))"
     )
+    logged = _data_snapshot(env)[1]
     env.ssh(f"docker exec {TASK} python -c {shlex.quote(request)}")
-    time.sleep(1)
+    wait_until(lambda: _data_snapshot(env)[1] > logged, 30, "the prediction in the log (written in the background)")
     before = _data_snapshot(env)
     assert before[0] and before[1] >= 1
     serial, orders = env.serial(), env.pebble_orders()
