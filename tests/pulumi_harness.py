@@ -23,11 +23,11 @@ CLOUDFLARE_TOKEN = "MockScopedCloudflareToken0123456789abcdef"
 LOAD_BALANCER_IPS = ("203.0.113.250", "2001:db8::250")
 
 VALID_CONFIG = {
-    "domain": "api.example.com",
-    "acmeEmail": "ops@example.com",
-    "cloudflareZoneId": "0123456789abcdef0123456789abcdef",
-    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example",
-    "sshAllowedCidrs": '["198.51.100.7/32"]',
+    "domain": "api.fjord-ml.net",
+    "acmeEmail": "ops@fjord-ml.net",
+    "cloudflareZoneId": "5f3c9e2a7b1d4c6e8f0a2b4c6d8e0f1a",
+    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIb4Y9q/Nz5zFEZmJDwjNS0aRkNhVymP/oNtGvPEGGUY operator@laptop",
+    "sshAllowedCidrs": '["84.17.50.3/32"]',
 }
 
 

@@ -15,7 +15,7 @@ from policy import rules
 from tests.pulumi_harness import PROJECT_DIR, VALID_CONFIG, Deployment, Recorded, run_program
 from tests.test_program import BACKUP_CONFIG
 
-GOOD_CONFIG = {**BACKUP_CONFIG, "sshAllowedCidrs": '["198.51.100.7/32"]'}
+GOOD_CONFIG = {**BACKUP_CONFIG, "sshAllowedCidrs": '["84.17.50.3/32"]'}
 
 
 def policy_args(resource: Recorded, **props_changes: object) -> ResourceValidationArgs:

@@ -39,7 +39,7 @@ PROVIDER = "pulumi:providers:docker"
 
 @pytest.fixture(scope="module")
 def deployment() -> Deployment:
-    return run_program({**VALID_CONFIG, "sshAllowedCidrs": '["198.51.100.0/24", "2001:db8:1::/48"]'})
+    return run_program({**VALID_CONFIG, "sshAllowedCidrs": '["84.17.50.0/24", "2a01:4f8:1::/48"]'})
 
 
 def labels_of(container) -> dict[str, str]:
@@ -56,7 +56,7 @@ def test_firewall_rules_exactly(deployment: Deployment) -> None:
         [
             ("in", "tcp", "80", world),
             ("in", "tcp", "443", world),
-            ("in", "tcp", "22", ("198.51.100.0/24", "2001:db8:1::/48")),
+            ("in", "tcp", "22", ("84.17.50.0/24", "2a01:4f8:1::/48")),
             ("in", "icmp", None, world),
         ]
     )
@@ -134,7 +134,7 @@ def test_dns_points_at_the_server_unproxied(deployment: Deployment) -> None:
     assert (a.inputs["type"], a.inputs["content"], a.inputs["name"]) == (
         "A",
         deployment.exports["ipv4"],
-        "api.example.com",
+        "api.fjord-ml.net",
     )
     assert (aaaa.inputs["type"], aaaa.inputs["content"]) == ("AAAA", deployment.exports["ipv6"])
     for record in (a, aaaa):
@@ -212,7 +212,7 @@ def test_traefik_container(deployment: Deployment) -> None:
         "--entrypoints.web.http.redirections.entrypoint.scheme=https",
         "--certificatesresolvers.letsencrypt.acme.storage=/acme/letsencrypt.json",
         f"--certificatesresolvers.letsencrypt.acme.caserver={LETSENCRYPT_PRODUCTION}",
-        "--certificatesresolvers.letsencrypt.acme.email=ops@example.com",
+        "--certificatesresolvers.letsencrypt.acme.email=ops@fjord-ml.net",
     ):
         assert flag in flags
     assert not any(flag.startswith(("--api", "--providers.docker")) for flag in flags), (
@@ -316,7 +316,7 @@ def test_model_service(deployment: Deployment) -> None:
     labels = service_labels(model)
     assert labels["traefik.enable"] == "true" and labels["traefik.swarm.network"] == "mlapi"
     assert labels["traefik.http.routers.mlapi.rule"] == (
-        "Host(`api.example.com`) && !PathPrefix(`/admin`) && !PathPrefix(`/metrics`)"  # private: host and overlay
+        "Host(`api.fjord-ml.net`) && !PathPrefix(`/admin`) && !PathPrefix(`/metrics`)"  # private: host and overlay
     )
     for router, retry in (("mlapi", "mlapi-retry"), ("mlapi-predict", "mlapi-predict-retry")):
         assert labels[f"traefik.http.routers.{router}.middlewares"] == (
@@ -338,7 +338,7 @@ def test_model_service(deployment: Deployment) -> None:
         "referrerpolicy": "no-referrer",
         "contentsecuritypolicy": "frame-ancestors 'none'",
     }
-    assert labels["traefik.http.routers.mlapi-predict.rule"] == "Host(`api.example.com`) && PathPrefix(`/predict`)"
+    assert labels["traefik.http.routers.mlapi-predict.rule"] == "Host(`api.fjord-ml.net`) && PathPrefix(`/predict`)"
     for router in ("mlapi", "mlapi-predict"):
         assert labels[f"traefik.http.routers.{router}.entrypoints"] == "websecure"
         assert labels[f"traefik.http.routers.{router}.tls.certresolver"] == "letsencrypt"
@@ -451,7 +451,7 @@ def test_smoke_check_runs_after_the_stack_against_the_servers_ip(deployment: Dep
     smoke = deployment.one(LOCAL, "smoke-check")
     ip = deployment.exports["ipv4"]
     assert smoke.inputs["create"].startswith(
-        f"python3 -m infra.smoke --url https://api.example.com/health --connect-to {ip} "
+        f"python3 -m infra.smoke --url https://api.fjord-ml.net/health --connect-to {ip} "
     )
     assert "--insecure" not in smoke.inputs["create"]
     depends = {d._name for d in smoke.opts.depends_on}
@@ -461,7 +461,7 @@ def test_smoke_check_runs_after_the_stack_against_the_servers_ip(deployment: Dep
 def test_exports(deployment: Deployment) -> None:
     ip = deployment.exports["ipv4"]
     assert deployment.exports == {
-        "url": "https://api.example.com",
+        "url": "https://api.fjord-ml.net",
         "ipv4": ip,
         "ipv6": deployment.exports["ipv6"],
         "sshCommand": f"ssh root@{ip}",
@@ -475,13 +475,13 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
     other = run_program(
         {
             **VALID_CONFIG,
-            "domain": "Models.Example.ORG.",
+            "domain": "Models.Fjord-ML.ORG.",
             "serverType": "cax11",
             "location": "hel1",
             "image": "ubuntu-22.04",
             "retrainSchedule": "@daily",
             "volumeSize": "50",
-            "sshAllowedCidrs": "192.0.2.1/32, 192.0.2.2/32",
+            "sshAllowedCidrs": "84.17.50.1/32, 84.17.50.2/32",
             "serverBackups": "yes",
         },
         stack="prod-eu",
@@ -492,11 +492,11 @@ def test_other_project_stack_and_config_evaluate_cleanly() -> None:
     assert (server.inputs["serverType"], server.inputs["location"]) == ("cax11", "hel1")
     assert server.inputs["backups"] is True
     assert other.one(VOLUME).inputs["size"] == 50
-    assert other.one(DNS, "dns-a").inputs["name"] == "models.example.org"
+    assert other.one(DNS, "dns-a").inputs["name"] == "models.fjord-ml.org"
     host_setup = other.one(REMOTE, "host-setup").inputs["create"]
     cron = next(f for f in host_files_of(host_setup) if "@daily" in f)
     assert "@daily root /usr/local/bin/mlapi-app retrain" in cron
-    assert other.exports["url"] == "https://models.example.org"
+    assert other.exports["url"] == "https://models.fjord-ml.org"
 
 
 @pytest.mark.parametrize(
@@ -550,15 +550,50 @@ def assert_config_refused(config: dict[str, str], key: str, says: str) -> None:
     assert f"pulumi config set {key}" in str(raised.value)
 
 
-def test_example_stack_file_is_complete() -> None:
-    """Pulumi.dev.yaml evaluates as-is (placeholders), so an operator can copy it and replace values."""
+def example_stack_config() -> dict[str, str]:
     stack_file = yaml.safe_load((PROJECT_DIR / "Pulumi.dev.yaml").read_text())["config"]
-    config = {
+    return {
         key.split(":", 1)[1]: value if isinstance(value, str) else json.dumps(value)
         for key, value in stack_file.items()
     }
-    dev = run_program(config)
-    assert dev.exports["url"] == "https://api.example.com"
+
+
+def test_the_example_stack_file_is_refused_until_its_placeholders_are_replaced() -> None:
+    """Pulumi.dev.yaml's values are documentation values: a stack that kept one would create a server nobody can reach.
+    Each is refused naming the key; with every placeholder replaced, the file evaluates."""
+    config = example_stack_config()
+    real = {key: VALID_CONFIG[key] for key in ("domain", "acmeEmail", "cloudflareZoneId", "sshPublicKey")}
+    real["sshAllowedCidrs"] = VALID_CONFIG["sshAllowedCidrs"]
+    for key in real:
+        assert key in config, f"Pulumi.dev.yaml shows {key}"
+        assert_config_refused({**config, **{k: v for k, v in real.items() if k != key}}, key, "example")
+    assert run_program({**config, **real}).exports["url"] == f"https://{VALID_CONFIG['domain']}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("domain", "api.example.org", "example value"),
+        ("acmeEmail", "me@example.net", "example value"),
+        ("sshAllowedCidrs", '["192.0.2.10/32"]', "documentation range"),
+        ("sshAllowedCidrs", '["2001:db8::/64"]', "documentation range"),
+        ("backupSchedule", "\u0663 2 * * *", "numbers"),  # an Arabic-Indic three: isdigit(), yet cron refuses it
+        ("modelReplicas", "\u0663", "whole number"),
+        ("image", "ubuntu-24.04\nProxyCommand sh", "control character"),
+    ],
+)
+def test_placeholders_control_characters_and_non_ascii_digits_are_refused(key: str, value: str, says: str) -> None:
+    assert_config_refused({**BACKUP_CONFIG, key: value}, key, says)
+
+
+def test_every_key_is_one_row_and_the_docs_are_generated_from_the_table() -> None:
+    from infra.config import KEYS, DeployConfig, reference_table
+
+    assert [key.field for key in KEYS] == list(DeployConfig.model_fields)
+    assert len({key.name for key in KEYS}) == len(KEYS)
+    assert set(example_stack_config()) <= {key.name for key in KEYS}, "Pulumi.dev.yaml sets only known keys"
+    document = (PROJECT_DIR / "docs" / "configuration.md").read_text()
+    assert reference_table() in document, "docs/configuration.md: regenerate the table with `python -m infra.config`"
 
 
 def test_dns_proxied_is_refused_with_the_reason() -> None:
@@ -722,7 +757,7 @@ BACKUP_CONFIG = {
     "backupRepository": "sftp:u123@u123.your-storagebox.de:/mlapi",
     "backupPassword": "correct horse battery staple",
     "backupSshKey": BACKUP_KEY,
-    "backupEnvironment": '{"EXTRA_TOKEN": "s3cr3t-value"}',
+    "backupEnvironment": '{"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}',
     "backupSchedule": "15 1 * * *",
     "backupKeep": "daily=3,weekly=2,monthly=1",
 }
@@ -750,7 +785,7 @@ def test_backups_on_install_scripts_and_pass_credentials_on_stdin_only() -> None
     bundle = credentials.inputs["stdin"]
     decoded = {line.split()[0]: base64.b64decode(line.split()[2]).decode() for line in bundle.splitlines()}
     assert "RESTIC_PASSWORD='correct horse battery staple'" in decoded["/etc/mlapi/backup/env"]
-    assert "EXTRA_TOKEN=s3cr3t-value" in decoded["/etc/mlapi/backup/env"]
+    assert "AWS_SECRET_ACCESS_KEY=s3cr3t-value" in decoded["/etc/mlapi/backup/env"]
     assert decoded["/etc/mlapi/backup/ssh_key"] == BACKUP_KEY
     assert "Host u123.your-storagebox.de" in decoded["/etc/ssh/ssh_config.d/60-mlapi-backup.conf"]
     everything_else = json.dumps([r.inputs for r in on.resources if r is not credentials])
@@ -795,7 +830,11 @@ def test_every_secret_is_marked_secret_on_the_wire() -> None:
         ("backupRepository", "sftp::/path", "names no host"),
         ("backupPassword", "", "is required when backupRepository is set"),
         ("backupEnvironment", "[1]", "environment variable names"),
-        ("backupEnvironment", '{"lower": "x"}', "environment variable names"),
+        ("backupEnvironment", '{"lower": "x"}', "not a variable restic's backends read"),
+        ("backupEnvironment", '{"PATH": "/tmp/evil"}', "not a variable restic's backends read"),
+        ("backupEnvironment", '{"LD_PRELOAD": "/tmp/x.so"}', "not a variable restic's backends read"),
+        ("backupEnvironment", '{"RESTIC_PASSWORD_COMMAND": "sh -c id"}', "not a variable restic's backends read"),
+        ("backupRepository", "sftp:u@box:/m\nProxyCommand sh -c id", "control character"),
         ("backupEnvironment", "{", "not a JSON object"),
         ("backupSshKey", "ssh-ed25519 AAAA", "not an OpenSSH private key"),
         ("backupSchedule", "99 * * * *", "minute"),
@@ -804,3 +843,9 @@ def test_every_secret_is_marked_secret_on_the_wire() -> None:
 )
 def test_invalid_backup_config_names_the_key(key: str, value: str, says: str) -> None:
     assert_config_refused({**BACKUP_CONFIG, key: value}, key, says)
+
+
+def test_a_refused_repository_url_never_shows_its_credentials() -> None:
+    with pytest.raises(Exception, match="'backupRepository'") as raised:
+        run_program({**BACKUP_CONFIG, "backupRepository": "ftp://backup:hunter2-secret@files.fjord-ml.net/x"})
+    assert "hunter2-secret" not in str(raised.value) and "backup:***@" in str(raised.value)
