@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_model
 
 from infra.backup import BackupSettings
+from infra.inputs import ascii_digits
 from infra.spec import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, check_cron
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
@@ -72,15 +73,10 @@ def one_line(raw: str) -> str:
     return text
 
 
-def ascii_number(text: str) -> bool:
-    """Digits a shell, cron and every parser downstream read the same way ('٣'.isdigit() is True, cron refuses it)."""
-    return text.isascii() and text.isdigit()
-
-
 def whole_number(low: int, high: int | None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         text = one_line(raw)
-        if not ascii_number(text) or int(text) < low or (high is not None and int(text) > high):
+        if not ascii_digits(text) or int(text) < low or (high is not None and int(text) > high):
             raise ValueError(f"{text!r} is not a whole number in {f'{low}-{high}' if high else f'>= {low}'}")
         return int(text)
 
@@ -96,9 +92,9 @@ def boolean(raw: str) -> bool:
     raise ValueError(f"{raw!r} is not true or false")
 
 
-def matching(pattern: str, what: str, fold: bool = False) -> Callable[[str], str]:
+def matching(pattern: str, what: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
-        text = one_line(raw).lower() if fold else one_line(raw)
+        text = one_line(raw)
         if not re.fullmatch(pattern, text):
             raise ValueError(f"{text!r} {what}")
         return text
@@ -230,7 +226,7 @@ def sftp_target(repository: str) -> tuple[str, int | None]:
     if rest.startswith("//"):
         authority = rest[2:].split("/", 1)[0]
         host, _, port = authority.rpartition("@")[2].partition(":")
-        return host, int(port) if ascii_number(port) else None
+        return host, int(port) if ascii_digits(port) else None
     authority = rest.split(":", 1)[0]
     return authority.rpartition("@")[2], None
 
@@ -273,7 +269,7 @@ def backup_keep(raw: str) -> dict[str, int]:
     keep = dict(DEFAULT_BACKUP_KEEP)
     for part in one_line(raw).split(","):
         name, _, number = part.strip().partition("=")
-        if name not in keep or not ascii_number(number) or int(number) > 1000:
+        if name not in keep or not ascii_digits(number) or int(number) > 1000:
             raise ValueError(f"{part.strip()!r}: use daily=N, weekly=N, monthly=N (N from 0 to 1000)")
         keep[name] = int(number)
     return keep
@@ -372,20 +368,20 @@ BY_NAME = {key.name: key for key in KEYS}
 
 
 class _Derived(BaseModel):
-    """What DeployConfig works out from several keys."""
+    """What DeployConfig works out from several keys (its fields: the rows of KEYS)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     @property
     def backup(self) -> BackupSettings | None:
-        repository = getattr(self, "backup_repository", None)
+        repository = self.backup_repository
         if not repository:
             return None
         host, port = sftp_target(repository) if repository.startswith("sftp:") else (None, None)
-        keep = getattr(self, "backup_keep", DEFAULT_BACKUP_KEEP)
+        keep = self.backup_keep
         return BackupSettings(
             repository,
-            getattr(self, "backup_schedule", DEFAULT_BACKUP_SCHEDULE),
+            self.backup_schedule,
             keep["daily"],
             keep["weekly"],
             keep["monthly"],

@@ -23,8 +23,9 @@ _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually", "@midnight"}
 
 
-def _ascii_digits(text: str) -> bool:
-    """cron reads 0-9 only: '٣'.isdigit() is True, and a schedule written with it would silently never run."""
+def ascii_digits(text: str) -> bool:
+    """Digits cron, a shell and every parser downstream read alike: '٣'.isdigit() is True, and a schedule written
+    with it would silently never run."""
     return text.isascii() and text.isdigit()
 
 
@@ -40,12 +41,12 @@ def check_cron(expression: str) -> str:
     for text, (low, high), name in zip(fields, _CRON_RANGES, names, strict=True):
         for part in text.split(","):
             base, _, step = part.partition("/")
-            if step and (not _ascii_digits(step) or int(step) == 0):
+            if step and (not ascii_digits(step) or int(step) == 0):
                 raise ValueError(f"{name} field {text!r}: step must be a positive number")
             if base == "*":
                 continue
             bounds = base.split("-")
-            if len(bounds) > 2 or not all(_ascii_digits(b) for b in bounds):
+            if len(bounds) > 2 or not all(ascii_digits(b) for b in bounds):
                 raise ValueError(f"{name} field {text!r}: use numbers, ranges a-b, lists a,b, steps */n or *")
             if not all(low <= int(b) <= high for b in bounds):
                 raise ValueError(f"{name} field {text!r}: values must be within {low}-{high}")

@@ -17,7 +17,16 @@ import pytest
 from infra.cluster_plan import LOOPBACK, render_swarm_address, seed_marker_path
 from infra.dns_challenge import install_token_command
 from infra.host_setup import layout_script
-from infra.spec import DNS_TOKEN_FILE, MODEL_UID, SWARM_ADVERTISE_ADDR, TLS_FILE, TRAEFIK_UID, StackInputs, build_stack
+from infra.spec import (
+    DNS_TOKEN_FILE,
+    MODEL_UID,
+    SWARM_ADVERTISE_ADDR,
+    TLS_FILE,
+    TRAEFIK_UID,
+    StackInputs,
+    StackSpec,
+    build_stack,
+)
 from infra.traefik import tls_options_yaml
 
 VICTIM_TEXT = "root's own file: no container may change it\n"
@@ -58,10 +67,12 @@ def run(script: str, stdin: str = "", env: dict[str, str] | None = None) -> subp
     return subprocess.run(["sh", "-c", script], input=stdin, capture_output=True, text=True, env=env, check=False)
 
 
+def spec_for(root: Path) -> StackSpec:
+    return build_stack(StackInputs(domain="api.example.com", acme_email="ops@example.com", data_root=str(root)))
+
+
 def layout_for(root: Path) -> str:
-    return layout_script(
-        build_stack(StackInputs(domain="api.example.com", acme_email="ops@example.com", data_root=str(root)))
-    )
+    return layout_script(spec_for(root))
 
 
 def test_the_tls_options_file_is_written_as_traefik_not_through_its_link(data_root: Path) -> None:
@@ -93,9 +104,9 @@ def test_a_directory_replaced_by_a_link_is_refused_by_name(data_root: Path) -> N
 
 
 def test_a_fresh_layout_has_the_owners_and_modes_of_the_spec(data_root: Path) -> None:
-    done = run(layout_for(data_root))
+    spec = spec_for(data_root)
+    done = run(layout_script(spec))
     assert done.returncode == 0, done.stderr
-    spec = build_stack(StackInputs(domain="api.example.com", acme_email="ops@example.com", data_root=str(data_root)))
     assert spec.host_directories, "the spec names the data directories"
     for directory in spec.host_directories:
         info = Path(directory.path).stat()
