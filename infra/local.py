@@ -78,7 +78,7 @@ class LocalStackError(RuntimeError):
 @dataclass(frozen=True)
 class LocalOptions:
     domain: str = "api.localtest"
-    acme_email: str = "ops@example.com"
+    acme_email: str = "ops@api.localtest"  # Pebble writes nowhere; example.com is refused as a placeholder
     http_port: int = 8080
     https_port: int = 8443
     data_root: Path = LOCAL_DIR / "data"
