@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit local-up local-down local-destroy local-status local-backup local-restore bench clean
+.PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
 venv: $(STAMP)
 
@@ -21,9 +21,9 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-## Only the fast tests (no Docker engine needed).
-unit: venv
-	$(PY) -m pytest -m "not stack and not standin"
+## The developer's loop, no Docker engine needed: lint, unit tests, the program under mocks (about 3 minutes).
+check: lint
+	$(PY) -m pytest -m "not stack and not standin" tests/unit tests/program
 
 ## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
 local-up: venv

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pulumi
 
-from infra.cluster import Cluster, LoadBalancerFront, PrivateNetwork
-from infra.cluster_plan import LOAD_BALANCER_PRIVATE_IP
-from infra.components import ModelStack
-from infra.config import WORLD, ConfigError, load_config
-from infra.deploy import server_memory_mb
-from infra.host import Host
-from infra.spec import StackInputs, build_stack, source_tag
+from infra.config.keys import ConfigError, load_config
+from infra.host.cluster_plan import LOAD_BALANCER_PRIVATE_IP
+from infra.host.deploy import server_memory_mb
+from infra.program.cluster import Cluster, LoadBalancerFront, PrivateNetwork
+from infra.program.host import Host
+from infra.program.model_stack import ModelStack
+from infra.spec.inputs import WORLD, StackInputs
+from infra.spec.stack import build_stack, source_tag
 
 PROJECT_DIR = Path(__file__).parent
 APP_DIR = PROJECT_DIR / "app"

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +51,12 @@ class RetrainBusy(RuntimeError):
     """Another writer (a retrain or rollback, in this or another replica) holds the registry lock."""
 
 
+# One load at a time per process: numpy reads each array's header with ast.literal_eval, and CPython 3.11's AST
+# constructor keeps its recursion depth in state shared by threads (python/cpython#106905), so the registry watcher
+# and a retrain loading at once failed with "AST constructor recursion depth mismatch" (seen in a test run).
+_SKOPS_LOAD = threading.Lock()
+
+
 def generated_once(path: Path, make: Callable[[], str]) -> str:
     """A value made once, atomically: written to a temporary file and linked into place, so no reader ever sees it
     half-written and two processes starting together agree on one value."""
@@ -74,17 +81,18 @@ def load_verified(version: str, metadata: ModelMetadata, blob: bytes) -> Predict
     digest = hashlib.sha256(blob).hexdigest()
     if digest != metadata.sha256:
         raise RegistryError(f"version {version}: {MODEL_FILE} does not match its recorded sha256 (tampered?)")
-    try:
-        untrusted = set(sio.get_untrusted_types(data=blob))
-    except Exception as exc:  # skops raises several types for a malformed archive
-        raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
-    unknown = sorted(untrusted - TRUSTED_TYPES)
-    if unknown:
-        raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
-    try:
-        conformal = sio.loads(blob, trusted=sorted(untrusted))
-    except Exception as exc:
-        raise RegistryError(f"version {version}: loading failed ({exc})") from exc
+    with _SKOPS_LOAD:
+        try:
+            untrusted = set(sio.get_untrusted_types(data=blob))
+        except Exception as exc:  # skops raises several types for a malformed archive
+            raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
+        unknown = sorted(untrusted - TRUSTED_TYPES)
+        if unknown:
+            raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
+        try:
+            conformal = sio.loads(blob, trusted=sorted(untrusted))
+        except Exception as exc:
+            raise RegistryError(f"version {version}: loading failed ({exc})") from exc
     return Predictor(conformal, metadata)
 
 

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         6.0, ge=0, description="After SIGTERM, keep serving (health answers 503) this long before shutting down."
     )
     graceful_timeout_s: int = Field(10, ge=1, description="Then wait at most this long for in-flight requests.")
-    # Above the proxy's idle timeout for backend connections (infra/spec.py), so the proxy closes them first.
+    # Above the proxy's idle timeout for backend connections (infra/spec/stack.py), so the proxy closes them first.
     keep_alive_s: int = Field(75, ge=1)
     process_limit: int | None = Field(
         None,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from benchmarks.bench_stack import publish
 from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, Load
-from infra import images
-from infra.cluster_plan import render_node_drain
-from infra.spec import MODEL_SERVICE
-from tests.cluster_support import DOMAIN, two_node_cluster
+from infra.host.cluster_plan import render_node_drain
+from infra.local import images
+from infra.spec.stack import MODEL_SERVICE
+from testbed.cluster import DOMAIN, two_node_cluster
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from infra import local, local_backup
-from tests.stack_support import free_port, https
+from infra.local import backup as local_backup
+from infra.local import stack as local
+from testbed.stack import free_port, https
 
 BATCH = 10_000
 

@@ -35,9 +35,11 @@ import httpx
 from sklearn.datasets import load_diabetes
 
 from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load
-from infra import images, local
-from infra.spec import MODEL_PORT, MODEL_SERVICE, NETWORK, WEBSECURE_PORT
-from tests.stack_support import free_port
+from infra.local import images
+from infra.local import stack as local
+from infra.spec.stack import MODEL_PORT, MODEL_SERVICE, NETWORK
+from infra.spec.traefik import WEBSECURE_PORT
+from testbed.stack import free_port
 
 BATCH_ROWS = 10_000
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"

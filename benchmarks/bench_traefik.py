@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_traefik [--seconds 8] [--write]
 
-The local stack is brought up once per variant, each time with one thing taken out of what infra/spec.py declares
+The local stack is brought up once per variant, each time with one thing taken out of what infra/spec/stack.py declares
 (a middleware of the prediction route, or the access log), and POST /predict is loaded through Traefik + TLS as in
 `make bench` (a). The CPU per request of Traefik, the replicas, the load generator and the rest of the machine is
 measured over each phase. The variants exist only here: the product always runs the full chain. The baseline runs
@@ -21,10 +21,12 @@ from pathlib import Path
 
 from benchmarks.bench_stack import publish
 from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load
-from infra import images, local, spec, traefik
-from infra.spec import WEBSECURE_PORT
-from infra.traefik import PREDICT_ROUTER, ROUTER
-from tests.stack_support import free_port
+from infra.local import images
+from infra.local import stack as local
+from infra.spec import stack as spec
+from infra.spec import traefik
+from infra.spec.traefik import PREDICT_ROUTER, ROUTER, WEBSECURE_PORT
+from testbed.stack import free_port
 
 MIDDLEWARES = {
     f"{ROUTER}-limit": "buffering (request body limit)",

@@ -13,7 +13,7 @@ import docker
 from docker.types import Mount
 from sklearn.datasets import load_diabetes
 
-from infra.spec import MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER
+from infra.spec.stack import MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER
 
 CONNECTIONS = 8  # wrk/hey connections: 4 per replica when direct
 BENCH_PACKAGES = ("wrk", "hey")

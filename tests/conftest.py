@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -12,26 +11,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sklearn.datasets import load_diabetes
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.support.postgres import PostgresServer, postgres_server
+from tests.support.service import ADMIN_TOKEN, INGEST_TOKEN
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from app.main import create_app  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from tests.postgres_support import PostgresServer, postgres_server  # noqa: E402
-
-FEATURES = tuple(load_diabetes().feature_names)
-ADMIN_TOKEN = "test-admin-token-0123456789"
-INGEST_TOKEN = "test-ingest-token-0123456789"
-
-
-def record(**overrides: float) -> dict[str, float]:
-    """A realistic input row: the bundled data's first row."""
-    row = dict(zip(FEATURES, load_diabetes().data[0].tolist(), strict=True))
-    row.update(overrides)
-    return row
 
 
 @pytest.fixture(scope="session")
@@ -123,38 +110,8 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
-def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def ingest_headers(token: str = INGEST_TOKEN) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def write_csv(path: Path, rows: list[int]) -> Path:
-    """A CSV dataset made of the given rows of the bundled data (so tests can hold fresh rows back)."""
-    data = load_diabetes()
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*FEATURES, "target"])
-        for index in rows:
-            writer.writerow([*data.data[index].tolist(), float(data.target[index])])
-    return path
-
-
-def metric_value(exposition: str, sample_name: str, **labels: str) -> float | None:
-    """One sample's value from a Prometheus text exposition, parsed by prometheus_client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
-    from tests.stack_support import TIMINGS
+    from testbed.stack import TIMINGS
 
     if TIMINGS:
         terminalreporter.section("measured stack timings")

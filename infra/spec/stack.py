@@ -1,0 +1,300 @@
+"""The one description of what runs on the VM, free of Pulumi types.
+
+`build_stack` turns validated inputs into container specs (image, command, env, labels, mounts, ports,
+healthcheck, restart policy) plus the host layout and the retrain cron entry. The Pulumi components map this to
+resources, the local stack (`infra.local`) runs it on a local engine, and the cloud-init renderer prepares the host
+for it: the three can only agree, because they read the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from infra.spec.docker_api import (
+    DOCKER_API_CONFIG_FILE,
+    DOCKER_API_CONFIG_PATH,
+    DOCKER_API_CONTAINER,
+    DOCKER_API_VOLUME,
+    PROXY_SOCKET_DIR,
+    SOCKET,
+    docker_api_config,
+)
+from infra.spec.inputs import StackInputs
+from infra.spec.postgres import (
+    DATA_MOUNT,
+    PGDATA,
+    POSTGRES_DB,
+    POSTGRES_PORT,
+    POSTGRES_SERVICE,
+    POSTGRES_UID,
+    POSTGRES_USER,
+)
+from infra.spec.postgres import SOCKET_DIR as POSTGRES_SOCKET_DIR
+from infra.spec.traefik import (
+    ACME_CA_BUNDLE_PATH,
+    PROVIDER_REFRESH_S,
+    PROXY_HEALTH_INTERVAL_S,
+    TLS_FILE,
+    WEB_PORT,
+    WEBSECURE_PORT,
+    model_labels,
+    tls_options_yaml,
+    traefik_env,
+    traefik_flags,
+)
+from infra.spec.types import (
+    ConfigFile,
+    Confinement,
+    ContainerSpec,
+    Healthcheck,
+    HostDirectory,
+    MiB,
+    Mount,
+    PublishedPort,
+    RestartPolicy,
+    RolloutPolicy,
+    SecretFile,
+    ServiceSpec,
+    StackSpec,
+)
+
+NETWORK = "mlapi"  # an attachable overlay: the model's tasks and the Traefik container meet on it
+TRAEFIK_CONTAINER = "mlapi-traefik"
+MODEL_SERVICE = "mlapi-model"
+MODEL_PORT = 8000
+MODEL_UID = 10001  # the image's non-root user (app/Dockerfile)
+TRAEFIK_UID = 10002  # Traefik runs as this user: it owns its certificates and nothing else on the host
+RETRAIN_LOG = "/var/log/mlapi-retrain.log"
+APP_COMMAND = "/usr/local/bin/mlapi-app"  # on the host: `mlapi-app retrain|versions|rollback vN|drift`
+ADMIN_SECRET = "mlapi-admin-token"  # noqa: S105 — swarm secrets are immutable: the real name carries a digest of the value
+ADMIN_SECRET_FILE = "admin_token"  # noqa: S105 — /run/secrets/admin_token inside each task
+INGEST_SECRET = "mlapi-ingest-token"  # noqa: S105 — the bearer token of POST /observations, likewise
+INGEST_SECRET_FILE = "ingest_token"  # noqa: S105
+SECRETS = (ADMIN_SECRET, INGEST_SECRET)  # every swarm secret the model service mounts on one node
+# With workers: PostgreSQL's password (its service) and the URL with it (the model service); one random value.
+POSTGRES_PASSWORD_SECRET = "mlapi-postgres-password"  # noqa: S105 — a secret's base name
+DATABASE_URL_SECRET = "mlapi-database-url"  # noqa: S105 — likewise
+POSTGRES_PASSWORD_FILE = "postgres_password"  # noqa: S105 — a file name under /run/secrets
+DATABASE_URL_FILE = "database_url"
+SEED_MARKER = "holds-the-data-volume"  # in the manager's model directory: the replicas there seed the shared registry
+# Swarm on one node: the manager talks to itself on loopback, so 2377 is not exposed on any public interface.
+SWARM_ADVERTISE_ADDR = "127.0.0.1"
+SWARM_LISTEN_ADDR = "127.0.0.1:2377"
+NODE_LABEL = "mlapi.node"  # each node's own value (the manager: "manager"; a worker: its hostname)
+PLACEMENT_SPREAD = f"spread=node.labels.{NODE_LABEL}"
+# A stopping task keeps serving (health 503) this long: Traefik has polled the swarm API and health-checked it by then.
+DRAIN_S = PROVIDER_REFRESH_S + PROXY_HEALTH_INTERVAL_S + 2
+
+
+def app_script() -> str:
+    """``mlapi-app <command>`` on the host: ``python -m app <command>`` inside one healthy replica, on its loopback,
+    so cron's retrain and an operator's ``mlapi-app versions`` use the private routes, never the public proxy."""
+    return f"""#!/bin/sh
+# Installed by the deploy step (infra/spec/stack.py: app_script). Usage: mlapi-app retrain|versions|rollback vNNNN|drift
+set -eu
+task=$(docker ps --quiet --filter label=com.docker.swarm.service.name={MODEL_SERVICE} --filter health=healthy \
+  | head -n 1)
+if [ -z "$task" ]; then
+  echo "mlapi-app: no healthy replica of {MODEL_SERVICE} on this node (docker service ps {MODEL_SERVICE})" >&2
+  exit 1
+fi
+exec docker exec "$task" python -m app "$@"
+"""
+
+
+HOST_RESERVED_MB = 512  # the OS, dockerd, sshd, cron's retrain client
+POSTGRES_MEMORY_MB = 512  # with workers, on the manager
+TRAEFIK_MEMORY_MB = 256
+DOCKER_API_MEMORY_MB = 64
+REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
+TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking syscall
+REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
+
+
+def replicas_per_node(inputs: StackInputs) -> int:
+    """The most replicas one node holds: its share of the swarm's, rounded up."""
+    return -(-inputs.model_replicas // inputs.nodes)
+
+
+def replica_memory_mb(inputs: StackInputs) -> int:
+    """What is left after the host and the edge (every node is sized as if it ran them, as the manager does),
+    shared by a node's replicas plus the one a start-first update adds."""
+    free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
+    if inputs.nodes > 1:
+        free -= POSTGRES_MEMORY_MB
+    low, high = REPLICA_MEMORY_MB
+    return max(low, min(high, free // (replicas_per_node(inputs) + 1)))
+
+
+def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
+    """PostgreSQL on the manager, its data on the volume: one task, replaced stop-first (two servers on one data
+    directory would corrupt it), reached by the replicas at mlapi-postgres:5432 on the overlay."""
+    return ServiceSpec(
+        name=POSTGRES_SERVICE,
+        image=inputs.postgres_image,
+        command=(),  # the image's entrypoint (it initializes an empty data directory) and command (`postgres`)
+        env={
+            "POSTGRES_USER": POSTGRES_USER,
+            "POSTGRES_DB": POSTGRES_DB,
+            "POSTGRES_PASSWORD_FILE": f"/run/secrets/{POSTGRES_PASSWORD_FILE}",
+            "PGDATA": PGDATA,
+        },
+        labels={},
+        mounts=(Mount(f"{root}/postgres", DATA_MOUNT),),
+        healthcheck=Healthcheck(
+            ("CMD", "pg_isready", "-h", "127.0.0.1", "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "-d", POSTGRES_DB),
+            interval_s=5,
+            timeout_s=3,
+            retries=3,
+            start_period_s=60,
+        ),
+        replicas=1,
+        update=RolloutPolicy(failure_action="rollback", order="stop-first"),
+        rollback=RolloutPolicy(failure_action="pause", order="stop-first"),
+        restart=RestartPolicy(),
+        secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, POSTGRES_UID),),
+        stop_grace_period_s=30,  # a fast shutdown checkpoints first
+        confinement=Confinement(memory_bytes=POSTGRES_MEMORY_MB * MiB, tmpfs_path=POSTGRES_SOCKET_DIR),
+        constraints=("node.role==manager",),
+        user=f"{POSTGRES_UID}:{POSTGRES_UID}",
+        init=False,  # postgres is its own PID 1 and reaps its children
+    )
+
+
+def build_stack(inputs: StackInputs) -> StackSpec:
+    root = inputs.data_root.rstrip("/")
+    clustered = inputs.nodes > 1
+    traefik = ContainerSpec(
+        name=TRAEFIK_CONTAINER,
+        image=inputs.traefik_image,
+        command=traefik_flags(inputs, NETWORK),
+        env=traefik_env(inputs),
+        labels={},
+        mounts=(
+            Mount(f"{root}/traefik", "/acme"),
+            Mount(DOCKER_API_VOLUME, PROXY_SOCKET_DIR, read_only=True, kind="volume"),  # the proxy's socket
+            *((Mount(inputs.acme_ca_bundle, ACME_CA_BUNDLE_PATH, read_only=True),) if inputs.acme_ca_bundle else ()),
+        ),
+        # Unprivileged ports inside the container, so Traefik needs no capability at all; 80/443 on the host.
+        ports=tuple(
+            PublishedPort(ip, host_port, container_port)
+            for container_port, host_port in ((WEB_PORT, inputs.http_port), (WEBSECURE_PORT, inputs.https_port))
+            for ip in inputs.publish_ips
+        ),
+        aliases=inputs.traefik_aliases,
+        network=NETWORK,
+        user=f"{TRAEFIK_UID}:{TRAEFIK_UID}",
+        healthcheck=Healthcheck(("CMD", "traefik", "healthcheck", "--ping"), start_period_s=10),
+        confinement=Confinement(memory_bytes=TRAEFIK_MEMORY_MB * MiB, process_limit=TRAEFIK_PROCESS_LIMIT),
+    )
+    docker_api = ContainerSpec(
+        name=DOCKER_API_CONTAINER,
+        image=inputs.docker_api_image,
+        command=("-f", DOCKER_API_CONFIG_PATH),  # both images' entrypoint is `haproxy -W -db`
+        env={},
+        labels={},
+        mounts=(
+            Mount(SOCKET, SOCKET, read_only=True),
+            Mount(f"{root}/docker-api/{DOCKER_API_CONFIG_FILE}", DOCKER_API_CONFIG_PATH, read_only=True),
+            Mount(DOCKER_API_VOLUME, PROXY_SOCKET_DIR, kind="volume"),
+        ),
+        ports=(),
+        aliases=(),
+        network=None,  # it listens on a socket in the volume it shares with Traefik
+        # root, for the socket (root:docker 0660; with no capability, root passes only as the owner) and nothing else
+        user="0:0",
+        healthcheck=None,
+        confinement=Confinement(memory_bytes=DOCKER_API_MEMORY_MB * MiB),
+    )
+    model = ServiceSpec(
+        name=MODEL_SERVICE,
+        image=inputs.model_image,
+        command=("python", "-m", "app", "serve"),
+        env={
+            "MLAPI_DATA_DIR": "/data",
+            "MLAPI_PORT": str(MODEL_PORT),
+            "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
+            "MLAPI_INGEST_TOKEN_FILE": f"/run/secrets/{INGEST_SECRET_FILE}",
+            "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
+            # RLIMIT_NPROC counts every process of the model's user on the node: all replicas, and one more during
+            # a start-first update. Swarm services cannot set ulimits through the provider, so the app sets it.
+            "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (replicas_per_node(inputs) + 1)),
+            # With workers: models and logs in PostgreSQL; the manager's replicas (the data volume) seed it.
+            **(
+                {
+                    "MLAPI_DATABASE_URL_FILE": f"/run/secrets/{DATABASE_URL_FILE}",
+                    "MLAPI_SEED_MARKER": f"/data/{SEED_MARKER}",
+                }
+                if clustered
+                else {}
+            ),
+        },
+        labels=model_labels(inputs, NETWORK, MODEL_PORT),
+        mounts=(Mount(f"{root}/model", "/data"),),
+        # Gates traffic twice: swarm counts a task as running only once healthy (so a start-first update waits
+        # for it), and kills a task that turns unhealthy.
+        healthcheck=Healthcheck(
+            (
+                "CMD",
+                "python",
+                "-c",
+                f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{MODEL_PORT}/ready', timeout=2)",
+            ),
+            interval_s=3,
+            timeout_s=3,
+            retries=3,
+            start_period_s=30,
+        ),
+        replicas=inputs.model_replicas,
+        update=RolloutPolicy(failure_action="rollback"),
+        rollback=RolloutPolicy(failure_action="pause"),
+        restart=RestartPolicy(),
+        secrets=(
+            SecretFile(ADMIN_SECRET, ADMIN_SECRET_FILE, MODEL_UID),
+            SecretFile(INGEST_SECRET, INGEST_SECRET_FILE, MODEL_UID),
+            *((SecretFile(DATABASE_URL_SECRET, DATABASE_URL_FILE, MODEL_UID),) if clustered else ()),
+        ),
+        stop_grace_period_s=DRAIN_S + 10 + 4,  # drain, then uvicorn's graceful timeout (10 s), plus margin
+        confinement=Confinement(memory_bytes=replica_memory_mb(inputs) * MiB),
+        # The node count is part of the spec on purpose: adding a node changes it, and the rolling update that
+        # follows spreads the replicas onto the new node (swarm never moves running tasks by itself).
+        placement_prefs=(PLACEMENT_SPREAD,) if inputs.nodes > 1 else (),
+        max_replicas_per_node=replicas_per_node(inputs) + 1 if inputs.nodes > 1 else None,
+    )
+    return StackSpec(
+        network=NETWORK,
+        traefik=traefik,
+        docker_api=docker_api,
+        model=model,
+        host_directories=(
+            HostDirectory(f"{root}/model", MODEL_UID, "0750"),
+            HostDirectory(f"{root}/traefik", TRAEFIK_UID, "0700", recursive=True),
+            HostDirectory(f"{root}/traefik/dynamic", TRAEFIK_UID, "0700"),
+            HostDirectory(f"{root}/docker-api", 0, "0755"),
+            *((HostDirectory(f"{root}/postgres", POSTGRES_UID, "0700"),) if clustered else ()),
+        ),
+        config_files=(
+            ConfigFile(f"{root}/traefik/dynamic/{TLS_FILE}", tls_options_yaml(), TRAEFIK_UID),
+            ConfigFile(f"{root}/docker-api/{DOCKER_API_CONFIG_FILE}", docker_api_config(), 0, "0644"),
+        ),
+        app_script=app_script(),
+        retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
+        domain=inputs.domain,
+        postgres=postgres_service(inputs, root) if clustered else None,
+    )
+
+
+def secret_name(base: str, value: str) -> str:
+    """Swarm secrets cannot change: a new value gets a new name (a short digest, which reveals nothing usable)."""
+    return f"{base}-{hashlib.sha256(value.encode()).hexdigest()[:10]}"
+
+
+def source_tag(app_dir: Path) -> str:
+    """A tag that changes exactly when the build context changes, so a code change replaces the container."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in app_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        if path.suffix in {".pyc", ".whl"}:
+            continue
+        digest.update(path.relative_to(app_dir).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]

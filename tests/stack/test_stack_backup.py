@@ -1,0 +1,291 @@
+"""Backups of the local stack, for real: `make local-backup`, `make local-destroy`, `make local-up` on empty data,
+`make local-restore` bring back the same logs, models and certificate with no new ACME order; a wrong password, an
+unreachable repository and a full disk each fail clearly and change nothing; an S3 repository (moto's server on
+127.0.0.1) works like the local one.
+
+Its own stack (this module destroys the data on purpose); runs in CI, skips loudly elsewhere without an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from docker.types import Mount
+
+from infra.host.backup import ENV_FILE, STATUS_FILE, environment_lines, restore_script
+from infra.local import backup as local_backup
+from infra.local import cli as local_cli
+from infra.local import stack as local
+from infra.spec.stack import MODEL_UID
+from testbed.stack import (
+    TIMINGS,
+    app_command,
+    docker_engine,
+    free_port,
+    https,
+    pebble_orders,
+    pin_holdout_seed,
+    promote,
+    tasks,
+    wait_until,
+)
+from tests.support.service import record
+
+pytestmark = pytest.mark.stack
+COUNT_ROWS = (
+    "import sqlite3; db = sqlite3.connect('/data/predictions.sqlite3'); "
+    "print(*(db.execute(f'select count(*) from {t}').fetchone()[0] for t in ('predictions', 'observations')))"
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack]:
+    docker_engine()
+    local.down(quiet=True)  # the names are the production ones
+    root = tmp_path_factory.mktemp("backup-stack")
+    options = local.LocalOptions.isolated(root, free_port(), free_port())
+    pin_holdout_seed(options.data_root)
+    try:
+        yield local.up(options, quiet=True)
+    finally:
+        local.down(options, delete_data=True, quiet=True)
+
+
+def backups(stack: local.LocalStack, **changes) -> local_backup.LocalBackupOptions:
+    return replace(local_backup.LocalBackupOptions(stack.options.backup_dir), **changes)
+
+
+def state_of(stack: local.LocalStack) -> dict:
+    """What a restore must bring back: row counts, model versions and the current one."""
+    client = docker_engine()
+    counted = tasks(client)[0].exec_run(["python", "-c", COUNT_ROWS]).output.decode().split()
+    versions = json.loads(app_command(stack, "versions").stdout)
+    return {
+        "predictions": int(counted[0]),
+        "observations": int(counted[1]),
+        "versions": sorted(v["version"] for v in versions["versions"]),
+        "current": versions["current"],
+    }
+
+
+def served_certificate(stack: local.LocalStack, cafile: Path) -> str:
+    """SHA-256 of the certificate Traefik serves, after verifying its chain against ``cafile``."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", stack.options.https_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=stack.options.domain) as tls,
+    ):
+        return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def data_fingerprint(stack: local.LocalStack) -> list[str]:
+    """Names, sizes and times of every file in the data root (not the status file the failure updates, not the
+    live log): any change a failed restore made shows here."""
+    listing = subprocess.run(
+        ["find", str(stack.options.data_root), "-type", "f", "-printf", "%P %s %T@\\n"], capture_output=True, text=True
+    ).stdout
+    kept = sorted(
+        line for line in listing.splitlines() if "predictions.sqlite3" not in line and STATUS_FILE not in line
+    )
+    return kept
+
+
+def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    logged = state_of(stack)["predictions"]
+    for age in (0.01, 0.02, 0.03):
+        assert https(stack, "POST", "/predict", {"features": record(age=age)})[0] == 200
+    promote(stack)
+    # The prediction log writes in the background: wait for the rows themselves.
+    wait_until(lambda: state_of(stack)["predictions"] >= logged + 3, 30, "3 new rows in the prediction log")
+    before = state_of(stack)
+    assert before["predictions"] >= 3 and before["observations"] >= 354
+    assert len(before["versions"]) == 2
+    old_root = stack.options.state_dir / "acme-store-root.pem"
+    saved_root = stack.options.backup_dir.parent / "root-at-backup.pem"
+    saved_root.write_bytes(old_root.read_bytes())
+    certificate = served_certificate(stack, saved_root)
+
+    started = time.monotonic()
+    said = local_cli.backup_or_restore(stack.options, "backup")
+    assert said == 0
+    backup_s = time.monotonic() - started
+
+    local.down(stack.options, delete_data=True, quiet=True)  # `make local-destroy`
+    assert not stack.options.data_root.exists()
+    assert (stack.options.backup_dir / "password").exists(), "local-destroy keeps the backup repository"
+    fresh = local.up(stack.options, quiet=True)  # `make local-up` on empty data: a new Pebble, a new certificate
+    empty = state_of(fresh)
+    assert empty["predictions"] == 0 and len(empty["versions"]) == 1
+    orders = pebble_orders(client)
+    assert served_certificate(fresh, fresh.ca_root) != certificate
+
+    started = time.monotonic()
+    lines = local_backup.restore_and_check(
+        client,
+        backups(fresh),
+        fresh.options.data_root,
+        fresh.options.state_dir,
+        "latest",
+        f"https://{fresh.options.domain}:{fresh.options.https_port}/ready",
+    )
+    restore_s = time.monotonic() - started
+    assert any("serves the restored data" in line for line in lines), lines
+    assert state_of(fresh) == before
+    assert served_certificate(fresh, saved_root) == certificate, "the same certificate, verified"
+    assert (fresh.options.state_dir / "acme-store-root.pem").read_bytes() == saved_root.read_bytes()
+    assert pebble_orders(client) == orders, "no new ACME order"
+    assert len(list(fresh.options.data_root.glob("model.before-restore-*"))) == 1
+    TIMINGS.append(f"local backup {backup_s:.1f} s; restore with stop and start {restore_s:.1f} s")
+
+    again = local.up(fresh.options, quiet=True)  # the next up replaces a certificate of a root Pebble lost
+    assert https(again, "GET", "/health")[0] == 200
+    assert state_of(again) == before
+
+
+def test_a_wrong_password_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
+    assert local_cli.backup_or_restore(stack.options, "backup") == 0
+    password = stack.options.backup_dir / "password"
+    right = password.read_text()
+    before = data_fingerprint(stack)
+    password.write_text("not the password the repository was made with")
+    try:
+        with pytest.raises(local_backup.LocalBackupError, match=r"password does not open it \(fix: \.local/backup"):
+            local_backup.restore(docker_engine(), backups(stack), stack.options.data_root, stack.options.state_dir)
+    finally:
+        password.write_text(right)
+    assert data_fingerprint(stack) == before
+    wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 120, "the stack serving again after the failure")
+
+
+def test_an_unreachable_repository_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
+    nowhere = backups(stack, repository=f"rest:http://127.0.0.1:{free_port()}/")  # nothing listens there
+    before = data_fingerprint(stack)
+    client = docker_engine()
+    unreachable = r"cannot reach the restic repository: .*connection refused"
+    with pytest.raises(local_backup.LocalBackupError, match=unreachable):
+        local_backup.backup(client, nowhere, stack.options.data_root, stack.options.state_dir)
+    status = json.loads((stack.options.data_root / "model" / STATUS_FILE).read_text())
+    assert status["last_failure_unixtime"] > status.get("last_success_unixtime", 0)  # what the gauges and status show
+    assert "LAST RUN FAILED" in local_backup.last_backup(stack.options.data_root)
+    with pytest.raises(local_backup.LocalBackupError, match="cannot reach the restic repository"):
+        local_backup.restore(client, nowhere, stack.options.data_root, stack.options.state_dir)
+    assert data_fingerprint(stack) == before
+    wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 120, "the stack serving again after the failure")
+
+
+def test_a_link_planted_in_the_model_directory_leads_the_root_backup_job_nowhere(stack: local.LocalStack) -> None:
+    """The replicas own the model directory. The root backup job once wrote its status through a planted
+    `backup-status.json.tmp` into whatever it named (the root-sourced env file: root on the host). Now the status is
+    written as the model's user, to a fresh name: the link's target stays as it was, on success and on failure."""
+    model = stack.options.data_root / "model"
+    victim = stack.options.data_root / "root-only-file"  # root's, as /etc/mlapi/backup/env is on the VM
+    victim.write_text("RESTIC_PASSWORD=kept\n")
+    victim.chmod(0o600)
+    link = model / f"{STATUS_FILE}.tmp"
+    link.symlink_to(victim)
+    os.chown(link, MODEL_UID, MODEL_UID, follow_symlinks=False)
+    client = docker_engine()
+    nowhere = backups(stack, repository=f"rest:http://127.0.0.1:{free_port()}/")
+    try:
+        with pytest.raises(local_backup.LocalBackupError, match="cannot reach the restic repository"):
+            local_backup.backup(client, nowhere, stack.options.data_root, stack.options.state_dir)  # the EXIT trap
+        assert local_cli.backup_or_restore(stack.options, "backup") == 0
+        assert victim.read_text() == "RESTIC_PASSWORD=kept\n"
+        info = victim.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
+        status = json.loads((model / STATUS_FILE).read_text())
+        assert status["last_success_unixtime"] > status["last_failure_unixtime"] > 0
+        assert (model / STATUS_FILE).stat().st_uid == MODEL_UID
+    finally:
+        link.unlink()
+        victim.unlink()
+
+
+def test_a_full_disk_fails_clearly_and_changes_nothing(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    options = backups(stack)
+    assert local_cli.backup_or_restore(stack.options, "backup") == 0
+    before = data_fingerprint(stack)
+    # The backup's staging area on a 64 KiB disk.
+    with pytest.raises(
+        local_backup.LocalBackupError, match=r"not enough space for the staging copy: .* nothing changed"
+    ):
+        local_backup.run_script(
+            client,
+            options,
+            stack.options.data_root,
+            stack.options.state_dir,
+            local_backup.backup_script(str(stack.options.data_root), options.settings, local_backup.HINTS),
+            [],
+            tmpfs={"/var/lib/mlapi-backup": "size=64k"},
+        )
+    assert data_fingerprint(stack) == before
+    # A restore onto a data volume that has live data and no room for the snapshot: the live data stays as it was.
+    data = "/srv/mlapi"
+    env_file = options.directory / "env"
+    env_file.write_text(environment_lines(options.settings, local_backup.password(options), {}))
+    live = (
+        f"mkdir -p {data}/model/models/v0001 {data}/traefik && echo live > {data}/model/CURRENT && "
+        f"head -c 1000000 /dev/zero > {data}/model/models/v0001/model.skops"
+    )
+    check = f"cat {data}/model/CURRENT; ls {data}; sha256sum {data}/model/models/v0001/model.skops"
+    container = client.containers.run(
+        local_backup.tool_image(client),
+        ["sh", "-c", f'{live} && sh -c "$RESTORE" mlapi-restore latest; echo "exit=$?"; {check}'],
+        detach=True,
+        environment={"RESTORE": restore_script(data, local_backup.HINTS)},
+        tmpfs={data: "size=1m"},
+        mounts=[
+            Mount(target=ENV_FILE, source=str(env_file), type="bind", read_only=True),
+            Mount(target=local_backup.LOCAL_REPOSITORY, source=str(options.directory / "repo"), type="bind"),
+        ],
+    )
+    container.wait()
+    output = container.logs().decode()
+    container.remove(force=True)
+    assert "not enough space for the restored data on the data volume" in output and "nothing changed" in output
+    assert "exit=1" in output
+    lines = output.strip().splitlines()
+    assert lines[-4:-1] == ["live", "model", "traefik"]
+    assert lines[-1].split()[0] == hashlib.sha256(bytes(1000000)).hexdigest()
+
+
+def test_an_s3_repository_backs_up_and_restores(stack: local.LocalStack, tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 30, "moto")
+        s3 = backups(
+            stack,
+            repository=f"s3:http://127.0.0.1:{port}/mlapi-backups",
+            environment={"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret"},
+        )
+        client = docker_engine()
+        out = local_backup.backup(client, s3, stack.options.data_root, stack.options.state_dir)
+        assert "created the restic repository" in out and "snapshot saved (1 in the repository)" in out
+        before = state_of(stack)
+        assert https(stack, "POST", "/predict", {"features": record(age=0.04)})[0] == 200
+        wait_until(lambda: state_of(stack)["predictions"] == before["predictions"] + 1, 30, "the new row in the log")
+        local_backup.restore(client, s3, stack.options.data_root, stack.options.state_dir)
+        wait_until(lambda: https(stack, "GET", "/ready")[0] == 200, 120, "the stack serving the restored data")
+        assert state_of(stack) == before
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,0 +1,100 @@
+"""The VM stand-in, booted once per module that asks for ``env``: our cloud-init on a fresh Debian container, then a
+deploy over ssh://, as `pulumi up` does to a new server."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from infra.host.cloud_init import hcloud_volume_device, render_user_data
+from infra.host.deploy import docker_ssh_options
+from infra.local import images
+from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
+from infra.spec.inputs import StackInputs
+from infra.spec.stack import SECRETS, build_stack
+from testbed.stack import TIMINGS, docker_engine
+from testbed.standin import (
+    CA_ON_HOST,
+    DOMAIN,
+    PEBBLE,
+    Environment,
+    build_standin_image,
+    network_with_pebble,
+    new_key,
+    remove_volume,
+    ssh_on_path,
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
+    client = docker_engine()
+    tmp = tmp_path_factory.mktemp("standin")
+    started = time.monotonic()
+    built = {**images.build_stack_images(client), "standin": build_standin_image(client)}
+    images_s = time.monotonic() - started
+
+    key = tmp / "id_ed25519"
+    new_key(key)
+    host_key = new_key(tmp / "host_ed25519")  # the server's, made before the server exists, as the program does
+    ssh_options = [
+        *docker_ssh_options(host_key.public_openssh, str(key)),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    data_volume = f"mlapi-standin-data-{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as teardown:
+        # The ssh wrapper supplies exactly the options the Pulumi Docker provider gets (docker_ssh_options).
+        teardown.enter_context(ssh_on_path(tmp / "bin", ssh_options))
+        network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-standin", built["pebble"], PEBBLE))
+        teardown.callback(remove_volume, client, client.volumes.create(data_volume).name)
+
+        inputs = StackInputs(
+            domain=DOMAIN,
+            acme_email="ops@example.com",
+            acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
+            acme_ca_bundle=CA_ON_HOST,
+            model_image=built["model"],
+            traefik_image=built["traefik"],
+            docker_api_image=built["docker_api"],
+            # The load tests' clients all come from this machine's one address (as locally, infra/local/stack.py).
+            rate_limit_per_s=LOCAL_RATE_LIMIT,
+            rate_limit_burst=LOCAL_RATE_LIMIT,
+            in_flight_per_client=LOCAL_IN_FLIGHT,
+        )
+        spec = build_stack(inputs)
+        user_data = render_user_data(
+            spec,
+            ssh_public_key=(tmp / "id_ed25519.pub").read_text().strip(),
+            data_root=inputs.data_root,
+            volume_device=hcloud_volume_device(4242),
+            docker_source="debian",
+            host_key=host_key,
+        )
+        environment = Environment(
+            client,
+            network.name,
+            network.pebble_root,
+            spec,
+            user_data,
+            key,
+            host_key.public_openssh,
+            ssh_options,
+            data_volume,
+            built["standin"],
+            tokens={base: uuid.uuid4().hex for base in SECRETS},
+        )
+        teardown.callback(environment.remove_server)  # before the volume it holds is removed
+        boot_s = environment.boot()
+        deploy_s = environment.deploy()
+        TIMINGS.append(
+            f"VM stand-in: images {images_s:.1f} s, boot + cloud-init (installs docker.io) "
+            f"{boot_s:.1f} s, deploy over ssh:// to first verified HTTPS 200 {deploy_s:.1f} s"
+        )
+        yield environment

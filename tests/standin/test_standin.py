@@ -1,0 +1,227 @@
+"""The production path on a VM stand-in: the user-data the program renders boots a host with the host key the
+program generated (pinned from the first connection), the deploy step runs over SSH (host files, swarm mode), the
+stack deploys over ssh:// with the Docker provider's own SSH options, and Traefik gets its certificate from Pebble.
+
+The only difference from production in the user-data is the Docker package source (Debian's docker.io; Docker's
+repository cannot be reached here), covered by tests/unit/test_renderers.py. These tests run in CI, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra.host.deploy import docker_ssh_options
+from infra.host.setup import render_host_setup
+from infra.local.engine import running_tasks
+from infra.ops.smoke import wait_healthy
+from infra.spec.docker_api import DOCKER_API_CONTAINER, SOCKET
+from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, TRAEFIK_CONTAINER, TRAEFIK_UID
+from testbed.stack import COUNT_PREDICTIONS, wait_until
+from testbed.standin import DOMAIN, TASK, Environment
+from tests.support.service import record
+
+pytestmark = pytest.mark.standin
+
+
+# 1
+def test_cloud_init_finished_from_the_nocloud_seed_without_errors(env: Environment) -> None:
+    status = env.ssh("cloud-init status --long", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "status: done" in status.stdout
+    assert "DataSourceNoCloud" in status.stdout  # a missing seed would silently be DataSourceNone
+    result = json.loads(env.ssh("cat /run/cloud-init/result.json").stdout)
+    assert result["v1"]["errors"] == []
+    assert env.ssh("ls /etc/ssh/ssh_host_*_key").stdout.split() == ["/etc/ssh/ssh_host_ed25519_key"]
+    schema = env.ssh("cloud-init schema --system", check=False)
+    assert schema.returncode == 0 and "Valid" in schema.stdout, schema.stdout + schema.stderr
+
+
+# 2
+def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environment) -> None:
+    info = json.loads(env.ssh("docker info --format '{{json .}}'").stdout)
+    assert info["LoggingDriver"] == "json-file"
+    assert info["Swarm"]["LocalNodeState"] == "active" and info["Swarm"]["ControlAvailable"] is True
+    again = env.ssh(render_host_setup(env.spec))  # the deploy step of the next `pulumi up`: idempotent
+    assert again.stdout.strip() == "host ready", again.stdout
+    remote = env.remote_docker()
+    try:
+        assert len(running_tasks(remote, MODEL_SERVICE)) == env.spec.model.replicas
+    finally:
+        remote.close()
+    inspect = json.loads(env.ssh(f"docker inspect {TASK}").stdout)[0]
+    assert inspect["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "10m"}}
+    # Least privilege on the VM's running containers: read-only roots, no capabilities, Traefik as its own user, and
+    # the Docker socket only in the network-less proxy.
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True and inspect["HostConfig"]["CapDrop"] == ["ALL"]
+    assert inspect["HostConfig"]["Memory"] == env.spec.model.confinement.memory_bytes
+    edge = json.loads(env.ssh(f"docker inspect {TRAEFIK_CONTAINER}").stdout)[0]
+    assert (edge["HostConfig"]["ReadonlyRootfs"], edge["HostConfig"]["CapDrop"]) == (True, ["ALL"])
+    assert not edge["HostConfig"]["CapAdd"] and edge["Config"]["User"] == f"{TRAEFIK_UID}:{TRAEFIK_UID}"
+    assert edge["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
+    assert SOCKET not in {m["Source"] for m in edge["Mounts"]}
+    proxy = json.loads(env.ssh(f"docker inspect {DOCKER_API_CONTAINER}").stdout)[0]
+    assert proxy["HostConfig"]["NetworkMode"] == "none" and SOCKET in {m["Source"] for m in proxy["Mounts"]}
+    refused = env.ssh(f"docker logs {DOCKER_API_CONTAINER} 2>&1 | grep -c ' 403 ' || true").stdout.strip()
+    assert refused == "0", "Traefik asked the Docker API proxy for something it refuses"
+    # The certificate store belongs to Traefik's user (a volume from before held root's).
+    owners = env.ssh("stat -c %u /srv/mlapi/traefik /srv/mlapi/traefik/*.json").stdout.split()
+    assert set(owners) == {str(TRAEFIK_UID)}, owners
+    publishing = {}
+    for line in env.ssh("docker ps --format '{{.Names}} {{.Ports}}'").stdout.splitlines():
+        name, _, ports = line.partition(" ")
+        if "->" in ports:
+            publishing[name] = ports
+    assert list(publishing) == [TRAEFIK_CONTAINER]
+    assert "0.0.0.0:443->8443/tcp" in publishing[TRAEFIK_CONTAINER]
+    # Containers cannot reach the instance metadata service (user-data holds the host key).
+    assert "-A DOCKER-USER -d 169.254.169.254/32 -j REJECT" in env.ssh("iptables -S DOCKER-USER").stdout
+
+
+# 3
+def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
+    attempt = subprocess.run(
+        [
+            "/usr/bin/ssh",
+            *docker_ssh_options(env.host_key, None),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            f"root@{env.standin.ip}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert attempt.returncode == 255
+    assert "Permission denied (publickey)" in attempt.stderr
+    effective = env.ssh("sshd -T").stdout
+    assert "passwordauthentication no" in effective and "permitrootlogin without-password" in effective
+    assert 'APT::Periodic::Unattended-Upgrade "1"' in env.ssh("cat /etc/apt/apt.conf.d/20auto-upgrades").stdout
+    assert env.ssh("dpkg-query -W -f='${Status}' unattended-upgrades").stdout == "install ok installed"
+    # ssh-audit (Debian's) from outside, as an attacker scanning port 22 would: no algorithm rated a failure.
+    audit = subprocess.run(["ssh-audit", "-n", env.standin.ip], capture_output=True, text=True, timeout=120)
+    assert "ssh-ed25519" in audit.stdout, audit.stdout + audit.stderr  # it did talk to the server
+    failures = [line for line in audit.stdout.splitlines() if "[fail]" in line]
+    assert not failures, "\n".join(failures)
+    assert "ecdsa-sha2-nistp256" not in audit.stdout and "hmac-sha1" not in audit.stdout
+
+
+def test_a_wrong_host_key_is_refused_from_the_first_connection(env: Environment, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = Path(f"{other}.pub").read_text().strip()
+    attempt = subprocess.run(
+        # /usr/bin/ssh itself: the fixture's wrapper first on PATH would add the right pin before ours.
+        [
+            "/usr/bin/ssh",
+            *docker_ssh_options(wrong, str(env.key)),
+            "-o",
+            "BatchMode=yes",
+            f"root@{env.standin.ip}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert attempt.returncode == 255 and "Host key verification failed" in attempt.stderr
+
+
+# 4
+def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
+    entry = env.ssh("cat /etc/cron.d/mlapi-retrain").stdout
+    assert env.spec.retrain_cron in entry
+    assert env.ssh(f"cat {APP_COMMAND}").stdout == env.spec.app_script
+    schedule_and_user = env.spec.retrain_cron.split(" root ", 1)
+    command = schedule_and_user[1]  # exactly what cron runs, log redirection included
+    env.ssh(command)
+    outcome = json.loads(env.ssh("cat /var/log/mlapi-retrain.log").stdout.split("\n}\n")[-2] + "\n}")
+    assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
+    assert env.https("/admin/retrain")[0] == 404
+    assert env.https("/admin/versions")[0] == 404
+    # The log it appends to is rotated: the installed logrotate accepts the policy the user-data wrote.
+    check = env.ssh("logrotate --debug /etc/logrotate.d/mlapi-retrain 2>&1", check=False)
+    assert check.returncode == 0 and "error" not in check.stdout.lower(), check.stdout
+
+
+# 5
+def test_https_verifies_against_pebble_and_http_redirects(env: Environment) -> None:
+    status, headers, _, certificate = env.https("/health")
+    assert status == 200 and "strict-transport-security" in headers
+    assert ("DNS", DOMAIN) in certificate["subjectAltName"]
+    with socket.create_connection((env.standin.ip, 80), timeout=10) as plain:
+        plain.sendall(f"GET /model?x=1 HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        head = plain.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 301")
+    assert f"Location: https://{DOMAIN}/model?x=1" in head
+
+
+def _data_snapshot(env: Environment) -> tuple[list[str], int]:
+    versions = env.ssh("ls /srv/mlapi/model/models").stdout.split()
+    count = env.ssh(f"docker exec {TASK} python -c {shlex.quote(COUNT_PREDICTIONS)}")
+    return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
+
+
+def test_the_boot_guard_starts_an_edge_that_did_not_come_back(env: Environment) -> None:
+    """Docker may restore Traefik before swarm mode has the overlay network back, and then never retries; the
+    @reboot job the deploy step installs starts it once both are there."""
+    assert "@reboot root /usr/local/sbin/mlapi-start-edge" in env.ssh("cat /etc/cron.d/mlapi-boot").stdout
+    env.ssh(f"docker stop {TRAEFIK_CONTAINER}")  # a manual stop: no restart policy brings it back
+    assert env.ssh(f"docker inspect --format '{{{{.State.Running}}}}' {TRAEFIK_CONTAINER}").stdout.strip() == "false"
+    started = env.ssh("/usr/local/sbin/mlapi-start-edge", timeout=330)
+    assert "mlapi-traefik running" in started.stdout
+    ok, message = wait_healthy(
+        f"https://{DOMAIN}/health", attempts=120, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
+    )
+    assert ok, message
+
+
+# 6
+def test_reboot_brings_the_stack_back_with_the_same_certificate(env: Environment) -> None:
+    serial, orders = env.serial(), env.pebble_orders()
+    env.standin.container.restart(timeout=20)
+    wait_until(lambda: env.ssh("docker ps -q", timeout=20, check=False).returncode == 0, 180, "ssh and docker back")
+    ok, message = wait_healthy(
+        f"https://{DOMAIN}/health", attempts=360, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
+    )
+    assert ok, message
+    assert env.serial() == serial
+    assert env.pebble_orders() == orders
+
+
+# 7
+def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -> None:
+    assert env.https("/health")[0] == 200
+    # Some traffic, so the prediction log has rows to keep (sent from inside the host, as an operator would).
+    body = json.dumps({"features": record()})
+    request = (
+        "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/predict', "
+        f"data={body!r}.encode(), headers={{'Content-Type': 'application/json'}}))"
+    )
+    logged = _data_snapshot(env)[1]
+    env.ssh(f"docker exec {TASK} python -c {shlex.quote(request)}")
+    wait_until(lambda: _data_snapshot(env)[1] > logged, 30, "the prediction in the log (written in the background)")
+    before = _data_snapshot(env)
+    assert before[0] and before[1] >= 1
+    serial, orders = env.serial(), env.pebble_orders()
+
+    # What `pulumi up` does when the server is replaced: the data guard stops the stack and unmounts the volume,
+    # the server goes, a new one boots from the same user-data with the same volume, and everything bound to the
+    # server is created on it again (deploy step, swarm, network, secret, Traefik, service).
+    env.remove_server(graceful=True)
+    env.boot()
+    env.deploy()
+
+    assert _data_snapshot(env) == before
+    assert env.serial() == serial, "acme.json on the volume: the certificate is reused"
+    assert env.pebble_orders() == orders, "no new ACME order after a server replacement"

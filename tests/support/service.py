@@ -1,0 +1,67 @@
+"""What tests of the service share: the bundled data's features and a realistic row, the tokens the test app is
+started with, CSV and metric helpers, fresh ground truth for retrains."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_diabetes
+
+FEATURES = tuple(load_diabetes().feature_names)
+ADMIN_TOKEN = "test-admin-token-0123456789"
+INGEST_TOKEN = "test-ingest-token-0123456789"
+
+
+def record(**overrides: float) -> dict[str, float]:
+    """A realistic input row: the bundled data's first row."""
+    row = dict(zip(FEATURES, load_diabetes().data[0].tolist(), strict=True))
+    row.update(overrides)
+    return row
+
+
+def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ingest_headers(token: str = INGEST_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def write_csv(path: Path, rows: list[int]) -> Path:
+    """A CSV dataset made of the given rows of the bundled data (so tests can hold fresh rows back)."""
+    data = load_diabetes()
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*FEATURES, "target"])
+        for index in rows:
+            writer.writerow([*data.data[index].tolist(), float(data.target[index])])
+    return path
+
+
+def metric_value(exposition: str, sample_name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus text exposition, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+BASE_ROWS = list(range(0, 120))  # the service starts from these; the rest of the bundled data arrives later
+FRESH_ROWS = list(range(120, 442))
+
+
+def fresh_observations(rows: list[int], target_noise: float = 0.0, seed: int = 0) -> list[dict]:
+    data = load_diabetes()
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "features": dict(zip(FEATURES, data.data[i].tolist(), strict=True)),
+            "target": float(data.target[i] + rng.normal(0, target_noise)) if target_noise else float(data.target[i]),
+        }
+        for i in rows
+    ]
