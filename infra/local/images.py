@@ -30,7 +30,7 @@ import docker
 from infra.spec.inputs import TRAEFIK_VERSION
 from infra.spec.stack import source_tag
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 APP_DIR = PROJECT_DIR / "app"
 CACHE_DIR = PROJECT_DIR / ".local" / "cache"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")

@@ -42,7 +42,7 @@ from infra.spec.stack import ADMIN_SECRET, INGEST_SECRET, MODEL_SERVICE, NETWORK
 from infra.spec.traefik import WEB_PORT, WEBSECURE_PORT, acme_storage
 from infra.spec.types import StackSpec
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 LOCAL_DIR = PROJECT_DIR / ".local"
 LOCAL_RATE_LIMIT = 5000  # per second; production: rateLimitPerSecond (100)
 LOCAL_IN_FLIGHT = 1000

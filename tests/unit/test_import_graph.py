@@ -165,3 +165,19 @@ def test_benchmarks_and_the_product_do_not_import_tests(graph) -> None:
         if i.importer.startswith(("infra", "app", "policy")) and i.module.startswith(("testbed", "benchmarks"))
     ]
     assert outside == [] and product == []
+
+
+def test_every_module_that_locates_the_project_finds_its_root(graph) -> None:
+    """A module that moved a level deeper and kept `parents[1]` looks for app/ inside infra/ (a fresh CI run died on
+    it building images)."""
+    import importlib
+
+    modules, _ = graph
+    locating = [name for name, tree in modules.items() if "PROJECT_DIR" in defined_names(tree)]
+    assert "infra.local.images" in locating
+    wrong = {
+        name: str(importlib.import_module(name).PROJECT_DIR)
+        for name in locating
+        if not (importlib.import_module(name).PROJECT_DIR / "Pulumi.yaml").is_file()
+    }
+    assert wrong == {}
