@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,train,retrain,versions,rollback,drift}``.
+"""Command line: ``python -m app {serve,init,train,retrain,versions,rollback,drift}``.
 
 ``retrain``, ``versions``, ``rollback`` and ``drift`` talk to the running service's private /admin routes on the
 loopback address, so the serving process is the one that swaps models. The host's cron runs
@@ -72,10 +72,38 @@ def _train() -> int:
         service.close()
 
 
+def _init(data: str, project: str | None, target: str, task: str | None, name: str | None, ignore: list[str]) -> int:
+    """Write ``mlapi.toml`` with the schema inferred from the data, for the user to review."""
+    from pathlib import Path
+
+    from app.project import PROJECT_FILE, ProjectError, init_project
+
+    directory = Path(project) if project else Path(data).parent
+    destination = directory / PROJECT_FILE
+    if destination.exists():
+        print(f"{destination} exists; nothing written (remove it to infer the schema again)", file=sys.stderr)
+        return 1
+    try:
+        text = init_project(directory, Path(data), target, task, name, ignore)
+    except ProjectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    destination.write_text(text)
+    print(f"wrote {destination}: review the feature types, then: MLAPI_MODEL_PROJECT={directory} python -m app serve")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP service (uvicorn)")
+    init = commands.add_parser("init", help="write mlapi.toml for a CSV file, with the schema inferred from it")
+    init.add_argument("data", help="the training data (CSV), inside the project directory")
+    init.add_argument("--project", help="the project directory (default: the data file's directory)")
+    init.add_argument("--target", required=True, help="the column to predict")
+    init.add_argument("--task", choices=("regression", "classification"), help="default: from the target's values")
+    init.add_argument("--name", help="the model's name in the API (default: the directory's name)")
+    init.add_argument("--ignore", action="append", default=[], help="a column that is neither feature nor target")
     commands.add_parser("train", help="train the first model into the registry if there is none")
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
     commands.add_parser("versions", help="list model versions and retrain history")
@@ -86,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     drift.add_argument("--window", type=int, default=1000)
     args = parser.parse_args(argv)
 
+    if args.command in ("serve", "train"):
+        from app.data import DatasetError, load_configured
+
+        try:  # a project or dataset that cannot be served stops here, with the reason, not in a traceback
+            load_configured(get_settings())
+        except DatasetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         import logging
 
@@ -112,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         DrainingServer(config, drain_seconds=settings.drain_seconds).run()
         return 0
+    if args.command == "init":
+        return _init(args.data, args.project, args.target, args.task, args.name, args.ignore)
     if args.command == "train":
         return _train()
     if args.command == "retrain":

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_diabetes
 
+from app.project import PROJECT_FILE, ProjectError, open_project
+from app.settings import Settings
+
 HOLDOUT_FRACTION = 0.2
 
 
@@ -22,6 +25,8 @@ class Dataset:
     feature_names: tuple[str, ...]
     X: np.ndarray
     y: np.ndarray
+    name: str = "diabetes"  # the model's name in the API
+    store: str = ""  # where this data's registry and prediction log live, under the data dir ("": the data dir)
 
     def __post_init__(self) -> None:
         if self.X.ndim != 2 or self.X.shape[1] != len(self.feature_names):
@@ -35,7 +40,7 @@ class Dataset:
     def extend(self, X: np.ndarray, y: np.ndarray) -> Dataset:
         if len(y) == 0:
             return self
-        return Dataset(self.feature_names, np.vstack([self.X, X]), np.concatenate([self.y, y]))
+        return Dataset(self.feature_names, np.vstack([self.X, X]), np.concatenate([self.y, y]), self.name, self.store)
 
 
 def fingerprint(X: np.ndarray, y: np.ndarray) -> str:
@@ -44,6 +49,41 @@ def fingerprint(X: np.ndarray, y: np.ndarray) -> str:
     digest.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(y, dtype=np.float64).tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_configured(settings: Settings) -> Dataset:
+    """The data the settings choose: a model project (MLAPI_MODEL_PROJECT), else MLAPI_DATASET."""
+    if settings.model_project is None:
+        return load_dataset(settings.dataset, settings.target_column)
+    if "dataset" in settings.model_fields_set or "target_column" in settings.model_fields_set:
+        raise DatasetError(
+            "MLAPI_MODEL_PROJECT names the data and the target: unset MLAPI_DATASET and MLAPI_TARGET_COLUMN"
+        )
+    return load_project_dataset(settings.model_project)
+
+
+def load_project_dataset(directory: Path) -> Dataset:
+    """A model project's data, as far as this version serves it: regression on number and integer features without
+    gaps. Anything else is refused before serving, naming what the project asks for."""
+    try:
+        project, data = open_project(directory)
+    except ProjectError as exc:
+        raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
+    where = f"MLAPI_MODEL_PROJECT: {directory / PROJECT_FILE}"
+    if project.model.task != "regression":
+        raise DatasetError(
+            f"{where}: model.task = {project.model.task!r}: this version serves regression only; classification "
+            "(labels, probabilities, conformal prediction sets) is not served yet"
+        )
+    unsupported = {n: s for n, s in project.features.items() if s.type not in ("number", "integer") or s.nullable}
+    if unsupported:
+        described = ", ".join(f"{n!r} ({s.type}{', nullable' if s.nullable else ''})" for n, s in unsupported.items())
+        raise DatasetError(
+            f"{where}: features {described}: this version serves number and integer features without gaps only"
+        )
+    X = data.features.to_numpy(dtype=np.float64)
+    y = data.target.to_numpy(dtype=np.float64)
+    return Dataset(project.feature_names, X, y, project.model.name, f"projects/{project.store_key()}")
 
 
 def load_dataset(source: str, target_column: str = "target") -> Dataset:
@@ -84,6 +124,6 @@ def split_holdout(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
     n_holdout = max(1, round(len(data) * HOLDOUT_FRACTION))
     hold, dev = order[:n_holdout], order[n_holdout:]
     return (
-        Dataset(data.feature_names, data.X[dev], data.y[dev]),
-        Dataset(data.feature_names, data.X[hold], data.y[hold]),
+        Dataset(data.feature_names, data.X[dev], data.y[dev], data.name, data.store),
+        Dataset(data.feature_names, data.X[hold], data.y[hold], data.name, data.store),
     )

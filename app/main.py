@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.batching import MicroBatcher
-from app.data import load_dataset
+from app.data import load_configured
 from app.errors import store_unavailable, validation_error
 from app.limits import BodyLimit
 from app.metrics import BackupStatus, ServiceMetrics
@@ -26,7 +26,7 @@ from app.stores import load_token
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    dataset = load_dataset(settings.dataset, settings.target_column)
+    dataset = load_configured(settings)
     feature_names = dataset.feature_names
     schemas = build_request_schemas(dataset, settings)
     metrics_registry = CollectorRegistry()

@@ -39,6 +39,7 @@ class HoldoutMetrics(BaseModel):
 
 
 class ModelMetadata(BaseModel):
+    name: str = ""  # the model project's name ("" in versions from before projects)
     version: str = ""
     parent: str | None = None
     created_at: str
@@ -56,6 +57,12 @@ class ModelMetadata(BaseModel):
     @property
     def feature_names(self) -> list[str]:
         return [feature.name for feature in self.features]
+
+    def public(self) -> dict:
+        """What anyone may see: the model, its schema and its holdout metrics, never the training data's statistics
+        (means, ranges, quantiles: with the operator's own data they are the data)."""
+        described = self.model_dump(exclude={"sha256", "features"})
+        return {**described, "features": [{"name": feature.name, "type": "number"} for feature in self.features]}
 
 
 def build_estimator(name: str, seed: int):
@@ -176,6 +183,7 @@ def train(
     conformal = SplitConformalRegressor(model, confidence_level=list(levels), prefit=True)
     conformal.conformalize(development.X[calibration], development.y[calibration])
     metadata = ModelMetadata(
+        name=development.name,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         estimator=estimator,
         data_fingerprint=fingerprint(development.X, development.y),

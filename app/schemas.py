@@ -58,8 +58,15 @@ class RollbackRequest(BaseModel):
     version: str = Field(pattern=r"^v\d{4,}$", examples=["v0001"])
 
 
+def field_attributes(feature_names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The Python attribute of each feature's field; the wire uses the column's own name (its alias), so any name
+    the data has works: spaces, dots, '%', a leading underscore (pydantic refuses those as field names)."""
+    return tuple(f"feature_{index}" for index in range(len(feature_names)))
+
+
 @dataclass(frozen=True)
 class RequestSchemas:
+    attributes: tuple[str, ...]  # each feature's attribute on the Features model, in feature order
     features: type[BaseModel]
     predict: type[BaseModel]
     batch: type[BaseModel]
@@ -118,19 +125,21 @@ def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchema
             raise ValueError(f"confidence must be one of {levels}")
         return value
 
+    attributes = field_attributes(feature_names)
     features = create_model(
         "Features",
         __config__=STRICT,
         **{
-            name: (
+            attribute: (
                 float,
                 Field(
+                    alias=name,
                     ge=feature_bounds[name].low,
                     le=feature_bounds[name].high,
                     description=f"feature {name!r} (accepted range: the training range widened {multiple:g} times)",
                 ),
             )
-            for name in feature_names
+            for attribute, name in zip(attributes, feature_names, strict=True)
         },
     )
     confidence_field = (
@@ -203,4 +212,4 @@ def build_request_schemas(dataset: Dataset, settings: Settings) -> RequestSchema
         __config__=STRICT,
         observations=(list[observation], Field(min_length=1, max_length=settings.max_observations_per_call)),
     )
-    return RequestSchemas(features, predict, batch, columns, observations, ranges)
+    return RequestSchemas(attributes, features, predict, batch, columns, observations, ranges)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.data import Dataset, load_dataset, split_holdout
+from app.data import Dataset, load_configured, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
 from app.registry import Registry, RegistryError
@@ -75,8 +75,8 @@ class ModelService:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry: Registry | SharedRegistry
         self.prediction_log: PredictionLog
-        self.registry, self.prediction_log = open_stores(settings, on_drop=metrics.log_dropped.inc)
-        self.dataset = load_dataset(settings.dataset, settings.target_column)
+        self.dataset = load_configured(settings)
+        self.registry, self.prediction_log = open_stores(settings, metrics.log_dropped.inc, self.dataset.store)
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.ptp(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
@@ -127,7 +127,7 @@ class ModelService:
         if version is None or version == served or version == self._failed_version:
             return False
         try:
-            predictor = self.registry.load(version)
+            predictor = self._load_matching(version)
         except RegistryError as exc:
             self._failed_version = version  # logged once, retried when the pointer moves again
             self.load_error = str(exc)
@@ -137,6 +137,19 @@ class ModelService:
         self._swap(predictor)
         log.info("now serving %s (was %s)", version, served)
         return True
+
+    def _load_matching(self, version: str) -> Predictor:
+        """A version trained on this service's features, in its order: any other would answer requests of another
+        schema with a 500, or silently wrong when the column counts happen to match."""
+        predictor = self.registry.load(version)
+        trained_on, configured = predictor.metadata.feature_names, list(self.dataset.feature_names)
+        if trained_on != configured:
+            raise RegistryError(
+                f"version {version} was trained on the features {trained_on}, but the configured data has "
+                f"{configured}: a changed dataset needs a model project (MLAPI_MODEL_PROJECT), which keeps a registry "
+                "per schema, or the data the registry was trained on"
+            )
+        return predictor
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.settings.reload_interval_s):
@@ -284,7 +297,7 @@ class ModelService:
     def rollback(self, version: str) -> Predictor:
         """Serve an earlier version; a missing or untrusted one raises and the current model keeps serving."""
         with self.registry.lock(blocking=True):
-            predictor = self.registry.load(version)
+            predictor = self._load_matching(version)
             self.registry.set_current(version)
             self._swap(predictor)
         return predictor

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
         description="'diabetes' (bundled with scikit-learn) or a path to a CSV file with a header row.",
     )
     target_column: str = Field("target", description="Target column of a CSV dataset.")
+    model_project: Path | None = Field(
+        None,
+        description="A model project directory (mlapi.toml, its data): the model's name, task, target and feature "
+        "schema come from it instead of MLAPI_DATASET and MLAPI_TARGET_COLUMN.",
+    )
     estimator: EstimatorName = "ridge"  # best holdout RMSE of the three on the bundled data
     seed: int = Field(42, description="Seed of model fitting (reproducible training).")
     holdout_seed: int | None = Field(

@@ -71,9 +71,12 @@ def database_url(settings: Settings) -> str | None:
     return url
 
 
-def open_stores(settings: Settings, on_drop: Callable[[int], None]) -> tuple[Registry | SharedRegistry, PredictionLog]:
+def open_stores(
+    settings: Settings, on_drop: Callable[[int], None], store: str = ""
+) -> tuple[Registry | SharedRegistry, PredictionLog]:
     """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
-    several nodes; start-up waits for it), else the file registry and SQLite in the data dir. The log is started."""
+    several nodes; start-up waits for it), else the file registry and SQLite in ``store`` under the data dir (a
+    model project's own directory). The log is started."""
     retention = Retention(
         max_age_s=settings.log_retention_days * 86400,
         max_rows=settings.log_max_rows,
@@ -81,10 +84,17 @@ def open_stores(settings: Settings, on_drop: Callable[[int], None]) -> tuple[Reg
     )
     url = database_url(settings)
     if url is None:
+        directory = settings.data_dir / store
+        directory.mkdir(parents=True, exist_ok=True)
         log = SqliteLog(
-            settings.data_dir / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
+            directory / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
         )
-        return Registry(settings.data_dir), log.start()
+        return Registry(directory), log.start()
+    if store:
+        raise ValueError(
+            "MLAPI_MODEL_PROJECT with PostgreSQL (MLAPI_DATABASE_URL, replicas on several nodes) is not supported yet: "
+            "serve the project on one node, or use MLAPI_DATASET"
+        )
     from app.pglog import PostgresLog, wait_for_database  # only where PostgreSQL is used
     from app.pgregistry import SharedRegistry
 

@@ -43,6 +43,18 @@ def admin_router() -> APIRouter:
             "history": service.history(),
         }
 
+    @router.get(
+        "/admin/model",
+        tags=["admin"],
+        dependencies=admin,
+        summary="The served version with the training data's profile per feature (the OOD and drift reference).",
+    )
+    def model_profile(service: Service) -> dict[str, Any]:
+        predictor = service.current
+        if predictor is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded")
+        return predictor.metadata.model_dump(exclude={"sha256"})
+
     @router.post("/admin/rollback", tags=["admin"], dependencies=admin, summary="Serve an earlier version.")
     def rollback(body: RollbackRequest, service: Service) -> dict[str, str]:
         try:

@@ -57,5 +57,6 @@ def body_errors(settings: Settings) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def rows_of(records: list[Any], feature_names: tuple[str, ...] | list[str]) -> np.ndarray:
-    return np.array([[getattr(r, name) for name in feature_names] for r in records], dtype=np.float64)
+def rows_of(records: list[Any], attributes: tuple[str, ...]) -> np.ndarray:
+    """Validated records as a matrix in feature order (``attributes``: RequestSchemas.attributes)."""
+    return np.array([[getattr(r, name) for name in attributes] for r in records], dtype=np.float64)

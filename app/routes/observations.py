@@ -52,7 +52,7 @@ def observations_router(settings: Settings, schemas: RequestSchemas, feature_nam
                     continue
                 rows.append((item.prediction_id, known[item.prediction_id], item.target))
             else:
-                rows.append((None, rows_of([item.features], feature_names)[0].tolist(), item.target))
+                rows.append((None, rows_of([item.features], schemas.attributes)[0].tolist(), item.target))
         if errors:
             raise RequestValidationError(errors)
         try:

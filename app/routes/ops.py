@@ -47,14 +47,16 @@ def ops_router() -> APIRouter:
     @router.get(
         "/model",
         tags=["public"],
-        summary="The served version: metrics, coverage, data, feature schema.",
+        summary="The served version: name, metrics, coverage, feature schema (no statistics of the training data).",
         responses=UNAVAILABLE,
     )
     def model_info(service: Service) -> dict[str, Any]:
         predictor = service.current
         if predictor is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model: {service.load_error or 'loading'}")
+            # The reason (a path, a registry error) is for the operator's log, not for whoever asks the public route.
+            log.warning("GET /model: no model: %s", service.load_error or "loading")
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded")
         # Which replica answered: each one follows the registry on its own, so clients can see them converge.
-        return {**predictor.metadata.model_dump(exclude={"sha256"}), "served_by": replica}
+        return {**predictor.metadata.public(), "served_by": replica}
 
     return router

@@ -105,7 +105,7 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
     )
     async def predict(body: schemas.predict, request: Request, service: Service) -> JSONResponse:  # type: ignore[valid-type]
         # On the event loop: the request's own work is small, and a thread hop per request cost more than it did.
-        X, started = rows_of([body.features], feature_names), time.perf_counter()
+        X, started = rows_of([body.features], schemas.attributes), time.perf_counter()
         try:
             result = await request.app.state.coalesce.predict(X, body.confidence)
         except NotReady as exc:
@@ -121,7 +121,7 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
         summary=f"Many records in one call (at most {settings.max_batch_rows}).",
     )
     def predict_batch(body: schemas.batch, service: Service) -> JSONResponse:  # type: ignore[valid-type]
-        return batch_answer(service, rows_of(body.records, feature_names), body.confidence, "predict_batch")
+        return batch_answer(service, rows_of(body.records, schemas.attributes), body.confidence, "predict_batch")
 
     def columns_answer(body: bytes, service: ModelService) -> JSONResponse:
         X, confidence = parse_columns(body, schemas.columns, feature_names, schemas.ranges)

@@ -127,18 +127,22 @@ fi
 rm -rf "$STAGE"; mkdir -p "$STAGE/model"
 need_space "$STAGE" "$(( $(du -sk "$DATA/model" "$DATA/traefik" | awk '{{ s += $1 }} END {{ print s }}') * 11 / 10 ))" \
   "the staging copy"
-tar -C "$DATA/model" --exclude='./predictions.sqlite3*' --exclude='./{STATUS_FILE}*' -cf - . \
+# Every prediction log (the default one and one per model project, under projects/) is left to SQLite's backup.
+tar -C "$DATA/model" --exclude='predictions.sqlite3*' --exclude='./{STATUS_FILE}*' -cf - . \
   | tar -C "$STAGE/model" -xpf -
 chown {MODEL_UID}:{MODEL_UID} "$STAGE/model"  # tar -p also gives it the data directory's mode
-if [ -f "$DATA/model/predictions.sqlite3" ]; then
-  # SQLite's online backup, as the service's user (so no file of the live database changes owner): consistent
-  # while the replicas keep writing; a copy of the live file would not be.
-  setpriv --reuid={MODEL_UID} --regid={MODEL_UID} --clear-groups python3 -c '
-import sqlite3, sys
-source, target = sqlite3.connect(sys.argv[1], timeout=30), sqlite3.connect(sys.argv[2])
-source.backup(target)
-target.close(); source.close()' "$DATA/model/predictions.sqlite3" "$STAGE/model/predictions.sqlite3"
-fi
+# SQLite's online backup, as the service's user (so no file of the live database changes owner): consistent while
+# the replicas keep writing; a copy of the live file would not be. Links are not followed.
+setpriv --reuid={MODEL_UID} --regid={MODEL_UID} --clear-groups python3 -c '
+import os, sqlite3, sys
+source_root, stage_root = sys.argv[1], sys.argv[2]
+for directory, _, files in os.walk(source_root):
+    path = os.path.join(directory, "predictions.sqlite3")
+    if "predictions.sqlite3" in files and not os.path.islink(path):
+        source = sqlite3.connect(path, timeout=30)
+        target = sqlite3.connect(os.path.join(stage_root, os.path.relpath(path, source_root)))
+        source.backup(target)
+        target.close(); source.close()' "$DATA/model" "$STAGE/model"
 cp -a "$DATA/traefik" "$STAGE/traefik"  # with its owner and mode (0700: private keys)
 {PG_DUMP}{extra_stage}restic backup --quiet --tag {TAG} --host {TAG} "$STAGE"
 restic forget --quiet --tag {TAG} --host {TAG} {keep} --prune

@@ -8,10 +8,12 @@ Its own stack (this module destroys the data on purpose); runs in CI, skips loud
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -102,6 +104,20 @@ def data_fingerprint(stack: local.LocalStack) -> list[str]:
     return kept
 
 
+def plant_project_log(directory: Path, rows: int) -> Path:
+    """A model project's own prediction log (app/stores.py keeps one per project under projects/), owned by the
+    service's user as the replicas would leave it."""
+    directory.mkdir(parents=True)
+    path = directory / "predictions.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        database.execute("create table predictions (id integer primary key)")
+        database.executemany("insert into predictions values (?)", [(i,) for i in range(rows)])
+        database.commit()
+    for item in (directory.parent, directory, path):
+        os.chown(item, MODEL_UID, MODEL_UID)
+    return path
+
+
 def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local.LocalStack) -> None:
     client = docker_engine()
     logged = state_of(stack)["predictions"]
@@ -113,6 +129,7 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
     before = state_of(stack)
     assert before["predictions"] >= 3 and before["observations"] >= 354
     assert len(before["versions"]) == 2
+    project_log = plant_project_log(stack.options.data_root / "model" / "projects" / "penguins-0123456789ab", 7)
     old_root = stack.options.state_dir / "acme-store-root.pem"
     saved_root = stack.options.backup_dir.parent / "root-at-backup.pem"
     saved_root.write_bytes(old_root.read_bytes())
@@ -144,6 +161,8 @@ def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local
     restore_s = time.monotonic() - started
     assert any("serves the restored data" in line for line in lines), lines
     assert state_of(fresh) == before
+    with contextlib.closing(sqlite3.connect(project_log)) as restored:  # a model project's log, by SQLite's backup
+        assert restored.execute("select count(*) from predictions").fetchone()[0] == 7
     assert served_certificate(fresh, saved_root) == certificate, "the same certificate, verified"
     assert (fresh.options.state_dir / "acme-store-root.pem").read_bytes() == saved_root.read_bytes()
     assert pebble_orders(client) == orders, "no new ACME order"

@@ -1,0 +1,370 @@
+"""Model projects: a directory with ``mlapi.toml``, the training data and, later, the user's own code.
+
+``mlapi.toml`` names the model, its task and target, where the data is, and the schema of the features (declared, or
+inferred from the data by ``python -m app init``). Everything here is pure but for reading the project's files: the
+schema is checked against the data before anything trains or serves, and every error names the file, the key and the
+fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_FILE = "mlapi.toml"
+FeatureType = Literal["number", "integer", "boolean", "category"]
+FEATURE_TYPES: tuple[str, ...] = ("number", "integer", "boolean", "category")
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+MAX_CATEGORIES = 200  # more distinct strings than this is free text or an identifier, not a category
+DEFAULT_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+STRICT = ConfigDict(extra="forbid")
+
+
+class ProjectError(ValueError):
+    """The model project cannot be used; the message names the file, the key and the fix."""
+
+
+class FeatureSpec(BaseModel):
+    model_config = STRICT
+    type: FeatureType
+    nullable: bool = False
+    values: list[str] | None = Field(None, description="the closed set of a category; inferred from the data if absent")
+
+    @model_validator(mode="after")
+    def values_only_for_categories(self) -> FeatureSpec:
+        if self.values is not None:
+            if self.type != "category":
+                raise ValueError(f"'values' is only for type = \"category\", not {self.type!r}")
+            if not self.values or len(set(self.values)) != len(self.values):
+                raise ValueError("'values' must list at least one value, each once")
+        return self
+
+
+class ModelSection(BaseModel):
+    model_config = STRICT
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    task: Literal["regression", "classification"]
+    target: str = Field(min_length=1)
+    data: str = Field(min_length=1)
+    ignore: list[str] = Field(default_factory=list, description="data columns that are neither feature nor target")
+    missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING))
+
+    @field_validator("data")
+    @classmethod
+    def local_file(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(f"{value!r}: data must be a CSV file inside the project (URLs are not fetched yet)")
+        if not value.lower().endswith(".csv"):
+            raise ValueError(f"{value!r}: data must be a .csv file")
+        return value
+
+
+class ProjectFile(BaseModel):
+    model_config = STRICT
+    model: ModelSection
+    features: dict[str, FeatureSpec | FeatureType] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelProject:
+    directory: Path
+    model: ModelSection
+    features: dict[str, FeatureSpec]  # in the data's column order; declared or inferred
+    declared: bool  # the schema came from mlapi.toml, not from the data
+
+    @property
+    def data_path(self) -> Path:
+        return self.directory / self.model.data
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    def store_key(self) -> str:
+        """Name and schema: a project whose name, task, target or features change gets a registry of its own (the old
+        one's versions are kept), so a model is never served with requests of another schema."""
+        schema = {
+            "task": self.model.task,
+            "target": self.model.target,
+            "features": {name: spec.model_dump() for name, spec in self.features.items()},
+        }
+        digest = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.model.name}-{digest}"
+
+
+@dataclass(frozen=True)
+class ProjectData:
+    """The project's data with each column in its declared type: numbers as float64 (NaN where null), integers as
+    pandas' nullable Int64, booleans as the nullable boolean, categories as strings (None where null)."""
+
+    features: pd.DataFrame
+    target: pd.Series
+
+
+def _describe(error: ValidationError, where: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
+    return f"{where}: " + "; ".join(problems)
+
+
+def load_project(directory: Path) -> ModelProject:
+    """The project in ``directory``, its schema checked against its data."""
+    return open_project(directory)[0]
+
+
+def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
+    """The project in ``directory`` and its data, each column in its declared type."""
+    path = directory / PROJECT_FILE
+    if not path.is_file():
+        raise ProjectError(
+            f"{path}: no {PROJECT_FILE} here (write one with: python -m app init <data.csv> --target <column>)"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProjectError(f"{path}: not valid TOML ({exc})") from None
+    try:
+        parsed = ProjectFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ProjectError(_describe(exc, str(path))) from None
+    declared = {
+        name: spec if isinstance(spec, FeatureSpec) else FeatureSpec(type=spec)
+        for name, spec in parsed.features.items()
+    }
+    data_path = directory / parsed.model.data
+    frame = read_raw(data_path, parsed.model.missing_values)
+    columns = list(frame.columns)
+    if parsed.model.target not in columns:
+        raise ProjectError(
+            f"{path}: model.target: column {parsed.model.target!r} is not in {data_path.name} (its columns: {columns})"
+        )
+    unknown_ignored = sorted(set(parsed.model.ignore) - set(columns))
+    if unknown_ignored:
+        raise ProjectError(f"{path}: model.ignore: {unknown_ignored} not in {data_path.name} (its columns: {columns})")
+    data_features = [c for c in columns if c != parsed.model.target and c not in parsed.model.ignore]
+    if declared:
+        missing = [name for name in declared if name not in columns]
+        if missing:
+            raise ProjectError(f"{path}: features: {missing} declared but not in {data_path.name} (columns: {columns})")
+        undeclared = [name for name in data_features if name not in declared]
+        if undeclared:
+            raise ProjectError(
+                f"{path}: features: {data_path.name} has columns {undeclared} that are not declared: declare each "
+                "under [features] or list it in model.ignore"
+            )
+        features = {name: declared[name] for name in data_features}
+    else:
+        features = infer_schema(frame[data_features])
+    project = ModelProject(directory, parsed.model, features, declared=bool(declared))
+    return project, typed(project, frame)  # the data must fit the schema before anything trains on it
+
+
+def read_raw(path: Path, missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING) -> pd.DataFrame:
+    """The CSV as strings, None where a cell holds one of ``missing_values``: types come from the schema, not from
+    pandas' guesses."""
+    if not path.is_file():
+        raise ProjectError(f"{path}: the data file does not exist (model.data in {PROJECT_FILE})")
+    try:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=list(missing_values))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
+        raise ProjectError(f"{path}: not a readable CSV file ({exc})") from None
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:  # pandas would rename them silently (name.1)
+        raise ProjectError(f"{path}: column names appear more than once: {duplicated}")
+    if len(frame) < 20:
+        raise ProjectError(f"{path}: at least 20 rows are needed to train and judge a model, it has {len(frame)}")
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _as_number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_bool(value: str) -> bool | None:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def infer_type(values: list[str]) -> FeatureSpec:
+    """The narrowest type every (non-null) value of a column parses as; nullable when a value is missing."""
+    present = [v for v in values if v is not None]
+    nullable = len(present) < len(values)
+    if not present:
+        raise ProjectError("a column has no values at all")
+    if all(_as_bool(v) is not None for v in present) and {v.strip().lower() for v in present} - {"0", "1"}:
+        return FeatureSpec(type="boolean", nullable=nullable)
+    numbers = [_as_number(v) for v in present]
+    if all(n is not None for n in numbers):
+        written_whole = all("." not in v and "e" not in v.lower() for v in present)  # 3.0 is a number
+        if written_whole and all(float(n).is_integer() for n in numbers):
+            return FeatureSpec(type="integer", nullable=nullable)
+        return FeatureSpec(type="number", nullable=nullable)
+    distinct = sorted(set(present))
+    if len(distinct) > MAX_CATEGORIES:
+        raise ProjectError(
+            f"{len(distinct)} distinct text values: more than {MAX_CATEGORIES} is free text or an identifier, "
+            "not a category"
+        )
+    return FeatureSpec(type="category", nullable=nullable, values=distinct)
+
+
+def infer_schema(frame: pd.DataFrame) -> dict[str, FeatureSpec]:
+    schema = {}
+    for name in frame.columns:
+        try:
+            schema[name] = infer_type(list(frame[name]))
+        except ProjectError as exc:
+            raise ProjectError(f"column {name!r}: {exc} (list it in model.ignore)") from None
+    return schema
+
+
+def typed(project: ModelProject, frame: pd.DataFrame) -> ProjectData:
+    """Each column converted to its declared type; the first value that does not fit is named with its row."""
+    where = f"{project.directory / PROJECT_FILE} [features]"
+    columns: dict[str, pd.Series] = {}
+    for name, spec in project.features.items():
+        raw = list(frame[name])
+        converted: list[Any] = []
+        for row, value in enumerate(raw, start=2):  # row 1 is the header
+            if value is None:
+                if not spec.nullable:
+                    raise ProjectError(
+                        f"{where}: {name!r} has an empty value in {project.model.data} row {row}: declare it "
+                        f"{{ type = {json.dumps(spec.type)}, nullable = true }} or fill the gap"
+                    )
+                converted.append(None)
+                continue
+            parsed = _convert(value, spec)
+            if parsed is None:
+                allowed = f" (allowed: {spec.values})" if spec.type == "category" else ""
+                raise ProjectError(
+                    f"{where}: {name!r} = {value!r} in {project.model.data} row {row} is not a {spec.type}{allowed}: "
+                    "fix the data or the declared type"
+                    + (" (add the value to 'values')" if spec.type == "category" else "")
+                )
+            converted.append(parsed)
+        columns[name] = _series(converted, spec, name)
+    return ProjectData(pd.DataFrame(columns, index=frame.index), _target(project, frame))
+
+
+def _convert(value: str, spec: FeatureSpec) -> Any:
+    if spec.type == "number":
+        return _as_number(value)
+    if spec.type == "integer":
+        number = _as_number(value)
+        return int(number) if number is not None and number.is_integer() else None
+    if spec.type == "boolean":
+        return _as_bool(value)
+    if spec.values is not None and value not in spec.values:
+        return None
+    return value
+
+
+def _series(values: list[Any], spec: FeatureSpec, name: str) -> pd.Series:
+    if spec.type == "number":
+        return pd.Series([np.nan if v is None else v for v in values], dtype="float64", name=name)
+    if spec.type == "integer":
+        return pd.Series(values, dtype="Int64", name=name)
+    if spec.type == "boolean":
+        return pd.Series(values, dtype="boolean", name=name)
+    return pd.Series(values, dtype=object, name=name)
+
+
+def _target(project: ModelProject, frame: pd.DataFrame) -> pd.Series:
+    where = f"{project.directory / PROJECT_FILE} model.target"
+    name = project.model.target
+    values = list(frame[name])
+    gaps = [row for row, value in enumerate(values, start=2) if value is None]
+    if gaps:
+        raise ProjectError(
+            f"{where}: {name!r} is empty in {project.model.data} rows {gaps[:5]}: a target needs a value"
+        )
+    if project.model.task == "regression":
+        numbers = [_as_number(v) for v in values]
+        bad = [(row, v) for row, (v, n) in enumerate(zip(values, numbers, strict=True), start=2) if n is None]
+        if bad:
+            raise ProjectError(
+                f"{where}: {name!r} = {bad[0][1]!r} in row {bad[0][0]} is not a finite number, as task = "
+                '"regression" needs (or set task = "classification")'
+            )
+        return pd.Series(numbers, dtype="float64", name=name)
+    classes = sorted(set(values))
+    if len(classes) < 2:
+        raise ProjectError(f"{where}: {name!r} has {len(classes)} class; classification needs at least 2")
+    return pd.Series(values, dtype=object, name=name)
+
+
+def render_project_file(model: ModelSection, features: dict[str, FeatureSpec]) -> str:
+    """``mlapi.toml`` for ``init``: the inferred schema written out for the user to review and keep."""
+    lines = [
+        "# Written by `python -m app init`: review the types, then keep this file with the data.",
+        "[model]",
+        f"name = {json.dumps(model.name)}",
+        f"task = {json.dumps(model.task)}  # or "
+        + json.dumps("classification" if model.task == "regression" else "regression"),
+        f"target = {json.dumps(model.target)}",
+        f"data = {json.dumps(model.data)}",
+    ]
+    if model.ignore:
+        lines.append(f"ignore = {json.dumps(model.ignore)}")
+    if list(model.missing_values) != list(DEFAULT_MISSING):
+        lines.append(f"missing_values = {json.dumps(model.missing_values)}")
+    lines += [
+        "",
+        "[features]  # number, integer, boolean or category (a closed set of values); nullable = true allows gaps",
+    ]
+    for name, spec in features.items():
+        fields = {"type": spec.type}
+        if spec.nullable:
+            fields["nullable"] = True
+        if spec.values is not None:
+            fields["values"] = spec.values
+        inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in fields.items())
+        lines.append(f"{json.dumps(name)} = {{ {inline} }}")
+    return "\n".join(lines) + "\n"
+
+
+def init_project(
+    directory: Path, data: Path, target: str, task: str | None, name: str | None, ignore: list[str]
+) -> str:
+    """The text of an ``mlapi.toml`` in ``directory`` for ``data``, which must lie inside it."""
+    if not data.resolve().is_relative_to(directory.resolve()):
+        raise ProjectError(f"{data}: the data must be inside the project directory {directory} (copy it there)")
+    relative = data.resolve().relative_to(directory.resolve()).as_posix()
+    frame = read_raw(data)
+    if target not in frame.columns:
+        raise ProjectError(f"--target: column {target!r} is not in {data.name} (its columns: {list(frame.columns)})")
+    values = [v for v in frame[target] if v is not None]
+    if task is None:  # a numeric target with many values is a regression; text or few values, classes
+        numeric = all(_as_number(v) is not None for v in values)
+        task = "regression" if numeric and len(set(values)) > 20 else "classification"
+    features = [c for c in frame.columns if c != target and c not in ignore]
+    default_name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-") or "model"
+    try:
+        model = ModelSection(name=name or default_name[:63], task=task, target=target, data=relative, ignore=ignore)
+    except ValidationError as exc:
+        raise ProjectError(_describe(exc, "init")) from None
+    return render_project_file(model, infer_schema(frame[features]))
