@@ -55,7 +55,7 @@ set -a; . {ENV_FILE}; set +a
 DATA={shlex.quote(data_root)}
 say() {{ echo "$(date -Is) {name}: $*"; }}
 fail() {{ echo "$(date -Is) {name}: $*" >&2; exit 1; }}
-# open_repository [init]: 0 = open; 1 = there is none yet (created with `init`); fails on anything else.
+# open_repository init|existing: 0 = open; 1 = there is none yet (created with `init`); fails on anything else.
 open_repository() {{
   if error=$(restic cat config 2>&1 >/dev/null); then return 0; fi
   case $error in
@@ -116,8 +116,12 @@ os.chmod(tmp, 0o644)
 os.replace(tmp, path)
 PY
 }}
-trap 'rc=$?; rm -rf "$STAGE"; if [ "$rc" -ne 0 ]; then echo "$(date -Is) mlapi-backup: FAILED (exit $rc)" >&2; \
-status failure || true; fi' EXIT
+on_exit() {{
+  rc=$?
+  rm -rf "$STAGE"
+  if [ "$rc" -ne 0 ]; then echo "$(date -Is) mlapi-backup: FAILED (exit $rc)" >&2; status failure || true; fi
+}}
+trap on_exit EXIT
 open_repository init || true
 if [ "${{1:-}}" = check ]; then
   restic check --read-data-subset=1/5
@@ -204,7 +208,7 @@ def load_pending_dump(data_root: str) -> str:
         + "done\n"
         + f'docker exec -i "$pg" pg_restore -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
         + f"--single-transaction --no-owner < {pending}\n"
-        + f"mv {pending} {pending}.loaded-$(date +%Y%m%d%H%M%S)\n"
+        + f'mv {pending} "{pending}.loaded-$(date +%Y%m%d%H%M%S)"\n'
         + "echo loaded the database snapshot\n"
     )
 
@@ -220,10 +224,11 @@ def restore_script(data_root: str, hints: Hints = Hints()) -> str:
 if [ "${{1:-}}" = --if-empty ]; then
   shift
   if [ -d "$DATA/model/models" ]; then say "nothing to do: the volume has data"; exit 0; fi
-  if ! open_repository; then say "nothing to do: the repository has no snapshot yet"; exit 0; fi
+  if ! open_repository existing; then say "nothing to do: the repository has no snapshot yet"; exit 0; fi
   if [ "$({COUNT_SNAPSHOTS})" = 0 ]; then say "nothing to do: the repository has no snapshot yet"; exit 0; fi
 else
-  open_repository || fail "there is no restic repository at the configured location (check {hints.repository_fix})"
+  open_repository existing \
+    || fail "there is no restic repository at the configured location (check {hints.repository_fix})"
 fi
 snapshot=${{1:?usage: mlapi-restore [--if-empty] SNAPSHOT|latest}}
 stamp=$(date +%Y%m%d%H%M%S)

@@ -36,7 +36,7 @@ BLOCK_METADATA = (
 READINESS_COMMAND = (
     "cloud-init status --wait >/dev/null; rc=$?; "
     'if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then cloud-init status --long >&2; exit "$rc"; fi; '
-    "docker info >/dev/null && echo cloud-init done"
+    "docker info >/dev/null && echo 'cloud-init done'"
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -820,3 +821,16 @@ def test_a_refused_repository_url_never_shows_its_credentials() -> None:
     with pytest.raises(Exception, match="'backupRepository'") as raised:
         run_program({**BACKUP_CONFIG, "backupRepository": "ftp://backup:hunter2-secret@files.fjord-ml.net/x"})
     assert "hunter2-secret" not in str(raised.value) and "backup:***@" in str(raised.value)
+
+
+# A change of user-data replaces the server on the next `pulumi up` (the volume is kept, the VM is rebuilt): it must
+# only ever happen on purpose. Changing this digest is that decision; say it in the commit message.
+USER_DATA_SHA256 = "f2af8a0a7268a6807892a46d5decf05c5ff470bc642a5d7e6f2baa2b80a69087"
+
+
+def test_user_data_changes_only_on_purpose() -> None:
+    user_data = run_program(VALID_CONFIG).one(SERVER).inputs["userData"]
+    assert hashlib.sha256(user_data.encode()).hexdigest() == USER_DATA_SHA256, (
+        "user-data changed: every server is replaced on the next `pulumi up`. If that is intended, update "
+        "USER_DATA_SHA256 and say so in the commit message; if not, keep the rendered text as it was"
+    )
