@@ -58,7 +58,10 @@ def observations_router(settings: Settings, schemas: RequestSchemas, feature_nam
         try:
             stored = service.prediction_log.add_observations(rows)
         except StorageFull as exc:
-            raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, str(exc)) from exc
+            # The cause (free bytes, a database driver's text) is for the operator's log, not the client.
+            log.warning("observations refused: %s", exc)
+            full = "the data volume is below its free-space floor; nothing was stored"
+            raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, full) from exc
         service.metrics.observations.inc(stored)
         return ObservationsResponse(stored=stored)
 

@@ -165,8 +165,9 @@ PG_TASK = (
 PG_DUMP = (
     PG_TASK
     + 'if [ -n "$pg" ]; then\n'
-    + f'  docker exec "$pg" pg_dump -U {POSTGRES_USER} -d {POSTGRES_DB} --format=custom \\\n'
-    + '    > "$STAGE/postgres.dump" \\\n'
+    # 0600: the dump holds every prediction, observation and model; only root reads it until restic encrypts it.
+    + f'  (umask 077; docker exec "$pg" pg_dump -U {POSTGRES_USER} -d {POSTGRES_DB} --format=custom \\\n'
+    + '    > "$STAGE/postgres.dump") \\\n'
     + '    || fail "pg_dump failed; no snapshot was made"\n'
     + "fi\n"
 )
@@ -187,7 +188,7 @@ PG_RESTORE = (
     + "    fi\n"
     + '    say "restored the database (models, prediction log, observations)"\n'
     + "  else\n"
-    + f'    cp "$restored/postgres.dump" "$DATA/{PENDING_DUMP}"\n'
+    + f'    install -m 600 "$restored/postgres.dump" "$DATA/{PENDING_DUMP}"\n'
     + '    say "PostgreSQL is not running here: the next deploy loads the database snapshot"\n'
     + "  fi\n"
     + "fi\n"

@@ -10,6 +10,7 @@ the public interface, and the private network carries only this stack's servers 
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -154,8 +155,23 @@ def render_worker_join(worker_ip: str, manager_ip: str = MANAGER_PRIVATE_IP) -> 
     )
 
 
+NODE_ID = re.compile(r"[a-z0-9]{25}")  # what `docker info --format {{.Swarm.NodeID}}` prints
+
+
+def refused_node_id(printed: str) -> str | None:
+    """A script that stops with the reason when a worker printed something other than a swarm node ID (a
+    compromised worker must not put text into the manager's root shell); None for a node ID."""
+    if NODE_ID.fullmatch(printed):
+        return None
+    reason = f"the worker printed {printed[:80]!r} where a swarm node ID ([a-z0-9]{{25}}) belongs; nothing was run"
+    return f"echo {shlex.quote(reason)} >&2\nexit 1\n"
+
+
 def render_node_ready(node_id: str, label: str, timeout_s: int = 120) -> str:
     """On the manager: wait until the joined node is Ready, then label it so the replicas spread onto it."""
+    refused = refused_node_id(node_id)
+    if refused:
+        return refused
     node = shlex.quote(node_id)
     return (
         "set -eu\n"
@@ -172,6 +188,9 @@ def render_node_drain(node_id: str, timeout_s: int = DRAIN_TIMEOUT_S) -> str:
     """On the manager, before a worker goes (`workers` lowered, or the worker replaced): drain it, so swarm starts
     its replicas elsewhere first (start-first) and stops these with their grace period, wait until none is left,
     then remove the node. A node that is already gone is fine."""
+    refused = refused_node_id(node_id)
+    if refused:
+        return refused
     node = shlex.quote(node_id)
     return (
         "set -u\n"

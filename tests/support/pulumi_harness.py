@@ -127,7 +127,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if self.preview and args.typ.startswith("command:"):
             return resource_id, state  # a command's output is unknown until it has run, as in a real preview
         if args.typ == "command:remote:Command":
-            state["stdout"] = "host ready\n"
+            # A worker's join prints its swarm node ID; other steps print a line of their own.
+            joined = args.name.endswith("-join")
+            state["stdout"] = f"{hashlib.sha256(args.name.encode()).hexdigest()[:25]}\n" if joined else "host ready\n"
         if args.typ == "command:local:Command":
             state["stdout"] = "healthy\n"
         if args.typ == "tls:index/privateKey:PrivateKey":

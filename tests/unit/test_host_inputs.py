@@ -1,0 +1,82 @@
+"""What a host script takes from elsewhere is data, never code: a worker's printed node ID, the database dump's mode,
+and the text of a storage error stay where they belong."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from app.predlog import StorageFull
+from infra.host.backup import PG_DUMP
+from infra.host.cluster_plan import render_node_drain, render_node_ready
+from tests.support.service import ingest_headers, record
+
+NODE_ID = "k3j9x0q2m5v8b1n4c7z6w0e2r"
+PLANTED = [
+    "x'; touch {victim}; echo '",
+    "$(touch {victim})",
+    "abc\ntouch {victim}",
+    "",
+    "K3J9X0Q2M5V8B1N4C7Z6W0E2R",  # upper case: not what docker prints
+]
+
+
+@pytest.mark.parametrize("printed", PLANTED)
+@pytest.mark.parametrize("render", [lambda node: render_node_ready(node, "worker-1"), render_node_drain])
+def test_a_node_id_that_is_not_one_runs_nothing(printed: str, render, tmp_path: Path) -> None:
+    victim = tmp_path / "pwned"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "docker-calls"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "docker").chmod(0o755)
+    script = render(printed.format(victim=victim))
+    result = subprocess.run(["sh", "-c", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 1 and "where a swarm node ID ([a-z0-9]{25}) belongs" in result.stderr
+    assert not victim.exists() and not calls.exists()
+
+
+def test_a_node_id_is_used_as_printed() -> None:
+    assert f"docker node update --availability active --label-add mlapi.node=worker-1 {NODE_ID}" in render_node_ready(
+        NODE_ID, "worker-1"
+    )
+    assert f"docker node rm --force {NODE_ID}" in render_node_drain(NODE_ID)
+
+
+def test_the_database_dump_is_staged_readable_by_root_only(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text("#!/bin/sh\ncase $1 in ps) echo 0123abcd ;; exec) echo PGDMP-bytes ;; esac\n")
+    (bin_dir / "docker").chmod(0o755)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    result = subprocess.run(
+        ["sh", "-c", 'umask 022\nfail() { echo "$*" >&2; exit 1; }\n' + PG_DUMP],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STAGE": str(stage)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    dump = stage / "postgres.dump"
+    assert dump.read_text() == "PGDMP-bytes\n"
+    assert stat.S_IMODE(os.stat(dump).st_mode) == 0o600
+
+
+def test_a_storage_error_is_not_echoed_to_the_client(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    internal = 'psycopg.errors.DiskFull: could not extend file "base/16384/16397": No space left on device'
+
+    def full(rows: list) -> int:
+        raise StorageFull(f"the log store's disk is full: nothing was stored ({internal})")
+
+    monkeypatch.setattr(client.app.state.service.prediction_log, "add_observations", full)
+    refused = client.post(
+        "/observations", headers=ingest_headers(), json={"observations": [{"features": record(), "target": 1.0}]}
+    )
+    assert refused.status_code == 507
+    assert refused.json() == {"detail": "the data volume is below its free-space floor; nothing was stored"}
