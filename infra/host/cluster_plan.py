@@ -137,18 +137,28 @@ def render_worker_join(worker_ip: str, manager_ip: str = MANAGER_PRIVATE_IP) -> 
 
     A second `up` with the same token finds the node joined and does nothing. Another token means another swarm (the
     manager was replaced: same private address, new cluster) or a rotated one: leave and join again."""
+    join_request = (
+        f'{{"ListenAddr":"{worker_ip}:{SWARM_PORT}","AdvertiseAddr":"{worker_ip}","DataPathAddr":"{worker_ip}",'
+        f'"RemoteAddrs":["{manager_ip}:{SWARM_PORT}"],"JoinToken":"%s"}}'
+    )
     return (
         "set -eu\n"
         + _wait_for_address(worker_ip, "worker address")
         + "token=$(cat)\n"
+        # A swarm token is SWMTKN-1- and [a-z0-9-]: anything else is refused before it reaches JSON or a shell.
+        + 'case $token in SWMTKN-1-*) ;; *) echo "stdin holds no swarm join token" >&2; exit 1 ;; esac\n'
+        + 'case $token in *[!A-Za-z0-9-]*) echo "the swarm join token has unexpected characters" >&2; exit 1 ;; esac\n'
         + 'digest=$(printf %s "$token" | sha256sum | cut -d" " -f1)\n'
         + 'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" = active ] '
         + f'&& [ "$(cat {JOINED_TOKEN_FILE} 2>/dev/null)" != "$digest" ]; then\n'
         + "  docker swarm leave --force >/dev/null\n"
         + "fi\n"
         + 'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" != active ]; then\n'
-        + f'  docker swarm join --token "$token" --advertise-addr {worker_ip} --listen-addr {worker_ip}:{SWARM_PORT} '
-        + f"--data-path-addr {worker_ip} {manager_ip}:{SWARM_PORT} >/dev/null\n"
+        # The engine's API with the request on stdin: `docker swarm join --token` would show the token to anyone
+        # who lists processes while it runs (printf is the shell's own, no process).
+        + f"  printf '{join_request}' \"$token\" | curl --silent --show-error --fail-with-body "
+        + "--unix-socket /var/run/docker.sock -H 'Content-Type: application/json' --data-binary @- "
+        + "http://localhost/swarm/join >&2\n"
         + f'  mkdir -p {JOINED_TOKEN_FILE.rsplit("/", 1)[0]} && echo "$digest" > {JOINED_TOKEN_FILE}\n'
         + "fi\n"
         + 'docker info --format "{{.Swarm.NodeID}}"\n'

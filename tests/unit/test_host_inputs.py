@@ -3,6 +3,7 @@ and the text of a storage error stay where they belong."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from app.predlog import StorageFull
 from infra.host.backup import PG_DUMP
-from infra.host.cluster_plan import render_node_drain, render_node_ready
+from infra.host.cluster_plan import render_node_drain, render_node_ready, render_worker_join
 from tests.support.service import ingest_headers, record
 
 NODE_ID = "k3j9x0q2m5v8b1n4c7z6w0e2r"
@@ -80,3 +81,41 @@ def test_a_storage_error_is_not_echoed_to_the_client(client, monkeypatch: pytest
     )
     assert refused.status_code == 507
     assert refused.json() == {"detail": "the data volume is below its free-space floor; nothing was stored"}
+
+
+def test_the_join_token_is_on_no_command_line(tmp_path: Path) -> None:
+    """The worker joins through the engine's API with the request on stdin: no process shows the token."""
+    token = "SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx"
+    bin_dir, argv_log, stdin_log = tmp_path / "bin", tmp_path / "argv", tmp_path / "stdin"
+    bin_dir.mkdir()
+    shims = {
+        "ip": "echo '2: eth1    inet 10.0.1.11/32 scope global eth1'",
+        "docker": 'echo "docker $*" >> ' + str(argv_log) + '\ncase "$*" in *LocalNodeState*) echo inactive ;; '
+        f"*NodeID*) echo {NODE_ID} ;; esac",
+        "curl": 'echo "curl $*" >> ' + str(argv_log) + f"\ncat > {stdin_log}",
+    }
+    for name, body in shims.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    script = render_worker_join("10.0.1.11").replace("/var/lib/mlapi", str(tmp_path / "state"))
+    result = subprocess.run(["sh", "-c", script], input=token, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == NODE_ID
+    assert token not in argv_log.read_text() and "--unix-socket /var/run/docker.sock" in argv_log.read_text()
+    request = json.loads(stdin_log.read_text())
+    assert request == {
+        "ListenAddr": "10.0.1.11:2377",
+        "AdvertiseAddr": "10.0.1.11",
+        "DataPathAddr": "10.0.1.11",
+        "RemoteAddrs": ["10.44.1.2:2377"],
+        "JoinToken": token,
+    }
+
+
+@pytest.mark.parametrize("stdin", ["", "not-a-token", 'SWMTKN-1-abc","JoinToken":"x', "SWMTKN-1-a b"])
+def test_a_join_without_a_swarm_token_joins_nothing(stdin: str, tmp_path: Path) -> None:
+    script = render_worker_join("10.0.1.11").split("digest=", 1)[0].split("token=$(cat)\n", 1)[1]
+    result = subprocess.run(["sh", "-c", f"token=$(cat)\n{script}echo reached"], input=stdin, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 1 and "reached" not in result.stdout and "token" in result.stderr
