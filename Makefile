@@ -27,7 +27,7 @@ check: lint
 
 ## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
 local-up: venv
-	$(PY) -m infra.local up
+	$(PY) -m infra.local up $(if $(MODEL),--model $(MODEL))
 
 local-status: venv
 	$(PY) -m infra.local status

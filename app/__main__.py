@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,init,train,retrain,versions,rollback,drift}``.
+"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift}``.
 
 ``retrain``, ``versions``, ``rollback`` and ``drift`` talk to the running service's private /admin routes on the
 loopback address, so the serving process is the one that swaps models. The host's cron runs
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--task", choices=("regression", "classification"), help="default: from the target's values")
     init.add_argument("--name", help="the model's name in the API (default: the directory's name)")
     init.add_argument("--ignore", action="append", default=[], help="a column that is neither feature nor target")
+    commands.add_parser("check", help="check the configured model project (or dataset) can be served; print it")
     commands.add_parser("train", help="train the first model into the registry if there is none")
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
     commands.add_parser("versions", help="list model versions and retrain history")
@@ -114,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     drift.add_argument("--window", type=int, default=1000)
     args = parser.parse_args(argv)
 
-    if args.command in ("serve", "train"):
+    if args.command in ("serve", "train", "check"):
         from app.data import DatasetError, load_configured
 
         try:  # a project or dataset that cannot be served stops here, with the reason, not in a traceback
-            load_configured(get_settings())
+            dataset = load_configured(get_settings())
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.command == "check":
+            print(f"{dataset.name}: {len(dataset)} rows, features {list(dataset.feature_names)}")
+            return 0
     if args.command == "serve":
         import logging
 

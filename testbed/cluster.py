@@ -30,14 +30,13 @@ from infra.host.setup import render_host_setup
 from infra.local import images
 from infra.local.engine import deploy_stack
 from infra.local.postgres import build_postgres
-from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.ops.smoke import wait_healthy
-from infra.spec.inputs import StackInputs
 from infra.spec.postgres import database_url
 from infra.spec.stack import DATABASE_URL_SECRET, MODEL_SERVICE, POSTGRES_PASSWORD_SECRET, SECRETS, build_stack
 from infra.spec.types import StackSpec
 from testbed.stack import TIMINGS, docker_engine, wait_until
 from testbed.standin import (
+    CA_ON_HOST,
     StandIn,
     boot_standin,
     build_standin_image,
@@ -46,12 +45,13 @@ from testbed.standin import (
     new_key,
     remove_volume,
     ssh_on_path,
+    standin_inputs,
 )
 
 DOMAIN = "cluster.mlapi.test"
 MANAGER, WORKER = "mlapi-cluster-manager", "mlapi-cluster-worker-1"
 PEBBLE = "mlapi-cluster-pebble"
-CA_ON_HOST = "/etc/mlapi-test/pebble-ca.pem"
+
 DATA_ROOT = "/srv/mlapi"
 
 
@@ -167,21 +167,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         # Stands in for the Hetzner private network.
         network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-cluster", built["pebble"], PEBBLE))
         teardown.callback(_remove_nodes, client, nodes)
-        inputs = StackInputs(
-            domain=DOMAIN,
-            acme_email="ops@example.com",
-            acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
-            acme_ca_bundle=CA_ON_HOST,
-            model_image=built["model"],
-            traefik_image=built["traefik"],
-            docker_api_image=built["docker_api"],
-            postgres_image=built["postgres"],
-            model_replicas=2,
-            nodes=2,
-            rate_limit_per_s=LOCAL_RATE_LIMIT,
-            rate_limit_burst=LOCAL_RATE_LIMIT,
-            in_flight_per_client=LOCAL_IN_FLIGHT,
-        )
+        inputs = standin_inputs(DOMAIN, network, built, postgres_image=built["postgres"], model_replicas=2, nodes=2)
         spec = build_stack(inputs)
         # A fixed holdout split, as every stack test pins one: the promotion below must not depend on the draw.
         spec = dataclasses.replace(spec, model=dataclasses.replace(

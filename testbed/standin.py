@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -31,7 +32,9 @@ from infra.host.setup import render_graceful_stop, render_host_setup
 from infra.local.engine import deploy_stack
 from infra.local.images import SUITE, content_hash, debootstrap_image, has_image, run_step
 from infra.local.pebble import fetch_pebble_root, pebble_files, run_pebble
+from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.ops.smoke import wait_healthy
+from infra.spec.inputs import StackInputs
 from infra.spec.stack import MODEL_SERVICE, TRAEFIK_CONTAINER
 from infra.spec.types import StackSpec
 from testbed.stack import wait_until
@@ -251,6 +254,24 @@ class PebbleNetwork:
     pebble_root: Path  # the root its certificates chain to (what clients verify against)
 
 
+def standin_inputs(domain: str, network: PebbleNetwork, built: dict[str, str], **more: Any) -> StackInputs:
+    """What a stand-in stack is given: the images built here, Pebble as the CA, and the local limits (the load
+    tests' clients all come from this machine's one address, as locally: infra/local/stack.py)."""
+    return StackInputs(
+        domain=domain,
+        acme_email="ops@mlapi.test",
+        acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
+        acme_ca_bundle=CA_ON_HOST,
+        model_image=built["model"],
+        traefik_image=built["traefik"],
+        docker_api_image=built["docker_api"],
+        rate_limit_per_s=LOCAL_RATE_LIMIT,
+        rate_limit_burst=LOCAL_RATE_LIMIT,
+        in_flight_per_client=LOCAL_IN_FLIGHT,
+        **more,
+    )
+
+
 @contextlib.contextmanager
 def network_with_pebble(
     client: docker.DockerClient, tmp: Path, prefix: str, pebble_image: str, pebble_name: str
@@ -321,6 +342,7 @@ CA_ON_HOST = "/etc/mlapi-test/pebble-ca.pem"  # where the stand-in keeps the tes
 
 @dataclass
 class Environment:
+    client: docker.DockerClient
     network: str
     pebble_root: Path
     spec: StackSpec

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import docker
 
@@ -19,6 +21,24 @@ from infra.local.pebble import PEBBLE_CONTAINER, PebbleError
 from infra.local.stack import LocalOptions, LocalStackError, down, engine, up
 from infra.spec.docker_api import DOCKER_API_CONTAINER
 from infra.spec.stack import MODEL_SERVICE, TRAEFIK_CONTAINER
+
+
+def chosen_project(state_dir: Path, given: str | None) -> Path | None:
+    """The model project to serve: the one given, else the one the last `up` was given (kept in the state dir, so
+    a plain `make local-up` does not roll the stack back to the bundled model); `default` forgets it."""
+    kept = state_dir / "model-project"
+    if given is None:
+        return Path(kept.read_text().strip()) if kept.is_file() else None
+    return None if given == "default" else Path(given).resolve()
+
+
+def remember_project(state_dir: Path, project: Path | None) -> None:
+    """After an `up` that served it: the next plain `up` keeps serving this project."""
+    kept = state_dir / "model-project"
+    if project is None:
+        kept.unlink(missing_ok=True)
+    else:
+        kept.write_text(f"{project}\n")
 
 
 def status(options: LocalOptions | None = None) -> int:
@@ -70,7 +90,11 @@ def backup_or_restore(options: LocalOptions, command: str, snapshot: str = "late
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.local", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="build and start the stack, or roll out what changed (idempotent)")
+    start = commands.add_parser("up", help="build and start the stack, or roll out what changed (idempotent)")
+    start.add_argument(
+        "--model",
+        help="a model project directory to serve; kept for the next `up` (`--model default`: the bundled model)",
+    )
     stop = commands.add_parser("down", help="stop the stack, keep its data")
     stop.add_argument("--delete-data", action="store_true", help="also delete models, logs and certificates")
     commands.add_parser("status", help="show the containers, the service's replicas, the URL and the last backup")
@@ -83,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         https_port=int(os.environ.get("MLAPI_LOCAL_HTTPS_PORT", "8443")),
         model_replicas=int(os.environ.get("MLAPI_LOCAL_REPLICAS", "2")),
     )
+    if args.command == "up":
+        options = replace(options, model_project=chosen_project(options.state_dir, args.model))
     try:
         if args.command == "up":
             up(options)
+            remember_project(options.state_dir, options.model_project)
             return 0
         if args.command == "down":
             down(options, delete_data=args.delete_data)

@@ -63,6 +63,7 @@ class LocalOptions:
     state_dir: Path = LOCAL_DIR / "state"
     backup_dir: Path = LOCAL_DIR / "backup"  # the restic repository and its password: `local-destroy` keeps them
     model_replicas: int = 2
+    model_project: Path | None = None  # `make local-up MODEL=<dir>`: serve this model project
 
     @classmethod
     def isolated(cls, root: Path, http_port: int, https_port: int) -> LocalOptions:
@@ -169,7 +170,11 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     client = engine()
     started = time.monotonic()
     say("building images (cached after the first run)…")
+    if options.model_project is not None:
+        images.check_project(options.model_project)  # before anything is built or stopped
     built = images.build_stack_images(client)
+    if options.model_project is not None:
+        built["model"] = images.build_project_image(client, built["model"], options.model_project)
     images_ready = time.monotonic()
 
     options.state_dir.mkdir(parents=True, exist_ok=True)

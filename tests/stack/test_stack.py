@@ -27,6 +27,7 @@ from docker.types import Mount
 
 from infra.local import stack as local
 from infra.local.engine import HASH_LABEL, RolloutFailed, apply_service, run_container, running_tasks
+from infra.local.images import BuildError
 from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, pebble_files, run_pebble
 from infra.ops.smoke import wait_healthy
 from infra.spec.acme import LETSENCRYPT_PRODUCTION
@@ -56,6 +57,7 @@ from tests.support.service import FEATURES, record
 
 pytestmark = pytest.mark.stack
 NS = 1_000_000_000
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -844,6 +846,40 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
 
 
 # -- lifecycle of the local stack ---------------------------------------------------------------------------------
+def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
+    """`make local-up MODEL=<dir>`: the project checked, baked into the model image, rolled out, served over HTTPS
+    with its own column names; a plain `up` afterwards is the bundled model again."""
+    project = tmp_path / "clinic"
+    (project / "data").mkdir(parents=True)
+    odd = {"bmi": "bmi %", "s1": "_s1"}
+    rows = (EXAMPLES / "diabetes" / "data" / "diabetes.csv").read_text().splitlines()
+    header = ",".join(f'"{odd.get(name, name)}"' for name in rows[0].split(","))
+    (project / "data" / "train.csv").write_text("\n".join([header, *rows[1:]]) + "\n")
+    (project / "mlapi.toml").write_text(
+        '[model]\nname = "clinic"\ntask = "regression"\ntarget = "target"\ndata = "data/train.csv"\n'
+    )
+    try:
+        served = local.up(replace(stack.options, model_project=project), quiet=True)
+        assert served.rollout.startswith("updated"), served.rollout
+        status, _, body = https(stack, "GET", "/model")
+        assert status == 200 and json.loads(body)["name"] == "clinic"
+        features = {odd.get(name, name): value for name, value in record().items()}
+        status, _, body = https(stack, "POST", "/predict", {"features": features})
+        assert status == 200, body
+        TIMINGS.append(f"local stack: a model project rolled out in {served.timings['total_s']} s (`up` to served)")
+    finally:
+        back = local.up(stack.options, quiet=True)
+    assert json.loads(https(back, "GET", "/model")[2])["name"] == "diabetes"
+
+
+def test_a_project_that_cannot_be_served_stops_local_up_before_anything_changes(stack: local.LocalStack) -> None:
+    client = docker_engine()
+    updated_at = client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"]
+    with pytest.raises(BuildError, match=r"MODEL=.*penguins.*model.task = 'classification'"):
+        local.up(replace(stack.options, model_project=EXAMPLES / "penguins"), quiet=True)
+    assert client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"] == updated_at
+
+
 def test_a_second_up_changes_nothing(stack: local.LocalStack) -> None:
     client = docker_engine()
     updated_at = client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"]

@@ -13,12 +13,9 @@ import pytest
 from infra.host.cloud_init import hcloud_volume_device, render_user_data
 from infra.host.deploy import docker_ssh_options
 from infra.local import images
-from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
-from infra.spec.inputs import StackInputs
 from infra.spec.stack import SECRETS, build_stack
 from testbed.stack import TIMINGS, docker_engine
 from testbed.standin import (
-    CA_ON_HOST,
     DOMAIN,
     PEBBLE,
     Environment,
@@ -27,6 +24,7 @@ from testbed.standin import (
     new_key,
     remove_volume,
     ssh_on_path,
+    standin_inputs,
 )
 
 
@@ -55,19 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-standin", built["pebble"], PEBBLE))
         teardown.callback(remove_volume, client, client.volumes.create(data_volume).name)
 
-        inputs = StackInputs(
-            domain=DOMAIN,
-            acme_email="ops@example.com",
-            acme_ca_server=f"https://{network.pebble_ip}:14000/dir",
-            acme_ca_bundle=CA_ON_HOST,
-            model_image=built["model"],
-            traefik_image=built["traefik"],
-            docker_api_image=built["docker_api"],
-            # The load tests' clients all come from this machine's one address (as locally, infra/local/stack.py).
-            rate_limit_per_s=LOCAL_RATE_LIMIT,
-            rate_limit_burst=LOCAL_RATE_LIMIT,
-            in_flight_per_client=LOCAL_IN_FLIGHT,
-        )
+        inputs = standin_inputs(DOMAIN, network, built)
         spec = build_stack(inputs)
         user_data = render_user_data(
             spec,
