@@ -18,6 +18,7 @@ from app.routes.admin import admin_router
 from app.routes.observations import observations_router
 from app.routes.ops import ops_router
 from app.routes.predict import predict_router
+from app.routes.v2 import V2Error, v2_error, v2_router
 from app.schemas import build_request_schemas
 from app.service import ModelService, NotReady, Prediction
 from app.settings import Settings, get_settings
@@ -61,7 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Regression predictions with conformal prediction intervals and out-of-distribution flags.",
         version="1.0.0",
         lifespan=lifespan,
-        exception_handlers={RequestValidationError: validation_error, StoreUnavailable: store_unavailable},
+        exception_handlers={
+            RequestValidationError: validation_error,
+            StoreUnavailable: store_unavailable,
+            V2Error: v2_error,
+        },
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predict_router(settings, schemas, feature_names),
         observations_router(settings, schemas, feature_names),
         admin_router(),
+        v2_router(settings, schemas, feature_names, dataset.name),
     ):
         app.include_router(router)
     return app

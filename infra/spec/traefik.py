@@ -141,6 +141,9 @@ def traefik_env(inputs: StackInputs) -> dict[str, str]:
     return {"CF_DNS_API_TOKEN_FILE": DNS_TOKEN_PATH} if inputs.acme_challenge == "dns" else {}
 
 
+V2_INFER = "PathRegexp(`^/v2/models/[^/]+(/versions/[^/]+)?/infer$`)"
+
+
 def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]:
     """Route `Host(domain)` on websecure with the resolver; never the private prefix; HSTS on every answer.
 
@@ -165,7 +168,8 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{router}.priority": "10",
         f"{router}.middlewares": f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{ROUTER}-retry,{ROUTER}-headers",
         **{f"{router}.{key}": value for key, value in tls.items()},
-        f"{predict}.rule": f"Host(`{inputs.domain}`) && PathPrefix(`/predict`)",
+        # Predictions, and V2 inference (the same pure function of its input): retried like them.
+        f"{predict}.rule": f"Host(`{inputs.domain}`) && (PathPrefix(`/predict`) || {V2_INFER})",
         f"{predict}.priority": "20",
         f"{predict}.middlewares": (
             f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{PREDICT_ROUTER}-retry,{ROUTER}-headers"

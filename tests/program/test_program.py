@@ -346,7 +346,10 @@ def test_model_service(deployment: Deployment) -> None:
         "referrerpolicy": "no-referrer",
         "contentsecuritypolicy": "frame-ancestors 'none'",
     }
-    assert labels["traefik.http.routers.mlapi-predict.rule"] == "Host(`api.fjord-ml.net`) && PathPrefix(`/predict`)"
+    assert labels["traefik.http.routers.mlapi-predict.rule"] == (
+        "Host(`api.fjord-ml.net`) && (PathPrefix(`/predict`) || "
+        "PathRegexp(`^/v2/models/[^/]+(/versions/[^/]+)?/infer$`))"
+    )
     for router in ("mlapi", "mlapi-predict"):
         assert labels[f"traefik.http.routers.{router}.entrypoints"] == "websecure"
         assert labels[f"traefik.http.routers.{router}.tls.certresolver"] == "letsencrypt"

@@ -111,8 +111,9 @@ def test_workers_join_with_the_token_as_a_secret_and_drain_before_they_go(cluste
     for index in (1, 2):
         join = cluster.one(REMOTE, f"worker-{index}-join")
         assert join.wire["stdin"] and plaintext_strings(join.wire["stdin"]) == []  # the token, marked secret
-        assert 'docker swarm join --token "$token"' in join.inputs["create"]
-        assert f"--advertise-addr 10.44.1.{9 + index}" in join.inputs["create"]
+        assert "--token" not in join.inputs["create"]  # the engine's API, the request on stdin (no argv shows it)
+        assert "--unix-socket /var/run/docker.sock" in join.inputs["create"]
+        assert f'"AdvertiseAddr":"10.44.1.{9 + index}"' in join.inputs["create"]
         assert f"{MANAGER_PRIVATE_IP}:2377" in join.inputs["create"]
         assert join.inputs["connection"]["host"] == cluster.exports["workerIpv4s"][index - 1]
         node = cluster.one(REMOTE, f"worker-{index}-node")

@@ -846,6 +846,28 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
 
 
 # -- lifecycle of the local stack ---------------------------------------------------------------------------------
+def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -> None:
+    """The Open Inference Protocol through Traefik over verified HTTPS: health, metadata, and an inference whose
+    numbers equal /predict's for the same row."""
+    assert https(stack, "GET", "/v2/health/ready")[0] == 200
+    status, _, body = https(stack, "GET", "/v2/models/diabetes")
+    assert status == 200 and json.loads(body)["inputs"][0]["shape"] == [-1, len(FEATURES)]
+    row = record(age=0.02)
+    request = {
+        "id": "edge-1",
+        "parameters": {"confidence": 0.9},
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, len(FEATURES)], "data": [list(row.values())]}],
+    }
+    status, _, body = https(stack, "POST", "/v2/models/diabetes/infer", request)
+    assert status == 200, body
+    answer = json.loads(body)
+    outputs = {tensor["name"]: tensor["data"] for tensor in answer["outputs"]}
+    status, _, body = https(stack, "POST", "/predict", {"features": row, "confidence": 0.9})
+    rest = json.loads(body)
+    assert answer["id"] == "edge-1" and outputs["predict"] == [rest["prediction"]]
+    assert outputs["lower"] == [rest["interval"]["lower"]] and outputs["upper"] == [rest["interval"]["upper"]]
+
+
 def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
     """`make local-up MODEL=<dir>`: the project checked, baked into the model image, rolled out, served over HTTPS
     with its own column names; a plain `up` afterwards is the bundled model again."""

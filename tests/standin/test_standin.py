@@ -83,6 +83,38 @@ def test_swarm_service_with_log_rotation_and_only_traefik_publishes(env: Environ
     assert "-A DOCKER-USER -d 169.254.169.254/32 -j REJECT" in env.ssh("iptables -S DOCKER-USER").stdout
 
 
+# The stand-in has no metadata service. A route of its own sends the address into a bridge with no port, so a packet
+# that got past the firewall would vanish there (a timeout), never leave this machine; the rule answers at once.
+METADATA_DEAD_END = (
+    "ip link show mlapi-nowhere >/dev/null 2>&1 || { ip link add mlapi-nowhere type bridge && "
+    "ip link set mlapi-nowhere up && ip route replace 169.254.169.254/32 dev mlapi-nowhere; }"
+)
+PROBE_METADATA = (
+    "import socket\n"
+    "try:\n"
+    "    socket.create_connection(('169.254.169.254', 80), timeout=5)\n"
+    "    print('connected')\n"
+    "except ConnectionRefusedError:\n"
+    "    print('refused')\n"
+    "except OSError as exc:\n"
+    "    print(type(exc).__name__)\n"
+)
+
+
+def test_a_container_that_tries_the_metadata_service_is_refused(env: Environment) -> None:
+    env.ssh(METADATA_DEAD_END)
+    answer = env.ssh(f"docker exec {TASK} python -c {shlex.quote(PROBE_METADATA)}").stdout.strip()
+    assert answer == "refused", f"a model replica reaching for 169.254.169.254 got: {answer}"
+    # Without the rule the same probe would time out in the dead end: the rule, not the route, refused it.
+    rule = "DOCKER-USER -d 169.254.169.254/32 -j REJECT"
+    env.ssh(f"iptables -D {rule}")
+    try:
+        unguarded = env.ssh(f"docker exec {TASK} python -c {shlex.quote(PROBE_METADATA)}").stdout.strip()
+    finally:
+        env.ssh(f"iptables -I {rule}")
+    assert unguarded in ("TimeoutError", "timeout"), unguarded
+
+
 # 3
 def test_ssh_is_key_only_and_security_upgrades_are_on(env: Environment) -> None:
     attempt = subprocess.run(
