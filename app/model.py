@@ -8,13 +8,10 @@ from datetime import UTC, datetime
 import numpy as np
 from mapie.regression import SplitConformalRegressor
 from pydantic import BaseModel
-from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
-from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from app.data import Dataset, fingerprint
+from app.estimators import build_estimator
 
 CALIBRATION_FRACTION = 0.25
 PSI_BINS = 10
@@ -63,16 +60,6 @@ class ModelMetadata(BaseModel):
         (means, ranges, quantiles: with the operator's own data they are the data)."""
         described = self.model_dump(exclude={"sha256", "features"})
         return {**described, "features": [{"name": feature.name, "type": "number"} for feature in self.features]}
-
-
-def build_estimator(name: str, seed: int):
-    if name == "hist_gradient_boosting":
-        return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, random_state=seed)
-    if name == "random_forest":
-        return RandomForestRegressor(n_estimators=200, min_samples_leaf=3, random_state=seed, n_jobs=1)
-    if name == "ridge":
-        return make_pipeline(StandardScaler(), Ridge(alpha=1.0))
-    raise ValueError(f"MLAPI_ESTIMATOR: unknown estimator {name!r}")
 
 
 def level_key(level: float) -> str:
