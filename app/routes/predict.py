@@ -31,38 +31,27 @@ def not_ready(exc: NotReady) -> HTTPException:
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model not ready")
 
 
-def answer(
+def record_predictions(
     service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
-) -> tuple[str, list[dict[str, Any]]]:
-    """The response items for a prediction, with the rows logged and counted."""
+) -> tuple[list[str], list[float], list[float], list[float]]:
+    """Every answered row logged (under a new prediction id) and counted; the ids and the numbers as Python lists.
+    A row without a finite answer refuses the whole call: inside the accepted ranges it should not happen, and a
+    null or a 500 is never an answer."""
     finite = np.isfinite(result.points) & np.isfinite(result.lower) & np.isfinite(result.upper)
-    if not finite.all():  # inside the accepted ranges this should not happen; never answer null or 500
+    if not finite.all():
         bad = np.flatnonzero(~finite)[:MAX_ERRORS].tolist()
         raise RequestValidationError(
             [{"type": "value_error", "loc": ["body", i], "msg": "these inputs give no finite prediction"} for i in bad]
         )
     latency_ms = (time.perf_counter() - started) * 1000 / len(X)
     now = time.time()
-    # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
-    # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
     points, lower, upper = result.points.tolist(), result.lower.tolist(), result.upper.tolist()
+    ids = [uuid.uuid4().hex for _ in points]
     rows = X.tolist()
-    items: list[dict[str, Any]] = []
-    records: list[PredictionRecord] = []
-    for i, reasons in enumerate(result.ood):
-        prediction_id = uuid.uuid4().hex
-        flagged = [reason.__dict__ for reason in reasons]
-        items.append(
-            {
-                "prediction_id": prediction_id,
-                "prediction": points[i],
-                "interval": {"lower": lower[i], "upper": upper[i], "confidence": confidence},
-                "out_of_distribution": {"flag": bool(flagged), "reasons": flagged},
-            }
-        )
-        records.append(
+    service.prediction_log.record(
+        [
             PredictionRecord(
-                prediction_id,
+                ids[i],
                 now,
                 result.version,
                 rows[i],
@@ -70,15 +59,37 @@ def answer(
                 lower[i],
                 upper[i],
                 confidence,
-                bool(flagged),
+                bool(reasons),
                 latency_ms,
             )
-        )
-    service.prediction_log.record(records)
+            for i, reasons in enumerate(result.ood)
+        ]
+    )
     service.metrics.predictions.labels(route).inc(len(X))
     flagged = sum(1 for reasons in result.ood if reasons)
     if flagged:
         service.metrics.ood.inc(flagged)
+    return ids, points, lower, upper
+
+
+def answer(
+    service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
+) -> tuple[str, list[dict[str, Any]]]:
+    """The response items for a prediction, with the rows logged and counted."""
+    ids, points, lower, upper = record_predictions(service, X, result, confidence, route, started)
+    # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
+    # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
+    items: list[dict[str, Any]] = []
+    for i, reasons in enumerate(result.ood):
+        flagged = [reason.__dict__ for reason in reasons]
+        items.append(
+            {
+                "prediction_id": ids[i],
+                "prediction": points[i],
+                "interval": {"lower": lower[i], "upper": upper[i], "confidence": confidence},
+                "out_of_distribution": {"flag": bool(flagged), "reasons": flagged},
+            }
+        )
     return result.version, items
 
 

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.routes.common import Service
-from app.routes.predict import answer
+from app.routes.predict import record_predictions
 from app.schemas import RequestSchemas
 from app.service import ModelService, NotReady
 from app.settings import Settings
@@ -218,9 +218,12 @@ def v2_router(
         },
     )
 
-    def served_version(service: ModelService, name: str, version: str | None) -> str:
+    def known(name: str) -> None:
         if name != model_name:
             raise V2Error(404, f"model {name!r} is not served here; this server serves {model_name!r}")
+
+    def served_version(service: ModelService, name: str, version: str | None) -> str:
+        known(name)
         predictor = service.current
         if predictor is None:
             raise V2Error(503, "model not ready")
@@ -270,8 +273,7 @@ def v2_router(
         return metadata(service, name, version)
 
     def model_ready(service: ModelService, name: str, version: str | None) -> JSONResponse:
-        if name != model_name:
-            raise V2Error(404, f"model {name!r} is not served here; this server serves {model_name!r}")
+        known(name)
         loaded = service.current is not None and version in (None, service.current.metadata.version)
         return JSONResponse({"name": name, "ready": loaded}, status_code=200 if loaded else 503)
 
@@ -298,7 +300,7 @@ def v2_router(
         except NotReady:
             raise V2Error(503, "model not ready") from None
         try:
-            served, _ = answer(service, X, result, float(confidence), "v2_infer", started)  # logged and metered
+            record_predictions(service, X, result, float(confidence), "v2_infer", started)  # logged and metered
         except RequestValidationError:
             raise V2Error(400, "these inputs give no finite prediction") from None
         arrays = {
@@ -310,7 +312,7 @@ def v2_router(
         outputs, chunks = output_tensors(arrays, request)
         document: dict[str, Any] = {
             "model_name": model_name,
-            "model_version": served,
+            "model_version": result.version,
             "parameters": {"confidence": confidence},
             "outputs": outputs,
         }
