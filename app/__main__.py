@@ -12,8 +12,12 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
 
 from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from app.data import Dataset
 
 
 def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
@@ -53,14 +57,14 @@ def _metrics() -> int:
     return 0
 
 
-def _train() -> int:
+def _train(dataset: Dataset) -> int:
     """Offline: make sure a current model exists (used at first start or in an image build)."""
     from prometheus_client import CollectorRegistry
 
     from app.metrics import ServiceMetrics
     from app.service import ModelService
 
-    service = ModelService(get_settings(), ServiceMetrics(CollectorRegistry()))
+    service = ModelService(get_settings(), ServiceMetrics(CollectorRegistry()), dataset)
     try:
         service.start()
         if service.current is None:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     drift.add_argument("--window", type=int, default=1000)
     args = parser.parse_args(argv)
 
-    if args.command in ("serve", "train", "check"):
+    if args.command in ("train", "check"):
         from app.data import DatasetError, load_configured
 
         try:  # a project or dataset that cannot be served stops here, with the reason, not in a traceback
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(f"{dataset.name}: {len(dataset)} rows, features {list(dataset.feature_names)}")
             return 0
+        return _train(dataset)
     if args.command == "serve":
         import logging
 
@@ -140,8 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
             # Lowered for good: without CAP_SYS_RESOURCE (the task has no capability) nothing can raise it again.
             resource.setrlimit(resource.RLIMIT_NPROC, (settings.process_limit, settings.process_limit))
+        from app.data import DatasetError
+
+        try:  # the app, built once (its data loaded once); one that cannot be served stops here, with the reason
+            from app.main import app
+        except DatasetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         config = uvicorn.Config(
-            "app.main:app",
+            app,
             host=settings.host,
             port=settings.port,
             proxy_headers=True,
@@ -154,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "init":
         return _init(args.data, args.project, args.target, args.task, args.name, args.ignore)
-    if args.command == "train":
-        return _train()
     if args.command == "retrain":
         return _admin_call("POST", "/admin/retrain")
     if args.command == "metrics":

@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = ModelService(settings, metrics)
+        service = ModelService(settings, metrics, dataset)
         service.start()
         # Start-up leaves ~160k long-lived objects (scikit-learn, SciPy, the model). A full collection scans them all
         # (~100 ms on these machines) and stalls whichever requests are in flight: frozen, it scans only newer ones.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.data import Dataset, load_configured, split_holdout
+from app.data import Dataset, split_holdout
 from app.metrics import ServiceMetrics
 from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
 from app.registry import Registry, RegistryError
@@ -69,13 +69,14 @@ HOLDOUT_NEIGHBOURHOOD = 1e-3  # of each feature's training span: closer than thi
 
 
 class ModelService:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, dataset: Dataset) -> None:
+        """``dataset``: the configured data (app.data.load_configured), loaded once by whoever builds the app."""
         self.settings = settings
         self.metrics = metrics
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry: Registry | SharedRegistry
         self.prediction_log: PredictionLog
-        self.dataset = load_configured(settings)
+        self.dataset = dataset
         self.registry, self.prediction_log = open_stores(settings, metrics.log_dropped.inc, self.dataset.store)
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.ptp(self.dataset.X, axis=0)

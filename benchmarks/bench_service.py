@@ -26,6 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_diabetes
 
+from app.data import load_configured
 from app.metrics import ServiceMetrics
 from app.service import ModelService
 from app.settings import Settings
@@ -45,7 +46,8 @@ def rows(n: int) -> np.ndarray:
 
 
 def raw_rows_per_second(data_dir: Path, seconds: float) -> float:
-    service = ModelService(Settings(data_dir=data_dir), ServiceMetrics(CollectorRegistry()))
+    settings = Settings(data_dir=data_dir)
+    service = ModelService(settings, ServiceMetrics(CollectorRegistry()), load_configured(settings))
     service.start()
     predictor = service.current
     X = rows(BATCH_ROWS)
