@@ -81,11 +81,6 @@ class ModelProject:
     directory: Path
     model: ModelSection
     features: dict[str, FeatureSpec]  # in the data's column order; declared or inferred
-    declared: bool  # the schema came from mlapi.toml, not from the data
-
-    @property
-    def data_path(self) -> Path:
-        return self.directory / self.model.data
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -168,7 +163,7 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
         features = {name: declared[name] for name in data_features}
     else:
         features = infer_schema(frame[data_features])
-    project = ModelProject(directory, parsed.model, features, declared=bool(declared))
+    project = ModelProject(directory, parsed.model, features)
     return project, typed(project, frame)  # the data must fit the schema before anything trains on it
 
 

@@ -246,8 +246,8 @@ def check_project(project: Path) -> None:
 
 
 def build_project_image(client: docker.DockerClient, model_image: str, project: Path) -> str:
-    """The model image with a model project in it: the service reads it from MLAPI_MODEL_PROJECT."""
-    check_project(project)
+    """The model image with a model project in it: the service reads it from MLAPI_MODEL_PROJECT. The caller has
+    checked the project (check_project), before anything was built."""
     files = sorted(p for p in project.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     digest = content_hash(model_image, *(str(p.relative_to(project)) for p in files), *(p.read_bytes() for p in files))
     tag = f"mlapi-model-project:{digest}"
