@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.shims import shim_dir
+
 SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "install"
 TOOLS = ("date", "seq", "sleep", "tail", "nohup", "cat", "touch", "rm", "chmod")
 
@@ -34,13 +36,7 @@ def machine(tmp_path: Path, *, engine_installed: bool, engine_running: bool) -> 
     bin_dir.mkdir()
     for tool in TOOLS:
         (bin_dir / tool).symlink_to(shutil.which(tool) or pytest.fail(f"{tool} is not on this machine"))
-    for name, text in {
-        "apt-get": APT_GET,
-        "docker": DOCKER,
-        **({"dockerd": DOCKERD} if engine_installed else {}),
-    }.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    shim_dir(bin_dir, {"apt-get": APT_GET, "docker": DOCKER, **({"dockerd": DOCKERD} if engine_installed else {})})
     if engine_running:
         (tmp_path / "running").touch()
     (tmp_path / "calls").touch()

@@ -15,6 +15,7 @@ from app.predlog import StorageFull
 from infra.host.backup import PG_DUMP
 from infra.host.cluster_plan import render_node_drain, render_node_ready, render_worker_join
 from tests.support.service import ingest_headers, record
+from tests.support.shims import shim_dir
 
 NODE_ID = "k3j9x0q2m5v8b1n4c7z6w0e2r"
 PLANTED = [
@@ -30,11 +31,8 @@ PLANTED = [
 @pytest.mark.parametrize("render", [lambda node: render_node_ready(node, "worker-1"), render_node_drain])
 def test_a_node_id_that_is_not_one_runs_nothing(printed: str, render, tmp_path: Path) -> None:
     victim = tmp_path / "pwned"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "docker-calls"
-    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "docker").chmod(0o755)
+    bin_dir = shim_dir(tmp_path / "bin", {"docker": f'echo "$@" >> {calls}'})
     script = render(printed.format(victim=victim))
     result = subprocess.run(["sh", "-c", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True,
                             text=True, timeout=30)  # fmt: skip
@@ -50,10 +48,7 @@ def test_a_node_id_is_used_as_printed() -> None:
 
 
 def test_the_database_dump_is_staged_readable_by_root_only(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "docker").write_text("#!/bin/sh\ncase $1 in ps) echo 0123abcd ;; exec) echo PGDMP-bytes ;; esac\n")
-    (bin_dir / "docker").chmod(0o755)
+    bin_dir = shim_dir(tmp_path / "bin", {"docker": "case $1 in ps) echo 0123abcd ;; exec) echo PGDMP-bytes ;; esac"})
     stage = tmp_path / "stage"
     stage.mkdir()
     result = subprocess.run(
@@ -86,17 +81,14 @@ def test_a_storage_error_is_not_echoed_to_the_client(client, monkeypatch: pytest
 def test_the_join_token_is_on_no_command_line(tmp_path: Path) -> None:
     """The worker joins through the engine's API with the request on stdin: no process shows the token."""
     token = "SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx"
-    bin_dir, argv_log, stdin_log = tmp_path / "bin", tmp_path / "argv", tmp_path / "stdin"
-    bin_dir.mkdir()
+    argv_log, stdin_log = tmp_path / "argv", tmp_path / "stdin"
     shims = {
         "ip": "echo '2: eth1    inet 10.0.1.11/32 scope global eth1'",
         "docker": 'echo "docker $*" >> ' + str(argv_log) + '\ncase "$*" in *LocalNodeState*) echo inactive ;; '
         f"*NodeID*) echo {NODE_ID} ;; esac",
         "curl": 'echo "curl $*" >> ' + str(argv_log) + f"\ncat > {stdin_log}",
     }
-    for name, body in shims.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
+    bin_dir = shim_dir(tmp_path / "bin", shims)
     script = render_worker_join("10.0.1.11").replace("/var/lib/mlapi", str(tmp_path / "state"))
     result = subprocess.run(["sh", "-c", script], input=token, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=30)  # fmt: skip

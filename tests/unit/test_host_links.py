@@ -21,6 +21,7 @@ from infra.spec.inputs import StackInputs
 from infra.spec.stack import MODEL_UID, SWARM_ADVERTISE_ADDR, TRAEFIK_UID, build_stack
 from infra.spec.traefik import DNS_TOKEN_FILE, TLS_FILE, tls_options_yaml
 from infra.spec.types import StackSpec
+from tests.support.shims import shim_dir
 
 VICTIM_TEXT = "root's own file: no container may change it\n"
 
@@ -130,17 +131,14 @@ def test_the_dns_token_is_written_as_traefik_not_through_its_link(data_root: Pat
 @pytest.fixture
 def docker_shim(tmp_path: Path) -> dict[str, str]:
     """A swarm manager that is already where it should be: only the marker part of the step does anything."""
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "docker").write_text(
-        "#!/bin/sh\n"
+    docker = (
         'case "$*" in\n'
         "  *LocalNodeState*) echo active ;;\n"
         f"  *NodeAddr*) echo {SWARM_ADVERTISE_ADDR} ;;\n"
         "  *NodeID*) echo nodeid ;;\n"
-        "esac\n"
+        "esac"
     )
-    (shim / "docker").chmod(0o755)
+    shim = shim_dir(tmp_path / "bin", {"docker": docker})
     return {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
 
 
