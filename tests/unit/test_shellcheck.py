@@ -61,8 +61,8 @@ def shellcheck() -> str:
 
 
 def test_the_collection_finds_the_scripts_that_matter() -> None:
-    names = "\n".join(scripts_of(CONFIGS["backups"]))
-    texts = "\n".join(scripts_of(CONFIGS["backups"]).values())
+    scripts = scripts_of(CONFIGS["backups"])
+    names, texts = "\n".join(scripts), "\n".join(scripts.values())
     assert "host-setup create" in names and "user-data runcmd" in names
     assert "mlapi-backup [check]" in texts and "mlapi-restore" in texts  # the installed backup scripts, decoded
 
