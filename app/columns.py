@@ -2,7 +2,8 @@
 
 Parsed by pydantic-core straight from the body's bytes (no Python JSON objects, no model per row) into one NumPy
 array; the accepted ranges are then checked for the whole array at once. Same rules and error shapes as the record
-form: a value outside its feature's range is a 422 that names the row and the column.
+form: a value outside its feature's range is a 422 that names the row and the column. A typed project's rows (text,
+booleans, gaps) are checked row by row with the record form's model instead, then encoded (app/tabular.py).
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from app.limits import MAX_ERRORS, too_many_errors
-from app.schemas import AcceptedRanges
+from app.schemas import AcceptedRanges, RequestSchemas
 
 
-def parse_columns(
-    body: bytes, model: type[BaseModel], feature_names: Sequence[str], ranges: AcceptedRanges
-) -> tuple[np.ndarray, float]:
+def parse_columns(body: bytes, schemas: RequestSchemas) -> tuple[np.ndarray, float]:
     """The rows as an array in the model's feature order, and the confidence; RequestValidationError otherwise."""
+    feature_names, ranges = schemas.schema.names, schemas.ranges
     try:
-        request = model.model_validate_json(body)
+        request = schemas.columns.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
@@ -48,6 +48,8 @@ def parse_columns(
             ]
         )
     request_columns = [columns.index(name) for name in feature_names]  # where each feature is in a row as sent
+    if not schemas.schema.plain:
+        return typed_rows(request.rows, columns, schemas.features, schemas), request.confidence  # type: ignore[attr-defined]
     X = np.array(request.rows, dtype=np.float64)[:, request_columns]  # type: ignore[attr-defined]
     errors = out_of_range(X, feature_names, ranges, request_columns)
     if errors:
@@ -81,3 +83,27 @@ def out_of_range(
     if len(rows) > MAX_ERRORS:
         errors.append(too_many_errors(len(rows) - MAX_ERRORS))
     return errors
+
+
+def typed_rows(
+    rows: list[list[Any]], columns: list[str], features: type[BaseModel], schemas: RequestSchemas
+) -> np.ndarray:
+    """Each row validated as the record form's ``features`` object, errors located at the row and the column."""
+    records, errors, more = [], [], 0
+    for index, row in enumerate(rows):
+        try:
+            records.append(features.model_validate(dict(zip(columns, row, strict=True))))
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                if len(errors) >= MAX_ERRORS:
+                    more += 1
+                    continue
+                name = error["loc"][0] if error["loc"] else None
+                where = columns.index(name) if name in columns else None
+                located = ("body", "rows", index) if where is None else ("body", "rows", index, where)
+                errors.append({**error, "loc": located})
+    if more:
+        errors.append(too_many_errors(more))
+    if errors:
+        raise RequestValidationError(errors)
+    return schemas.rows(records)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from app.project import PROJECT_FILE, ProjectError, open_project
+from app.project import ProjectError, open_project
 from app.settings import Settings
+from app.tabular import Column, Schema
 
 HOLDOUT_FRACTION = 0.2
 
@@ -27,8 +28,13 @@ class Dataset:
     y: np.ndarray
     name: str = "diabetes"  # the model's name in the API
     store: str = ""  # where this data's registry and prediction log live, under the data dir ("": the data dir)
+    schema: Schema = field(default=None)  # type: ignore[assignment]  # None: numbers without gaps, a regression
 
     def __post_init__(self) -> None:
+        if self.schema is None:
+            object.__setattr__(self, "schema", Schema.numbers(self.feature_names))
+        if self.schema.names != tuple(self.feature_names):
+            raise DatasetError(f"the schema's features {self.schema.names} are not {self.feature_names}")
         if self.X.ndim != 2 or self.X.shape[1] != len(self.feature_names):
             raise DatasetError(f"X has shape {self.X.shape}, expected (n, {len(self.feature_names)})")
         if len(self.X) != len(self.y):
@@ -40,7 +46,10 @@ class Dataset:
     def extend(self, X: np.ndarray, y: np.ndarray) -> Dataset:
         if len(y) == 0:
             return self
-        return Dataset(self.feature_names, np.vstack([self.X, X]), np.concatenate([self.y, y]), self.name, self.store)
+        return replace(self, X=np.vstack([self.X, X]), y=np.concatenate([self.y, y]))
+
+    def rows(self, index: np.ndarray) -> Dataset:
+        return replace(self, X=self.X[index], y=self.y[index])
 
 
 def fingerprint(X: np.ndarray, y: np.ndarray) -> str:
@@ -63,27 +72,24 @@ def load_configured(settings: Settings) -> Dataset:
 
 
 def load_project_dataset(directory: Path) -> Dataset:
-    """A model project's data, as far as this version serves it: regression on number and integer features without
-    gaps. Anything else is refused before serving, naming what the project asks for."""
+    """A model project's data in the service's numeric form (app/tabular.py), with the project's schema."""
     try:
         project, data = open_project(directory)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
-    where = f"MLAPI_MODEL_PROJECT: {directory / PROJECT_FILE}"
-    if project.model.task != "regression":
-        raise DatasetError(
-            f"{where}: model.task = {project.model.task!r}: this version serves regression only; classification "
-            "(labels, probabilities, conformal prediction sets) is not served yet"
-        )
-    unsupported = {n: s for n, s in project.features.items() if s.type not in ("number", "integer") or s.nullable}
-    if unsupported:
-        described = ", ".join(f"{n!r} ({s.type}{', nullable' if s.nullable else ''})" for n, s in unsupported.items())
-        raise DatasetError(
-            f"{where}: features {described}: this version serves number and integer features without gaps only"
-        )
-    X = data.features.to_numpy(dtype=np.float64)
-    y = data.target.to_numpy(dtype=np.float64)
-    return Dataset(project.feature_names, X, y, project.model.name, f"projects/{project.store_key()}")
+    columns = tuple(
+        Column(name, spec.type, spec.nullable, tuple(spec.values or ())) for name, spec in project.features.items()
+    )
+    classes = tuple(sorted(set(data.target))) if project.model.task == "classification" else ()
+    schema = Schema(columns, project.model.task, classes)
+    return Dataset(
+        project.feature_names,
+        schema.encode_frame(data.features),
+        schema.encode_target(list(data.target)),
+        project.model.name,
+        f"projects/{project.store_key()}",
+        schema,
+    )
 
 
 def load_dataset(source: str, target_column: str = "target") -> Dataset:
@@ -119,11 +125,24 @@ def _load_csv(path: Path, target_column: str) -> Dataset:
 
 
 def split_holdout(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
-    """(development, holdout): the holdout is fixed by the seed and never used for fitting."""
-    order = np.random.default_rng(seed).permutation(len(data))
-    n_holdout = max(1, round(len(data) * HOLDOUT_FRACTION))
-    hold, dev = order[:n_holdout], order[n_holdout:]
-    return (
-        Dataset(data.feature_names, data.X[dev], data.y[dev], data.name, data.store),
-        Dataset(data.feature_names, data.X[hold], data.y[hold], data.name, data.store),
-    )
+    """(development, holdout): the holdout is fixed by the seed and never used for fitting; for a classification,
+    stratified, so every class is judged in its share."""
+    rng = np.random.default_rng(seed)
+    return split_share(data, HOLDOUT_FRACTION, rng, minimum=1)
+
+
+def split_share(data: Dataset, fraction: float, rng: np.random.Generator, minimum: int) -> tuple[Dataset, Dataset]:
+    """(the rest, about ``fraction`` of the rows but at least ``minimum``), drawn per class for a classification."""
+    order = rng.permutation(len(data))
+    if data.schema.task != "classification":
+        n_share = max(minimum, round(len(data) * fraction))
+        return data.rows(order[n_share:]), data.rows(order[:n_share])
+    shares = []
+    for code in range(len(data.schema.classes)):
+        members = order[data.y[order] == code]  # this class's rows, in the shuffled order
+        shares.append(members[: round(len(members) * fraction)])
+    share = np.concatenate(shares)
+    if len(share) < minimum:
+        share = np.concatenate([share, np.setdiff1d(order, share)[: minimum - len(share)]])
+    rest = order[~np.isin(order, share)]
+    return data.rows(rest), data.rows(share)

@@ -1,30 +1,49 @@
-"""Training, conformal calibration (MAPIE split conformal), evaluation and out-of-distribution checks."""
+"""Training, conformal calibration (MAPIE split conformal), evaluation and out-of-distribution checks.
+
+Regression answers with intervals (``SplitConformalRegressor``); classification with the label, the class
+probabilities and a conformal prediction set (``SplitConformalClassifier`` with the APS score, the top label always
+included: a set grows with the input's ambiguity and is never empty; docs/model-projects.md says why that one).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+import sklearn
+from mapie.classification import SplitConformalClassifier
 from mapie.regression import SplitConformalRegressor
 from pydantic import BaseModel
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
 
-from app.data import Dataset, fingerprint
-from app.estimators import build_estimator
+from app.data import Dataset, fingerprint, split_share
+from app.estimators import build_pipeline
+from app.tabular import Column, Schema
 
 CALIBRATION_FRACTION = 0.25
 PSI_BINS = 10
+CONFORMITY_SCORE = "aps"  # LAC gave smaller sets but an empty one for exactly the ambiguous inputs
 
 
 class FeatureProfile(BaseModel):
     name: str
+    type: str = "number"  # number | integer | boolean | category (versions from before projects: number)
+    nullable: bool = False
+    values: list[str] = []  # a category's closed set, in code order
+    missing: float = 0.0  # share of gaps in the training data
     mean: float
     std: float
     min: float
     max: float
-    bin_edges: list[float]  # interior quantile edges of the training data, for drift (PSI)
+    bin_edges: list[float]  # interior quantile edges of the training data, for drift (PSI); categories: k + 0.5
     bin_fractions: list[float]  # share of the training data in each bin (not uniform for discrete features)
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in ("number", "integer")
 
 
 class HoldoutMetrics(BaseModel):
@@ -34,9 +53,31 @@ class HoldoutMetrics(BaseModel):
     coverage: dict[str, float]  # confidence level -> fraction of holdout targets inside the interval
     mean_interval_width: dict[str, float]
 
+    @property
+    def score(self) -> float:
+        return self.rmse
+
+
+class ClassificationMetrics(BaseModel):
+    accuracy: float
+    macro_f1: float
+    log_loss: float
+    coverage: dict[str, float]  # confidence level -> fraction of holdout labels inside the prediction set
+    mean_set_size: dict[str, float]
+
+    @property
+    def score(self) -> float:
+        return self.log_loss
+
+
+PROMOTION_METRIC = {"regression": "rmse", "classification": "log_loss"}  # lower is better for both
+
 
 class ModelMetadata(BaseModel):
     name: str = ""  # the model project's name ("" in versions from before projects)
+    task: str = "regression"
+    classes: list[str] = []  # classification: the labels, in the order of the probabilities
+    sklearn_version: str = ""  # scikit-learn it was trained with ("" in versions from before it was recorded)
     version: str = ""
     parent: str | None = None
     created_at: str
@@ -48,7 +89,7 @@ class ModelMetadata(BaseModel):
     n_observations: int
     confidence_levels: list[float]
     features: list[FeatureProfile]
-    metrics: HoldoutMetrics
+    metrics: HoldoutMetrics | ClassificationMetrics
     sha256: str = ""  # of the skops file; checked before the file is parsed
 
     @property
@@ -59,7 +100,11 @@ class ModelMetadata(BaseModel):
         """What anyone may see: the model, its schema and its holdout metrics, never the training data's statistics
         (means, ranges, quantiles: with the operator's own data they are the data)."""
         described = self.model_dump(exclude={"sha256", "features"})
-        return {**described, "features": [{"name": feature.name, "type": "number"} for feature in self.features]}
+        return {**described, "promotion_metric": PROMOTION_METRIC[self.task], "features": self.schema().describe()}
+
+    def schema(self) -> Schema:
+        columns = tuple(Column(f.name, f.type, f.nullable, tuple(f.values)) for f in self.features)
+        return Schema(columns, "classification" if self.task == "classification" else "regression", tuple(self.classes))
 
 
 def level_key(level: float) -> str:
@@ -70,7 +115,7 @@ def level_key(level: float) -> str:
 class Predictor:
     """A fitted conformal model plus the metadata it is served with."""
 
-    conformal: SplitConformalRegressor
+    conformal: SplitConformalRegressor | SplitConformalClassifier
     metadata: ModelMetadata
     # Per level, the distance from the point down to the lower bound and up to the upper one, when they are the same
     # for every input; None until measured, () when they are not.
@@ -93,13 +138,17 @@ class Predictor:
         spread over the training range; a score whose width depends on the input (the widths differ there) keeps
         MAPIE computing every interval."""
         if self._offsets is None:
+            if self.metadata.task == "classification":
+                self._offsets = ()
+                return self._offsets
             features = self.metadata.features
-            probes = np.array(
+            numeric = np.array([f.numeric for f in features])
+            probes = np.array(  # codes of categories and booleans stay 0: a valid value of each
                 [
-                    [f.mean for f in features],
-                    [f.min for f in features],
-                    [f.max for f in features],
-                    [f.mean + f.std for f in features],
+                    np.where(numeric, [f.mean for f in features], 0.0),
+                    np.where(numeric, [f.min for f in features], 0.0),
+                    np.where(numeric, [f.max for f in features], 0.0),
+                    np.where(numeric, [f.mean + f.std for f in features], 0.0),
                 ]
             )
             points, intervals = self.conformal.predict_interval(probes)
@@ -112,29 +161,55 @@ class Predictor:
     def point(self, X: np.ndarray) -> np.ndarray:
         return self.conformal.predict(X)
 
+    def classify(self, X: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (rows sum to 1, columns in ``metadata.classes`` order) and the conformal prediction
+        set at ``confidence`` as a boolean matrix of the same shape."""
+        index = self.metadata.confidence_levels.index(confidence)
+        # MAPIE 1.6 has no predict_proba of its own: the fitted estimator it wraps (prefit) answers it.
+        probabilities = self.conformal._estimator.predict_proba(X)
+        _, sets = self.conformal.predict_set(X)
+        return probabilities, sets[:, :, index]
+
 
 def profile_features(data: Dataset) -> list[FeatureProfile]:
+    """Per feature, what OOD checks and drift compare against: for a measurement its moments, range and deciles;
+    for a category or boolean the share of each value (bins at the codes)."""
     profiles = []
     quantiles = np.linspace(0, 1, PSI_BINS + 1)[1:-1]
-    for i, name in enumerate(data.feature_names):
-        column = data.X[:, i]
-        edges = np.unique(np.quantile(column, quantiles))
-        counts = np.bincount(np.searchsorted(edges, column, side="right"), minlength=len(edges) + 1)
+    for i, column in enumerate(data.schema.columns):
+        values = data.X[:, i]
+        present = values[~np.isnan(values)]
+        if not len(present):
+            raise ValueError(f"feature {column.name!r} has no values in the training data")
+        if column.numeric:
+            edges = np.unique(np.quantile(present, quantiles))
+        else:
+            n_values = len(column.values) if column.type == "category" else 2
+            edges = np.arange(n_values - 1) + 0.5
+        counts = np.bincount(np.searchsorted(edges, present, side="right"), minlength=len(edges) + 1)
         profiles.append(
             FeatureProfile(
-                name=name,
-                mean=float(column.mean()),
-                std=float(column.std()),
-                min=float(column.min()),
-                max=float(column.max()),
+                name=column.name,
+                type=column.type,
+                nullable=column.nullable,
+                values=list(column.values),
+                missing=float(1 - len(present) / len(values)),
+                mean=float(present.mean()),
+                std=float(present.std()),
+                min=float(present.min()),
+                max=float(present.max()),
                 bin_edges=[float(edge) for edge in edges],
-                bin_fractions=[float(count) for count in counts / len(column)],
+                bin_fractions=[float(count) for count in counts / len(present)],
             )
         )
     return profiles
 
 
-def evaluate(conformal: SplitConformalRegressor, levels: list[float], holdout: Dataset) -> HoldoutMetrics:
+def evaluate(
+    conformal: SplitConformalRegressor | SplitConformalClassifier, levels: list[float], holdout: Dataset
+) -> HoldoutMetrics | ClassificationMetrics:
+    if isinstance(conformal, SplitConformalClassifier):
+        return evaluate_classifier(conformal, levels, holdout)
     points, intervals = conformal.predict_interval(holdout.X)
     if not np.isfinite(points).all() or not np.isfinite(intervals).all():
         raise ValueError("candidate produced non-finite predictions on the holdout")
@@ -152,6 +227,29 @@ def evaluate(conformal: SplitConformalRegressor, levels: list[float], holdout: D
     )
 
 
+def evaluate_classifier(
+    conformal: SplitConformalClassifier, levels: list[float], holdout: Dataset
+) -> ClassificationMetrics:
+    n_classes = len(holdout.schema.classes)
+    probabilities = conformal._estimator.predict_proba(holdout.X)
+    if not np.isfinite(probabilities).all():
+        raise ValueError("candidate produced non-finite probabilities on the holdout")
+    labels, sets = conformal.predict_set(holdout.X)
+    truth = holdout.y.astype(np.intp)
+    coverage, size = {}, {}
+    for index, level in enumerate(levels):
+        members = sets[:, :, index]
+        coverage[level_key(level)] = float(np.mean(members[np.arange(len(truth)), truth]))
+        size[level_key(level)] = float(np.mean(members.sum(axis=1)))
+    return ClassificationMetrics(
+        accuracy=float(accuracy_score(truth, labels)),
+        macro_f1=float(f1_score(truth, labels, average="macro", labels=range(n_classes), zero_division=0)),
+        log_loss=float(log_loss(truth, probabilities, labels=range(n_classes))),
+        coverage=coverage,
+        mean_set_size=size,
+    )
+
+
 def train(
     development: Dataset,
     holdout: Dataset,
@@ -160,17 +258,41 @@ def train(
     levels: list[float],
     seed: int,
     n_observations: int = 0,
+    user_pipeline: Any = None,
 ) -> Predictor:
     """Fit on part of ``development``, conformalize on the rest, measure on ``holdout``."""
-    order = np.random.default_rng(seed + 1).permutation(len(development))
-    n_calibration = max(10, round(len(development) * CALIBRATION_FRACTION))
-    calibration, fit = order[:n_calibration], order[n_calibration:]
-    X_fit, y_fit = development.X[fit], development.y[fit]
-    model = build_estimator(estimator, seed).fit(X_fit, y_fit)
-    conformal = SplitConformalRegressor(model, confidence_level=list(levels), prefit=True)
-    conformal.conformalize(development.X[calibration], development.y[calibration])
+    fit, calibration = split_share(development, CALIBRATION_FRACTION, np.random.default_rng(seed + 1), minimum=10)
+    for level in levels:  # split conformal needs more scores than 1/(1-level) to place the quantile at all
+        needed = math.ceil(max(1 / (1 - level), 1 / level))
+        if len(calibration) < needed:
+            raise ValueError(
+                f"{len(calibration)} calibration rows are too few for the confidence level {level:g}: it needs "
+                f"{needed}, which takes about {math.ceil(needed / CALIBRATION_FRACTION / 0.8)} rows of data "
+                "(or drop the level from MLAPI_CONFIDENCE_LEVELS)"
+            )
+    schema = development.schema
+    model = build_pipeline(schema, estimator, seed, user_pipeline)
+    if schema.task == "classification":
+        missing = sorted(set(range(len(schema.classes))) - set(fit.y.astype(int).tolist()))
+        if missing:
+            raise ValueError(
+                f"classes {[schema.classes[code] for code in missing]} have too few rows to train on: each class "
+                "needs rows in the fitting, calibration and holdout shares (a few dozen or more)"
+            )
+        model.fit(fit.X, fit.y.astype(np.intp))
+        conformal: SplitConformalRegressor | SplitConformalClassifier = SplitConformalClassifier(
+            model, confidence_level=list(levels), conformity_score=CONFORMITY_SCORE, prefit=True, random_state=seed
+        )  # seeded: APS randomises its calibration scores, and the same data must give the same model
+        conformal.conformalize(calibration.X, calibration.y.astype(np.intp))
+    else:
+        model.fit(fit.X, fit.y)
+        conformal = SplitConformalRegressor(model, confidence_level=list(levels), prefit=True)
+        conformal.conformalize(calibration.X, calibration.y)
     metadata = ModelMetadata(
         name=development.name,
+        task=schema.task,
+        classes=list(schema.classes),
+        sklearn_version=sklearn.__version__,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         estimator=estimator,
         data_fingerprint=fingerprint(development.X, development.y),
@@ -208,7 +330,9 @@ def out_of_distribution(
     high = np.array([p.max for p in profiles])
     slack = (high - low) * range_tolerance
     z = (X - mean) / std
-    flagged = (low - slack > X) | (high + slack < X) | (np.abs(z) > z_threshold)
+    # Measurements only (a category's code has no distance), and a gap is never out: NaN compares False.
+    numeric = np.array([p.numeric for p in profiles], dtype=bool)
+    flagged = ((low - slack > X) | (high + slack < X) | (np.abs(z) > z_threshold)) & numeric
     reasons: list[list[OutOfRange]] = []
     for row_index in range(len(X)):
         row = []
@@ -228,7 +352,11 @@ def out_of_distribution(
 
 
 def population_stability(values: np.ndarray, profile: FeatureProfile) -> float:
-    """PSI of recent ``values`` against the training deciles of one feature (>0.25 is usually called drift)."""
+    """PSI of recent ``values`` against the training deciles (a category: the value shares) of one feature (>0.25 is
+    usually called drift). Gaps are left out: a window of gaps only has nothing to compare, 0."""
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return 0.0
     edges = np.asarray(profile.bin_edges)
     bins = len(edges) + 1
     expected = np.asarray(profile.bin_fractions)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg import errors as pg_errors
 
 from app.predlog import PredictionLog
@@ -56,12 +57,31 @@ def wait_for_database(conninfo: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
-def connect(conninfo: str, timeout_s: int, schema: str, schema_lock: int) -> psycopg.Connection:
-    """A connection with ``schema`` in place. Autocommit: reads hold no transaction open between requests; writes
-    use explicit transactions. Replicas starting together create the schema one at a time (``schema_lock``)."""
+def namespace_of(store: str) -> str | None:
+    """The PostgreSQL schema (namespace) of a model project's store, so each project and schema keeps its own
+    tables in the one database: ``projects/penguins-58ef80a0dfaa`` -> ``mlapi_penguins_58ef80a0dfaa``. None: the
+    tables of the data from before projects, in the default namespace."""
+    if not store:
+        return None
+    key = store.removeprefix("projects/")
+    name, _, digest = key.rpartition("-")
+    safe = "".join(c if c.isalnum() else "_" for c in name.lower())[:40]
+    return f"mlapi_{safe}_{digest}"
+
+
+def connect(
+    conninfo: str, timeout_s: int, schema: str, schema_lock: int, namespace: str | None = None
+) -> psycopg.Connection:
+    """A connection with ``schema`` in place (in ``namespace`` if given). Autocommit: reads hold no transaction open
+    between requests; writes use explicit transactions. Replicas starting together create the schema one at a time
+    (``schema_lock``)."""
     connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=timeout_s, application_name="mlapi")
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
+        if namespace is not None:
+            name = psycopg.sql.Identifier(namespace)
+            connection.execute(psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(name))
+            connection.execute(psycopg.sql.SQL("SET search_path TO {}").format(name))
         connection.execute(schema)
     return connection
 
@@ -72,13 +92,16 @@ class PostgresLog(PredictionLog):
     no_limit = None  # LIMIT NULL: all rows
     errors = (psycopg.Error,)
 
-    def __init__(self, conninfo: str, queue_size: int, connect_timeout_s: int = 5, **options: Any) -> None:
+    def __init__(
+        self, conninfo: str, queue_size: int, connect_timeout_s: int = 5, namespace: str | None = None, **options: Any
+    ) -> None:
         super().__init__(queue_size, **options)
         self._conninfo = conninfo
         self._connect_timeout_s = connect_timeout_s
+        self._namespace = namespace
 
     def connect(self) -> psycopg.Connection:
-        return connect(self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK)
+        return connect(self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK, self._namespace)
 
     def _transaction(self, connection: psycopg.Connection) -> contextlib.AbstractContextManager:
         return connection.transaction()

@@ -65,9 +65,10 @@ def _name(number: int) -> str:
 class SharedRegistry:
     """``conninfo``: the same PostgreSQL URL as the prediction log's."""
 
-    def __init__(self, conninfo: str, connect_timeout_s: int = 5) -> None:
+    def __init__(self, conninfo: str, connect_timeout_s: int = 5, namespace: str | None = None) -> None:
         self._conninfo = conninfo
         self._connect_timeout_s = connect_timeout_s
+        self._namespace = namespace
         self._lock = threading.Lock()
         self._connection: psycopg.Connection | None = None
 
@@ -77,7 +78,9 @@ class SharedRegistry:
         """The shared connection, reopened after a failure (a database restart)."""
         with self._lock:
             if self._connection is None or self._connection.closed or self._connection.broken:
-                self._connection = connect(self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK)
+                self._connection = connect(
+                    self._conninfo, self._connect_timeout_s, SCHEMA, SCHEMA_LOCK, self._namespace
+                )
             try:
                 yield self._connection
             except psycopg.OperationalError:
@@ -175,9 +178,9 @@ class SharedRegistry:
         self._set_state("holdout_seed", new_seed().encode(), keep_existing=True)  # the first one made stays
         return int(self._state("holdout_seed").decode())
 
-    def load_holdout(self, feature_names: tuple[str, ...]) -> Dataset | None:
+    def load_holdout(self, like: Dataset) -> Dataset | None:
         stored = self._state("holdout")
-        return None if stored is None else holdout_from_bytes(stored, feature_names, "the shared registry's holdout")
+        return None if stored is None else holdout_from_bytes(stored, like, "the shared registry's holdout")
 
     def save_holdout(self, holdout: Dataset) -> None:
         self._set_state("holdout", holdout_to_bytes(holdout))

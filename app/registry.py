@@ -19,6 +19,7 @@ import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,14 @@ from app.model import ModelMetadata, Predictor
 # Types skops does not trust by default but that our estimators and MAPIE's split conformal regressor consist of.
 TRUSTED_TYPES: frozenset[str] = frozenset(
     {
+        "app.tabular.frame_of_codes",  # the DataFrame step of a typed project's pipeline (app/estimators.py)
+        "mapie.classification.SplitConformalClassifier",
+        "mapie.classification._MapieClassifier",
         "mapie.conformity_scores.bounds.absolute.AbsoluteConformityScore",
+        "mapie.conformity_scores.sets.aps.APSConformityScore",
+        "mapie.estimator.classifier.EnsembleClassifier",
         "mapie.estimator.regressor.EnsembleRegressor",
+        "numpy.dtype",  # a dtype argument (OneHotEncoder's, an imputer's): data, not code
         "mapie.regression.regression.SplitConformalRegressor",
         "mapie.regression.regression._MapieRegressor",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
@@ -217,9 +224,9 @@ class Registry:
         _atomic_write(self.pointer, f"{version}\n".encode())
 
     # -- holdout: fixed once, so every version is judged on the same rows -------------------------------------
-    def load_holdout(self, feature_names: tuple[str, ...]) -> Dataset | None:
+    def load_holdout(self, like: Dataset) -> Dataset | None:
         stored = self.holdout_bytes()
-        return None if stored is None else holdout_from_bytes(stored, feature_names, str(self.holdout_path))
+        return None if stored is None else holdout_from_bytes(stored, like, str(self.holdout_path))
 
     def save_holdout(self, holdout: Dataset) -> None:
         _atomic_write(self.holdout_path, holdout_to_bytes(holdout))
@@ -239,12 +246,15 @@ def holdout_to_bytes(holdout: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def holdout_from_bytes(data: bytes, feature_names: tuple[str, ...], where: str) -> Dataset:
+def holdout_from_bytes(data: bytes, like: Dataset, where: str) -> Dataset:
+    """The stored holdout rows, with the schema, name and store of ``like`` (the configured data)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as stored:
         names = tuple(str(name) for name in stored["feature_names"])
-        if names != feature_names:
-            raise RegistryError(f"{where} was made for features {list(names)}, the dataset has {list(feature_names)}")
-        return Dataset(names, stored["X"], stored["y"])
+        if names != like.feature_names:
+            raise RegistryError(
+                f"{where} was made for features {list(names)}, the dataset has {list(like.feature_names)}"
+            )
+        return replace(like, X=stored["X"], y=stored["y"])
 
 
 def write_json_line(path: Path, record: dict) -> None:

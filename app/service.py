@@ -10,10 +10,19 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
+import sklearn
 
 from app.data import Dataset, split_holdout
 from app.metrics import ServiceMetrics
-from app.model import OutOfRange, Predictor, evaluate, out_of_distribution, population_stability, train
+from app.model import (
+    PROMOTION_METRIC,
+    OutOfRange,
+    Predictor,
+    evaluate,
+    out_of_distribution,
+    population_stability,
+    train,
+)
 from app.registry import Registry, RegistryError
 from app.schemas import AcceptedRanges
 from app.settings import Settings
@@ -24,10 +33,22 @@ if TYPE_CHECKING:
     from app.predlog import PredictionLog
 
 log = logging.getLogger(__name__)
+METRIC_NAMES = {"rmse": "RMSE", "log_loss": "log-loss"}
 
 
 class NotReady(RuntimeError):
     """No model is loaded."""
+
+
+def check_sklearn_version(version: str, trained_with: str) -> None:
+    """A version trained under another scikit-learn minor version may load and answer differently (its estimators'
+    internals change between minors): refused, both versions named. Versions from before it was recorded pass."""
+    running = sklearn.__version__
+    if trained_with and trained_with.split(".")[:2] != running.split(".")[:2]:
+        raise RegistryError(
+            f"version {version} was trained with scikit-learn {trained_with}, this service runs {running}: retrain "
+            "it (POST /admin/retrain) or serve it from an image with the same scikit-learn minor version"
+        )
 
 
 @dataclass
@@ -45,11 +66,17 @@ class RetrainOutcome:
 
 @dataclass
 class Prediction:
+    """Regression: ``points`` and the interval bounds. Classification: ``points`` are the label codes, ``lower`` and
+    ``upper`` both the label's probability (what the prediction log keeps), ``probabilities`` per class and
+    ``sets`` the conformal prediction set as a boolean matrix."""
+
     version: str
     points: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
     ood: list[list[OutOfRange]]
+    probabilities: np.ndarray | None = None
+    sets: np.ndarray | None = None
 
     def rows(self, n: int) -> list[Prediction]:
         """One single-row Prediction per row, in order (how a coalesced call is handed back to its requests)."""
@@ -60,6 +87,8 @@ class Prediction:
                 self.lower[i : i + 1],
                 self.upper[i : i + 1],
                 self.ood[i : i + 1],
+                None if self.probabilities is None else self.probabilities[i : i + 1],
+                None if self.sets is None else self.sets[i : i + 1],
             )
             for i in range(n)
         ]
@@ -79,7 +108,7 @@ class ModelService:
         self.dataset = dataset
         self.registry, self.prediction_log = open_stores(settings, metrics.log_dropped.inc, self.dataset.store)
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
-        spans = np.ptp(self.dataset.X, axis=0)
+        spans = np.nanmax(self.dataset.X, axis=0) - np.nanmin(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
         self.load_error: str | None = None
         self._current: Predictor | None = None
@@ -114,7 +143,7 @@ class ModelService:
         every version, the current pointer, the holdout and its seed, the history. True if something came over."""
         if isinstance(self.registry, Registry):
             return False
-        local = Registry(self.settings.data_dir)
+        local = Registry(self.settings.data_dir / self.dataset.store)
         if local.current() is None:
             return False
         imported = self.registry.import_from(local)
@@ -143,13 +172,20 @@ class ModelService:
         """A version trained on this service's features, in its order: any other would answer requests of another
         schema with a 500, or silently wrong when the column counts happen to match."""
         predictor = self.registry.load(version)
-        trained_on, configured = predictor.metadata.feature_names, list(self.dataset.feature_names)
+        metadata = predictor.metadata
+        trained_on, configured = metadata.feature_names, list(self.dataset.feature_names)
         if trained_on != configured:
             raise RegistryError(
                 f"version {version} was trained on the features {trained_on}, but the configured data has "
                 f"{configured}: a changed dataset needs a model project (MLAPI_MODEL_PROJECT), which keeps a registry "
                 "per schema, or the data the registry was trained on"
             )
+        if metadata.schema() != self.dataset.schema:
+            raise RegistryError(
+                f"version {version} was trained as a {metadata.task} on other feature types, values or classes than "
+                "the configured data declares: a model project keeps a registry per schema"
+            )
+        check_sklearn_version(version, metadata.sklearn_version)
         return predictor
 
     def _watch_registry(self) -> None:
@@ -182,10 +218,16 @@ class ModelService:
         predictor = self._current
         if predictor is None:
             raise NotReady(self.load_error or "no model loaded yet")
-        points, lower, upper = predictor.predict(X, confidence)
         ood = out_of_distribution(
             X, predictor.metadata.features, self.settings.ood_z_threshold, self.settings.ood_range_tolerance
         )
+        if predictor.metadata.task == "classification":
+            probabilities, sets = predictor.classify(X, confidence)
+            labels = probabilities.argmax(axis=1)
+            chosen = probabilities[np.arange(len(labels)), labels]
+            version = predictor.metadata.version
+            return Prediction(version, labels.astype(np.float64), chosen, chosen, ood, probabilities, sets)
+        points, lower, upper = predictor.predict(X, confidence)
         return Prediction(predictor.metadata.version, points, lower, upper, ood)
 
     # -- retraining ---------------------------------------------------------------------------------------------
@@ -194,7 +236,7 @@ class ModelService:
         if seed is None:
             seed = self.registry.holdout_seed()
         development, holdout = split_holdout(self.dataset, seed)
-        stored = self.registry.load_holdout(self.dataset.feature_names)
+        stored = self.registry.load_holdout(self.dataset)
         if stored is None:
             self.registry.save_holdout(holdout)
             return development, holdout
@@ -248,14 +290,16 @@ class ModelService:
                 quarantined=quarantined,
             )
         candidate_metrics = candidate.metadata.metrics
+        metric = PROMOTION_METRIC[candidate.metadata.task]
+        label = f"candidate holdout {METRIC_NAMES[metric]}"
         if current is not None:
             current_metrics = evaluate(current.conformal, current.metadata.confidence_levels, holdout)
-            required = current_metrics.rmse * (1 - self.settings.promotion_margin)
-            if not candidate_metrics.rmse < required:
+            required = current_metrics.score * (1 - self.settings.promotion_margin)
+            if not candidate_metrics.score < required:
                 return RetrainOutcome(
                     "rejected",
-                    f"candidate holdout RMSE {candidate_metrics.rmse:.4f} is not below {required:.4f} "
-                    f"(current {current_metrics.rmse:.4f}, margin {self.settings.promotion_margin:g})",
+                    f"{label} {candidate_metrics.score:.4f} is not below {required:.4f} "
+                    f"(current {current_metrics.score:.4f}, margin {self.settings.promotion_margin:g})",
                     current_version,
                     candidate_metrics=candidate_metrics.model_dump(),
                     current_metrics=current_metrics.model_dump(),
@@ -269,8 +313,8 @@ class ModelService:
         self._swap(candidate)
         return RetrainOutcome(
             "promoted",
-            f"candidate holdout RMSE {candidate_metrics.rmse:.4f} beats "
-            + (f"{current_metrics.rmse:.4f}" if current_metrics else "no current model"),
+            f"{label} {candidate_metrics.score:.4f} beats "
+            + (f"{current_metrics.score:.4f}" if current_metrics else "no current model"),
             version,
             candidate_version=version,
             candidate_metrics=candidate_metrics.model_dump(),

@@ -75,8 +75,8 @@ def open_stores(
     settings: Settings, on_drop: Callable[[int], None], store: str = ""
 ) -> tuple[Registry | SharedRegistry, PredictionLog]:
     """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
-    several nodes; start-up waits for it), else the file registry and SQLite in ``store`` under the data dir (a
-    model project's own directory). The log is started."""
+    several nodes; start-up waits for it; a model project's tables in a namespace of its own), else the file
+    registry and SQLite in ``store`` under the data dir (a model project's own directory). The log is started."""
     retention = Retention(
         max_age_s=settings.log_retention_days * 86400,
         max_rows=settings.log_max_rows,
@@ -90,14 +90,10 @@ def open_stores(
             directory / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
         )
         return Registry(directory), log.start()
-    if store:
-        raise ValueError(
-            "MLAPI_MODEL_PROJECT with PostgreSQL (MLAPI_DATABASE_URL, replicas on several nodes) is not supported yet: "
-            "serve the project on one node, or use MLAPI_DATASET"
-        )
-    from app.pglog import PostgresLog, wait_for_database  # only where PostgreSQL is used
+    from app.pglog import PostgresLog, namespace_of, wait_for_database  # only where PostgreSQL is used
     from app.pgregistry import SharedRegistry
 
     wait_for_database(url, settings.database_wait_s)
-    log = PostgresLog(url, settings.log_queue_size, on_drop=on_drop, retention=retention)
-    return SharedRegistry(url), log.start()
+    namespace = namespace_of(store)  # a project's tables in a namespace of their own, like its directory
+    log = PostgresLog(url, settings.log_queue_size, namespace=namespace, on_drop=on_drop, retention=retention)
+    return SharedRegistry(url, namespace=namespace), log.start()

@@ -3,7 +3,6 @@
 import hmac
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -55,8 +54,3 @@ def body_errors(settings: Settings) -> dict[int | str, dict[str, Any]]:
         413: {"description": f"the body is larger than {settings.max_body_bytes} bytes"},
         **UNAVAILABLE,
     }
-
-
-def rows_of(records: list[Any], attributes: tuple[str, ...]) -> np.ndarray:
-    """Validated records as a matrix in feature order (``attributes``: RequestSchemas.attributes)."""
-    return np.array([[getattr(r, name) for name in attributes] for r in records], dtype=np.float64)

@@ -10,7 +10,6 @@ from app.routes.common import (
     Service,
     body_errors,
     require_ingest,
-    rows_of,
 )
 from app.schemas import ObservationsResponse, RequestSchemas
 from app.settings import Settings
@@ -50,9 +49,9 @@ def observations_router(settings: Settings, schemas: RequestSchemas, feature_nam
                         }
                     )
                     continue
-                rows.append((item.prediction_id, known[item.prediction_id], item.target))
+                rows.append((item.prediction_id, known[item.prediction_id], schemas.target(item.target)))
             else:
-                rows.append((None, rows_of([item.features], schemas.attributes)[0].tolist(), item.target))
+                rows.append((None, schemas.rows([item.features])[0].tolist(), schemas.target(item.target)))
         if errors:
             raise RequestValidationError(errors)
         try:

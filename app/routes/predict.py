@@ -17,9 +17,14 @@ from app.predlog import PredictionRecord
 from app.routes.common import (
     Service,
     body_errors,
-    rows_of,
 )
-from app.schemas import BatchResponse, PredictResponse, RequestSchemas
+from app.schemas import (
+    BatchResponse,
+    ClassificationBatchResponse,
+    ClassificationResponse,
+    PredictResponse,
+    RequestSchemas,
+)
 from app.service import ModelService, NotReady, Prediction
 from app.settings import Settings
 
@@ -77,6 +82,8 @@ def answer(
 ) -> tuple[str, list[dict[str, Any]]]:
     """The response items for a prediction, with the rows logged and counted."""
     ids, points, lower, upper = record_predictions(service, X, result, confidence, route, started)
+    if result.probabilities is not None and result.sets is not None:
+        return result.version, classified(ids, result, confidence, service.dataset.schema.classes)
     # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
     # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
     items: list[dict[str, Any]] = []
@@ -93,6 +100,27 @@ def answer(
     return result.version, items
 
 
+def classified(ids: list[str], result: Prediction, confidence: float, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Classification items, in ClassificationResult's shape: label, probabilities per class, the conformal set."""
+    assert result.probabilities is not None and result.sets is not None
+    probabilities, members = result.probabilities.tolist(), result.sets.tolist()
+    labels = result.points.astype(int).tolist()
+    items = []
+    for i, reasons in enumerate(result.ood):
+        flagged = [reason.__dict__ for reason in reasons]
+        items.append(
+            {
+                "prediction_id": ids[i],
+                "label": classes[labels[i]],
+                "probabilities": dict(zip(classes, probabilities[i], strict=True)),
+                "prediction_set": [label for label, member in zip(classes, members[i], strict=True) if member],
+                "confidence": confidence,
+                "out_of_distribution": {"flag": bool(flagged), "reasons": flagged},
+            }
+        )
+    return items
+
+
 def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route: str) -> JSONResponse:
     started = time.perf_counter()
     try:
@@ -106,17 +134,21 @@ def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route:
 
 def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: tuple[str, ...]) -> APIRouter:
     router = APIRouter()
+    classification = schemas.schema.task == "classification"
+    one_response = ClassificationResponse if classification else PredictResponse
+    batch_response = ClassificationBatchResponse if classification else BatchResponse
+    answers = "label, class probabilities, conformal prediction set" if classification else "prediction, interval"
 
     @router.post(
         "/predict",
         responses=body_errors(settings),
-        response_model=PredictResponse,
+        response_model=one_response,
         tags=["public"],
-        summary="One record → prediction, interval at the requested confidence, out-of-distribution flag.",
+        summary=f"One record → {answers} at the requested confidence, out-of-distribution flag.",
     )
     async def predict(body: schemas.predict, request: Request, service: Service) -> JSONResponse:  # type: ignore[valid-type]
         # On the event loop: the request's own work is small, and a thread hop per request cost more than it did.
-        X, started = rows_of([body.features], schemas.attributes), time.perf_counter()
+        X, started = schemas.rows([body.features]), time.perf_counter()
         try:
             result = await request.app.state.coalesce.predict(X, body.confidence)
         except NotReady as exc:
@@ -127,15 +159,15 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
     @router.post(
         "/predict/batch",
         responses=body_errors(settings),
-        response_model=BatchResponse,
+        response_model=batch_response,
         tags=["public"],
         summary=f"Many records in one call (at most {settings.max_batch_rows}).",
     )
     def predict_batch(body: schemas.batch, service: Service) -> JSONResponse:  # type: ignore[valid-type]
-        return batch_answer(service, rows_of(body.records, schemas.attributes), body.confidence, "predict_batch")
+        return batch_answer(service, schemas.rows(body.records), body.confidence, "predict_batch")
 
     def columns_answer(body: bytes, service: ModelService) -> JSONResponse:
-        X, confidence = parse_columns(body, schemas.columns, feature_names, schemas.ranges)
+        X, confidence = parse_columns(body, schemas)
         return batch_answer(service, X, confidence, "predict_columns")
 
     @router.post(
@@ -148,7 +180,7 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
             },
         },
-        response_model=BatchResponse,
+        response_model=batch_response,
         tags=["public"],
         summary=f"Many rows in columnar form (at most {settings.max_batch_rows}): the cheapest way to send a batch.",
         openapi_extra={

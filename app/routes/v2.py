@@ -4,8 +4,11 @@ JSON tensors and the binary tensor data extension, so tritonclient and KServe's 
 Inputs: one FP64 tensor ``[N, F]`` with the features in metadata order (``input-0``), or one tensor per feature
 named as the feature (``[N]`` or ``[N, 1]``; request parameter ``content_type: "pd"``). Outputs: ``predict``,
 ``lower``, ``upper`` (FP64 ``[N]``, at the request parameter ``confidence``) and ``out_of_distribution`` (BOOL
-``[N]``): the same numbers /predict gives for the same rows, logged and metered like them. Errors are V2-shaped
-(``{"error": ...}``), naming the input and what is allowed.
+``[N]``): the same numbers /predict gives for the same rows, logged and metered like them. A classifier answers
+``label`` (BYTES ``[N]``), ``probabilities`` (FP64 ``[N, K]``, classes in the metadata's order) and
+``prediction_set`` (BOOL ``[N, K]``) instead of the regression outputs. Errors are V2-shaped (``{"error": ...}``),
+naming the input and what is allowed. Features that are not numbers (categories, booleans, gaps) are taken by
+/predict only, for now: V2 refuses them with that reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from app.settings import Settings
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUTS = ("predict", "lower", "upper", "out_of_distribution")
+CLASSIFIER_OUTPUTS = ("label", "probabilities", "prediction_set", "out_of_distribution")
 MATRIX_INPUT = "input-0"
 NUMERIC_TYPES = {
     "FP64": "<f8",
@@ -177,18 +181,21 @@ def output_tensors(
     result_arrays: dict[str, np.ndarray], request: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The requested outputs (all when none are named), each as JSON data or as binary after the header."""
-    wanted = request.get("outputs") or [{"name": name} for name in OUTPUTS]
+    wanted = request.get("outputs") or [{"name": name} for name in result_arrays]
     binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
     outputs, chunks = [], []
     for entry in wanted:
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in result_arrays:
-            raise V2Error(400, f"output {name!r}: this model has {list(OUTPUTS)}")
+            raise V2Error(400, f"output {name!r}: this model has {list(result_arrays)}")
         values = result_arrays[name]
-        datatype = "BOOL" if values.dtype == np.bool_ else "FP64"
+        datatype = "BOOL" if values.dtype == np.bool_ else "BYTES" if values.dtype.kind in "UO" else "FP64"
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if bool((entry.get("parameters") or {}).get("binary_data", binary_default)):
-            raw = values.astype("?" if datatype == "BOOL" else "<f8").tobytes()
+            if datatype == "BYTES":  # each element: its length (4 bytes, little-endian), then its UTF-8 bytes
+                raw = b"".join(len(b).to_bytes(4, "little") + b for b in (str(v).encode() for v in values.flat))
+            else:
+                raw = values.astype("?" if datatype == "BOOL" else "<f8").tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -245,19 +252,28 @@ def v2_router(
         ok = service.current is not None
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
+    classes = list(schemas.schema.classes)
+    if schemas.schema.task == "classification":
+        outputs = [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(classes)]},
+            {"name": "prediction_set", "datatype": "BOOL", "shape": [-1, len(classes)]},
+        ]
+    else:
+        outputs = [{"name": n, "datatype": "FP64", "shape": [-1]} for n in OUTPUTS[:3]]
+    outputs.append({"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]})
+
     def metadata(service: ModelService, name: str, version: str | None) -> dict[str, Any]:
         current = served_version(service, name, version)
-        vector = {"datatype": "FP64", "shape": [-1]}
         return {
             "name": model_name,
             "versions": [current],
             "platform": "mlapi-sklearn",
             "inputs": [{"name": MATRIX_INPUT, "datatype": "FP64", "shape": [-1, len(feature_names)]}],
-            "outputs": [
-                *({"name": n, **vector} for n in OUTPUTS[:3]),
-                {"name": OUTPUTS[3], "datatype": "BOOL", "shape": [-1]},
-            ],
+            "outputs": outputs,
             "parameters": {
+                "task": schemas.schema.task,
+                **({"classes": classes} if classes else {}),
                 "features": list(feature_names),
                 "confidence_levels": settings.confidence_levels,
                 "default_confidence": settings.default_confidence,
@@ -294,6 +310,13 @@ def v2_router(
         confidence = parameters.get("confidence", settings.default_confidence)
         if confidence not in settings.confidence_levels:
             raise V2Error(400, f"parameters.confidence {confidence!r}: one of {settings.confidence_levels}")
+        if not schemas.schema.plain:
+            typed = [c.name for c in schemas.schema.columns if not c.numeric or c.nullable]
+            raise V2Error(
+                400,
+                f"features {typed} are categories, booleans or nullable: this server takes them over POST /predict, "
+                "not over V2 yet",
+            )
         X = feature_matrix(request, binary, feature_names, schemas, settings.max_batch_rows)
         try:
             result = service.predict(X, float(confidence))
@@ -303,12 +326,13 @@ def v2_router(
             record_predictions(service, X, result, float(confidence), "v2_infer", started)  # logged and metered
         except RequestValidationError:
             raise V2Error(400, "these inputs give no finite prediction") from None
-        arrays = {
-            "predict": result.points,
-            "lower": result.lower,
-            "upper": result.upper,
-            "out_of_distribution": np.array([bool(reasons) for reasons in result.ood]),
-        }
+        flags = np.array([bool(reasons) for reasons in result.ood])
+        if result.probabilities is not None and result.sets is not None:
+            labels = np.array(classes, dtype=object)[result.points.astype(np.intp)]
+            arrays = {"label": labels, "probabilities": result.probabilities, "prediction_set": result.sets}
+        else:
+            arrays = {"predict": result.points, "lower": result.lower, "upper": result.upper}
+        arrays["out_of_distribution"] = flags
         outputs, chunks = output_tensors(arrays, request)
         document: dict[str, Any] = {
             "model_name": model_name,

@@ -26,7 +26,12 @@ def test_the_project_of_the_last_up_is_kept_until_default(tmp_path: Path) -> Non
 
 def test_a_project_is_checked_by_the_app_before_any_image_is_built(tmp_path: Path) -> None:
     check_project(EXAMPLES / "diabetes")
-    with pytest.raises(BuildError, match=r"MODEL=.*penguins: MLAPI_MODEL_PROJECT: .*model.task = 'classification'"):
-        check_project(EXAMPLES / "penguins")
+    check_project(EXAMPLES / "penguins")  # a classifier over categories and gaps
     with pytest.raises(BuildError, match=r"no mlapi.toml here \(write one with: python -m app init"):
         check_project(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "data.csv").write_text((EXAMPLES / "penguins" / "data" / "penguins.csv").read_text())
+    (broken / "mlapi.toml").write_text('[model]\nname = "b"\ntask = "classification"\ntarget = "kind"\ndata = "data.csv"\n')
+    with pytest.raises(BuildError, match=r"MODEL=.*broken: MLAPI_MODEL_PROJECT: .*model.target: column 'kind' is not in"):
+        check_project(broken)

@@ -144,18 +144,21 @@ def test_a_directory_without_a_project_file_says_how_to_make_one(tmp_path: Path)
         load_project(tmp_path)
 
 
-def test_serving_a_project_this_version_cannot_serve_stops_before_serving(tmp_path: Path) -> None:
+def test_serving_an_inconsistent_project_stops_before_serving(tmp_path: Path) -> None:
+    directory = copy_example("penguins", tmp_path)
+    text = (directory / PROJECT_FILE).read_text()
+    (directory / PROJECT_FILE).write_text(text.replace('"category", nullable = true, values = ["female"', '"category", values = ["female"'))
     result = subprocess.run(
         [sys.executable, "-m", "app", "serve"],
-        env={"MLAPI_MODEL_PROJECT": str(EXAMPLES / "penguins"), "MLAPI_DATA_DIR": str(tmp_path), "PATH": "/usr/bin"},
+        env={"MLAPI_MODEL_PROJECT": str(directory), "MLAPI_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin"},
         cwd=PROJECT_DIR,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "model.task = 'classification': this version serves regression only" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert f"{directory / PROJECT_FILE} [features]: 'sex' has an empty value in data/penguins.csv row" in result.stderr
+    assert "nullable = true" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_init_writes_the_file_once(tmp_path: Path) -> None:
@@ -202,7 +205,7 @@ def test_a_csv_column_with_a_leading_underscore_no_longer_crashes_start_up(make_
 
 def test_the_public_model_shows_no_statistics_of_the_training_data(client: TestClient) -> None:
     public = client.get("/model").json()
-    assert public["features"] == [{"name": name, "type": "number"} for name in FEATURES]
+    assert public["features"] == [{"name": name, "type": "number", "nullable": False} for name in FEATURES]
     text = str(public)
     assert not any(word in text for word in ("'mean'", "'std'", "'min'", "'max'", "bin_edges", "bin_fractions"))
     assert client.get("/admin/model").status_code == 401
