@@ -25,16 +25,31 @@ from tests.support.service import ADMIN_TOKEN, record
 NEVER_STARTED = Path("/nonexistent-never-started")
 DOCUMENT = create_app(Settings(data_dir=NEVER_STARTED, admin_token=ADMIN_TOKEN)).openapi()
 schema = schemathesis.openapi.from_dict(DOCUMENT).include(tag="public")
+# The classifier over categories, integers and gaps: its request models (enums, nullable fields, typed column rows)
+# and its answers (labels, probabilities, sets) are generated from another schema, so they are fuzzed on their own.
+PENGUINS = Path(__file__).resolve().parents[2] / "examples" / "penguins"
+PENGUINS_DOCUMENT = create_app(
+    Settings(data_dir=NEVER_STARTED, admin_token=ADMIN_TOKEN, model_project=PENGUINS)
+).openapi()
+penguins_schema = schemathesis.openapi.from_dict(PENGUINS_DOCUMENT).include(tag="public")
+
+
+def fuzzed_app(data_dir: Path, **settings: object) -> Iterator[tuple[asgi.ASGIClient, Path]]:
+    """The app under fuzz, on a data directory of its own, reached through schemathesis' own ASGI client (entered,
+    it runs the app's lifespan). A session of another kind makes schemathesis call the schema's app instead."""
+    with asgi.get_client(create_app(Settings(data_dir=data_dir, admin_token=ADMIN_TOKEN, **settings))) as session:
+        yield session, data_dir
+    asgi.shutdown_lifespans()  # the log is flushed and closed before pytest removes the directory
 
 
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asgi.ASGIClient, Path]]:
-    """The app under fuzz, on a data directory of its own, reached through schemathesis' own ASGI client (entered,
-    it runs the app's lifespan). A session of another kind makes schemathesis call the schema's app instead."""
-    data_dir = tmp_path_factory.mktemp("fuzz")
-    with asgi.get_client(create_app(Settings(data_dir=data_dir, admin_token=ADMIN_TOKEN))) as session:
-        yield session, data_dir
-    asgi.shutdown_lifespans()  # the log is flushed and closed before pytest removes the directory
+    yield from fuzzed_app(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def isolated_penguins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asgi.ASGIClient, Path]]:
+    yield from fuzzed_app(tmp_path_factory.mktemp("fuzz-penguins"), model_project=PENGUINS)
 
 
 @schema.parametrize()
@@ -45,6 +60,14 @@ def test_public_routes_never_fail_and_keep_their_contract(
     # Not checked: "schema-valid data is accepted". Rules the schema cannot express (exactly one of features or
     # prediction_id, a known prediction_id) legitimately answer 422.
     case.call_and_validate(session=isolated[0], excluded_checks=[positive_data_acceptance])
+
+
+@penguins_schema.parametrize()
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_a_classifiers_public_routes_never_fail_and_keep_their_contract(
+    case: schemathesis.Case, isolated_penguins: tuple[asgi.ASGIClient, Path]
+) -> None:
+    case.call_and_validate(session=isolated_penguins[0], excluded_checks=[positive_data_acceptance])
 
 
 def logged_predictions(data_dir: Path) -> int:
