@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from app.project import ProjectError, open_project
+from app.project import ProjectError, open_project, pipeline_factory
 from app.settings import Settings
 from app.tabular import Column, Schema
 
@@ -29,6 +31,8 @@ class Dataset:
     name: str = "diabetes"  # the model's name in the API
     store: str = ""  # where this data's registry and prediction log live, under the data dir ("": the data dir)
     schema: Schema = field(default=None)  # type: ignore[assignment]  # None: numbers without gaps, a regression
+    pipeline: Callable[[], Any] | None = None  # the project's own training code (model.pipeline): a new estimator
+    trusted_types: frozenset[str] = frozenset()  # the project's own classes skops may load (model.trusted_types)
 
     def __post_init__(self) -> None:
         if self.schema is None:
@@ -75,6 +79,7 @@ def load_project_dataset(directory: Path) -> Dataset:
     """A model project's data in the service's numeric form (app/tabular.py), with the project's schema."""
     try:
         project, data = open_project(directory)
+        pipeline = pipeline_factory(project)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
     columns = tuple(
@@ -89,6 +94,8 @@ def load_project_dataset(directory: Path) -> Dataset:
         project.model.name,
         f"projects/{project.store_key()}",
         schema,
+        pipeline,
+        frozenset(project.model.trusted_types),
     )
 
 

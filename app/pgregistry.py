@@ -65,7 +65,14 @@ def _name(number: int) -> str:
 class SharedRegistry:
     """``conninfo``: the same PostgreSQL URL as the prediction log's."""
 
-    def __init__(self, conninfo: str, connect_timeout_s: int = 5, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        connect_timeout_s: int = 5,
+        namespace: str | None = None,
+        trusted: frozenset[str] = frozenset(),
+    ) -> None:
+        self.trusted = trusted  # the project's own types (model.trusted_types), beside TRUSTED_TYPES
         self._conninfo = conninfo
         self._connect_timeout_s = connect_timeout_s
         self._namespace = namespace
@@ -162,7 +169,7 @@ class SharedRegistry:
     def load(self, version: str) -> Predictor:
         metadata = self.metadata(version)
         rows = self._rows("SELECT model FROM model_versions WHERE number = %s", (_number(version),))
-        return load_verified(version, metadata, bytes(rows[0][0]))
+        return load_verified(version, metadata, bytes(rows[0][0]), self.trusted)
 
     # -- current pointer ---------------------------------------------------------------------------------------
     def current(self) -> str | None:

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import math
+import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PROJECT_FILE = "mlapi.toml"
 FeatureType = Literal["number", "integer", "boolean", "category"]
@@ -59,6 +70,29 @@ class ModelSection(BaseModel):
     data: str = Field(min_length=1)
     ignore: list[str] = Field(default_factory=list, description="data columns that are neither feature nor target")
     missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING))
+    pipeline: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="module:function in the project returning an unfitted scikit-learn estimator",
+    )
+    trusted_types: list[str] = Field(
+        default_factory=list, description="the project's own classes (module.Class) that skops may load"
+    )
+    requirements: str | None = Field(None, description="not taken yet: extra packages for the model image")
+    model_file: str | None = Field(None, description="not taken yet: a pipeline trained elsewhere, in skops format")
+
+    @field_validator("requirements", "model_file")
+    @classmethod
+    def not_yet(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            reason = {
+                "requirements": "extra packages are not installed into the model image yet: install them into the "
+                "image yourself (FROM the model image) and set modelImage, or use scikit-learn's own estimators",
+                "model_file": "a pipeline trained elsewhere is not imported yet: give its training code as "
+                "model.pipeline instead",
+            }[info.field_name]
+            raise ValueError(f"{value!r}: {reason}")
+        return value
 
     @field_validator("data")
     @classmethod
@@ -363,3 +397,45 @@ def init_project(
     except ValidationError as exc:
         raise ProjectError(_describe(exc, "init")) from None
     return render_project_file(model, infer_schema(frame[features]))
+
+
+def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
+    """The project's own training code (``model.pipeline = "module:function"``), checked once: the module is a file
+    in the project, the function returns an unfitted estimator with what the task needs. The project directory goes
+    on the import path (at its end, so it never shadows an installed package) and stays there: skops imports the
+    project's classes by name when a version is loaded."""
+    spec = project.model.pipeline
+    if spec is None:
+        return None
+    where = f"{project.directory / PROJECT_FILE} model.pipeline"
+    module_name, function_name = spec.split(":")
+    path = project.directory.joinpath(*module_name.split(".")).with_suffix(".py")
+    if not path.is_file():
+        raise ProjectError(f"{where}: {path} does not exist (module:function, the module a .py file in the project)")
+    directory = str(project.directory.resolve())
+    if directory not in sys.path:
+        sys.path.append(directory)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ProjectError(f"{where}: importing {path.name} failed: {type(exc).__name__}: {exc}") from None
+    if Path(getattr(module, "__file__", "") or "").resolve() != path.resolve():
+        raise ProjectError(
+            f"{where}: the module name {module_name!r} is already taken by {getattr(module, '__file__', 'a builtin')}: "
+            "rename the project's file"
+        )
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ProjectError(f"{where}: {path.name} has no function {function_name!r}")
+    try:
+        estimator = function()
+    except Exception as exc:
+        raise ProjectError(f"{where}: {spec}() raised {type(exc).__name__}: {exc}") from None
+    needs = ("fit", "predict_proba") if project.model.task == "classification" else ("fit", "predict")
+    lacking = [method for method in needs if not hasattr(estimator, method)]
+    if lacking:
+        raise ProjectError(
+            f"{where}: {spec}() returned {type(estimator).__name__}, which has no {' or '.join(lacking)}: a "
+            f"{project.model.task} needs an unfitted scikit-learn estimator with {' and '.join(needs)}"
+        )
+    return function

@@ -83,8 +83,17 @@ def generated_once(path: Path, make: Callable[[], str]) -> str:
     return path.read_text().strip()
 
 
-def load_verified(version: str, metadata: ModelMetadata, blob: bytes) -> Predictor:
-    """A stored model, only if it is the one recorded (sha256) and consists of trusted types only."""
+def untrusted_types(blob: bytes, trusted: frozenset[str] = frozenset()) -> list[str]:
+    """The types in a skops file that neither the service nor the project (``model.trusted_types``) trusts."""
+    with _SKOPS_LOAD:
+        return sorted(set(sio.get_untrusted_types(data=blob)) - TRUSTED_TYPES - trusted)
+
+
+def load_verified(
+    version: str, metadata: ModelMetadata, blob: bytes, trusted: frozenset[str] = frozenset()
+) -> Predictor:
+    """A stored model, only if it is the one recorded (sha256) and consists of trusted types only: the service's,
+    and the ones the project names as its own (``trusted``)."""
     digest = hashlib.sha256(blob).hexdigest()
     if digest != metadata.sha256:
         raise RegistryError(f"version {version}: {MODEL_FILE} does not match its recorded sha256 (tampered?)")
@@ -93,7 +102,7 @@ def load_verified(version: str, metadata: ModelMetadata, blob: bytes) -> Predict
             untrusted = set(sio.get_untrusted_types(data=blob))
         except Exception as exc:  # skops raises several types for a malformed archive
             raise RegistryError(f"version {version}: {MODEL_FILE} is not a valid skops file ({exc})") from exc
-        unknown = sorted(untrusted - TRUSTED_TYPES)
+        unknown = sorted(untrusted - TRUSTED_TYPES - trusted)
         if unknown:
             raise RegistryError(f"version {version}: refusing to load untrusted types {unknown}")
         try:
@@ -121,8 +130,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class Registry:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, trusted: frozenset[str] = frozenset()) -> None:
         self.data_dir = data_dir
+        self.trusted = trusted  # the project's own types (model.trusted_types), beside TRUSTED_TYPES
         self.root = data_dir / "models"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holdout_path = data_dir / "holdout.npz"
@@ -205,7 +215,7 @@ class Registry:
             blob = blob_path.read_bytes()
         except OSError as exc:
             raise RegistryError(f"version {version}: cannot read {blob_path} ({exc})") from exc
-        return load_verified(version, metadata, blob)
+        return load_verified(version, metadata, blob, self.trusted)
 
     def model_bytes(self, version: str) -> bytes:
         """The stored file as it is (an import into the shared registry copies it unchanged)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import sklearn
+import skops.io as sio
 
 from app.data import Dataset, split_holdout
 from app.metrics import ServiceMetrics
@@ -23,7 +24,7 @@ from app.model import (
     population_stability,
     train,
 )
-from app.registry import Registry, RegistryError
+from app.registry import Registry, RegistryError, untrusted_types
 from app.schemas import AcceptedRanges
 from app.settings import Settings
 from app.stores import open_stores
@@ -106,7 +107,9 @@ class ModelService:
         self.registry: Registry | SharedRegistry
         self.prediction_log: PredictionLog
         self.dataset = dataset
-        self.registry, self.prediction_log = open_stores(settings, metrics.log_dropped.inc, self.dataset.store)
+        self.registry, self.prediction_log = open_stores(
+            settings, metrics.log_dropped.inc, self.dataset.store, self.dataset.trusted_types
+        )
         self.ranges = AcceptedRanges.of(self.dataset, settings.input_range_multiple)
         spans = np.nanmax(self.dataset.X, axis=0) - np.nanmin(self.dataset.X, axis=0)
         self.holdout_tolerance = HOLDOUT_NEIGHBOURHOOD * np.where(spans > 0, spans, 1.0)
@@ -143,7 +146,7 @@ class ModelService:
         every version, the current pointer, the holdout and its seed, the history. True if something came over."""
         if isinstance(self.registry, Registry):
             return False
-        local = Registry(self.settings.data_dir / self.dataset.store)
+        local = Registry(self.settings.data_dir / self.dataset.store, self.dataset.trusted_types)
         if local.current() is None:
             return False
         imported = self.registry.import_from(local)
@@ -243,14 +246,25 @@ class ModelService:
         return development, stored
 
     def _train(self, development: Dataset, holdout: Dataset, n_observations: int) -> Predictor:
-        return train(
+        """A new version, only if the registry will load it again: a type in the project's own pipeline that is not
+        trusted stops here, naming the key that trusts it, not at the next load."""
+        pipeline = self.dataset.pipeline
+        predictor = train(
             development,
             holdout,
-            estimator=self.settings.estimator,
+            estimator=f"{pipeline.__module__}:{pipeline.__name__}" if pipeline else self.settings.estimator,
             levels=self.settings.confidence_levels,
             seed=self.settings.seed,
             n_observations=n_observations,
+            user_pipeline=pipeline() if pipeline else None,
         )
+        untrusted = untrusted_types(sio.dumps(predictor.conformal), self.dataset.trusted_types)
+        if untrusted:
+            raise ValueError(
+                f"the trained pipeline holds types the service does not load: {untrusted}; if they are the project's "
+                "own, list them in model.trusted_types in mlapi.toml"
+            )
+        return predictor
 
     def retrain(self) -> RetrainOutcome:
         """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin."""

@@ -72,7 +72,7 @@ def database_url(settings: Settings) -> str | None:
 
 
 def open_stores(
-    settings: Settings, on_drop: Callable[[int], None], store: str = ""
+    settings: Settings, on_drop: Callable[[int], None], store: str = "", trusted: frozenset[str] = frozenset()
 ) -> tuple[Registry | SharedRegistry, PredictionLog]:
     """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
     several nodes; start-up waits for it; a model project's tables in a namespace of its own), else the file
@@ -89,11 +89,11 @@ def open_stores(
         log = SqliteLog(
             directory / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
         )
-        return Registry(directory), log.start()
+        return Registry(directory, trusted), log.start()
     from app.pglog import PostgresLog, namespace_of, wait_for_database  # only where PostgreSQL is used
     from app.pgregistry import SharedRegistry
 
     wait_for_database(url, settings.database_wait_s)
     namespace = namespace_of(store)  # a project's tables in a namespace of their own, like its directory
     log = PostgresLog(url, settings.log_queue_size, namespace=namespace, on_drop=on_drop, retention=retention)
-    return SharedRegistry(url, namespace=namespace), log.start()
+    return SharedRegistry(url, namespace=namespace, trusted=trusted), log.start()

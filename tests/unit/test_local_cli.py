@@ -32,6 +32,10 @@ def test_a_project_is_checked_by_the_app_before_any_image_is_built(tmp_path: Pat
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "data.csv").write_text((EXAMPLES / "penguins" / "data" / "penguins.csv").read_text())
-    (broken / "mlapi.toml").write_text('[model]\nname = "b"\ntask = "classification"\ntarget = "kind"\ndata = "data.csv"\n')
-    with pytest.raises(BuildError, match=r"MODEL=.*broken: MLAPI_MODEL_PROJECT: .*model.target: column 'kind' is not in"):
+    (broken / "mlapi.toml").write_text(
+        '[model]\nname = "b"\ntask = "classification"\ntarget = "kind"\ndata = "data.csv"\n'
+    )
+    with pytest.raises(
+        BuildError, match=r"MODEL=.*broken: MLAPI_MODEL_PROJECT: .*model.target: column 'kind' is not in"
+    ):
         check_project(broken)

@@ -127,6 +127,8 @@ def test_a_category_outside_its_declared_values_names_the_allowed_ones(tmp_path:
         (('name = "penguins"', 'name = "Penguins!"'), "model.name: String should match pattern"),
         (('"year" = { type = "integer" }', '"year" = { type = "date" }'), "features.year"),
         (("[model]", '[model]\nmodel_fil = "x.skops"'), "model.model_fil: Extra inputs are not permitted"),
+        (("[model]", '[model]\nmodel_file = "x.skops"'), "model.model_file: 'x.skops': a pipeline trained elsewhere"),
+        (("[model]", '[model]\nrequirements = "r.txt"'), "model.requirements: 'r.txt': extra packages are not"),
     ],
 )
 def test_a_bad_project_file_names_the_key(tmp_path: Path, replace: tuple[str, str], says: str) -> None:
@@ -147,7 +149,8 @@ def test_a_directory_without_a_project_file_says_how_to_make_one(tmp_path: Path)
 def test_serving_an_inconsistent_project_stops_before_serving(tmp_path: Path) -> None:
     directory = copy_example("penguins", tmp_path)
     text = (directory / PROJECT_FILE).read_text()
-    (directory / PROJECT_FILE).write_text(text.replace('"category", nullable = true, values = ["female"', '"category", values = ["female"'))
+    gap_refused = text.replace('"category", nullable = true, values = ["female"', '"category", values = ["female"')
+    (directory / PROJECT_FILE).write_text(gap_refused)
     result = subprocess.run(
         [sys.executable, "-m", "app", "serve"],
         env={"MLAPI_MODEL_PROJECT": str(directory), "MLAPI_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin"},
