@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -868,37 +869,62 @@ def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -
     assert outputs["lower"] == [rest["interval"]["lower"]] and outputs["upper"] == [rest["interval"]["upper"]]
 
 
+USERS_CODE = """
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder
+
+
+def by_name():
+    places = make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder())
+    sizes = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm"]
+    columns = ColumnTransformer([("places", places, ["island", "sex"]), ("sizes", SimpleImputer(), sizes)])
+    return make_pipeline(columns, LogisticRegression(max_iter=2000))
+"""
+
+
 def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
-    """`make local-up MODEL=<dir>`: the project checked, baked into the model image, rolled out, served over HTTPS
-    with its own column names; a plain `up` afterwards is the bundled model again."""
-    project = tmp_path / "clinic"
-    (project / "data").mkdir(parents=True)
-    odd = {"bmi": "bmi %", "s1": "_s1"}
-    rows = (EXAMPLES / "diabetes" / "data" / "diabetes.csv").read_text().splitlines()
-    header = ",".join(f'"{odd.get(name, name)}"' for name in rows[0].split(","))
-    (project / "data" / "train.csv").write_text("\n".join([header, *rows[1:]]) + "\n")
+    """`make local-up MODEL=<dir>`: a classifier over categories and gaps, trained by the project's own code (a
+    ColumnTransformer selecting columns by name), checked, baked into the model image, rolled out and served over
+    HTTPS; a plain `up` afterwards is the bundled model again."""
+    project = tmp_path / "penguins"
+    shutil.copytree(EXAMPLES / "penguins", project)
+    (project / "penguin_pipeline.py").write_text(USERS_CODE)
+    toml = (project / "mlapi.toml").read_text()
     (project / "mlapi.toml").write_text(
-        '[model]\nname = "clinic"\ntask = "regression"\ntarget = "target"\ndata = "data/train.csv"\n'
+        toml.replace("[features]", 'pipeline = "penguin_pipeline:by_name"\n\n[features]', 1)
     )
     try:
         served = local.up(replace(stack.options, model_project=project), quiet=True)
         assert served.rollout.startswith("updated"), served.rollout
         status, _, body = https(stack, "GET", "/model")
-        assert status == 200 and json.loads(body)["name"] == "clinic"
-        features = {odd.get(name, name): value for name, value in record().items()}
-        status, _, body = https(stack, "POST", "/predict", {"features": features})
+        card = json.loads(body)
+        assert status == 200 and card["name"] == "penguins" and card["estimator"] == "penguin_pipeline:by_name"
+        bird = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0, "flipper_length_mm": 215,
+                "body_mass_g": None, "sex": None, "year": 2009}  # fmt: skip
+        status, _, body = https(stack, "POST", "/predict", {"features": bird, "confidence": 0.9})
         assert status == 200, body
+        answer = json.loads(body)
+        assert answer["label"] == "Gentoo" and answer["label"] in answer["prediction_set"]
         TIMINGS.append(f"local stack: a model project rolled out in {served.timings['total_s']} s (`up` to served)")
     finally:
         back = local.up(stack.options, quiet=True)
     assert json.loads(https(back, "GET", "/model")[2])["name"] == "diabetes"
 
 
-def test_a_project_that_cannot_be_served_stops_local_up_before_anything_changes(stack: local.LocalStack) -> None:
+def test_a_project_that_cannot_be_served_stops_local_up_before_anything_changes(
+    stack: local.LocalStack, tmp_path: Path
+) -> None:
     client = docker_engine()
     updated_at = client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"]
-    with pytest.raises(BuildError, match=r"MODEL=.*penguins.*model.task = 'classification'"):
-        local.up(replace(stack.options, model_project=EXAMPLES / "penguins"), quiet=True)
+    project = tmp_path / "penguins"
+    shutil.copytree(EXAMPLES / "penguins", project)
+    toml = (project / "mlapi.toml").read_text()
+    (project / "mlapi.toml").write_text(toml.replace('target = "species"', 'target = "kind"'))
+    with pytest.raises(BuildError, match=r"MODEL=.*penguins: MLAPI_MODEL_PROJECT: .*model.target: column 'kind'"):
+        local.up(replace(stack.options, model_project=project), quiet=True)
     assert client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"] == updated_at
 
 
