@@ -1,8 +1,9 @@
 """mlapi: a scikit-learn model as an HTTPS API on a Hetzner VM, and on worker VMs when one is not enough.
 
-config → spec (what runs on the VMs) → [PrivateNetwork → LoadBalancerFront] (only with workers or loadBalancer)
+config (+ the model project, checked by the app) → spec (what runs on the VMs)
+       → [PrivateNetwork → LoadBalancerFront] (only with workers or loadBalancer)
        → Host (manager: server, host key, firewall, volume, DNS) → [Cluster (workers joined to its swarm)]
-       → ModelStack (deploy step, swarm: Traefik + the model service) → exports
+       → ModelStack (deploy step, swarm: Traefik + the model service with the project) → exports
 """
 
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pulumi
 
 from infra.config.keys import ConfigError, load_config
+from infra.config.project import ProjectRefused, check_project, resolve_project
 from infra.host.cluster_plan import LOAD_BALANCER_PRIVATE_IP
 from infra.host.deploy import server_memory_mb
 from infra.program.cluster import Cluster, LoadBalancerFront, PrivateNetwork
@@ -25,6 +27,15 @@ try:
     cfg = load_config(pulumi.Config().get)
 except ConfigError as error:
     raise pulumi.RunError(str(error)) from None
+
+model_project = resolve_project(cfg.model_project) if cfg.model_project else None
+if model_project is not None:
+    try:  # the app's own check, before anything is built or deployed
+        check_project(model_project)
+    except ProjectRefused as error:
+        raise pulumi.RunError(
+            f"modelProject: {error} (fix the project, or `pulumi config rm modelProject` for the bundled model)"
+        ) from None
 
 if cfg.backup is None:
     pulumi.log.warn(
@@ -62,7 +73,9 @@ try:
 except ConfigError as error:  # a check against what already exists in the project (e.g. the volume's location)
     raise pulumi.RunError(str(error)) from None
 cluster = Cluster(name, cfg, spec, host, network, front, data_root=inputs.data_root) if network else None
-stack = ModelStack(name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root, cluster=cluster)
+stack = ModelStack(
+    name, cfg, spec, host, app_dir=APP_DIR, data_root=inputs.data_root, cluster=cluster, model_project=model_project
+)
 
 pulumi.export("url", f"https://{spec.domain}")
 pulumi.export("ipv4", host.ipv4)

@@ -306,6 +306,9 @@ KEYS: tuple[Key, ...] = (
     Key("modelImage", "model_image", str | None, None, "ghcr.io/acme/model:1.2",
         "registry image instead of building app/ on the host",
         matching(r"[a-z0-9][a-z0-9._/:@-]*", "is not an image reference")),
+    Key("modelProject", "model_project", str | None, None, "examples/penguins",
+        "model project to serve (mlapi.toml, its data and code; docs/model-projects.md): a directory relative to the "
+        "Pulumi project, or absolute; default: the bundled diabetes model"),
     Key("retrainSchedule", "retrain_schedule", str, DEFAULT_RETRAIN_SCHEDULE, '"0 3 * * *"',
         "cron expression for scheduled retraining", cron),
     Key("modelReplicas", "model_replicas", int, DEFAULT_MODEL_REPLICAS, "2",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import platform
 import re
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import docker
 
+from infra.config.project import PROJECT_DOCKERFILE, ProjectRefused
+from infra.config.project import check_project as check_model_project
 from infra.spec.inputs import TRAEFIK_VERSION
 from infra.spec.stack import source_tag
 
@@ -229,42 +230,28 @@ def build_model(client: docker.DockerClient) -> str:
     return tag
 
 
-PROJECT_IN_IMAGE = "/opt/mlapi/project"
-
-
 def check_project(project: Path) -> None:
     """The app's own check of a model project, before any image is built or anything deployed."""
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "check"],
-        cwd=PROJECT_DIR,
-        env={**os.environ, "MLAPI_MODEL_PROJECT": str(project.resolve()), "MLAPI_DATA_DIR": tempfile.gettempdir()},
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        raise BuildError(f"MODEL={project}: {result.stderr.strip().removeprefix('error: ')}")
+    try:
+        check_model_project(project)
+    except ProjectRefused as exc:
+        raise BuildError(f"MODEL={project}: {exc}") from None
 
 
 def build_project_image(client: docker.DockerClient, model_image: str, project: Path) -> str:
-    """The model image with a model project in it: the service reads it from MLAPI_MODEL_PROJECT. The caller has
-    checked the project (check_project), before anything was built."""
+    """The model image with a model project in it, from app/Dockerfile.project (the Pulumi program builds the same
+    file on the VM): the service reads it from MLAPI_MODEL_PROJECT. The caller has checked the project."""
     files = sorted(p for p in project.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     digest = content_hash(model_image, *(str(p.relative_to(project)) for p in files), *(p.read_bytes() for p in files))
     tag = f"mlapi-model-project:{digest}"
     if has_image(client, tag):
         return tag
-    with tempfile.TemporaryDirectory(prefix="mlapi-project-") as context:
-        shutil.copytree(project, Path(context) / "project", ignore=shutil.ignore_patterns("__pycache__"))
-        (Path(context) / "Dockerfile").write_text(
-            f"FROM {model_image}\n"
-            f"COPY --chown=0:0 project {PROJECT_IN_IMAGE}\n"
-            f"ENV MLAPI_MODEL_PROJECT={PROJECT_IN_IMAGE}\n"
-        )
-        run_step(
-            ["docker", "build", "--quiet", "-t", tag, context],
-            f"docker build of the model project {project}",
-            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-        )
+    run_step(
+        ["docker", "build", "--quiet", "-t", tag, "-f", str(PROJECT_DOCKERFILE), "--build-arg",
+         f"MODEL_IMAGE={model_image}", str(project)],
+        f"docker build of the model project {project}",
+        env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+    )  # fmt: skip
     return tag
 
 

@@ -19,6 +19,7 @@ import pulumi_docker as docker
 import pulumi_random as random
 
 from infra.config.keys import DeployConfig
+from infra.config.project import PROJECT_DOCKERFILE
 from infra.host.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts, load_pending_dump
 from infra.host.deploy import docker_ssh_options, platform_for, smoke_command
 from infra.host.setup import render_graceful_stop, render_host_setup, render_platform_check
@@ -27,7 +28,13 @@ from infra.program.dns_challenge import install_token_command, scoped_token
 from infra.program.docker_resources import container, service, swarm_secret, swarm_token
 from infra.program.host import Host
 from infra.spec.postgres import database_url
-from infra.spec.stack import ADMIN_SECRET, DATABASE_URL_SECRET, INGEST_SECRET, POSTGRES_PASSWORD_SECRET
+from infra.spec.stack import (
+    ADMIN_SECRET,
+    DATABASE_URL_SECRET,
+    INGEST_SECRET,
+    POSTGRES_PASSWORD_SECRET,
+    project_tag,
+)
 from infra.spec.types import StackSpec
 
 
@@ -43,9 +50,11 @@ class ModelStack(pulumi.ComponentResource):
         app_dir: Path,
         data_root: str,
         cluster: Cluster | None = None,
+        model_project: Path | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
-        """``cluster``: the private network's nodes; the model service is placed once they have joined."""
+        """``cluster``: the private network's nodes; the model service is placed once they have joined.
+        ``model_project``: the operator's model project (checked by the caller), baked into the model image."""
         super().__init__("mlapi:infra:ModelStack", name, None, opts)
         nodes_ready = cluster.ready if cluster is not None else []
         after_boot = pulumi.ResourceOptions(parent=self, depends_on=[host.ready, *nodes_ready])
@@ -147,6 +156,26 @@ class ModelStack(pulumi.ComponentResource):
             )
             model_image_ref = self.model_image.image_name
             model_dependencies = []
+        if model_project is not None:
+            # The same Dockerfile `make local-up MODEL=` builds, FROM the model image by name (on this engine). The
+            # tag changes with the project's files and with the base image (its ID when pulled), so either change
+            # rolls the service.
+            base_ref = model_image_ref
+            self.project_image = docker.Image(
+                f"{name}-model-project-image",
+                image_name=pulumi.Output.from_input(base_ref).apply(
+                    lambda ref: f"mlapi-model-project:{project_tag(ref, model_project)}"
+                ),
+                build=docker.DockerBuildArgs(
+                    context=os.path.relpath(model_project),
+                    dockerfile=os.path.relpath(PROJECT_DOCKERFILE),
+                    args={"MODEL_IMAGE": spec.model.image},
+                    platform=platform,
+                ),
+                skip_push=True,
+                opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.model_image])),
+            )
+            model_image_ref = self.project_image.image_name
         # Two bearer tokens, each a swarm secret: /admin (the host's cron and operators) and POST /observations
         # (whoever sends ground truth; `pulumi stack output ingestToken --show-secrets`).
         self.admin_token, self.admin_secret = swarm_token(f"{name}-admin", ADMIN_SECRET, self, on_host)

@@ -290,6 +290,11 @@ def secret_name(base: str, value: str) -> str:
     return f"{base}-{hashlib.sha256(value.encode()).hexdigest()[:10]}"
 
 
+def project_tag(model_image: str, project: Path) -> str:
+    """The tag of the model image with a project in it: new when the base image or any file of the project is."""
+    return hashlib.sha256(f"{model_image}\0{source_tag(project)}".encode()).hexdigest()[:12]
+
+
 def source_tag(app_dir: Path) -> str:
     """A tag that changes exactly when the build context changes, so a code change replaces the container."""
     digest = hashlib.sha256()

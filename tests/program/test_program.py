@@ -837,3 +837,39 @@ def test_user_data_changes_only_on_purpose() -> None:
         "user-data changed: every server is replaced on the next `pulumi up`. If that is intended, update "
         "USER_DATA_SHA256 and say so in the commit message; if not, keep the rendered text as it was"
     )
+
+
+# -- the operator's model project ----------------------------------------------------------------------------------
+IMAGE = "docker:index/image:Image"
+
+
+def test_a_model_project_is_baked_into_the_model_image_the_service_runs() -> None:
+    """modelProject: the project checked by the app, built on the host from app/Dockerfile.project (the file `make
+    local-up MODEL=` builds) on top of the model image, and the service runs that image; paths relative, so a
+    preview from CI equals one from the operator's laptop."""
+    served = run_program({**VALID_CONFIG, "modelProject": "examples/penguins"})
+    base, project = (served.one(IMAGE, suffix) for suffix in ("-model-image", "-model-project-image"))
+    assert project.inputs["build"] == {
+        "context": "examples/penguins",
+        "dockerfile": "app/Dockerfile.project",
+        "args": {"MODEL_IMAGE": base.inputs["imageName"]},  # by name: the image the engine has
+        "platform": "linux/amd64",
+    }
+    assert project.inputs["imageName"].startswith("mlapi-model-project:") and project.inputs["skipPush"] is True
+    assert served.one(SERVICE).inputs["taskSpec"]["containerSpec"]["image"] == project.inputs["imageName"]
+    assert "mlapi-dev-model-image" in {d._name for d in project.opts.depends_on}
+    pulled = run_program({**VALID_CONFIG, "modelProject": "examples/penguins", "modelImage": "ghcr.io/acme/model:1.2"})
+    assert pulled.one(IMAGE).inputs["build"]["args"] == {"MODEL_IMAGE": "ghcr.io/acme/model:1.2"}
+    assert run_program(VALID_CONFIG).one(IMAGE).name.endswith("-model-image")  # none: the bundled model
+
+
+def test_a_project_that_cannot_be_served_fails_the_program_before_anything_is_deployed(tmp_path: Path) -> None:
+    project = tmp_path / "penguins"
+    project.mkdir()
+    (project / "mlapi.toml").write_text(
+        (PROJECT_DIR / "examples" / "penguins" / "mlapi.toml").read_text().replace('"data/', '"missing/')
+    )
+    with pytest.raises(Exception, match=r"modelProject: MLAPI_MODEL_PROJECT: .*missing/penguins.csv: the data file"):
+        run_program({**VALID_CONFIG, "modelProject": str(project)})
+    with pytest.raises(Exception, match=r"modelProject: .*no mlapi.toml here"):
+        run_program({**VALID_CONFIG, "modelProject": "examples"})
