@@ -24,7 +24,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from app.tabular import Schema, frame_of_codes
 
-MISSING_CATEGORY = "(missing)"  # a gap in a nullable category is a value of its own: its absence may mean something
+GAP_CODE = -1.0  # a gap in a nullable category is a value of its own: its absence may mean something
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,17 @@ def build_estimator(name: str, seed: int, task: str = "regression") -> Any:
 
 
 def preprocessing(schema: Schema) -> ColumnTransformer:
-    """Imputation and encoding by declared type. Numbers: median, with a missing-indicator where gaps are allowed
-    (a gap can carry signal), then scaled. Booleans: the most frequent value. Categories: one-hot over the declared
-    closed set, a gap as a category of its own; ``handle_unknown="error"`` on purpose, since the request schema has
-    already refused every value outside the set, so an unknown here would be a bug to surface, not to hide."""
-    numbers = [c.name for c in schema.columns if c.numeric]
-    booleans = [c.name for c in schema.columns if c.type == "boolean"]
+    """Imputation and encoding by declared type, on the service's codes (app/tabular.py) by column position: the
+    standard pipeline needs no DataFrame, which cost a single-row answer more than the model (docs/benchmarks.md).
+    Numbers: median, with a missing-indicator where gaps are allowed (a gap can carry signal), then scaled.
+    Booleans: the most frequent value. Categories: one-hot over the declared closed set, a gap as a value of its own;
+    ``handle_unknown="error"`` on purpose, since the request schema has already refused every value outside the set,
+    so an unknown here would be a bug to surface, not to hide."""
+    positions = {column.name: index for index, column in enumerate(schema.columns)}
+    numbers = [positions[c.name] for c in schema.columns if c.numeric]
+    booleans = [positions[c.name] for c in schema.columns if c.type == "boolean"]
     categories = [c for c in schema.columns if c.type == "category"]
-    steps: list[tuple[str, Any, list[str]]] = []
+    steps: list[tuple[str, Any, list[int]]] = []
     if numbers:
         gaps = any(c.nullable for c in schema.columns if c.numeric)
         steps.append(
@@ -76,10 +79,12 @@ def preprocessing(schema: Schema) -> ColumnTransformer:
         steps.append(("booleans", SimpleImputer(strategy="most_frequent"), booleans))
     if categories:
         encoder = OneHotEncoder(
-            categories=[[*c.values, MISSING_CATEGORY] for c in categories], handle_unknown="error", dtype=float
+            categories=[[float(GAP_CODE), *map(float, range(len(c.values)))] for c in categories],
+            handle_unknown="error",
+            dtype=float,
         )
-        impute = SimpleImputer(strategy="constant", fill_value=MISSING_CATEGORY)
-        steps.append(("categories", make_pipeline(impute, encoder), [c.name for c in categories]))
+        impute = SimpleImputer(strategy="constant", fill_value=GAP_CODE)
+        steps.append(("categories", make_pipeline(impute, encoder), [positions[c.name] for c in categories]))
     return ColumnTransformer(steps, remainder="drop")
 
 
@@ -89,11 +94,10 @@ def frame_step(schema: Schema) -> FunctionTransformer:
 
 
 def build_pipeline(schema: Schema, name: str, seed: int, user_pipeline: Any = None) -> Any:
-    """The unfitted estimator for ``schema``: the built-in one as it is for plain numbers; for a typed project, the
-    DataFrame step, then the user's own pipeline or the standard preprocessing and the named estimator."""
-    if user_pipeline is None and schema.plain and schema.task == "regression":
+    """The unfitted estimator for ``schema``: the user's own pipeline behind the DataFrame step; else the named
+    estimator, as it is for plain numbers, behind the standard preprocessing for a typed project."""
+    if user_pipeline is not None:
+        return Pipeline([("frame", frame_step(schema)), ("model", user_pipeline)])
+    if schema.plain and schema.task == "regression":
         return build_estimator(name, seed, schema.task)
-    model = user_pipeline
-    if model is None:
-        model = Pipeline([("prepare", preprocessing(schema)), ("estimator", build_estimator(name, seed, schema.task))])
-    return Pipeline([("frame", frame_step(schema)), ("model", model)])
+    return Pipeline([("prepare", preprocessing(schema)), ("estimator", build_estimator(name, seed, schema.task))])

@@ -16,6 +16,7 @@ import numpy as np
 import sklearn
 from mapie.classification import SplitConformalClassifier
 from mapie.regression import SplitConformalRegressor
+from mapie.utils import check_proba_normalized
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
 
@@ -141,16 +142,7 @@ class Predictor:
             if self.metadata.task == "classification":
                 self._offsets = ()
                 return self._offsets
-            features = self.metadata.features
-            numeric = np.array([f.numeric for f in features])
-            probes = np.array(  # codes of categories and booleans stay 0: a valid value of each
-                [
-                    np.where(numeric, [f.mean for f in features], 0.0),
-                    np.where(numeric, [f.min for f in features], 0.0),
-                    np.where(numeric, [f.max for f in features], 0.0),
-                    np.where(numeric, [f.mean + f.std for f in features], 0.0),
-                ]
-            )
+            probes = self.probe_rows()
             points, intervals = self.conformal.predict_interval(probes)
             below, above = points[:, None] - intervals[:, 0, :], intervals[:, 1, :] - points[:, None]
             scale = max(1.0, float(np.abs(points).max()))
@@ -161,14 +153,51 @@ class Predictor:
     def point(self, X: np.ndarray) -> np.ndarray:
         return self.conformal.predict(X)
 
+    def probe_rows(self) -> np.ndarray:
+        """Valid inputs spread over the training range: each measurement at its mean, minimum, maximum and mean plus
+        one standard deviation; each category and boolean at its first value (code 0)."""
+        features = self.metadata.features
+        numeric = np.array([f.numeric for f in features])
+        return np.array(
+            [
+                np.where(numeric, [f.mean for f in features], 0.0),
+                np.where(numeric, [f.min for f in features], 0.0),
+                np.where(numeric, [f.max for f in features], 0.0),
+                np.where(numeric, [f.mean + f.std for f in features], 0.0),
+            ]
+        )
+
+    def answers(self) -> bool:
+        """The readiness probe: a typical input gets a finite answer."""
+        probe = self.probe_rows()[:1]
+        if self.metadata.task == "classification":
+            probabilities, _ = self.classify(probe, self.metadata.confidence_levels[0])
+            return bool(np.isfinite(probabilities).all())
+        return bool(np.isfinite(self.point(probe)).all())
+
     def classify(self, X: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (rows sum to 1, columns in ``metadata.classes`` order) and the conformal prediction
-        set at ``confidence`` as a boolean matrix of the same shape."""
-        index = self.metadata.confidence_levels.index(confidence)
-        # MAPIE 1.6 has no predict_proba of its own: the fitted estimator it wraps (prefit) answers it.
-        probabilities = self.conformal._estimator.predict_proba(X)
-        _, sets = self.conformal.predict_set(X)
-        return probabilities, sets[:, :, index]
+        set at ``confidence`` as a boolean matrix of the same shape.
+
+        One pass through the pipeline: MAPIE's ``predict_set`` would run ``predict_proba`` again, after the call that
+        gives the probabilities (half of a single-row answer's time with a pandas ColumnTransformer). So the
+        probabilities go to MAPIE's own set function, called as ``_MapieClassifier.predict`` calls it (MAPIE is
+        pinned; tests/unit/test_classification.py holds the sets equal to ``predict_set``'s)."""
+        inner = self.conformal._mapie_classifier
+        # Finite-checks skipped: the request schema refused non-finite numbers; NaN gaps are the imputers' to fill.
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            probabilities = inner.estimator_.single_estimator_.predict_proba(X)
+        probabilities = check_proba_normalized(probabilities, axis=1)
+        sets = inner.conformity_score_function_.predict_set(
+            X,
+            np.array([1 - confidence]),
+            y_pred_proba=probabilities,
+            cv=inner.estimator_.cv,
+            conformity_scores=inner.conformity_scores_,
+            include_last_label=True,
+            agg_scores="mean",
+        )
+        return probabilities, sets[:, :, 0]
 
 
 def profile_features(data: Dataset) -> list[FeatureProfile]:

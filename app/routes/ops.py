@@ -4,7 +4,6 @@ import logging
 import socket
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, status
 
 from app.routes.common import (
@@ -38,8 +37,7 @@ def ops_router() -> APIRouter:
         if predictor is None:
             log.warning("not ready: no model: %s", service.load_error or "loading")
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not ready")
-        probe = np.array([[feature.mean for feature in predictor.metadata.features]])
-        if not np.isfinite(predictor.point(probe)).all():
+        if not predictor.answers():
             log.warning("not ready: model %s answers with non-finite values", predictor.metadata.version)
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not ready")
         return {"status": "ready", "model_version": predictor.metadata.version}

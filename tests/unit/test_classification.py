@@ -22,7 +22,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from app.data import load_project_dataset
+from app.data import load_project_dataset, split_holdout
+from app.model import train
 from app.project import PROJECT_FILE, open_project
 from app.registry import RegistryError
 from app.service import check_sklearn_version
@@ -81,6 +82,12 @@ def test_an_answer_has_the_label_the_probabilities_and_a_conformal_set(penguins:
         check_answer(unsure, confidence)
         sizes.append(len(unsure["prediction_set"]))
     assert sizes == sorted(sizes)  # a higher confidence never gives a smaller set
+
+
+def test_a_classifier_is_ready_and_says_so(penguins: TestClient) -> None:
+    ready = penguins.get("/ready")
+    assert ready.status_code == 200 and ready.json()["model_version"] == "v0001"
+    assert penguins.get("/v2/models/penguins/ready").status_code == 200
 
 
 def test_null_is_accepted_exactly_where_the_project_allows_gaps(penguins: TestClient) -> None:
@@ -238,6 +245,19 @@ def test_the_users_pipeline_receives_the_declared_names_and_dtypes() -> None:
         LogisticRegression(max_iter=1000),
     )
     assert users_own.fit(frame, dataset.y).score(frame, dataset.y) > 0.9
+
+
+def test_one_pass_sets_are_mapies_own() -> None:
+    """Predictor.classify hands the probabilities of its one pipeline pass to MAPIE's set function: the sets equal
+    SplitConformalClassifier.predict_set's (which runs the pipeline again) at every level, on every row."""
+    dataset = load_project_dataset(EXAMPLES / "penguins")
+    development, holdout = split_holdout(dataset, 7)
+    predictor = train(development, holdout, estimator="ridge", levels=list(LEVELS), seed=42)
+    labels, reference = predictor.conformal.predict_set(dataset.X)
+    for index, level in enumerate(LEVELS):
+        probabilities, sets = predictor.classify(dataset.X, level)
+        assert (sets == reference[:, :, index]).all(), level
+        assert (probabilities.argmax(axis=1) == labels).all()
 
 
 def test_a_version_trained_under_another_scikit_learn_minor_is_refused_naming_both() -> None:
