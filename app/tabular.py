@@ -5,11 +5,12 @@ its value in the declared closed set, a boolean as 0 or 1, a gap as NaN. That ke
 prediction log, the accepted ranges, the holdout, drift) one array operation however mixed the schema, and makes a
 stored row mean the same forever: the declared values are part of the registry's key (app/project.py store_key).
 
-The estimator never sees the codes. ``frame_of_codes`` is the first step of every fitted pipeline of a typed project:
-it turns the array back into a pandas DataFrame with the declared column names and dtypes (numbers float64, integers
+A project's own pipeline never sees the codes. ``frame_of_codes`` is the first step in front of it: it turns the
+array back into a pandas DataFrame with the declared column names and dtypes (numbers float64, integers
 Int64, booleans boolean, categories strings with NaN for a gap, as ``pandas.read_csv`` gives them to the user), so a
-user's own ``ColumnTransformer`` that selects columns by name works unchanged. It is a module-level function so that
-skops can store it by name and the registry can trust it by name.
+user's own ``ColumnTransformer`` that selects columns by name works unchanged (the standard pipeline imputes and
+encodes the codes themselves, by position: a DataFrame per call cost more than the model). It is a module-level
+function so that skops can store it by name and the registry can trust it by name.
 """
 
 from __future__ import annotations
