@@ -97,6 +97,25 @@ def _init(data: str, project: str | None, target: str, task: str | None, name: s
     return 0
 
 
+def _import_model(source: str, project: str, name: str) -> int:
+    """Convert a pickle into the project's skops file, on the operator's machine: the service never unpickles."""
+    from pathlib import Path
+
+    from app.project import ProjectError, import_pickle, load_project
+
+    print(
+        f"warning: reading {source} runs whatever code the pickle holds: import only a file you trust",
+        file=sys.stderr,
+    )
+    try:
+        written = import_pickle(Path(source), load_project(Path(project)), name)
+    except ProjectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {written} (and {written.name}.json, the scikit-learn version); mlapi.toml: model_file = {name!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--task", choices=("regression", "classification"), help="default: from the target's values")
     init.add_argument("--name", help="the model's name in the API (default: the directory's name)")
     init.add_argument("--ignore", action="append", default=[], help="a column that is neither feature nor target")
+    imported = commands.add_parser(
+        "import-model",
+        help="convert a joblib/pickle model into the project's skops file (unpickles: trusted files only)",
+    )
+    imported.add_argument("source", help="the fitted pipeline, a joblib or pickle file")
+    imported.add_argument("--project", required=True, help="the project directory (its mlapi.toml gets model_file)")
+    imported.add_argument("--name", default="model.skops", help="the skops file to write in the project")
     commands.add_parser("check", help="check the configured model project (or dataset) can be served; print it")
     commands.add_parser("train", help="train the first model into the registry if there is none")
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         DrainingServer(config, drain_seconds=settings.drain_seconds).run()
         return 0
+    if args.command == "import-model":
+        return _import_model(args.source, args.project, args.name)
     if args.command == "init":
         return _init(args.data, args.project, args.target, args.task, args.name, args.ignore)
     if args.command == "retrain":

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from app.project import ProjectError, open_project, pipeline_factory
+from app.project import ImportedModel, ProjectError, imported_model, open_project, pipeline_factory
 from app.settings import Settings
-from app.tabular import Column, Schema
+from app.tabular import Column, Schema, frame_of_codes
 
 HOLDOUT_FRACTION = 0.2
 
@@ -33,6 +33,7 @@ class Dataset:
     schema: Schema = field(default=None)  # type: ignore[assignment]  # None: numbers without gaps, a regression
     pipeline: Callable[[], Any] | None = None  # the project's own training code (model.pipeline): a new estimator
     trusted_types: frozenset[str] = frozenset()  # the project's own classes skops may load (model.trusted_types)
+    imported: ImportedModel | None = None  # a pipeline trained elsewhere (model.model_file): the first version
 
     def __post_init__(self) -> None:
         if self.schema is None:
@@ -80,6 +81,7 @@ def load_project_dataset(directory: Path) -> Dataset:
     try:
         project, data = open_project(directory)
         pipeline = pipeline_factory(project)
+        imported = imported_model(project)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
     columns = tuple(
@@ -87,16 +89,39 @@ def load_project_dataset(directory: Path) -> Dataset:
     )
     classes = tuple(sorted(set(data.target))) if project.model.task == "classification" else ()
     schema = Schema(columns, project.model.task, classes)
+    X = schema.encode_frame(data.features)
+    if imported is not None:
+        check_imported(imported, schema, X, f"MLAPI_MODEL_PROJECT: {directory / 'mlapi.toml'} model.model_file")
     return Dataset(
         project.feature_names,
-        schema.encode_frame(data.features),
+        X,
         schema.encode_target(list(data.target)),
         project.model.name,
         f"projects/{project.store_key()}",
         schema,
         pipeline,
         frozenset(project.model.trusted_types),
+        imported,
     )
+
+
+def check_imported(imported: ImportedModel, schema: Schema, X: np.ndarray, where: str) -> None:
+    """A pipeline trained elsewhere answers the project's own rows, as the service will hand them to it (the
+    DataFrame with the declared names and dtypes), and knows exactly the data's classes."""
+    frame = frame_of_codes(X[:5], **schema.transformer_arguments())
+    try:
+        imported.estimator.predict(frame)
+    except Exception as exc:
+        raise DatasetError(
+            f"{where}: {imported.path.name} fails on the project's data: {type(exc).__name__}: {exc} (it receives a "
+            "DataFrame with the columns and types of [features])"
+        ) from None
+    if schema.task == "classification":
+        known = [str(label) for label in getattr(imported.estimator, "classes_", [])]
+        if known != list(schema.classes):
+            raise DatasetError(
+                f"{where}: {imported.path.name} knows the classes {known}, the data has {list(schema.classes)}"
+            )
 
 
 def load_dataset(source: str, target_column: str = "target") -> Dataset:

@@ -19,9 +19,10 @@ from mapie.regression import SplitConformalRegressor
 from mapie.utils import check_proba_normalized
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
+from sklearn.pipeline import Pipeline
 
 from app.data import Dataset, fingerprint, split_share
-from app.estimators import build_pipeline
+from app.estimators import build_pipeline, frame_step
 from app.tabular import Column, Schema
 
 CALIBRATION_FRACTION = 0.25
@@ -259,21 +260,22 @@ def evaluate(
 def evaluate_classifier(
     conformal: SplitConformalClassifier, levels: list[float], holdout: Dataset
 ) -> ClassificationMetrics:
-    n_classes = len(holdout.schema.classes)
     probabilities = conformal._estimator.predict_proba(holdout.X)
     if not np.isfinite(probabilities).all():
         raise ValueError("candidate produced non-finite probabilities on the holdout")
     labels, sets = conformal.predict_set(holdout.X)
-    truth = holdout.y.astype(np.intp)
+    codes = holdout.y.astype(np.intp)
+    classes = list(holdout.schema.classes)
+    truth = np.asarray(classes, dtype=object)[codes]
     coverage, size = {}, {}
     for index, level in enumerate(levels):
         members = sets[:, :, index]
-        coverage[level_key(level)] = float(np.mean(members[np.arange(len(truth)), truth]))
+        coverage[level_key(level)] = float(np.mean(members[np.arange(len(codes)), codes]))
         size[level_key(level)] = float(np.mean(members.sum(axis=1)))
     return ClassificationMetrics(
         accuracy=float(accuracy_score(truth, labels)),
-        macro_f1=float(f1_score(truth, labels, average="macro", labels=range(n_classes), zero_division=0)),
-        log_loss=float(log_loss(truth, probabilities, labels=range(n_classes))),
+        macro_f1=float(f1_score(truth, labels, average="macro", labels=classes, zero_division=0)),
+        log_loss=float(log_loss(truth, probabilities, labels=classes)),
         coverage=coverage,
         mean_set_size=size,
     )
@@ -288,8 +290,12 @@ def train(
     seed: int,
     n_observations: int = 0,
     user_pipeline: Any = None,
+    prefit: Any = None,
 ) -> Predictor:
-    """Fit on part of ``development``, conformalize on the rest, measure on ``holdout``."""
+    """Fit on part of ``development``, conformalize on the rest, measure on ``holdout``. ``user_pipeline``: the
+    project's own unfitted estimator; ``prefit``: a pipeline trained elsewhere (model.model_file), calibrated and
+    measured here, never refitted. A classifier learns the class labels themselves (its ``classes_`` are the
+    project's, in the same order), as the user's own code expects them."""
     fit, calibration = split_share(development, CALIBRATION_FRACTION, np.random.default_rng(seed + 1), minimum=10)
     for level in levels:  # split conformal needs more scores than 1/(1-level) to place the quantile at all
         needed = math.ceil(max(1 / (1 - level), 1 / level))
@@ -300,7 +306,10 @@ def train(
                 "(or drop the level from MLAPI_CONFIDENCE_LEVELS)"
             )
     schema = development.schema
-    model = build_pipeline(schema, estimator, seed, user_pipeline)
+    if prefit is not None:  # trained elsewhere: only the DataFrame step in front of it (stateless, fitted here)
+        model = Pipeline([("frame", frame_step(schema).fit(fit.X)), ("model", prefit)])
+    else:
+        model = build_pipeline(schema, estimator, seed, user_pipeline)
     if schema.task == "classification":
         missing = sorted(set(range(len(schema.classes))) - set(fit.y.astype(int).tolist()))
         if missing:
@@ -308,13 +317,18 @@ def train(
                 f"classes {[schema.classes[code] for code in missing]} have too few rows to train on: each class "
                 "needs rows in the fitting, calibration and holdout shares (a few dozen or more)"
             )
-        model.fit(fit.X, fit.y.astype(np.intp))
+        labels = np.asarray(schema.classes, dtype=object)
+        if prefit is None:
+            model.fit(fit.X, labels[fit.y.astype(np.intp)])
+        if [str(label) for label in model.classes_] != list(schema.classes):
+            raise ValueError(f"the model's classes {list(model.classes_)} are not the data's {list(schema.classes)}")
         conformal: SplitConformalRegressor | SplitConformalClassifier = SplitConformalClassifier(
             model, confidence_level=list(levels), conformity_score=CONFORMITY_SCORE, prefit=True, random_state=seed
         )  # seeded: APS randomises its calibration scores, and the same data must give the same model
-        conformal.conformalize(calibration.X, calibration.y.astype(np.intp))
+        conformal.conformalize(calibration.X, labels[calibration.y.astype(np.intp)])
     else:
-        model.fit(fit.X, fit.y)
+        if prefit is None:
+            model.fit(fit.X, fit.y)
         conformal = SplitConformalRegressor(model, confidence_level=list(levels), prefit=True)
         conformal.conformalize(calibration.X, calibration.y)
     metadata = ModelMetadata(

@@ -27,7 +27,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -79,19 +78,28 @@ class ModelSection(BaseModel):
         default_factory=list, description="the project's own classes (module.Class) that skops may load"
     )
     requirements: str | None = Field(None, description="not taken yet: extra packages for the model image")
-    model_file: str | None = Field(None, description="not taken yet: a pipeline trained elsewhere, in skops format")
+    model_file: str | None = Field(
+        None, description="a fitted pipeline in skops format, in the project: served as the first version"
+    )
 
-    @field_validator("requirements", "model_file")
+    @field_validator("requirements")
     @classmethod
-    def not_yet(cls, value: str | None, info: ValidationInfo) -> str | None:
+    def not_yet(cls, value: str | None) -> str | None:
         if value is not None:
-            reason = {
-                "requirements": "extra packages are not installed into the model image yet: install them into the "
-                "image yourself (FROM the model image) and set modelImage, or use scikit-learn's own estimators",
-                "model_file": "a pipeline trained elsewhere is not imported yet: give its training code as "
-                "model.pipeline instead",
-            }[info.field_name]
-            raise ValueError(f"{value!r}: {reason}")
+            raise ValueError(
+                f"{value!r}: extra packages are not installed into the model image yet: install them into the "
+                "image yourself (FROM the model image) and set modelImage, or use scikit-learn's own estimators"
+            )
+        return value
+
+    @field_validator("model_file")
+    @classmethod
+    def skops_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".skops"):
+            raise ValueError(
+                f"{value!r}: the service loads skops files only, never pickles: convert it on your machine with "
+                f"python -m app import-model {value} --project <dir>"
+            )
         return value
 
     @field_validator("data")
@@ -439,3 +447,94 @@ def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
             f"{project.model.task} needs an unfitted scikit-learn estimator with {' and '.join(needs)}"
         )
     return function
+
+
+# Types skops leaves to the caller that are data, not code: a dtype argument (an encoder's, an imputer's).
+DATA_TYPES: frozenset[str] = frozenset({"numpy.dtype"})
+SIDECAR_SUFFIX = ".json"  # beside model.skops: the scikit-learn version it was trained with, where it came from
+
+
+@dataclass(frozen=True)
+class ImportedModel:
+    estimator: Any
+    path: Path
+    sklearn_version: str  # "" when the file came without import-model's record
+
+
+def imported_model(project: ModelProject) -> ImportedModel | None:
+    """The fitted pipeline of ``model.model_file``, loaded with skops, only if every type in it is trusted (skops'
+    own list and ``model.trusted_types``) and it was trained under this scikit-learn minor version."""
+    import sklearn
+    import skops.io as sio
+
+    if project.model.model_file is None:
+        return None
+    where = f"{project.directory / PROJECT_FILE} model.model_file"
+    path = project.directory / project.model.model_file
+    if not path.is_file():
+        raise ProjectError(f"{where}: {path} does not exist (python -m app import-model <file> --project <dir>)")
+    blob = path.read_bytes()
+    try:
+        untrusted = sorted(set(sio.get_untrusted_types(data=blob)) - DATA_TYPES - set(project.model.trusted_types))
+    except Exception as exc:  # skops raises several types for a malformed archive
+        raise ProjectError(f"{where}: {path.name} is not a skops file ({exc})") from None
+    if untrusted:
+        raise ProjectError(
+            f"{where}: {path.name} holds types nobody trusted: {untrusted}; if they are the project's own, list them "
+            "in model.trusted_types (their module must be in the project)"
+        )
+    record = path.with_name(path.name + SIDECAR_SUFFIX)
+    trained_with = json.loads(record.read_text()).get("sklearn_version", "") if record.is_file() else ""
+    running = sklearn.__version__
+    if trained_with and trained_with.split(".")[:2] != running.split(".")[:2]:
+        raise ProjectError(
+            f"{where}: {path.name} was trained with scikit-learn {trained_with}, this service runs {running}: retrain "
+            "it under the same minor version, or give its training code as model.pipeline"
+        )
+    try:
+        estimator = sio.loads(blob, trusted=[*DATA_TYPES, *project.model.trusted_types])
+    except Exception as exc:
+        raise ProjectError(f"{where}: loading {path.name} failed: {type(exc).__name__}: {exc}") from None
+    needs = ("predict", "predict_proba") if project.model.task == "classification" else ("predict",)
+    lacking = [method for method in needs if not hasattr(estimator, method)]
+    if lacking:
+        raise ProjectError(f"{where}: {type(estimator).__name__} has no {' or '.join(lacking)}")
+    return ImportedModel(estimator, path, trained_with)
+
+
+def import_pickle(source: Path, project: ModelProject, name: str = "model.skops") -> Path:
+    """Convert a joblib/pickle file (which runs code when read: only on the operator's machine) into the project's
+    skops file and record the scikit-learn version beside it; ``model.model_file`` is added to mlapi.toml if absent.
+    Refused, writing nothing: an object without predict, or types nobody trusted."""
+    import joblib
+    import sklearn
+    import skops.io as sio
+
+    directory = str(project.directory.resolve())
+    if directory not in sys.path:  # the pickle may name the project's own classes, as the service will find them
+        sys.path.append(directory)
+    estimator = joblib.load(source)
+    needs = ("predict", "predict_proba") if project.model.task == "classification" else ("predict",)
+    lacking = [method for method in needs if not hasattr(estimator, method)]
+    if lacking:
+        raise ProjectError(f"{source}: a {type(estimator).__name__} has no {' or '.join(lacking)}")
+    blob = sio.dumps(estimator)
+    untrusted = sorted(set(sio.get_untrusted_types(data=blob)) - DATA_TYPES - set(project.model.trusted_types))
+    if untrusted:
+        raise ProjectError(
+            f"{source}: holds types skops does not trust: {untrusted}; if they are your own classes, put their module "
+            f"in the project and list them in model.trusted_types in {project.directory / PROJECT_FILE}"
+        )
+    target = project.directory / name
+    target.write_bytes(blob)
+    record = {
+        "sklearn_version": sklearn.__version__,
+        "imported_from": source.name,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    target.with_name(target.name + SIDECAR_SUFFIX).write_text(json.dumps(record, indent=2) + "\n")
+    if project.model.model_file != name:
+        toml = project.directory / PROJECT_FILE
+        text = toml.read_text()
+        toml.write_text(text.replace("[model]\n", f"[model]\nmodel_file = {json.dumps(name)}\n", 1))
+    return target

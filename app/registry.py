@@ -27,6 +27,7 @@ import skops.io as sio
 
 from app.data import Dataset
 from app.model import ModelMetadata, Predictor
+from app.project import DATA_TYPES
 
 # Types skops does not trust by default but that our estimators and MAPIE's split conformal regressor consist of.
 TRUSTED_TYPES: frozenset[str] = frozenset(
@@ -38,13 +39,13 @@ TRUSTED_TYPES: frozenset[str] = frozenset(
         "mapie.conformity_scores.sets.aps.APSConformityScore",
         "mapie.estimator.classifier.EnsembleClassifier",
         "mapie.estimator.regressor.EnsembleRegressor",
-        "numpy.dtype",  # a dtype argument (OneHotEncoder's, an imputer's): data, not code
         "mapie.regression.regression.SplitConformalRegressor",
         "mapie.regression.regression._MapieRegressor",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
         "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
     }
 )
+TRUSTED_TYPES |= DATA_TYPES
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 MODEL_FILE = "model.skops"
 METADATA_FILE = "metadata.json"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import sklearn
+import sklearn.base
 import skops.io as sio
 
 from app.data import Dataset, split_holdout
@@ -127,7 +128,7 @@ class ModelService:
             with self.registry.lock(blocking=True):  # replicas starting together train one first version
                 if self.registry.current() is None and not self._import_node_registry():
                     development, holdout = self._splits()
-                    predictor = self._train(development, holdout, n_observations=0)
+                    predictor = self._train(development, holdout, n_observations=0, first=True)
                     version = self.registry.save(predictor, parent=None)
                     self.registry.set_current(version)
                     log.info("trained initial model %s", version)
@@ -245,18 +246,28 @@ class ModelService:
             return development, holdout
         return development, stored
 
-    def _train(self, development: Dataset, holdout: Dataset, n_observations: int) -> Predictor:
+    def _train(self, development: Dataset, holdout: Dataset, n_observations: int, first: bool = False) -> Predictor:
         """A new version, only if the registry will load it again: a type in the project's own pipeline that is not
-        trusted stops here, naming the key that trusts it, not at the next load."""
-        pipeline = self.dataset.pipeline
+        trusted stops here, naming the key that trusts it, not at the next load. The project's code trains it; else
+        a pipeline trained elsewhere is the first version as it is, and a fresh copy of it (same steps and
+        hyper-parameters) is refitted at every retrain; else the built-in estimator."""
+        pipeline, imported = self.dataset.pipeline, self.dataset.imported
+        user_pipeline, prefit, estimator = None, None, self.settings.estimator
+        if pipeline is not None:
+            user_pipeline, estimator = pipeline(), f"{pipeline.__module__}:{pipeline.__name__}"
+        elif imported is not None and first:
+            prefit, estimator = imported.estimator, f"{imported.path.name} (imported)"
+        elif imported is not None:
+            user_pipeline, estimator = sklearn.base.clone(imported.estimator), f"{imported.path.name} (refitted)"
         predictor = train(
             development,
             holdout,
-            estimator=f"{pipeline.__module__}:{pipeline.__name__}" if pipeline else self.settings.estimator,
+            estimator=estimator,
             levels=self.settings.confidence_levels,
             seed=self.settings.seed,
             n_observations=n_observations,
-            user_pipeline=pipeline() if pipeline else None,
+            user_pipeline=user_pipeline,
+            prefit=prefit,
         )
         untrusted = untrusted_types(sio.dumps(predictor.conformal), self.dataset.trusted_types)
         if untrusted:

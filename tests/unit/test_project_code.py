@@ -153,3 +153,106 @@ def test_check_and_serve_name_the_failing_code(tmp_path: Path) -> None:
         assert result.returncode == 2, (command, result.stderr)
         assert "model.pipeline: penguin_code:broken() raised RuntimeError" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+# -- a pipeline trained elsewhere (model.model_file, python -m app import-model) ------------------------------------
+def users_trained_pipeline(directory: Path) -> Path:
+    """What the ML engineer already has: a pipeline fitted in a notebook on pandas.read_csv's frame, saved with
+    joblib."""
+    import joblib
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    frame = pd.read_csv(directory / "data" / "penguins.csv")
+    columns = ColumnTransformer(
+        [
+            ("places", make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder()), ["island", "sex"]),
+            ("sizes", SimpleImputer(), ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]),
+        ]
+    )
+    model = make_pipeline(columns, LogisticRegression(max_iter=5000)).fit(
+        frame.drop(columns="species"), frame["species"]
+    )
+    joblib.dump(model, directory / "notebook-model.joblib")
+    return directory / "notebook-model.joblib"
+
+
+def import_model(source: Path, directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app", "import-model", str(source), "--project", str(directory)],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_pipeline_trained_elsewhere_is_imported_served_and_refitted(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    import joblib
+    import pandas as pd
+
+    directory = tmp_path / "penguins"
+    shutil.copytree(PROJECT_DIR / "examples" / "penguins", directory)
+    source = users_trained_pipeline(directory)
+    result = import_model(source, directory)
+    assert result.returncode == 0, result.stderr
+    assert "runs whatever code the pickle holds" in result.stderr
+    assert 'model_file = "model.skops"' in (directory / PROJECT_FILE).read_text()
+    assert (directory / "model.skops.json").is_file()
+
+    service = make_client(model_project=directory)
+    card = service.get("/model").json()
+    assert card["estimator"] == "model.skops (imported)" and card["version"] == "v0001"
+    answer = service.post("/predict", json={"features": PENGUIN}).json()
+    as_read = {name: float("nan") if value is None else value for name, value in PENGUIN.items()}  # read_csv's gap
+    notebook = joblib.load(source).predict_proba(pd.DataFrame([as_read]))[0]
+    assert list(answer["probabilities"].values()) == pytest.approx(list(notebook), rel=1e-9)
+    outcome = service.post("/admin/retrain", headers=admin_headers()).json()
+    assert outcome["outcome"] in ("promoted", "rejected") and "log-loss" in outcome["reason"], outcome
+    history = service.get("/admin/versions", headers=admin_headers()).json()
+    assert history
+
+
+def test_an_import_with_types_nobody_trusted_writes_nothing(tmp_path: Path) -> None:
+    import joblib
+
+    directory = project_with_code(tmp_path, "with_ratio")
+    sys.path.append(str(directory))
+    import pandas as pd
+    from penguin_code import with_ratio  # the user's own class, as in their notebook
+
+    frame = pd.read_csv(directory / "data" / "penguins.csv")
+    joblib.dump(with_ratio().fit(frame.drop(columns="species"), frame["species"]), tmp_path / "m.joblib")
+    result = import_model(tmp_path / "m.joblib", directory)
+    assert result.returncode == 1
+    assert "holds types skops does not trust: ['penguin_code.BillRatio']" in result.stderr
+    assert "model.trusted_types" in result.stderr and not (directory / "model.skops").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d.joinpath("model.skops.json").write_text('{"sklearn_version": "1.2.2"}'),
+         "was trained with scikit-learn 1.2.2, this service runs"),
+        (lambda d: d.joinpath("model.skops").write_bytes(b"not a zip"), "model.skops is not a skops file"),
+        (lambda d: d.joinpath(PROJECT_FILE).write_text(
+            d.joinpath(PROJECT_FILE).read_text().replace('model_file = "model.skops"', 'model_file = "m.joblib"')),
+         "'m.joblib': the service loads skops files only, never pickles: convert it"),
+    ],
+)  # fmt: skip
+def test_a_model_file_that_cannot_be_served_is_refused_before_serving(
+    tmp_path: Path, change: Callable[[Path], object], says: str
+) -> None:
+    directory = tmp_path / "penguins"
+    shutil.copytree(PROJECT_DIR / "examples" / "penguins", directory)
+    assert import_model(users_trained_pipeline(directory), directory).returncode == 0
+    change(directory)
+    with pytest.raises(DatasetError, match=r"model\.model_file") as refused:
+        load_project_dataset(directory)
+    assert says in str(refused.value)
