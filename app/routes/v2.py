@@ -2,13 +2,15 @@
 JSON tensors and the binary tensor data extension, so tritonclient and KServe's client work unchanged.
 
 Inputs: one FP64 tensor ``[N, F]`` with the features in metadata order (``input-0``), or one tensor per feature
-named as the feature (``[N]`` or ``[N, 1]``; request parameter ``content_type: "pd"``). Outputs: ``predict``,
-``lower``, ``upper`` (FP64 ``[N]``, at the request parameter ``confidence``) and ``out_of_distribution`` (BOOL
-``[N]``): the same numbers /predict gives for the same rows, logged and metered like them. A classifier answers
-``label`` (BYTES ``[N]``), ``probabilities`` (FP64 ``[N, K]``, classes in the metadata's order) and
-``prediction_set`` (BOOL ``[N, K]``) instead of the regression outputs. Errors are V2-shaped (``{"error": ...}``),
-naming the input and what is allowed. Features that are not numbers (categories, booleans, gaps) are taken by
-/predict only, for now: V2 refuses them with that reason.
+named as the feature (``[N]`` or ``[N, 1]``; request parameter ``content_type: "pd"``). A model project with
+categories, booleans or gaps takes the per-feature form only: a category as BYTES (its value; ``""`` is a gap where
+the feature is nullable), a boolean as BOOL, a number as any numeric type (NaN is a gap where nullable).
+
+Outputs: ``predict``, ``lower``, ``upper`` (FP64 ``[N]``, at the request parameter ``confidence``) and
+``out_of_distribution`` (BOOL ``[N]``): the same numbers /predict gives for the same rows, logged and metered like
+them. A classifier answers ``label`` (BYTES ``[N]``), ``probabilities`` (FP64 ``[N, K]``, classes in the metadata's
+order) and ``prediction_set`` (BOOL ``[N, K]``) instead of the regression outputs. Errors are V2-shaped
+(``{"error": ...}``), naming the input and what is allowed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from app.routes.predict import record_predictions
 from app.schemas import RequestSchemas
 from app.service import ModelService, NotReady
 from app.settings import Settings
+from app.tabular import Column
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUTS = ("predict", "lower", "upper", "out_of_distribution")
@@ -93,14 +96,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 
 def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int, max_rows: int) -> tuple[np.ndarray, int]:
-    """One input tensor as float64 in its declared shape, and the offset of the next binary tensor."""
+    """One input tensor in its declared shape (float64; BYTES as an object array of str), and the offset of the next
+    binary tensor."""
     name = tensor.get("name")
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     where = f"input {name!r}"
     if not isinstance(name, str):
         raise V2Error(400, "every input needs a 'name'")
-    if datatype not in NUMERIC_TYPES and datatype != "BOOL":
-        raise V2Error(400, f"{where}: datatype {datatype!r}: this model takes numbers (FP64, FP32, INT64, …, BOOL)")
+    if datatype not in NUMERIC_TYPES and datatype not in ("BOOL", "BYTES"):
+        raise V2Error(400, f"{where}: datatype {datatype!r}: one of FP64, FP32, INT64, …, BOOL, BYTES")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise V2Error(400, f"{where}: 'shape' must be a list of non-negative integers")
     if shape[0] > max_rows:
@@ -108,6 +112,8 @@ def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int, max_rows: 
     count = int(np.prod(shape))
     parameters = tensor.get("parameters") or {}
     size = parameters.get("binary_data_size")
+    if datatype == "BYTES":
+        return bytes_values(tensor, binary, offset, count, where)
     if size is not None:
         dtype = np.dtype("?" if datatype == "BOOL" else NUMERIC_TYPES[datatype])
         if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
@@ -127,6 +133,61 @@ def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int, max_rows: 
     return values.reshape(shape), offset
 
 
+def bytes_values(tensor: dict[str, Any], binary: bytes, offset: int, count: int, where: str) -> tuple[np.ndarray, int]:
+    """A BYTES tensor as str values: JSON strings, or binary elements (a 4-byte little-endian length, then UTF-8)."""
+    shape, size = tensor["shape"], (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or offset + size > len(binary):
+            raise V2Error(400, f"{where}: binary_data_size {size!r} is not within the body")
+        chunk, values = binary[offset : offset + size], []
+        try:
+            while chunk:
+                length = int.from_bytes(chunk[:4], "little")
+                if len(chunk) < 4 + length:
+                    raise ValueError("an element runs past binary_data_size")
+                values.append(chunk[4 : 4 + length].decode())
+                chunk = chunk[4 + length :]
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise V2Error(400, f"{where}: BYTES elements are a 4-byte length and UTF-8 text ({exc})") from None
+        offset += size
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise V2Error(400, f"{where}: needs 'data' (JSON) or parameters.binary_data_size (binary)")
+        values = list(np.asarray(data, dtype=object).reshape(-1))
+        if not all(isinstance(value, str) for value in values):
+            raise V2Error(400, f"{where}: BYTES 'data' must be strings")
+    if len(values) != count:
+        raise V2Error(400, f"{where}: {len(values)} values do not fill shape {shape}")
+    return np.array(values, dtype=object).reshape(shape), offset
+
+
+def typed_column(column: Column, values: np.ndarray, where: str) -> np.ndarray:
+    """One feature's tensor as the service's codes (app/tabular.py), each value checked against the schema."""
+    if column.type == "category":
+        if values.dtype != object:
+            raise V2Error(400, f"{where}: a category takes BYTES (one of {list(column.values)})")
+        codes = np.empty(len(values))
+        for row, value in enumerate(values):
+            if value == "" and column.nullable:
+                codes[row] = np.nan
+            elif value in column.values:
+                codes[row] = column.values.index(value)
+            else:
+                gap = ', or "" for a gap' if column.nullable else ""
+                raise V2Error(400, f"{where} row {row}: {value!r} is not one of {list(column.values)}{gap}")
+        return codes
+    if values.dtype == object:
+        raise V2Error(400, f"{where}: a {column.type} takes a numeric tensor{' or BOOL' * (column.type == 'boolean')}")
+    if np.isnan(values).any() and not column.nullable:
+        raise V2Error(400, f"{where} row {int(np.flatnonzero(np.isnan(values))[0])}: a gap (NaN), not nullable")
+    if column.type == "integer" and not np.all(np.isnan(values) | (values == np.round(values))):
+        raise V2Error(400, f"{where}: whole numbers only (an integer feature)")
+    if column.type == "boolean" and not np.all(np.isnan(values) | (values == 0) | (values == 1)):
+        raise V2Error(400, f"{where}: true/false (BOOL, or 0 and 1) only")
+    return values.astype(np.float64)
+
+
 def feature_matrix(
     request: dict[str, Any], binary: bytes, feature_names: tuple[str, ...], schemas: RequestSchemas, max_rows: int
 ) -> np.ndarray:
@@ -137,8 +198,14 @@ def feature_matrix(
             raise V2Error(400, "every input must be a tensor object")
         tensors[tensor.get("name")], offset = tensor_values(tensor, binary, offset, max_rows)
     width = len(feature_names)
+    schema = schemas.schema
     if len(tensors) == 1 and set(tensors) - set(feature_names):
         ((name, matrix),) = tensors.items()
+        if not schema.plain:
+            raise V2Error(400, f"input {name!r}: this model's features have types: one tensor per feature, named as in "
+                          f"the metadata {list(feature_names)}")  # fmt: skip
+        if matrix.dtype == object:
+            raise V2Error(400, f"input {name!r}: BYTES; this model takes numbers")
         if matrix.ndim != 2 or matrix.shape[1] != width:
             raise V2Error(400, f"input {name!r}: shape {list(matrix.shape)}; expected [N, {width}] (features in order)")
         X = matrix
@@ -153,20 +220,21 @@ def feature_matrix(
                 + (f"; missing {missing}" if missing else ""),
             )
         columns = []
-        for name in feature_names:
+        for name, declared in zip(feature_names, schema.columns, strict=True):
             column = tensors[name]
             if column.ndim == 2 and column.shape[1] == 1:
                 column = column[:, 0]
             if column.ndim != 1:
                 raise V2Error(400, f"input {name!r}: shape {list(column.shape)}; expected [N] or [N, 1]")
-            columns.append(column)
+            columns.append(typed_column(declared, column, f"input {name!r}"))
         if len({len(c) for c in columns}) != 1:
             raise V2Error(400, "inputs: every feature tensor needs the same number of rows")
         X = np.column_stack(columns)
     if len(X) == 0:
         raise V2Error(400, "inputs: at least one row")
     low, high = schemas.ranges.feature_limits()
-    bad = ~np.isfinite(X) | (low > X) | (high < X)
+    gap = np.isnan(X) & schema.nullable_mask
+    bad = ~gap & (~np.isfinite(X) | (low > X) | (high < X))
     if bad.any():
         row, column = (int(i) for i in np.argwhere(bad)[0])
         raise V2Error(
@@ -262,6 +330,14 @@ def v2_router(
     else:
         outputs = [{"name": n, "datatype": "FP64", "shape": [-1]} for n in OUTPUTS[:3]]
     outputs.append({"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]})
+    if schemas.schema.plain:
+        inputs = [{"name": MATRIX_INPUT, "datatype": "FP64", "shape": [-1, len(feature_names)]}]
+    else:  # one tensor per feature, typed (content_type "pd", as MLServer's pandas codec names it)
+        kinds = {"category": "BYTES", "boolean": "BOOL", "integer": "INT64", "number": "FP64"}
+        inputs = [
+            {"name": c.name, "datatype": kinds[c.type], "shape": [-1, 1], "parameters": {"content_type": "pd"}}
+            for c in schemas.schema.columns
+        ]
 
     def metadata(service: ModelService, name: str, version: str | None) -> dict[str, Any]:
         current = served_version(service, name, version)
@@ -269,7 +345,7 @@ def v2_router(
             "name": model_name,
             "versions": [current],
             "platform": "mlapi-sklearn",
-            "inputs": [{"name": MATRIX_INPUT, "datatype": "FP64", "shape": [-1, len(feature_names)]}],
+            "inputs": inputs,
             "outputs": outputs,
             "parameters": {
                 "task": schemas.schema.task,
@@ -310,13 +386,6 @@ def v2_router(
         confidence = parameters.get("confidence", settings.default_confidence)
         if confidence not in settings.confidence_levels:
             raise V2Error(400, f"parameters.confidence {confidence!r}: one of {settings.confidence_levels}")
-        if not schemas.schema.plain:
-            typed = [c.name for c in schemas.schema.columns if not c.numeric or c.nullable]
-            raise V2Error(
-                400,
-                f"features {typed} are categories, booleans or nullable: this server takes them over POST /predict, "
-                "not over V2 yet",
-            )
         X = feature_matrix(request, binary, feature_names, schemas, settings.max_batch_rows)
         try:
             result = service.predict(X, float(confidence))

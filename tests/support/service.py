@@ -4,6 +4,11 @@ started with, CSV and metric helpers, fresh ground truth for retrains."""
 from __future__ import annotations
 
 import csv
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +70,32 @@ def fresh_observations(rows: list[int], target_noise: float = 0.0, seed: int = 0
         }
         for i in rows
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def served_app(settings: object) -> Iterator[str]:
+    """The app for ``settings`` served by uvicorn on 127.0.0.1 in a thread, for clients that speak HTTP themselves
+    (tritonclient); yields ``host:port``."""
+    import uvicorn
+
+    from app.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

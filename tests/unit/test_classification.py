@@ -8,12 +8,14 @@ import csv
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import tritonclient.http as triton
 from fastapi.testclient import TestClient
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
@@ -21,14 +23,16 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
+from tritonclient.utils import InferenceServerException
 
 from app.data import load_project_dataset, split_holdout
 from app.model import train
 from app.project import PROJECT_FILE, open_project
 from app.registry import RegistryError
 from app.service import check_sklearn_version
+from app.settings import Settings
 from app.tabular import frame_of_codes
-from tests.support.service import admin_headers, ingest_headers
+from tests.support.service import ADMIN_TOKEN, admin_headers, ingest_headers, served_app
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLASSES = ["Adelie", "Chinstrap", "Gentoo"]
@@ -329,8 +333,77 @@ def test_v2_answers_a_classifier_with_labels_probabilities_and_sets(
     assert labels == ["setosa", "versicolor", "virginica"]
 
 
-def test_v2_refuses_features_it_cannot_take_yet_naming_them(penguins: TestClient) -> None:
+@pytest.fixture(scope="module")
+def penguins_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("v2-penguins"),
+        admin_token=ADMIN_TOKEN,
+        holdout_seed=42,
+        model_project=EXAMPLES / "penguins",
+    )
+    with served_app(settings) as address:
+        yield address
+
+
+def typed_inputs(records: list[dict], binary: bool) -> list[triton.InferInput]:
+    """One tensor per feature, as tritonclient sends a DataFrame: categories BYTES ("" for a gap), numbers FP64 (NaN
+    for a gap), integers INT64 where the column has no gap."""
+    frame = pd.DataFrame(records)
+    inputs = []
+    for name in frame.columns:
+        column = frame[name]
+        if name in ("island", "sex"):
+            values = np.array([["" if pd.isna(v) else v] for v in column], dtype=object)
+            datatype = "BYTES"
+        elif name == "year":
+            values, datatype = column.to_numpy(dtype=np.int64).reshape(-1, 1), "INT64"
+        else:
+            values, datatype = column.to_numpy(dtype=np.float64, na_value=np.nan).reshape(-1, 1), "FP64"
+        tensor = triton.InferInput(name, list(values.shape), datatype)
+        tensor.set_data_from_numpy(values, binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_v2_takes_categories_and_gaps_as_tensors_per_feature(penguins_served: str, binary: bool) -> None:
+    """tritonclient, the real client: BYTES categories, FP64 numbers with NaN gaps; the answers equal /predict's."""
+    client = triton.InferenceServerClient(penguins_served)
+    metadata = client.get_model_metadata("penguins")
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
+        "island": "BYTES", "bill_length_mm": "FP64", "bill_depth_mm": "FP64", "flipper_length_mm": "INT64",
+        "body_mass_g": "INT64", "sex": "BYTES", "year": "INT64",
+    }  # fmt: skip
+    records = penguin_records(30)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("label", "probabilities")]
+    result = client.infer("penguins", typed_inputs(records, binary), outputs=outputs, parameters={"confidence": 0.9})
+    labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").reshape(-1)]
+    rest = httpx.post(f"http://{penguins_served}/predict/batch", json={"records": records, "confidence": 0.9}).json()
+    assert labels == [answer["label"] for answer in rest["predictions"]]
+    expected = [list(answer["probabilities"].values()) for answer in rest["predictions"]]
+    assert np.allclose(result.as_numpy("probabilities"), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"island": "Mars"}, "input 'island' row 0: 'Mars' is not one of ['Biscoe', 'Dream', 'Torgersen']"),
+        ({"island": None}, "input 'island' row 0: '' is not one of"),  # not nullable: "" is no gap here
+        ({"sex": "MALE"}, "'MALE' is not one of ['female', 'male'], or \"\" for a gap"),
+        ({"bill_length_mm": 1e9}, "feature 'bill_length_mm' row 0: 1000000000.0 is outside the accepted range"),
+    ],
+)
+def test_v2_refuses_a_value_outside_the_schema_naming_input_row_and_allowed(
+    penguins_served: str, change: dict, says: str
+) -> None:
+    client = triton.InferenceServerClient(penguins_served)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("penguins", typed_inputs([{**PENGUIN, **change}], binary=True))
+    assert says in str(refused.value), str(refused.value)
+
+
+def test_v2_a_typed_model_takes_no_matrix(penguins: TestClient) -> None:
     body = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 7], "data": [[0, 1, 2, 3, 4, 5, 6]]}]}
     response = penguins.post("/v2/models/penguins/infer", json=body)
     assert response.status_code == 400
-    assert "['island', 'bill_length_mm'" in response.json()["error"] and "POST /predict" in response.json()["error"]
+    assert "one tensor per feature, named as in the metadata ['island', 'bill_length_mm'" in response.json()["error"]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,21 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-import uvicorn
 from sklearn.datasets import load_diabetes
 from tritonclient.utils import InferenceServerException
 
-from app.main import create_app
 from app.settings import Settings
-from tests.support.service import ADMIN_TOKEN, FEATURES, INGEST_TOKEN
+from tests.support.service import ADMIN_TOKEN, FEATURES, INGEST_TOKEN, served_app
 
 ROWS = load_diabetes().data[:25]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +29,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ingest_token=INGEST_TOKEN,
         holdout_seed=42,
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_app(settings) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
