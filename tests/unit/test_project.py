@@ -127,7 +127,7 @@ def test_a_category_outside_its_declared_values_names_the_allowed_ones(tmp_path:
         (('name = "penguins"', 'name = "Penguins!"'), "model.name: String should match pattern"),
         (('"year" = { type = "integer" }', '"year" = { type = "date" }'), "features.year"),
         (("[model]", '[model]\nmodel_fil = "x.skops"'), "model.model_fil: Extra inputs are not permitted"),
-        (("[model]", '[model]\nmodel_file = "x.joblib"'), "model.model_file: 'x.joblib': the service loads skops files"),
+        (("[model]", '[model]\nmodel_file = "x.joblib"'), "model.model_file: 'x.joblib': the service loads skops"),
         (("[model]", '[model]\nrequirements = "r.txt"'), "model.requirements: 'r.txt': extra packages are not"),
     ],
 )
