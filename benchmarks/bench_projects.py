@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
-from benchmarks.bench_service import free_port
+from benchmarks.bench_service import free_port, wait_ready
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 THREADS = 8
@@ -63,16 +63,7 @@ def measure(project: str, requests: int, seconds: float) -> dict[str, float]:
         try:
             base = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base, timeout=60) as client:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if client.get("/ready").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"{project}: the service did not become ready within 120 s")
-                    time.sleep(0.2)
+                wait_ready(client, 120, project)
                 bodies = [{"features": rows[i % len(rows)]} for i in range(requests)]
                 for body in bodies[:50]:  # warm up
                     assert client.post("/predict", json=body).status_code == 200

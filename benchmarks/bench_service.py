@@ -40,6 +40,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_ready(client: httpx.Client, timeout_s: float, what: str) -> None:
+    """Poll /ready until the service answers 200; exit naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.get("/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: the service did not become ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def rows(n: int) -> np.ndarray:
     data = load_diabetes().data
     return data[np.arange(n) % len(data)]
@@ -80,16 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        if client.get("/ready").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the service did not become ready within 60 s")
-                    time.sleep(0.2)
+                wait_ready(client, 60, "diabetes")
 
                 single = [dict(zip(names, row.tolist(), strict=True)) for row in rows(args.requests)]
                 for body in single[:50]:  # warm up
