@@ -12,7 +12,9 @@ c. `up` with cached images and nothing running → verified HTTPS 200 (on new da
    on the data the first one left);
 d. the model image's size;
 f. POST /predict ÷ a trivial JSON route (GET /health) on the same replicas, same concurrency;
-g. latency of single predictions through Traefik at half the throughput measured in (a): p50 and p99.
+g. latency of single predictions through Traefik at half the throughput measured in (a): p50 and p99;
+h. V2 inference (the Open Inference Protocol) through Traefik: single rows ÷ /predict's, and 10,000-row FP64 tensors
+   over HTTPS (JSON and binary) ÷ the same rows as /predict/columns.
 
 Load comes from wrk and hey (Debian's) in a container on the stack's overlay network, so "through Traefik" and
 "direct" start from the same place; every run is bounded by time. ``--write`` adds the table to docs/benchmarks.md.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import docker
 import httpx
+import numpy as np
 from sklearn.datasets import load_diabetes
 
 from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load
@@ -108,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [data.data[i % len(data.data)].tolist() for i in range(BATCH_ROWS)],
         }
     ).encode()
+    matrix = data.data[np.arange(BATCH_ROWS) % len(data.data)]
+    tensor = {"name": "input-0", "datatype": "FP64", "shape": list(matrix.shape)}
+    v2_json = json.dumps({"inputs": [{**tensor, "data": matrix.tolist()}]}).encode()
+    v2_header = json.dumps(
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": matrix.nbytes}}]}
+    ).encode()  # the binary tensor data extension, as tritonclient sends it
+    v2_binary = v2_header + matrix.astype("<f8").tobytes()
 
     with tempfile.TemporaryDirectory(prefix="mlapi-bench-") as tmp:
         root = Path(tmp)
@@ -132,16 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             trivial, _ = load.wrk([f"{r}/health" for r in replicas], args.seconds, post=False)
             steady = load.hey(f"{edge}/predict", domain, args.seconds, proxied / 2)
+            v2_single, _ = load.wrk([f"{edge}/v2/models/diabetes/infer"], args.seconds, post=True, body="v2.lua")
 
             with httpx.Client(verify=str(stack.ca_root), timeout=120) as http:
                 edge_url = f"https://127.0.0.1:{options.https_port}"
                 headers = {"Host": domain, "Content-Type": "application/json"}
 
-                def over_https(path: str, body: bytes) -> float:
+                def over_https(path: str, body: bytes, extra: dict[str, str] | None = None) -> float:
                     # httpx verifies the certificate for the URL's host: connect to 127.0.0.1, verify the domain.
+                    sent = {**headers, **(extra or {})}
                     return batch_rows_per_second(
                         lambda b: http.post(
-                            edge_url + path, content=b, headers=headers, extensions={"sni_hostname": domain}
+                            edge_url + path, content=b, headers=sent, extensions={"sni_hostname": domain}
                         ),
                         body,
                         args.seconds,
@@ -150,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 records_https = over_https("/predict/batch", batch)
                 columns_https = over_https("/predict/columns", columns)
+                v2_json_https = over_https("/v2/models/diabetes/infer", v2_json)
+                v2_binary_https = over_https(
+                    "/v2/models/diabetes/infer", v2_binary, {"Inference-Header-Content-Length": str(len(v2_header))}
+                )
             records_in_process = in_process_batch(root / "in-process", batch, args.seconds, args.calls)
             columns_in_process = in_process_batch(
                 root / "in-process", columns, args.seconds, args.calls, "/predict/columns"
@@ -201,6 +217,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{steady['p50']:.1f} ms, {steady['p99']:.1f} ms",
             steady["p99"] / steady["p50"],
             "p99 ≤ 3 x p50",
+        ),
+        (
+            "h",
+            "V2 infer, 1 row, through Traefik ÷ POST /predict through Traefik",
+            f"{v2_single:,.0f} ÷ {proxied:,.0f} req/s",
+            v2_single / proxied,
+            "",
+        ),
+        (
+            "h",
+            f"V2 infer, {BATCH_ROWS:,}-row FP64 tensor over HTTPS, JSON ÷ /predict/columns",
+            f"{v2_json_https:,.0f} ÷ {columns_https:,.0f} rows/s",
+            v2_json_https / columns_https,
+            "",
+        ),
+        (
+            "h",
+            f"V2 infer, {BATCH_ROWS:,}-row FP64 tensor over HTTPS, binary ÷ /predict/columns",
+            f"{v2_binary_https:,.0f} ÷ {columns_https:,.0f} rows/s",
+            v2_binary_https / columns_https,
+            "",
         ),
     ]
     header = (

@@ -41,9 +41,11 @@ class Load:
         self.last_cpu_seconds = 0.0
         body = json.dumps({"features": features()})
         (workdir / "body.json").write_text(body)
-        (workdir / "post.lua").write_text(
-            f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n'
-        )
+        row = list(features().values())
+        v2 = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, len(row)], "data": [row]}]})
+        content_type = 'wrk.headers["Content-Type"] = "application/json"\n'
+        for script, text in (("post.lua", body), ("v2.lua", v2)):  # the same row: /predict's and V2's form
+            (workdir / script).write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(text)}\n{content_type}')
 
     def run(self, script: str) -> str:
         return self.client.containers.run(
@@ -56,12 +58,14 @@ class Load:
             remove=True,
         ).decode()
 
-    def wrk(self, urls: list[str], seconds: float, *, post: bool) -> tuple[float, dict[str, float]]:
+    def wrk(
+        self, urls: list[str], seconds: float, *, post: bool, body: str = "post.lua"
+    ) -> tuple[float, dict[str, float]]:
         """Requests/s summed over one wrk per URL (the connections split between them), and the first's latency
-        percentiles (ms)."""
+        percentiles (ms). ``body``: post.lua (/predict's record) or v2.lua (the same row as a V2 tensor)."""
         per_url = max(1, CONNECTIONS // len(urls))
         script = " & ".join(
-            f"wrk -t1 -c{per_url} -d{seconds:.0f}s --latency {'-s /bench/post.lua ' if post else ''}{url} "
+            f"wrk -t1 -c{per_url} -d{seconds:.0f}s --latency {f'-s /bench/{body} ' if post else ''}{url} "
             f"> /tmp/wrk{index}.txt"
             for index, url in enumerate(urls)
         )
