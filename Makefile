@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CLIENTS_STAMP := .venv-clients/.installed
 
 .PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
@@ -13,8 +14,14 @@ $(STAMP): requirements.txt requirements-dev.txt app/requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# KServe's client, in its own venv (its pins differ from the service's): the V2 tests drive it as a peer would.
+$(CLIENTS_STAMP): requirements-clients.txt
+	python3 -m venv .venv-clients
+	.venv-clients/bin/pip install --quiet -r requirements-clients.txt
+	touch $@
+
 ## Everything CI runs: lint, unit tests, program tests under mocks, real-stack and VM stand-in tests.
-test: venv lint
+test: venv lint $(CLIENTS_STAMP)
 	$(PY) -m pytest
 
 lint: venv
@@ -22,7 +29,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 ## The developer's loop, no Docker engine needed: lint, unit tests, the program under mocks (about 3 minutes).
-check: lint
+check: lint $(CLIENTS_STAMP)
 	$(PY) -m pytest -m "not stack and not standin" tests/unit tests/program
 
 ## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
@@ -53,4 +60,4 @@ bench: venv
 	$(PY) -m benchmarks.bench_stack
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-clients .pytest_cache .ruff_cache

@@ -32,6 +32,7 @@ from app.registry import RegistryError
 from app.service import check_sklearn_version
 from app.settings import Settings
 from app.tabular import frame_of_codes
+from tests.support.peers import kserve_infer
 from tests.support.service import ADMIN_TOKEN, admin_headers, ingest_headers, served_app
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -382,6 +383,38 @@ def test_v2_takes_categories_and_gaps_as_tensors_per_feature(penguins_served: st
     assert labels == [answer["label"] for answer in rest["predictions"]]
     expected = [list(answer["probabilities"].values()) for answer in rest["predictions"]]
     assert np.allclose(result.as_numpy("probabilities"), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kserves_own_client_sends_categories_and_gaps(penguins_served: str, binary: bool) -> None:
+    """kserve.InferenceRESTClient from its own venv: BYTES categories ("" for a gap), FP64 numbers with NaN gaps,
+    INT64 where a column has none; labels and probabilities equal /predict's."""
+    records = [r for r in penguin_records(40) if r["flipper_length_mm"] is not None][:20]
+    records[0] = {**records[0], "sex": None, "bill_depth_mm": None}
+    inputs = []
+    for name in PENGUIN:
+        column = [record[name] for record in records]
+        if name in ("island", "sex"):
+            data, datatype = ["" if value is None else value for value in column], "BYTES"
+        elif name in ("flipper_length_mm", "body_mass_g", "year"):
+            data, datatype = column, "INT64"
+        else:
+            data, datatype = [float("nan") if value is None else value for value in column], "FP64"
+        inputs.append({"name": name, "datatype": datatype, "shape": [len(records), 1], "data": data})
+    answer = kserve_infer(
+        {"base_url": f"http://{penguins_served}", "model": "penguins", "inputs": inputs, "binary": binary,
+         "parameters": {"content_type": "pd", "confidence": 0.9}}
+    )  # fmt: skip
+    rest = httpx.post(f"http://{penguins_served}/predict/batch", json={"records": records, "confidence": 0.9}).json()
+    assert answer["outputs"]["label"]["data"] == [p["label"] for p in rest["predictions"]]
+    expected = [list(p["probabilities"].values()) for p in rest["predictions"]]
+    np.testing.assert_allclose(
+        np.reshape(answer["outputs"]["probabilities"]["data"], (len(records), 3)), expected, rtol=1e-9, atol=1e-12
+    )
+    sets = np.reshape(answer["outputs"]["prediction_set"]["data"], (len(records), 3))
+    assert [[c for c, m in zip(CLASSES, row, strict=True) if m] for row in sets] == [
+        p["prediction_set"] for p in rest["predictions"]
+    ]
 
 
 @pytest.mark.parametrize(

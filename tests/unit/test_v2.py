@@ -16,6 +16,7 @@ from sklearn.datasets import load_diabetes
 from tritonclient.utils import InferenceServerException
 
 from app.settings import Settings
+from tests.support.peers import kserve_infer
 from tests.support.service import ADMIN_TOKEN, FEATURES, INGEST_TOKEN, served_app
 
 ROWS = load_diabetes().data[:25]
@@ -69,6 +70,23 @@ def test_infer_equals_predict(client: triton.InferenceServerClient, served: str,
     response = result.get_response()
     assert response["id"] == "r-1" and response["model_name"] == "diabetes"
     assert response["model_version"] == "v0001"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kserves_own_client_gets_the_answers_predict_gives(served: str, binary: bool) -> None:
+    """kserve.InferenceRESTClient (protocol v2), from its own venv: health, readiness, and inference equal to
+    /predict's, with JSON and with binary tensors."""
+    tensor = {"name": "input-0", "datatype": "FP64", "shape": list(ROWS.shape), "data": ROWS.tolist()}
+    answer = kserve_infer(
+        {"base_url": f"http://{served}", "model": "diabetes", "inputs": [tensor], "binary": binary,
+         "parameters": {"confidence": 0.8}}
+    )  # fmt: skip
+    assert answer["live"] and answer["ready"] and answer["model_ready"] and answer["id"] == "kserve-1"
+    rest = predicted_by_rest(served, ROWS, 0.8)
+    outputs = answer["outputs"]
+    np.testing.assert_allclose(outputs["predict"]["data"], [p["prediction"] for p in rest], rtol=1e-12)
+    np.testing.assert_allclose(outputs["lower"]["data"], [p["interval"]["lower"] for p in rest], rtol=1e-12)
+    np.testing.assert_allclose(outputs["upper"]["data"], [p["interval"]["upper"] for p in rest], rtol=1e-12)
 
 
 def test_one_tensor_per_feature_and_every_output_by_default(client: triton.InferenceServerClient) -> None:
