@@ -52,6 +52,7 @@ from testbed.stack import (
     wait_until,
 )
 from tests.support.load import Load, LoadReport
+from tests.support.peers import kserve_infer
 from tests.support.program import parse_go_duration
 from tests.support.pulumi_harness import VALID_CONFIG, run_program
 from tests.support.service import FEATURES, record
@@ -867,6 +868,19 @@ def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -
     rest = json.loads(body)
     assert answer["id"] == "edge-1" and outputs["predict"] == [rest["prediction"]]
     assert outputs["lower"] == [rest["interval"]["lower"]] and outputs["upper"] == [rest["interval"]["upper"]]
+    # KServe's own client (its venv), binary tensors, through the edge with the certificate verified for the domain.
+    peer = kserve_infer(
+        {
+            "base_url": f"https://{stack.options.domain}:{stack.options.https_port}",
+            "connect": "127.0.0.1",
+            "ca": str(stack.ca_root),
+            "model": "diabetes",
+            "binary": True,
+            "inputs": request["inputs"],
+            "parameters": request["parameters"],
+        }
+    )
+    assert peer["ready"] and peer["model_ready"] and peer["outputs"]["predict"]["data"] == [rest["prediction"]]
 
 
 USERS_CODE = """
