@@ -23,7 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import gevent.ssl
+import numpy as np
 import pytest
+import tritonclient.http as triton
 from docker.types import Mount
 
 from infra.local import stack as local
@@ -848,6 +851,19 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
 
 
 # -- lifecycle of the local stack ---------------------------------------------------------------------------------
+def edge_triton(stack: local.LocalStack) -> tuple[triton.InferenceServerClient, dict[str, str]]:
+    """tritonclient through the edge: it dials 127.0.0.1 and verifies the certificate for the domain (SNI), which
+    the Host header every call sends (the second value) also names."""
+    domain = stack.options.domain
+    client = triton.InferenceServerClient(
+        f"127.0.0.1:{stack.options.https_port}",
+        ssl=True,
+        ssl_options={"server_hostname": domain, "ca_certs": str(stack.ca_root)},
+        ssl_context_factory=gevent.ssl.create_default_context,
+    )
+    return client, {"Host": domain}
+
+
 def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -> None:
     """The Open Inference Protocol through Traefik over verified HTTPS: health, metadata, and an inference whose
     numbers equal /predict's for the same row."""
@@ -881,6 +897,14 @@ def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -
         }
     )
     assert peer["ready"] and peer["model_ready"] and peer["outputs"]["predict"]["data"] == [rest["prediction"]]
+    # tritonclient, binary by default, dialing 127.0.0.1 with the certificate verified for the domain (SNI + Host).
+    edge, host = edge_triton(stack)
+    assert edge.is_server_ready(headers=host)
+    tensor = triton.InferInput("input-0", [1, len(FEATURES)], "FP64")
+    tensor.set_data_from_numpy(np.array([list(row.values())]))
+    result = edge.infer("diabetes", [tensor], parameters={"confidence": 0.9}, headers=host)
+    assert result.as_numpy("predict").tolist() == [rest["prediction"]]
+    assert result.as_numpy("upper").tolist() == [rest["interval"]["upper"]]
 
 
 USERS_CODE = """
@@ -922,6 +946,29 @@ def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.L
         assert status == 200, body
         answer = json.loads(body)
         assert answer["label"] == "Gentoo" and answer["label"] in answer["prediction_set"]
+        # Both peers' clients, per-feature tensors (BYTES categories, "" and NaN for gaps), through the edge.
+        kinds = {"island": "BYTES", "sex": "BYTES", "flipper_length_mm": "INT64", "year": "INT64"}
+        tensors = [
+            {"name": name, "datatype": kinds.get(name, "FP64"), "shape": [1, 1],
+             "data": ["" if value is None and name == "sex" else float("nan") if value is None else value]}
+            for name, value in bird.items()
+        ]  # fmt: skip
+        peer = kserve_infer(
+            {"base_url": f"https://{stack.options.domain}:{stack.options.https_port}", "connect": "127.0.0.1",
+             "ca": str(stack.ca_root), "model": "penguins", "binary": True, "inputs": tensors,
+             "parameters": {"confidence": 0.9}}
+        )  # fmt: skip
+        assert peer["outputs"]["label"]["data"] == ["Gentoo"]
+        edge, host = edge_triton(stack)
+        inputs = []
+        for tensor in tensors:
+            one = triton.InferInput(tensor["name"], [1, 1], tensor["datatype"])
+            dtype = {"BYTES": object, "INT64": np.int64, "FP64": np.float64}[tensor["datatype"]]
+            one.set_data_from_numpy(np.array([tensor["data"]], dtype=dtype))
+            inputs.append(one)
+        result = edge.infer("penguins", inputs, parameters={"confidence": 0.9}, headers=host)
+        assert [label.decode() for label in result.as_numpy("label").reshape(-1)] == ["Gentoo"]
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], list(answer["probabilities"].values()))
         TIMINGS.append(f"local stack: a model project rolled out in {served.timings['total_s']} s (`up` to served)")
     finally:
         back = local.up(stack.options, quiet=True)
