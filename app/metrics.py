@@ -31,7 +31,7 @@ class ServiceMetrics:
         self.observations = Counter("mlapi_observations_total", "Ground-truth observations stored.", registry=registry)
         self.coalesced_rows = Histogram(
             "mlapi_predict_coalesced_rows",
-            "Single-row /predict requests answered by one model call (app/batching.py).",
+            "Single-row /predict and V2 requests answered by one model call (app/batching.py).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=registry,
         )

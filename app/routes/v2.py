@@ -29,13 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from app.routes.common import Service
 from app.routes.predict import record_predictions
 from app.schemas import RequestSchemas
-from app.service import ModelService, NotReady
+from app.service import ModelService, NotReady, Prediction
 from app.settings import Settings
 from app.tabular import Column
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUTS = ("predict", "lower", "upper", "out_of_distribution")
-CLASSIFIER_OUTPUTS = ("label", "probabilities", "prediction_set", "out_of_distribution")
+SMALL_BODY_BYTES = 16_384  # a few rows: parsed on the event loop (a thread hop costs more than the parse)
 MATRIX_INPUT = "input-0"
 NUMERIC_TYPES = {
     "FP64": "<f8",
@@ -377,8 +377,10 @@ def v2_router(
     def ready_version(name: str, version: str, service: Service) -> JSONResponse:
         return model_ready(service, name, version)
 
-    def infer(body: bytes, headers: dict[str, str], service: ModelService, name: str, version: str | None) -> Response:
-        started = time.perf_counter()
+    def parse(
+        body: bytes, headers: dict[str, str], service: ModelService, name: str, version: str | None
+    ) -> tuple[dict[str, Any], np.ndarray, Any]:
+        """The request document, its rows in feature order, and the confidence as sent."""
         served_version(service, name, version)
         body = decompressed(body, headers.get("content-encoding", "").lower(), settings.max_body_bytes)
         request, binary = split_body(body, headers.get(HEADER_LENGTH))
@@ -386,11 +388,16 @@ def v2_router(
         confidence = parameters.get("confidence", settings.default_confidence)
         if confidence not in settings.confidence_levels:
             raise V2Error(400, f"parameters.confidence {confidence!r}: one of {settings.confidence_levels}")
-        X = feature_matrix(request, binary, feature_names, schemas, settings.max_batch_rows)
-        try:
-            result = service.predict(X, float(confidence))
-        except NotReady:
-            raise V2Error(503, "model not ready") from None
+        return request, feature_matrix(request, binary, feature_names, schemas, settings.max_batch_rows), confidence
+
+    def respond(
+        service: ModelService,
+        request: dict[str, Any],
+        X: np.ndarray,
+        result: Prediction,
+        confidence: Any,
+        started: float,
+    ) -> Response:
         try:
             record_predictions(service, X, result, float(confidence), "v2_infer", started)  # logged and metered
         except RequestValidationError:
@@ -420,14 +427,38 @@ def v2_router(
             headers={"Inference-Header-Content-Length": str(len(header))},
         )
 
+    def batch(body: bytes, headers: dict[str, str], service: ModelService, name: str, version: str | None) -> Response:
+        started = time.perf_counter()
+        request, X, confidence = parse(body, headers, service, name, version)
+        try:
+            result = service.predict(X, float(confidence))
+        except NotReady:
+            raise V2Error(503, "model not ready") from None
+        return respond(service, request, X, result, confidence, started)
+
+    async def infer(http: Request, service: ModelService, name: str, version: str | None) -> Response:
+        """A small body (one row, a few) on the event loop, its single row coalesced with concurrent ones as /predict
+        does; a large one (a batch) parsed, predicted and serialized off the loop."""
+        body, headers = await http.body(), {k.lower(): v for k, v in http.headers.items()}
+        if len(body) > SMALL_BODY_BYTES or headers.get("content-encoding"):
+            return await run_in_threadpool(batch, body, headers, service, name, version)
+        started = time.perf_counter()
+        request, X, confidence = parse(body, headers, service, name, version)
+        try:
+            if len(X) == 1:
+                result = await http.app.state.coalesce.predict(X, float(confidence))
+            else:
+                result = service.predict(X, float(confidence))
+        except NotReady:
+            raise V2Error(503, "model not ready") from None
+        return respond(service, request, X, result, confidence, started)
+
     @router.post("/v2/models/{name}/infer", summary="Inference: JSON tensors or the binary tensor data extension.")
     async def infer_model(name: str, request: Request, service: Service) -> Response:
-        body, headers = await request.body(), {k.lower(): v for k, v in request.headers.items()}
-        return await run_in_threadpool(infer, body, headers, service, name, None)
+        return await infer(request, service, name, None)
 
     @router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on a loaded version.")
     async def infer_version(name: str, version: str, request: Request, service: Service) -> Response:
-        body, headers = await request.body(), {k.lower(): v for k, v in request.headers.items()}
-        return await run_in_threadpool(infer, body, headers, service, name, version)
+        return await infer(request, service, name, version)
 
     return router

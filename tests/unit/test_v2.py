@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from app.settings import Settings
 from tests.support.peers import kserve_infer
-from tests.support.service import ADMIN_TOKEN, FEATURES, INGEST_TOKEN, served_app
+from tests.support.service import ADMIN_TOKEN, FEATURES, INGEST_TOKEN, metric_value, served_app
 
 ROWS = load_diabetes().data[:25]
 
@@ -87,6 +87,24 @@ def test_kserves_own_client_gets_the_answers_predict_gives(served: str, binary: 
     np.testing.assert_allclose(outputs["predict"]["data"], [p["prediction"] for p in rest], rtol=1e-12)
     np.testing.assert_allclose(outputs["lower"]["data"], [p["interval"]["lower"] for p in rest], rtol=1e-12)
     np.testing.assert_allclose(outputs["upper"]["data"], [p["interval"]["upper"] for p in rest], rtol=1e-12)
+
+
+def test_a_single_row_is_coalesced_like_a_predict(client: triton.InferenceServerClient, served: str) -> None:
+    """One-row V2 requests go through the same micro-batcher as /predict (counted by its histogram); batches not."""
+
+    def coalesced_calls() -> float:
+        exposition = httpx.get(f"http://{served}/metrics", timeout=10).text
+        return metric_value(exposition, "mlapi_predict_coalesced_rows_count") or 0.0
+
+    before = coalesced_calls()
+    one = triton.InferInput("input-0", [1, len(FEATURES)], "FP64")
+    one.set_data_from_numpy(ROWS[:1])
+    client.infer("diabetes", [one])
+    assert coalesced_calls() == before + 1
+    many = triton.InferInput("input-0", list(ROWS.shape), "FP64")
+    many.set_data_from_numpy(ROWS)
+    client.infer("diabetes", [many])
+    assert coalesced_calls() == before + 1
 
 
 def test_one_tensor_per_feature_and_every_output_by_default(client: triton.InferenceServerClient) -> None:
