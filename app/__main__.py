@@ -154,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.command == "check":
-            print(f"{dataset.name}: {len(dataset)} rows, features {list(dataset.feature_names)}")
+            schema = dataset.schema
+            task = f"classification into {list(schema.classes)}" if schema.classes else "regression"
+            typed = ", ".join(f"{c.name} ({c.type}{', nullable' if c.nullable else ''})" for c in schema.columns)
+            print(f"{dataset.name}: {task}, {len(dataset)} rows; features: {typed}")
             return 0
         return _train(dataset)
     if args.command == "serve":

@@ -440,3 +440,20 @@ def test_v2_a_typed_model_takes_no_matrix(penguins: TestClient) -> None:
     response = penguins.post("/v2/models/penguins/infer", json=body)
     assert response.status_code == 400
     assert "one tensor per feature, named as in the metadata ['island', 'bill_length_mm'" in response.json()["error"]
+
+
+def test_check_describes_the_task_classes_and_typed_features(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "check"],
+        env={"MLAPI_MODEL_PROJECT": str(EXAMPLES / "penguins"), "MLAPI_DATA_DIR": str(tmp_path), "PATH": "/usr/bin"},
+        cwd=EXAMPLES.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "penguins: classification into ['Adelie', 'Chinstrap', 'Gentoo'], 344 rows" in result.stdout
+    assert "island (category), bill_length_mm (number, nullable)" in result.stdout
