@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
+class Overloaded(RuntimeError):
+    """More single-row predictions are waiting than the replica takes: answered 503 with Retry-After, at once,
+    instead of queueing without bound while /health waits behind them (Traefik would then drop the replica)."""
+
+
 @dataclass(frozen=True)
 class _Waiting:
     row: np.ndarray
@@ -45,13 +50,18 @@ class MicroBatcher(Generic[R]):
         max_rows: int = 256,
         shared_errors: tuple[type[Exception], ...] = (),
         on_batch: Callable[[int], None] = lambda rows: None,
+        max_waiting: int | None = None,
     ) -> None:
+        """``max_waiting``: rows that may wait at once (default 8 calls' worth); one more raises Overloaded."""
         self._predict_rows, self._split = predict_rows, split
         self._max_rows, self._shared_errors, self._on_batch = max_rows, shared_errors, on_batch
+        self._max_waiting = max_waiting if max_waiting is not None else 8 * max_rows
         self._waiting: list[_Waiting] = []
         self._draining: asyncio.Task | None = None
 
     async def predict(self, row: np.ndarray, confidence: float) -> R:
+        if len(self._waiting) >= self._max_waiting:
+            raise Overloaded(f"{len(self._waiting)} predictions are waiting (at most {self._max_waiting})")
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(row, confidence, answer))
         if self._draining is None:
@@ -69,6 +79,9 @@ class MicroBatcher(Generic[R]):
                     by_confidence.setdefault(waiting.confidence, []).append(waiting)
                 for confidence, group in by_confidence.items():
                     await self._answer(group, confidence)
+                    # Back to the loop between model calls: /health, the readiness probe and the answers already
+                    # computed go out before the next call, however many rows wait.
+                    await asyncio.sleep(0)
         finally:
             self._draining = None
 

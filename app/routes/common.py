@@ -45,7 +45,9 @@ def refuse_if_draining() -> None:
 
 
 # Every answer a client can get, documented (the fuzz test holds the service to it).
-UNAVAILABLE = {503: {"description": "draining, or no model loaded yet: try again (the proxy retries)"}}
+UNAVAILABLE = {
+    503: {"description": "draining, overloaded (Retry-After) or no model loaded yet: try again (the proxy retries)"}
+}
 
 
 def body_errors(settings: Settings) -> dict[int | str, dict[str, Any]]:

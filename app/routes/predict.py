@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.batching import Overloaded
 from app.columns import parse_columns
 from app.limits import MAX_ERRORS
 from app.predlog import PredictionRecord
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 def not_ready(exc: NotReady) -> HTTPException:
     log.warning("prediction refused, model not ready: %s", exc)
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model not ready")
+
+
+def overloaded(exc: Overloaded) -> HTTPException:
+    log.warning("prediction refused: %s", exc)
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, "overloaded: too many predictions waiting", headers={"Retry-After": "1"}
+    )
 
 
 def record_predictions(
@@ -153,6 +161,8 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
             result = await request.app.state.coalesce.predict(X, body.confidence)
         except NotReady as exc:
             raise not_ready(exc) from exc
+        except Overloaded as exc:
+            raise overloaded(exc) from exc
         version, items = answer(service, X, result, body.confidence, "predict", started)
         return JSONResponse({"model_version": version, **items[0]})  # the shape of PredictResponse, unvalidated
 

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.batching import Overloaded
 from app.routes.common import Service
 from app.routes.predict import record_predictions
 from app.schemas import RequestSchemas
@@ -451,6 +452,8 @@ def v2_router(
                 result = service.predict(X, float(confidence))
         except NotReady:
             raise V2Error(503, "model not ready") from None
+        except Overloaded:
+            raise V2Error(503, "overloaded: too many predictions waiting; retry in a second") from None
         return respond(service, request, X, result, confidence, started)
 
     @router.post("/v2/models/{name}/infer", summary="Inference: JSON tensors or the binary tensor data extension.")

@@ -168,3 +168,68 @@ def test_start_up_freezes_its_long_lived_objects_out_of_the_collector(tmp_path: 
     frozen = run_in_own_loop(run())
     gc.unfreeze()  # the rest of the test session collects as usual
     assert frozen > 50_000  # scikit-learn, SciPy and the model: about 160k objects
+
+
+def test_a_flood_goes_back_to_the_loop_between_model_calls() -> None:
+    """Ten model calls' worth of rows waiting: a /health-like coroutine scheduled after them runs after the first
+    call, not after the tenth (it used to wait for the whole queue: Traefik's 1 s check then dropped the replica)."""
+    calls: list[str] = []
+
+    def predict_rows(X: np.ndarray, confidence: float) -> list[float]:
+        calls.append("model")
+        return [float(x) for x in X[:, 0]]
+
+    async def run() -> None:
+        batcher = MicroBatcher(predict_rows, lambda result, n: [[r] for r in result], max_rows=10, max_waiting=100)
+        flood = [asyncio.ensure_future(batcher.predict(np.array([[float(i)]]), 0.9)) for i in range(100)]
+
+        async def health() -> None:
+            calls.append("health")
+
+        await asyncio.sleep(0)  # the flood is queued and its drain task started
+        await asyncio.gather(health(), *flood)
+
+    run_in_own_loop(run())
+    assert calls.count("model") == 10
+    assert calls.index("health") <= 1, calls
+
+
+def test_more_rows_waiting_than_allowed_are_refused_at_once() -> None:
+    from app.batching import Overloaded
+
+    async def run() -> list[object]:
+        batcher = MicroBatcher(lambda X, c: list(X[:, 0]), lambda r, n: [[v] for v in r], max_rows=5, max_waiting=20)
+        return await asyncio.gather(
+            *(batcher.predict(np.array([[float(i)]]), 0.9) for i in range(30)), return_exceptions=True
+        )
+
+    answers = run_in_own_loop(run())
+    refused = [a for a in answers if isinstance(a, Overloaded)]
+    assert len(refused) == 10 and all(not isinstance(a, Exception) for a in answers[:20])
+    assert "20 predictions are waiting (at most 20)" in str(refused[0])
+
+
+def test_an_overloaded_replica_answers_503_with_retry_after_and_keeps_health(tmp_path: Path) -> None:
+    """One row per model call and 8 waiting at most: a burst of 60 gets some 503s with Retry-After at once, every
+    other answer is a prediction, and /health answers while it lasts (its latency printed, never asserted)."""
+    record = dict(zip(FEATURES, load_diabetes().data[0].tolist(), strict=True))
+
+    async def run() -> tuple[list[httpx.Response], float]:
+        app = create_app(Settings(data_dir=tmp_path, holdout_seed=42, max_coalesced_rows=1))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                flood = [asyncio.ensure_future(client.post("/predict", json={"features": record})) for _ in range(60)]
+                await asyncio.sleep(0)
+                started = asyncio.get_running_loop().time()
+                health = await client.get("/health")
+                health_ms = (asyncio.get_running_loop().time() - started) * 1000
+                assert health.status_code == 200
+                return await asyncio.gather(*flood), health_ms
+
+    answers, health_ms = run_in_own_loop(run())
+    statuses = sorted({a.status_code for a in answers})
+    assert statuses == [200, 503], statuses
+    busy = [a for a in answers if a.status_code == 503]
+    assert all(a.headers["retry-after"] == "1" and "overloaded" in a.text for a in busy)
+    print(f"\n/health under a burst of 60 one-row predictions: {health_ms:.1f} ms; {len(busy)} answered 503")
