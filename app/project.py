@@ -407,6 +407,16 @@ def init_project(
     return render_project_file(model, infer_schema(frame[features]))
 
 
+def required_methods(task: str, fitted: bool) -> tuple[str, ...]:
+    """What the service calls on a project's estimator: ``fit`` on one it trains, the task's prediction method."""
+    answer = ("predict", "predict_proba") if task == "classification" else ("predict",)
+    return answer if fitted else ("fit", answer[-1])
+
+
+def missing_methods(estimator: Any, task: str, fitted: bool) -> list[str]:
+    return [method for method in required_methods(task, fitted) if not hasattr(estimator, method)]
+
+
 def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
     """The project's own training code (``model.pipeline = "module:function"``), checked once: the module is a file
     in the project, the function returns an unfitted estimator with what the task needs. The project directory goes
@@ -439,8 +449,8 @@ def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
         estimator = function()
     except Exception as exc:
         raise ProjectError(f"{where}: {spec}() raised {type(exc).__name__}: {exc}") from None
-    needs = ("fit", "predict_proba") if project.model.task == "classification" else ("fit", "predict")
-    lacking = [method for method in needs if not hasattr(estimator, method)]
+    needs = required_methods(project.model.task, fitted=False)
+    lacking = missing_methods(estimator, project.model.task, fitted=False)
     if lacking:
         raise ProjectError(
             f"{where}: {spec}() returned {type(estimator).__name__}, which has no {' or '.join(lacking)}: a "
@@ -495,8 +505,7 @@ def imported_model(project: ModelProject) -> ImportedModel | None:
         estimator = sio.loads(blob, trusted=[*DATA_TYPES, *project.model.trusted_types])
     except Exception as exc:
         raise ProjectError(f"{where}: loading {path.name} failed: {type(exc).__name__}: {exc}") from None
-    needs = ("predict", "predict_proba") if project.model.task == "classification" else ("predict",)
-    lacking = [method for method in needs if not hasattr(estimator, method)]
+    lacking = missing_methods(estimator, project.model.task, fitted=True)
     if lacking:
         raise ProjectError(f"{where}: {type(estimator).__name__} has no {' or '.join(lacking)}")
     return ImportedModel(estimator, path, trained_with)
@@ -514,8 +523,7 @@ def import_pickle(source: Path, project: ModelProject, name: str = "model.skops"
     if directory not in sys.path:  # the pickle may name the project's own classes, as the service will find them
         sys.path.append(directory)
     estimator = joblib.load(source)
-    needs = ("predict", "predict_proba") if project.model.task == "classification" else ("predict",)
-    lacking = [method for method in needs if not hasattr(estimator, method)]
+    lacking = missing_methods(estimator, project.model.task, fitted=True)
     if lacking:
         raise ProjectError(f"{source}: a {type(estimator).__name__} has no {' or '.join(lacking)}")
     blob = sio.dumps(estimator)
