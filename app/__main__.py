@@ -1,7 +1,7 @@
-"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift}``.
+"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift,predictions}``.
 
-``retrain``, ``versions``, ``rollback`` and ``drift`` talk to the running service's private /admin routes on the
-loopback address, so the serving process is the one that swaps models. The host's cron runs
+``retrain``, ``versions``, ``rollback``, ``drift`` and ``predictions`` talk to the running service's private /admin
+routes on the loopback address, so the serving process is the one that swaps models. The host's cron runs
 ``docker exec <model container> python -m app retrain``: it never goes through the public proxy.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING
@@ -20,18 +22,22 @@ if TYPE_CHECKING:
     from app.data import Dataset
 
 
-def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
+def _admin_request(method: str, path: str, body: dict | None = None) -> urllib.request.Request:
     from app.stores import load_token
 
     settings = get_settings()
     token = load_token(settings, "admin")
-    url = f"http://127.0.0.1:{settings.port}{path}"
-    request = urllib.request.Request(
-        url,
+    return urllib.request.Request(
+        f"http://127.0.0.1:{settings.port}{path}",
         method=method,
         data=json.dumps(body).encode() if body is not None else None,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
+
+
+def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
+    request = _admin_request(method, path, body)
+    url = request.full_url
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = json.load(response)
@@ -43,6 +49,22 @@ def _admin_call(method: str, path: str, body: dict | None = None, timeout: float
         return 1
     print(json.dumps(payload, indent=2, sort_keys=True))
     return 1 if payload.get("outcome") == "failed" else 0
+
+
+def _predictions(since_seconds: float, fmt: str) -> int:
+    """The prediction log streamed to stdout (a million rows never sit in memory here or in the service)."""
+    request = _admin_request("GET", f"/admin/predictions?since={time.time() - since_seconds:.3f}&format={fmt}")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            shutil.copyfileobj(response, sys.stdout.buffer, length=1 << 16)
+    except urllib.error.HTTPError as exc:
+        print(f"GET /admin/predictions: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"GET /admin/predictions: cannot reach the service at {request.full_url}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    return 0
 
 
 def _metrics() -> int:
@@ -143,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("version", help="e.g. v0001")
     drift = commands.add_parser("drift", help="population stability per feature over recent predictions")
     drift.add_argument("--window", type=int, default=1000)
+    export = commands.add_parser("predictions", help="the prediction log with its observations, as CSV or JSON lines")
+    export.add_argument("--since-seconds", type=float, default=86400, help="how far back (default: one day)")
+    export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     args = parser.parse_args(argv)
 
     if args.command in ("train", "check"):
@@ -205,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return _admin_call("GET", "/admin/versions")
     if args.command == "rollback":
         return _admin_call("POST", "/admin/rollback", {"version": args.version})
+    if args.command == "predictions":
+        return _predictions(args.since_seconds, args.format)
     return _admin_call("GET", f"/admin/drift?window={args.window}")
 
 

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS observations (
     features DOUBLE PRECISION[] NOT NULL,
     target DOUBLE PRECISION NOT NULL
 );
+CREATE INDEX IF NOT EXISTS observations_prediction ON observations (prediction_id);
 """
 # Replicas starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation in pg_type): one at a
 # time, under a transaction-scoped advisory lock (the number is arbitrary and only ours).

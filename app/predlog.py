@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS observations (
     features TEXT NOT NULL,
     target REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS observations_prediction ON observations (prediction_id);
 """
 
 
@@ -83,11 +84,24 @@ class PredictionRecord:
     latency_ms: float
 
 
+@dataclass(frozen=True)
+class LoggedPrediction(PredictionRecord):
+    observed: float | None  # the newest ground truth posted for this prediction, if any
+
+
 INSERT_PREDICTIONS = "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
 INSERT_OBSERVATIONS = "INSERT INTO observations (ts, prediction_id, features, target) VALUES (?,?,?,?)"
 PRUNE_AGED = "DELETE FROM predictions WHERE ts < ?"
 PRUNE_CAPPED = "DELETE FROM predictions WHERE ts <= (SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?)"
 RECENT_FEATURES = "SELECT features FROM predictions ORDER BY ts DESC LIMIT ?"
+# A page of the log after (ts, id), with the newest observation of each prediction: keyset pages keep both the
+# replica's memory and the lock on the shared connection bounded however long the export runs.
+EXPORT_PAGE = (
+    "SELECT p.id, p.ts, p.model_version, p.features, p.prediction, p.lower, p.upper, p.confidence, p.ood, "
+    "p.latency_ms, (SELECT o.target FROM observations o WHERE o.prediction_id = p.id "
+    "ORDER BY o.rowid DESC LIMIT 1) FROM predictions p "
+    "WHERE p.ts > ? OR (p.ts = ? AND p.id > ?) ORDER BY p.ts, p.id LIMIT ?"
+)
 NEWEST_OBSERVATIONS = (
     "SELECT features, target FROM (SELECT rowid, features, target FROM observations "
     "ORDER BY rowid DESC LIMIT ?) AS newest ORDER BY rowid"
@@ -281,6 +295,18 @@ class PredictionLog(ABC):
 
     def count_predictions(self) -> int:
         return self._query("SELECT COUNT(*) FROM predictions")[0][0]
+
+    def export(self, since: float, page: int = 2000) -> Iterator[LoggedPrediction]:
+        """Every logged prediction from ``since`` (unix time) on, oldest first, with the newest observation that
+        arrived for it; read a page at a time."""
+        ts, last_id = since, ""
+        while True:
+            rows = self._query(EXPORT_PAGE, (ts, ts, last_id, page))
+            for row in rows:
+                yield LoggedPrediction(*row[:3], self.decode_features(row[3]), *row[4:8], bool(row[8]), *row[9:])
+            if len(rows) < page:
+                return
+            ts, last_id = rows[-1][1], rows[-1][0]
 
     def prediction_features(self, prediction_ids: list[str]) -> dict[str, list[float]]:
         if not prediction_ids:

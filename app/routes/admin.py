@@ -1,10 +1,12 @@
-"""The private /admin routes: retrain, versions, rollback, drift."""
+"""The private /admin routes: retrain, versions, rollback, drift, the prediction log's export."""
 
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import StreamingResponse
 
+from app.export import ExportFormat, export_lines
 from app.registry import RegistryError, RetrainBusy
 from app.routes.common import (
     Service,
@@ -74,5 +76,22 @@ def admin_router() -> APIRouter:
             return service.drift(window)
         except NotReady as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+
+    @router.get(
+        "/admin/predictions",
+        tags=["admin"],
+        dependencies=admin,
+        summary="The prediction log from a time on, with the observations that arrived for it (streamed).",
+        response_class=StreamingResponse,
+    )
+    def predictions(
+        service: Service,
+        since: Annotated[float, Query(ge=0, description="unix time; rows logged at or after it")] = 0.0,
+        format: Annotated[ExportFormat, Query()] = "csv",
+    ) -> StreamingResponse:
+        service.prediction_log.flush(timeout=2)  # what was answered before the call is in the file
+        rows = service.prediction_log.export(since)
+        media = "text/csv" if format == "csv" else "application/x-ndjson"
+        return StreamingResponse(export_lines(rows, service.dataset.schema, format), media_type=media)
 
     return router
