@@ -82,6 +82,10 @@ pulumi.export("ipv4", host.ipv4)
 pulumi.export("ipv6", host.ipv6)
 pulumi.export("sshCommand", host.ipv4.apply(lambda ip: f"ssh root@{ip}"))
 pulumi.export("serverId", host.server.id)
+# What `mlapi` (infra/ops) needs to reach the host: the server's own SSH key, pinned (never trusted on first use), and
+# where the data lives.
+pulumi.export("hostKey", host.host_public_key)
+pulumi.export("dataRoot", inputs.data_root)
 if cluster is not None and cfg.workers:
     pulumi.export("workerIpv4s", [worker.server.ipv4_address for worker in cluster.workers])
 if front is not None:

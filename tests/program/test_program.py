@@ -479,6 +479,8 @@ def test_exports(deployment: Deployment) -> None:
         "ipv6": deployment.exports["ipv6"],
         "sshCommand": f"ssh root@{ip}",
         "serverId": deployment.exports["serverId"],
+        "hostKey": HOST_KEY,  # the key the server is given, not one read back from it
+        "dataRoot": "/srv/mlapi",
         "ingestToken": deployment.secret_of("ingest-token"),  # a secret output; never the admin token
     }
     assert int(deployment.exports["serverId"]) > 0 and ip.startswith("203.0.113.")
