@@ -6,13 +6,19 @@ CLIENTS_STAMP := .venv-clients/.installed
 
 .PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(VENV)/bin/mlapi
 
 $(STAMP): requirements.txt requirements-dev.txt app/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# The operator's command (infra/ops/cli.py), runnable from any directory: the project on the venv's path, a wrapper.
+$(VENV)/bin/mlapi: $(STAMP)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' | xargs -I{} sh -c 'echo "$(CURDIR)" > {}/mlapi-project.pth'
+	printf '#!/bin/sh\n# mlapi, made by `make venv`: python -m infra.ops\nexec "%s" -m infra.ops "$$@"\n' "$(CURDIR)/$(PY)" > $@
+	chmod +x $@
 
 # KServe's client, in its own venv (its pins differ from the service's): the V2 tests drive it as a peer would.
 $(CLIENTS_STAMP): requirements-clients.txt

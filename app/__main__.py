@@ -53,7 +53,8 @@ def _admin_call(method: str, path: str, body: dict | None = None, timeout: float
 
 def _predictions(since_seconds: float, fmt: str) -> int:
     """The prediction log streamed to stdout (a million rows never sit in memory here or in the service)."""
-    request = _admin_request("GET", f"/admin/predictions?since={time.time() - since_seconds:.3f}&format={fmt}")
+    since = max(0.0, time.time() - since_seconds)  # "30000d" means everything, not a time before 1970
+    request = _admin_request("GET", f"/admin/predictions?since={since:.3f}&format={fmt}")
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             shutil.copyfileobj(response, sys.stdout.buffer, length=1 << 16)

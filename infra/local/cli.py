@@ -7,7 +7,6 @@ turns known failures into one-line errors.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -102,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     restore = commands.add_parser("restore", help="restore the data from a snapshot; the stack is stopped meanwhile")
     restore.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (`restic snapshots`) or latest")
     args = parser.parse_args(argv)
-    options = LocalOptions(
-        http_port=int(os.environ.get("MLAPI_LOCAL_HTTP_PORT", "8080")),
-        https_port=int(os.environ.get("MLAPI_LOCAL_HTTPS_PORT", "8443")),
-        model_replicas=int(os.environ.get("MLAPI_LOCAL_REPLICAS", "2")),
-    )
+    options = LocalOptions.from_environment()
     if args.command == "up":
         options = replace(options, model_project=chosen_project(options.state_dir, args.model))
     try:

@@ -21,11 +21,12 @@ Swarm mode: if the engine is not in it, `up` turns it on (single-node manager on
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import docker
@@ -64,6 +65,19 @@ class LocalOptions:
     backup_dir: Path = LOCAL_DIR / "backup"  # the restic repository and its password: `local-destroy` keeps them
     model_replicas: int = 2
     model_project: Path | None = None  # `make local-up MODEL=<dir>`: serve this model project
+
+    @classmethod
+    def from_environment(cls) -> LocalOptions:
+        """As `make local-*` and `mlapi --local` read them: ports and replicas from MLAPI_LOCAL_HTTP_PORT,
+        MLAPI_LOCAL_HTTPS_PORT and MLAPI_LOCAL_REPLICAS; MLAPI_LOCAL_DIR moves data, state and backups together."""
+        ports = {
+            "http_port": int(os.environ.get("MLAPI_LOCAL_HTTP_PORT", "8080")),
+            "https_port": int(os.environ.get("MLAPI_LOCAL_HTTPS_PORT", "8443")),
+        }
+        replicas = int(os.environ.get("MLAPI_LOCAL_REPLICAS", "2"))
+        root = os.environ.get("MLAPI_LOCAL_DIR")
+        options = cls.isolated(Path(root), **ports) if root else cls(**ports)
+        return replace(options, model_replicas=replicas)
 
     @classmethod
     def isolated(cls, root: Path, http_port: int, https_port: int) -> LocalOptions:

@@ -1,7 +1,9 @@
-"""Backups of the local stack, for real: `make local-backup`, `make local-destroy`, `make local-up` on empty data,
+"""Backups of the local stack, and operating it with `mlapi --local`. For real: `make local-backup`,
+`make local-destroy`, `make local-up` on empty data,
 `make local-restore` bring back the same logs, models and certificate with no new ACME order; a wrong password, an
 unreachable repository and a full disk each fail clearly and change nothing; an S3 repository (moto's server on
-127.0.0.1) works like the local one.
+127.0.0.1) works like the local one. `mlapi` (a real process, as an operator runs it) reports the healthy stack
+and the failed backup, exports what was predicted, round-trips versions, shows logs and runs commands in a replica.
 
 Its own stack (this module destroys the data on purpose); runs in CI, skips loudly elsewhere without an engine.
 """
@@ -40,10 +42,11 @@ from testbed.stack import (
     pebble_orders,
     pin_holdout_seed,
     promote,
+    promote_with_fresh_data,
     tasks,
     wait_until,
 )
-from tests.support.service import record
+from tests.support.service import FEATURES, record
 
 pytestmark = pytest.mark.stack
 COUNT_ROWS = (
@@ -116,6 +119,156 @@ def plant_project_log(directory: Path, rows: int) -> Path:
     for item in (directory.parent, directory, path):
         os.chown(item, MODEL_UID, MODEL_UID)
     return path
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def mlapi_environment(stack: local.LocalStack) -> dict[str, str]:
+    """What points `mlapi --local` at this test's stack, as an operator's environment would."""
+    return {
+        **os.environ,
+        "MLAPI_LOCAL_DIR": str(stack.options.data_root.parent),
+        "MLAPI_LOCAL_HTTPS_PORT": str(stack.options.https_port),
+        "MLAPI_LOCAL_HTTP_PORT": str(stack.options.http_port),
+    }
+
+
+def mlapi(stack: local.LocalStack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`mlapi --local …` in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "infra.ops", "--local", *args],
+        capture_output=True,
+        text=True,
+        env=mlapi_environment(stack),
+        cwd=PROJECT_DIR,
+        timeout=timeout,
+    )
+
+
+def test_mlapi_status_of_the_healthy_stack_is_0_and_says_what_serves(stack: local.LocalStack) -> None:
+    result = mlapi(stack, "status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert status["problems"] == [] and status["desired"] == 2
+    assert [r["state"].split()[0] for r in status["replicas"]] == ["Running", "Running"]
+    assert {r["version"] for r in status["replicas"]} == {"v0001"} == {status["current_version"]}
+    assert all("rmse" in r["metrics"] for r in status["replicas"])
+    assert status["certificate"]["issuer"].startswith("Pebble") and status["certificate"]["days_left"] > 14
+    assert status["disk"]["free"] > 0 and status["backup"] is None
+    text = mlapi(stack, "status")
+    assert text.returncode == 0 and "healthy" in text.stdout and "v0001" in text.stdout, text.stdout
+
+
+def test_mlapi_predictions_exports_what_was_sent_with_its_ground_truth(stack: local.LocalStack, tmp_path: Path) -> None:
+    sent = [record(age=round(0.001 * i, 6), sex=0.05) for i in range(1, 21)]
+    ids = []
+    for row in sent:
+        status, _, body = https(stack, "POST", "/predict", {"features": row})
+        assert status == 200, body
+        ids.append(json.loads(body)["prediction_id"])
+    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
+    truth = {"observations": [{"prediction_id": ids[3], "target": 123.5}]}
+    assert https(stack, "POST", "/observations", truth, headers=ingest)[0] == 201
+    exported = tmp_path / "predictions.jsonl"
+    result = mlapi(stack, "predictions", "--since", "10m", "--format", "jsonl", "-o", str(exported))
+    assert result.returncode == 0, result.stderr
+    rows = {row["id"]: row for row in map(json.loads, exported.read_text().splitlines())}
+    assert [rows[i]["features"] for i in ids] == sent
+    assert [rows[i]["observed"] for i in ids] == [None, None, None, 123.5] + [None] * 16
+    table = mlapi(stack, "predictions", "--since", "10m")  # CSV on standard output
+    assert table.returncode == 0 and table.stdout.splitlines()[0].startswith("id,time,model_version,prediction")
+    assert all(i in table.stdout for i in ids)
+
+
+def test_mlapi_exports_100k_rows_in_bounded_memory_on_both_sides(stack: local.LocalStack, tmp_path: Path) -> None:
+    """Rows planted in the replicas' SQLite file, exported through a replica to a file here: the replica's memory
+    and mlapi's own stay where a 1,000-row export leaves them."""
+    database = stack.options.data_root / "model" / "predictions.sqlite3"
+    features = json.dumps([0.01] * len(FEATURES))
+    with sqlite3.connect(database, timeout=30) as db:
+        db.executemany(
+            "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(f"planted-{i:06d}", 1.0 + i, "v0001", features, 1.0, 0.5, 1.5, 0.9, 0, 1.0) for i in range(100_000)],
+        )
+    client = docker_engine()
+
+    def replica_peaks() -> int:
+        """The serving processes' high-water marks (KiB): the largest moment of each replica's life (PID 1 is the
+        container's init; the largest process is the service)."""
+        total = 0
+        for task in tasks(client):
+            status = task.exec_run(["sh", "-c", "cat /proc/[0-9]*/status"]).output.decode()
+            total += max(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return total
+
+    def export(since: str) -> tuple[int, int, int]:
+        """Lines, mlapi's peak RSS and the replicas' high-water marks (KiB) after one export."""
+        out, peak = tmp_path / "export.csv", tmp_path / "peak"
+        command = [sys.executable, "-m", "infra.ops", "--local", "predictions", "--since", since, "-o", str(out)]
+        # /usr/bin/time reports mlapi's own peak: pytest's fork would count pytest's memory as the child's.
+        timed = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", str(peak), *command],
+            env=mlapi_environment(stack),
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+        )
+        assert timed.returncode == 0, timed.stderr
+        with out.open() as lines:
+            return sum(1 for _ in lines), int(peak.read_text().split()[-1]), replica_peaks()
+
+    small_lines, small_rss, small_replicas = export("10m")  # the planted rows are from 1970: not these
+    large_lines, large_rss, large_replicas = export("30000d")  # every row since 1970
+    assert large_lines >= 100_001 > small_lines
+    TIMINGS.append(
+        f"mlapi predictions: {large_lines - 1} rows; mlapi's peak RSS {large_rss / 1024:.0f} MiB (vs "
+        f"{small_rss / 1024:.0f} MiB for {small_lines - 1} rows); replicas' high-water marks "
+        f"{large_replicas / 1024:.0f} MiB after (vs {small_replicas / 1024:.0f} MiB)"
+    )
+    assert large_rss < small_rss + 16 * 1024, "mlapi held the export in memory"
+    assert large_replicas < small_replicas + 32 * 1024, "a replica held the export in memory"
+    with sqlite3.connect(database, timeout=30) as db:
+        db.execute("DELETE FROM predictions WHERE id LIKE 'planted-%'")
+
+
+def test_mlapi_versions_retrain_and_rollback_round_trip(stack: local.LocalStack) -> None:
+    ingest = {"Authorization": f"Bearer {(stack.options.state_dir / 'ingest-token').read_text().strip()}"}
+    before = json.loads(mlapi(stack, "versions", "--json").stdout)
+
+    def retrain() -> dict:
+        result = mlapi(stack, "retrain")
+        return json.loads(result.stdout)
+
+    promoted = promote_with_fresh_data(
+        lambda rows: https(stack, "POST", "/observations", {"observations": rows}, headers=ingest)[0], retrain
+    )
+    after = json.loads(mlapi(stack, "versions", "--json").stdout)
+    assert after["current"] == promoted["candidate_version"] != before["current"]
+    assert after["history"][-1]["outcome"] == "promoted"
+    table = mlapi(stack, "versions")
+    assert table.returncode == 0 and promoted["candidate_version"] in table.stdout and "promoted" in table.stdout
+    back = mlapi(stack, "rollback", before["current"])
+    assert back.returncode == 0 and json.loads(back.stdout)["current"] == before["current"], back.stderr
+    assert json.loads(mlapi(stack, "versions", "--json").stdout)["current"] == before["current"]
+    wait_until(
+        lambda: json.loads(mlapi(stack, "status", "--json").stdout)["problems"] == [],
+        60,
+        "every replica serving the rolled-back version",
+    )
+    drift = mlapi(stack, "drift", "--window", "50")
+    assert drift.returncode == 0 and set(json.loads(drift.stdout)["psi"]) == set(FEATURES)
+
+
+def test_mlapi_logs_show_a_line_written_in_a_replica_and_exec_runs_as_its_user(stack: local.LocalStack) -> None:
+    marker = f"mlapi-log-marker-{time.time_ns()}"
+    replica = tasks(docker_engine())[0]
+    assert replica.exec_run(["sh", "-c", f"echo {marker} > /proc/1/fd/1"]).exit_code == 0
+    wait_until(lambda: marker in mlapi(stack, "logs", "model", "--since", "5m").stdout, 30, "the line in the logs")
+    edge = mlapi(stack, "logs", "edge", "--since", "1h")
+    assert edge.returncode == 0 and edge.stdout.strip(), edge.stderr
+    who = mlapi(stack, "exec", "--", "id", "-u")
+    assert who.returncode == 0 and who.stdout.strip() == str(MODEL_UID), who.stderr
 
 
 def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local.LocalStack) -> None:
@@ -199,6 +352,8 @@ def test_an_unreachable_repository_fails_clearly_and_changes_nothing(stack: loca
     status = json.loads((stack.options.data_root / "model" / STATUS_FILE).read_text())
     assert status["last_failure_unixtime"] > status.get("last_success_unixtime", 0)  # what the gauges and status show
     assert "LAST RUN FAILED" in local_backup.last_backup(stack.options.data_root)
+    reported = mlapi(stack, "status")
+    assert reported.returncode == 1 and "problem: last backup failed at" in reported.stdout, reported.stdout
     with pytest.raises(local_backup.LocalBackupError, match="cannot reach the restic repository"):
         local_backup.restore(client, nowhere, stack.options.data_root, stack.options.state_dir)
     assert data_fingerprint(stack) == before

@@ -9,9 +9,11 @@ repository cannot be reached here), covered by tests/unit/test_renderers.py. The
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ from infra.host.setup import render_host_setup
 from infra.local.engine import running_tasks
 from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, SOCKET
-from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, TRAEFIK_CONTAINER, TRAEFIK_UID
+from infra.spec.inputs import DEFAULT_DATA_ROOT
+from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
 from testbed.stack import COUNT_PREDICTIONS, wait_until
 from testbed.standin import DOMAIN, TASK, Environment
 from tests.support.service import record
@@ -258,3 +261,52 @@ def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -
     assert _data_snapshot(env) == before
     assert env.serial() == serial, "acme.json on the volume: the certificate is reused"
     assert env.pebble_orders() == orders, "no new ACME order after a server replacement"
+
+
+def mlapi_over_ssh(
+    env: Environment, tmp_path: Path, *args: str, host_key: str | None = None
+) -> subprocess.CompletedProcess:
+    """`mlapi` against the stand-in as against a Pulumi stack: its outputs saved to a file, SSH with the host key
+    pinned from them. PATH without the fixture's ssh wrapper: only mlapi's own options decide what is trusted."""
+    outputs = tmp_path / "standin.json"
+    outputs.write_text(
+        json.dumps(
+            {
+                "url": f"https://{DOMAIN}",
+                "ipv4": env.standin.ip,
+                "hostKey": host_key or env.host_key,
+                "dataRoot": DEFAULT_DATA_ROOT,
+            }
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "infra.ops", "--outputs", str(outputs), "--identity", str(env.key), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=600,
+    )
+
+
+def test_mlapi_operates_the_server_over_ssh_with_the_pinned_host_key(env: Environment, tmp_path: Path) -> None:
+    status = mlapi_over_ssh(env, tmp_path, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    found = json.loads(status.stdout)
+    assert found["problems"] == [] and found["desired"] == len(found["replicas"]) == 2
+    assert {r["version"] for r in found["replicas"]} == {found["current_version"]}
+    assert found["certificate"]["issuer"].startswith("Pebble") and found["disk"]["size"] > 0
+    versions = json.loads(mlapi_over_ssh(env, tmp_path, "versions", "--json").stdout)
+    assert versions["current"] == found["current_version"]
+    who = mlapi_over_ssh(env, tmp_path, "exec", "--", "id", "-u")
+    assert who.returncode == 0 and who.stdout.strip() == str(MODEL_UID), who.stderr
+    logs = mlapi_over_ssh(env, tmp_path, "logs", "model", "--since", "24h")
+    assert logs.returncode == 0 and "Uvicorn running" in logs.stdout + logs.stderr, logs.stderr[-2000:]
+
+
+def test_mlapi_refuses_a_server_that_shows_another_host_key(env: Environment, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = Path(f"{other}.pub").read_text().strip()
+    status = mlapi_over_ssh(env, tmp_path, "status", host_key=wrong)
+    assert status.returncode == 1 and "Host key verification failed" in status.stdout, status.stdout

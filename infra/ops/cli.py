@@ -1,0 +1,335 @@
+"""`mlapi`: operate a running stack from the laptop: status, logs, versions, retrain, rollback, drift, the prediction
+log, a command in a replica. It targets a Pulumi stack (its outputs, SSH with the host key pinned from them) or the
+local stack (``--local``); every command runs the same host commands either way (infra/ops/target.py).
+
+Examples::
+
+    mlapi status                      # the selected Pulumi stack; exit 1 and the reasons when something is wrong
+    mlapi --local status --json
+    mlapi logs model -f --since 10m
+    mlapi predictions --since 24h -o yesterday.csv
+    mlapi exec -- python -m app check
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.host.backup import BACKUP_LOG
+from infra.ops import status as stack_status
+from infra.ops.target import Target, TargetError, pulumi_identity_file, pulumi_outputs, stack_target
+from infra.spec.postgres import POSTGRES_SERVICE
+from infra.spec.stack import MODEL_SERVICE, RETRAIN_LOG, TRAEFIK_CONTAINER
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+app = typer.Typer(
+    help=__doc__.split("\n\n")[0],
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class LogSource(StrEnum):
+    model = "model"
+    edge = "edge"
+    retrain = "retrain"
+    backup = "backup"
+    postgres = "postgres"
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+def parse_age(text: str, option: str) -> float:
+    """'90s', '10m', '24h', '7d' as seconds."""
+    match = AGE.match(text.strip())
+    if not match:
+        raise typer.BadParameter(f"{text!r}: a number and a unit, s, m, h or d (e.g. 10m, 24h, 7d)", param_hint=option)
+    return float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+def local_target() -> Target:
+    from infra.local.stack import LocalOptions  # the local stack's code only where it is used
+
+    options = LocalOptions.from_environment()
+    return Target(
+        name="the local stack",
+        url=f"https://{options.domain}:{options.https_port}",
+        edge_address="127.0.0.1",
+        edge_port=options.https_port,
+        data_root=str(options.data_root),
+    )
+
+
+@dataclass
+class Choice:
+    """The target as the global options name it; resolved on first use, so `--help` needs no stack."""
+
+    local: bool
+    stack: str | None
+    outputs: Path | None
+    identity: str | None
+    resolved: Target | None = None
+
+
+def target_of(ctx: typer.Context) -> Target:
+    choice: Choice = ctx.obj
+    if choice.resolved is None:
+        choice.resolved = resolve(choice)
+    return choice.resolved
+
+
+def resolve(choice: Choice) -> Target:
+    if choice.local:
+        return local_target()
+    if choice.outputs is not None:
+        try:
+            values = json.loads(choice.outputs.read_text())
+        except (OSError, ValueError) as exc:
+            raise TargetError(
+                f"--outputs {choice.outputs}: not a readable `pulumi stack output --json`: {exc}"
+            ) from exc
+        name = choice.stack or choice.outputs.stem
+    else:
+        name, values = pulumi_outputs(choice.stack, PROJECT_DIR)
+    return stack_target(values, choice.identity or pulumi_identity_file(choice.stack, PROJECT_DIR), name)
+
+
+@app.callback()
+def choose_target(
+    ctx: typer.Context,
+    local: Annotated[bool, typer.Option("--local", help="the local stack (`make local-up`) on this machine")] = False,
+    stack: Annotated[str | None, typer.Option(help="the Pulumi stack (default: the selected one)")] = None,
+    outputs: Annotated[
+        Path | None, typer.Option(help="a saved `pulumi stack output --json` instead of asking the Pulumi CLI")
+    ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="your SSH private key (default: the stack's sshPrivateKeyPath, else ssh's)")
+    ] = None,
+) -> None:
+    """Operate the model API stack: locally (--local) or a Pulumi stack over SSH."""
+    ctx.obj = Choice(local, stack, outputs, identity)
+
+
+def in_replica(ctx: typer.Context, command: list[str]) -> int:
+    """Run ``command`` in a model replica on the manager, its output to ours; its exit code."""
+    target = target_of(ctx)
+    container = target.model_container()
+    result = target.run(["docker", "exec", container, *command], timeout=900)
+    sys.stdout.write(result.stdout.decode(errors="replace"))
+    sys.stderr.write(result.stderr.decode(errors="replace"))
+    return result.returncode
+
+
+def app_json(ctx: typer.Context, command: list[str]) -> dict:
+    """A `python -m app` admin command's JSON answer, from a replica."""
+    target = target_of(ctx)
+    result = target.run(["docker", "exec", target.model_container(), "python", "-m", "app", *command], timeout=900)
+    if result.returncode != 0:
+        said = result.stderr.decode(errors="replace").strip()
+        raise TargetError(f"python -m app {command[0]} in a replica failed (exit {result.returncode}): {said}")
+    return json.loads(result.stdout)
+
+
+@app.command()
+def status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False
+) -> None:
+    """Is it healthy: certificate, replicas and their model versions, last retrain and backup, disk, drift.
+
+    Exit code 1 when something is wrong, with each reason printed. Example: mlapi status --json
+    """
+    found = stack_status.collect(target_of(ctx))
+    wrong = stack_status.problems(found)
+    if as_json:
+        out.print_json(json.dumps(found.as_json()))
+    else:
+        print_status(found, wrong)
+    raise typer.Exit(1 if wrong else 0)
+
+
+def print_status(found: stack_status.Status, wrong: list[str]) -> None:
+    out.print(f"[bold]{found.url}[/]  ({found.target})")
+    certificate = found.certificate or {}
+    if "days_left" in certificate:
+        expiry = f"{certificate['not_after']} ({certificate['days_left']} days)"
+        out.print(f"certificate: {certificate['issuer']}, expires {expiry}", markup=False)
+    replicas = Table("node", "state", "version", "metrics", title=f"{MODEL_SERVICE}: {found.desired} desired")
+    for replica in found.replicas:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(replica.metrics.items()) if isinstance(v, int | float))
+        answered = replica.version or ("(no answer)" if replica.error else "(on another node)")
+        replicas.add_row(replica.node, replica.state, answered, metrics)
+    out.print(replicas)
+    out.print(f"serving: {found.current_version} of {found.versions} version(s)")
+    retrain = found.last_retrain
+    out.print(
+        f"last retrain: {retrain['outcome']} at {retrain.get('finished_at')}: {retrain.get('reason', '')}"
+        if retrain
+        else "last retrain: none yet",
+        markup=False,
+    )
+    backup = found.backup or {}
+    success, failure = backup.get("last_success_unixtime"), backup.get("last_failure_unixtime")
+    if success:
+        out.print(f"last backup: {stack_status.stamp(success)}, {backup.get('snapshots', 0)} snapshot(s)")
+    if failure and failure > (success or 0):
+        out.print(f"last backup run: FAILED at {stack_status.stamp(failure)}")
+    if not success and not failure:
+        out.print("last backup: never (backups off, or none has run)")
+    if found.disk:
+        out.print(f"data volume: {found.disk['free'] / 2**30:.1f} GiB free of {found.disk['size'] / 2**30:.1f} GiB")
+    drift = found.drift or {}
+    if drift.get("psi"):
+        worst = max(drift["psi"].items(), key=lambda item: item[1])
+        out.print(f"drift: worst PSI {worst[1]:.3f} ({worst[0]}) over the last {drift['window']} predictions")
+    for problem in wrong:
+        out.print(f"[red]problem:[/] {problem}", highlight=False)
+    if not wrong:
+        out.print("[green]healthy[/]")
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    source: Annotated[LogSource, typer.Argument(help="whose log")] = LogSource.model,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    since: Annotated[str, typer.Option(help="how far back: 10m, 1h, 7d")] = "1h",
+    tail: Annotated[int, typer.Option(help="at most this many lines (of the file logs: retrain, backup)")] = 200,
+) -> None:
+    """Print a log: the model replicas, the edge (Traefik), retrains, backups or PostgreSQL.
+
+    Example: mlapi logs edge -f --since 5m
+    """
+    seconds = f"{parse_age(since, '--since'):.0f}s"
+    follows = ["--follow"] if follow else []
+    if source in (LogSource.retrain, LogSource.backup):
+        path = RETRAIN_LOG if source is LogSource.retrain else BACKUP_LOG
+        command = ["tail", "-n", str(tail), *(["-F"] if follow else []), path]
+    elif source is LogSource.edge:
+        command = ["docker", "logs", "--timestamps", "--since", seconds, *follows, TRAEFIK_CONTAINER]
+    else:
+        service = MODEL_SERVICE if source is LogSource.model else POSTGRES_SERVICE
+        command = ["docker", "service", "logs", "--timestamps", "--since", seconds, *follows, service]
+    raise typer.Exit(target_of(ctx).attach(command))
+
+
+@app.command()
+def versions(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="the service's JSON")] = False
+) -> None:
+    """The model versions, the one serving, and the last retrains. Example: mlapi versions"""
+    found = app_json(ctx, ["versions"])
+    if as_json:
+        out.print_json(json.dumps(found))
+        return
+    table = Table("", "version", "parent", "created", "holdout metrics", "observations")
+    for version in found["versions"]:
+        metrics = ", ".join(
+            f"{k}={v:.4g}" for k, v in sorted(version.get("metrics", {}).items()) if isinstance(v, int | float)
+        )
+        table.add_row(
+            "*" if version["version"] == found["current"] else "",
+            version["version"],
+            version.get("parent") or "",
+            str(version.get("created_at", "")),
+            metrics,
+            str(version.get("n_observations", "")),
+        )
+    out.print(table)
+    history = Table("finished", "outcome", "candidate", "reason", title="retrains")
+    for entry in found.get("history", [])[-10:]:
+        history.add_row(
+            entry.get("finished_at", ""),
+            entry["outcome"],
+            entry.get("candidate_version") or "",
+            entry.get("reason", ""),
+        )
+    out.print(history)
+
+
+@app.command()
+def retrain(ctx: typer.Context) -> None:
+    """Retrain now on the data and the observations; promoted only if better. Example: mlapi retrain"""
+    raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "retrain"]))
+
+
+@app.command()
+def rollback(ctx: typer.Context, version: Annotated[str, typer.Argument(help="e.g. v0001")]) -> None:
+    """Serve an earlier version (every replica follows). Example: mlapi rollback v0001"""
+    raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "rollback", version]))
+
+
+@app.command()
+def drift(ctx: typer.Context, window: Annotated[int, typer.Option(help="how many recent predictions")] = 1000) -> None:
+    """Population stability per feature: recent predictions against the training data. Example: mlapi drift"""
+    raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "drift", "--window", str(window)]))
+
+
+@app.command()
+def predictions(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option(help="how far back: 30m, 24h, 7d")] = "24h",
+    format: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl")] = ExportFormat.csv,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here (default: standard output)")] = None,
+) -> None:
+    """The prediction log: features as sent, the answer, the model version, OOD, and the ground truth that arrived.
+
+    Streamed from a replica (never through the public edge). Example: mlapi predictions --since 24h -o day.csv
+    """
+    seconds = parse_age(since, "--since")
+    target = target_of(ctx)
+    command = ["docker", "exec", target.model_container(), "python", "-m", "app", "predictions"]
+    command += ["--since-seconds", f"{seconds:.0f}", "--format", format.value]
+    with open(output, "wb") if output else open(sys.stdout.fileno(), "wb", closefd=False) as sink:
+        result = target.run(command, stdout=sink, timeout=3600)
+    if result.returncode != 0:
+        err.print(f"error: {result.stderr.decode(errors='replace').strip()}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command("exec", context_settings={"ignore_unknown_options": True})
+def exec_in_replica(
+    ctx: typer.Context, command: Annotated[list[str], typer.Argument(help="the command and its arguments")]
+) -> None:
+    """Run a command in a model replica as its own user. Example: mlapi exec -- python -m app check"""
+    target = target_of(ctx)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    interactive = ["-it"] if tty else ["-i"]
+    raise typer.Exit(target.attach(["docker", "exec", *interactive, target.model_container(), *command], tty=tty))
+
+
+@app.command()
+def ssh(ctx: typer.Context) -> None:
+    """A root shell on the stack's manager, the host key pinned. Example: mlapi ssh"""
+    target = target_of(ctx)
+    if not target.ssh:
+        err.print("error: --local runs on this machine: there is no host to ssh into", markup=False)
+        raise typer.Exit(2)
+    raise typer.Exit(target.attach(["bash", "-l"], tty=True))
+
+
+def main() -> None:
+    try:
+        app(prog_name="mlapi")
+    except TargetError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
