@@ -471,10 +471,20 @@ class ImportedModel:
     sklearn_version: str  # "" when the file came without import-model's record
 
 
+def other_sklearn_minor(trained_with: str) -> str | None:
+    """The running scikit-learn version when a model was trained under another minor version (estimators' internals
+    change between minors, so it may load and answer differently); None when they agree or nothing was recorded."""
+    import sklearn  # where a model is loaded, not where a project is only read
+
+    running = sklearn.__version__
+    if trained_with and trained_with.split(".")[:2] != running.split(".")[:2]:
+        return running
+    return None
+
+
 def imported_model(project: ModelProject) -> ImportedModel | None:
     """The fitted pipeline of ``model.model_file``, loaded with skops, only if every type in it is trusted (skops'
     own list and ``model.trusted_types``) and it was trained under this scikit-learn minor version."""
-    import sklearn
     import skops.io as sio
 
     if project.model.model_file is None:
@@ -495,8 +505,8 @@ def imported_model(project: ModelProject) -> ImportedModel | None:
         )
     record = path.with_name(path.name + SIDECAR_SUFFIX)
     trained_with = json.loads(record.read_text()).get("sklearn_version", "") if record.is_file() else ""
-    running = sklearn.__version__
-    if trained_with and trained_with.split(".")[:2] != running.split(".")[:2]:
+    running = other_sklearn_minor(trained_with)
+    if running:
         raise ProjectError(
             f"{where}: {path.name} was trained with scikit-learn {trained_with}, this service runs {running}: retrain "
             "it under the same minor version, or give its training code as model.pipeline"

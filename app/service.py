@@ -25,6 +25,7 @@ from app.model import (
     population_stability,
     train,
 )
+from app.project import other_sklearn_minor
 from app.registry import Registry, RegistryError, untrusted_types
 from app.schemas import AcceptedRanges
 from app.settings import Settings
@@ -45,8 +46,8 @@ class NotReady(RuntimeError):
 def check_sklearn_version(version: str, trained_with: str) -> None:
     """A version trained under another scikit-learn minor version may load and answer differently (its estimators'
     internals change between minors): refused, both versions named. Versions from before it was recorded pass."""
-    running = sklearn.__version__
-    if trained_with and trained_with.split(".")[:2] != running.split(".")[:2]:
+    running = other_sklearn_minor(trained_with)
+    if running:
         raise RegistryError(
             f"version {version} was trained with scikit-learn {trained_with}, this service runs {running}: retrain "
             "it (POST /admin/retrain) or serve it from an image with the same scikit-learn minor version"
