@@ -223,6 +223,7 @@ def collect(target: Target) -> Status:
         ["sh", "-s", "--", target.data_root, MODEL_SERVICE, str(MODEL_PORT)], input=STATUS_SCRIPT.read_bytes()
     )
     status = read_status(target, result.stdout.decode(errors="replace"), edge_certificate(target))
-    if result.returncode != 0 and not result.stdout:
-        status.errors.append(f"{target.name}: {result.stderr.decode(errors='replace').strip()[:300]}")
+    if result.returncode != 0 and not result.stdout:  # ssh's own failure: its last line says why
+        said = result.stderr.decode(errors="replace").strip().splitlines() or [f"exit {result.returncode}"]
+        status.errors.append(f"{target.name}: {said[-1][:300]}")
     return status

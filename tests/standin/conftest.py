@@ -1,5 +1,6 @@
-"""The VM stand-in, booted once per module that asks for ``env``: our cloud-init on a fresh Debian container, then a
-deploy over ssh://, as `pulumi up` does to a new server."""
+"""The VM stand-in, booted once for the run and shared by the modules that ask for ``env`` (a boot and a deploy cost
+about 80 s): our cloud-init on a fresh Debian container, then a deploy over ssh://, as `pulumi up` does to a new
+server. A test that replaces the server or its volume leaves ``env`` pointing at the new ones, serving."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from testbed.standin import (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
     client = docker_engine()
     tmp = tmp_path_factory.mktemp("standin")
@@ -51,7 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         # The ssh wrapper supplies exactly the options the Pulumi Docker provider gets (docker_ssh_options).
         teardown.enter_context(ssh_on_path(tmp / "bin", ssh_options))
         network = teardown.enter_context(network_with_pebble(client, tmp, "mlapi-standin", built["pebble"], PEBBLE))
-        teardown.callback(remove_volume, client, client.volumes.create(data_volume).name)
+        client.volumes.create(data_volume)
 
         inputs = standin_inputs(DOMAIN, network, built)
         spec = build_stack(inputs)
@@ -76,7 +77,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             built["standin"],
             tokens={base: uuid.uuid4().hex for base in SECRETS},
         )
-        teardown.callback(environment.remove_server)  # before the volume it holds is removed
+        # The server first, then whichever volume it holds by then (a disaster test swaps in a new one).
+        teardown.callback(lambda: remove_volume(client, environment.data_volume))
+        teardown.callback(environment.remove_server)
         boot_s = environment.boot()
         deploy_s = environment.deploy()
         TIMINGS.append(
