@@ -28,7 +28,7 @@ $(CLIENTS_STAMP): requirements-clients.txt
 
 ## Everything CI runs: lint, unit tests, program tests under mocks, real-stack and VM stand-in tests.
 test: venv lint $(CLIENTS_STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m tests.support.lanes
 
 lint: venv
 	$(PY) -m ruff check .
@@ -36,7 +36,7 @@ lint: venv
 
 ## The developer's loop, no Docker engine needed: lint, unit tests, the program under mocks (about 3 minutes).
 check: lint $(CLIENTS_STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not stack and not standin" tests/unit tests/program
+	$(PY) -m pytest -n 2 --dist loadfile -m "not stack and not standin" tests/unit tests/program
 
 ## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
 local-up: venv

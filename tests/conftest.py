@@ -110,34 +110,6 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
-ENGINE_MARKERS = ("stack", "standin")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Two lanes under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests on a Docker engine in one
-    group, first and in their own order (they share stacks and the engine's swarm mode, so never two at once); every
-    other module a group of its own (its module fixtures built once), run by the other worker meanwhile."""
-    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ENGINE_MARKERS))  # stable: order kept
-    for item in items:
-        engine = any(item.get_closest_marker(m) for m in ENGINE_MARKERS)
-        item.add_marker(pytest.mark.xdist_group("engine" if engine else item.module.__name__))
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A worker hands its measured timings to the controller, which prints them (pytest_testnodedown)."""
-    from testbed.stack import TIMINGS
-
-    if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["timings"] = list(TIMINGS)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error) -> None:
-    from testbed.stack import TIMINGS
-
-    TIMINGS.extend(getattr(node, "workeroutput", {}).get("timings", []))
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
     from testbed.stack import TIMINGS
 

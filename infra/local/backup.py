@@ -136,9 +136,7 @@ def run_script(
 
 
 def backup(client: docker.DockerClient, options: LocalBackupOptions, data_root: Path, state_dir: Path) -> str:
-    root = f"{STATE_MOUNT}/{CA_ROOT}"
-    extra = f'if [ -f {root} ]; then mkdir -p "$STAGE/local" && cp {root} "$STAGE/local/"; fi\n'
-    script = backup_script(str(data_root), options.settings, HINTS, extra_stage=extra)
+    script = backup_script(str(data_root), options.settings, HINTS, extra_stage_file=f"{STATE_MOUNT}/{CA_ROOT}")
     return run_script(client, options, data_root, state_dir, script, [])
 
 

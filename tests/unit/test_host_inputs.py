@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.predlog import StorageFull
-from infra.host.backup import PG_DUMP
+from infra.host.backup import SCRIPTS
 from infra.host.cluster_plan import render_node_drain, render_node_ready, render_worker_join
 from tests.support.service import ingest_headers, record
 from tests.support.shims import shim_dir
@@ -51,9 +51,18 @@ def test_the_database_dump_is_staged_readable_by_root_only(tmp_path: Path) -> No
     bin_dir = shim_dir(tmp_path / "bin", {"docker": "case $1 in ps) echo 0123abcd ;; exec) echo PGDMP-bytes ;; esac"})
     stage = tmp_path / "stage"
     stage.mkdir()
-    result = subprocess.run(
-        ["sh", "-c", 'umask 022\nfail() { echo "$*" >&2; exit 1; }\n' + PG_DUMP],
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STAGE": str(stage)},
+    credentials = tmp_path / "env"
+    credentials.write_text("")
+    result = subprocess.run(  # the backup's own function, from the file the installed script is made of
+        ["sh", "-c", f"umask 022\n. {SCRIPTS / 'backup-common.sh'}\ndump_postgres"],
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "STAGE": str(stage),
+            "ENV_FILE": str(credentials),
+            "POSTGRES_SERVICE": "mlapi-postgres",
+            "POSTGRES_USER": "mlapi",
+            "POSTGRES_DB": "mlapi",
+        },
         capture_output=True,
         text=True,
         timeout=30,

@@ -287,8 +287,10 @@ def test_backup_scripts_parse_and_carry_the_settings() -> None:
     for script in (backup_script("/srv/mlapi", settings), restore_script("/srv/mlapi")):
         assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
     backup = backup_script("/srv/mlapi", settings)
-    assert "--keep-daily 2 --keep-weekly 3 --keep-monthly 4 --prune" in backup
-    assert "source.backup(target)" in backup and "setpriv --reuid=10001" in backup  # consistent copy, right owner
+    assert "KEEP='--keep-daily 2 --keep-weekly 3 --keep-monthly 4'\n" in backup and "$KEEP --prune" in backup
+    # a consistent copy, as the right owner: the real .py file, run as the model's uid
+    assert "source.backup(target)" in backup and "MODEL_UID=10001\n" in backup
+    assert 'setpriv --reuid="$MODEL_UID"' in backup and 'python3 -c "$SQLITE_BACKUP_PY"' in backup
     files, commands = host_setup_parts(settings, "/srv/mlapi")
     assert "apt-get install -y -qq restic" in commands
     cron = next(f for f in files if f.path == "/etc/cron.d/mlapi-backup").content
