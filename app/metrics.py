@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -29,6 +30,16 @@ class ServiceMetrics:
             registry=registry,
         )
         self.observations = Counter("mlapi_observations_total", "Ground-truth observations stored.", registry=registry)
+        # Drift on a schedule (drift_interval_s), not per request: what the FeatureDrift alert reads.
+        self.feature_psi = Gauge(
+            "mlapi_feature_psi",
+            "Population stability index of a feature: recent predictions against the training data.",
+            ["feature"],
+            registry=registry,
+        )
+        self.drift_window = Gauge(
+            "mlapi_drift_window_predictions", "Recent predictions the drift gauges cover.", registry=registry
+        )
         self.coalesced_rows = Histogram(
             "mlapi_predict_coalesced_rows",
             "Single-row /predict and V2 requests answered by one model call (app/batching.py).",
@@ -55,3 +66,58 @@ class BackupStatus(Collector):
             ("snapshots", "snapshots", "Snapshots in the repository after the last successful backup."),
         ):
             yield GaugeMetricFamily(f"mlapi_backup_{name}", text, value=float(state.get(key, 0)))
+
+
+class RetrainStreak(Collector):
+    """Retrains that failed in a row, from the registry's history (shared by every replica), so an alert sees a
+    retrain that keeps failing whichever replica ran it."""
+
+    def __init__(self, history: Callable[[], list[dict]]) -> None:
+        self.history = history
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        streak = 0
+        for entry in reversed(self.history()):
+            if entry.get("outcome") != "failed":
+                break
+            streak += 1
+        yield GaugeMetricFamily(
+            "mlapi_retrain_consecutive_failures", "Retrains that failed in a row (0: the last one did not).", streak
+        )
+
+
+# cgroup v2, then v1: what the container may use and uses (the MemoryNearLimit alert's two sides).
+MEMORY_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+MEMORY_USAGE_FILES = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+NO_LIMIT = 2**60  # v1 says "no limit" with a number near 2^63
+
+
+def first_number(paths: tuple[str, ...]) -> float | None:
+    for path in paths:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        return float(text) if text.isdigit() and int(text) < NO_LIMIT else None
+    return None
+
+
+class Resources(Collector):
+    """The data volume's size and free bytes, and the container's memory use and limit, read at each scrape."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            usage = shutil.disk_usage(self.data_dir)
+        except OSError:
+            usage = None
+        if usage is not None:
+            yield GaugeMetricFamily("mlapi_data_volume_size_bytes", "Size of the data volume.", usage.total)
+            yield GaugeMetricFamily("mlapi_data_volume_free_bytes", "Free bytes on the data volume.", usage.free)
+        limit, used = first_number(MEMORY_LIMIT_FILES), first_number(MEMORY_USAGE_FILES)
+        if limit is not None:
+            yield GaugeMetricFamily("mlapi_memory_limit_bytes", "The container's memory limit.", limit)
+        if used is not None:
+            yield GaugeMetricFamily("mlapi_memory_usage_bytes", "The container's memory use (its cgroup).", used)

@@ -194,11 +194,24 @@ class ModelService:
         return predictor
 
     def _watch_registry(self) -> None:
+        next_drift = time.monotonic()
         while not self._stop.wait(self.settings.reload_interval_s):
             try:
                 self.sync_with_registry()
+                if time.monotonic() >= next_drift:
+                    next_drift = time.monotonic() + self.settings.drift_interval_s
+                    self.update_drift_gauges()
             except Exception:  # never let the watcher die: the next tick tries again
                 log.exception("registry watch failed")
+
+    def update_drift_gauges(self) -> None:
+        """The drift gauges over the last ``drift_window`` predictions (nothing yet: none are set)."""
+        if self._current is None:
+            return
+        found = self.drift(self.settings.drift_window)
+        self.metrics.drift_window.set(found["window"])
+        for feature, psi in found["psi"].items():
+            self.metrics.feature_psi.labels(feature).set(psi)
 
     def close(self) -> None:
         self._stop.set()

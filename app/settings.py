@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(
         2.0, gt=0, description="How often a replica checks the registry's current pointer (promotions, rollbacks)."
     )
+    drift_interval_s: float = Field(
+        300.0, gt=0, description="How often a replica recomputes the drift gauges (mlapi_feature_psi) for alerting."
+    )
+    drift_window: int = Field(1000, ge=10, description="How many recent predictions the drift gauges compare.")
     drain_seconds: float = Field(
         6.0, ge=0, description="After SIGTERM, keep serving (health answers 503) this long before shutting down."
     )
