@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CLIENTS_STAMP := .venv-clients/.installed
+PEERS_STAMP := .venv-peers/.installed
 
 .PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
@@ -24,6 +25,12 @@ $(VENV)/bin/mlapi: $(STAMP)
 $(CLIENTS_STAMP): requirements-clients.txt
 	python3 -m venv .venv-clients
 	.venv-clients/bin/pip install --quiet -r requirements-clients.txt
+	touch $@
+
+# MLServer, the peer `make bench` measures against, in its own venv (its pins are its own).
+$(PEERS_STAMP): requirements-peers.txt
+	python3 -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet -r requirements-peers.txt
 	touch $@
 
 ## Everything CI runs: lint, unit tests, program tests under mocks, real-stack and VM stand-in tests.
@@ -62,8 +69,9 @@ SNAPSHOT ?= latest
 local-restore: venv
 	$(PY) -m infra.local restore $(SNAPSHOT)
 
-bench: venv
+bench: venv $(PEERS_STAMP)
 	$(PY) -m benchmarks.bench_stack
+	$(PY) -m benchmarks.bench_peer
 
 clean:
-	rm -rf $(VENV) .venv-clients .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-clients .venv-peers .pytest_cache .ruff_cache
