@@ -27,6 +27,11 @@ $(CLIENTS_STAMP): requirements-clients.txt
 	.venv-clients/bin/pip install --quiet -r requirements-clients.txt
 	touch $@
 
+# The model image installs exactly these files (--require-hashes): refresh after editing app/requirements.txt.
+app/requirements.lock: app/requirements.txt
+	$(VENV)/bin/uv pip compile $< --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+	  --quiet --custom-compile-command "make app/requirements.lock" -o $@
+
 # MLServer, the peer `make bench` measures against, in its own venv (its pins are its own).
 $(PEERS_STAMP): requirements-peers.txt
 	python3 -m venv .venv-peers

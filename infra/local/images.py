@@ -182,6 +182,7 @@ def download_wheels(requirements: Path) -> Path:
         "pip",
         "download",
         "--quiet",
+        "--require-hashes",
         "--only-binary=:all:",
         "--python-version",
         "3.11",
@@ -205,7 +206,7 @@ def build_model(client: docker.DockerClient) -> str:
     tag = f"mlapi-model:{source_tag(APP_DIR)}-{base.split(':')[1]}-{runtime.split(':')[1][:6]}"
     if has_image(client, tag):
         return tag
-    wheels = download_wheels(APP_DIR / "requirements.txt")
+    wheels = download_wheels(APP_DIR / "requirements.lock")
     with tempfile.TemporaryDirectory(prefix="mlapi-context-") as context:
         shutil.copytree(APP_DIR, context, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         for wheel in wheels.glob("*.whl"):
