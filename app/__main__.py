@@ -13,8 +13,10 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from app.settings import get_settings
 
@@ -35,37 +37,38 @@ def _admin_request(method: str, path: str, body: dict | None = None) -> urllib.r
     )
 
 
-def _admin_call(method: str, path: str, body: dict | None = None, timeout: float = 600) -> int:
-    request = _admin_request(method, path, body)
-    url = request.full_url
+def _admin_exchange(request: urllib.request.Request, answer: Callable[[Any], int], timeout: float = 600) -> int:
+    """Send an admin request and hand the response to ``answer``; an HTTP error or no service is one line on stderr."""
+    what = f"{request.get_method()} {urllib.parse.urlsplit(request.full_url).path}"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.load(response)
+            return answer(response)
     except urllib.error.HTTPError as exc:
-        print(f"{method} {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
+        print(f"{what}: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
     except OSError as exc:
-        print(f"{method} {path}: cannot reach the service at {url}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(payload, indent=2, sort_keys=True))
-    return 1 if payload.get("outcome") == "failed" else 0
+        print(f"{what}: cannot reach the service at {request.full_url}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _admin_call(method: str, path: str, body: dict | None = None) -> int:
+    def printed(response: Any) -> int:
+        payload = json.load(response)
+        print(json.dumps(payload, indent=2, sort_keys=True))
+        return 1 if payload.get("outcome") == "failed" else 0
+
+    return _admin_exchange(_admin_request(method, path, body), printed)
 
 
 def _predictions(since_seconds: float, fmt: str) -> int:
     """The prediction log streamed to stdout (a million rows never sit in memory here or in the service)."""
     since = max(0.0, time.time() - since_seconds)  # "30000d" means everything, not a time before 1970
-    request = _admin_request("GET", f"/admin/predictions?since={since:.3f}&format={fmt}")
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            shutil.copyfileobj(response, sys.stdout.buffer, length=1 << 16)
-    except urllib.error.HTTPError as exc:
-        print(f"GET /admin/predictions: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"GET /admin/predictions: cannot reach the service at {request.full_url}: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.flush()
-    return 0
+
+    def streamed(response: Any) -> int:
+        shutil.copyfileobj(response, sys.stdout.buffer, length=1 << 16)
+        sys.stdout.flush()
+        return 0
+
+    return _admin_exchange(_admin_request("GET", f"/admin/predictions?since={since:.3f}&format={fmt}"), streamed)
 
 
 def _metrics() -> int:

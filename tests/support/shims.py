@@ -13,3 +13,16 @@ def shim_dir(directory: Path, scripts: dict[str, str]) -> Path:
         (directory / name).write_text(body if body.startswith("#!") else f"#!/bin/sh\n{body}\n")
         (directory / name).chmod(0o755)
     return directory
+
+
+def installed_tool(name: str, package: str) -> str:
+    """The path of a real tool the tests run (shellcheck, promtool…); failing, not skipping, when it is missing:
+    .ci/install installs it."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing: .ci/install installs it (apt-get install {package})")
+    return path

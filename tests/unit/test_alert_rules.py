@@ -3,7 +3,6 @@ fires on synthetic series where it should and stays quiet where it should not (`
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from infra.spec.monitoring import AlertRule, alert_rules, rules_document
+from tests.support.shims import installed_tool
 
 REPLICAS = 2
 RULES = alert_rules(REPLICAS, backups=True)
@@ -113,10 +113,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is missing: .ci/install installs it (apt-get install prometheus)")
-    return path
+    return installed_tool("promtool", "prometheus")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 
 from tests.support.program import BACKUP_CONFIG, LOCAL, REMOTE, SERVER, WORKERS
 from tests.support.pulumi_harness import VALID_CONFIG, run_program
+from tests.support.shims import installed_tool
 
 CONFIGS = {
     "one VM": VALID_CONFIG,
@@ -54,10 +54,7 @@ def scripts_of(config: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shellcheck() -> str:
-    path = shutil.which("shellcheck")
-    if path is None:
-        pytest.fail("shellcheck is missing: .ci/install installs it (apt-get install shellcheck)")
-    return path
+    return installed_tool("shellcheck", "shellcheck")
 
 
 def test_the_collection_finds_the_scripts_that_matter() -> None:
