@@ -52,7 +52,7 @@ def script_text(name: str) -> str:
 def installed_script(name: str, script: str, data_root: str, hints: Hints, settings: dict[str, str]) -> str:
     """A host script as installed: its settings as shell assignments, then backup-common.sh and the script file, both
     as they are in infra/host/scripts/ (shellchecked there). Values are quoted, never spliced into code."""
-    values = {
+    values = {  # what backup-common.sh and both scripts read; each script adds its own
         "NAME": name,
         "DATA": data_root,
         "ENV_FILE": ENV_FILE,
@@ -60,17 +60,11 @@ def installed_script(name: str, script: str, data_root: str, hints: Hints, setti
         "REPOSITORY_FIX": hints.repository_fix,
         "TAG": TAG,
         "STAGE": STAGE,
-        "WORK_DIR": WORK_DIR,
         "STATUS_FILE": STATUS_FILE,
         "MODEL_UID": str(MODEL_UID),
-        "TRAEFIK_UID": str(TRAEFIK_UID),
-        "MODEL_SERVICE": MODEL_SERVICE,
-        "TRAEFIK_CONTAINER": TRAEFIK_CONTAINER,
-        "START_EDGE": START_EDGE,
         "POSTGRES_SERVICE": POSTGRES_SERVICE,
         "POSTGRES_USER": POSTGRES_USER,
         "POSTGRES_DB": POSTGRES_DB,
-        "PENDING_DUMP": PENDING_DUMP,
         **settings,
     }
     assignments = "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
@@ -100,7 +94,15 @@ def backup_script(data_root: str, settings: BackupSettings, hints: Hints = Hints
 
 
 def restore_script(data_root: str, hints: Hints = Hints()) -> str:
-    return installed_script("mlapi-restore", "mlapi-restore.sh", data_root, hints, {})
+    settings = {
+        "WORK_DIR": WORK_DIR,
+        "TRAEFIK_UID": str(TRAEFIK_UID),
+        "MODEL_SERVICE": MODEL_SERVICE,
+        "TRAEFIK_CONTAINER": TRAEFIK_CONTAINER,
+        "START_EDGE": START_EDGE,
+        "PENDING_DUMP": PENDING_DUMP,
+    }
+    return installed_script("mlapi-restore", "mlapi-restore.sh", data_root, hints, settings)
 
 
 def load_pending_dump(data_root: str) -> str:
