@@ -10,9 +10,8 @@ from __future__ import annotations
 import base64
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-from infra.host.setup import START_EDGE, HostFile
+from infra.host.setup import SCRIPTS, START_EDGE, HostFile, installed_script
 from infra.spec.backup import BackupSettings
 from infra.spec.postgres import POSTGRES_DB, POSTGRES_SERVICE, POSTGRES_USER
 from infra.spec.stack import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
@@ -32,7 +31,6 @@ STAGE = f"{WORK_DIR}/stage"  # the path every snapshot holds
 STATUS_FILE = "backup-status.json"  # in the model's data dir: the service exports it as Prometheus gauges
 TAG = "mlapi"
 PENDING_DUMP = "postgres-restore.dump"  # in the data root: loaded by the deploy once PostgreSQL runs
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @dataclass(frozen=True)
@@ -43,16 +41,9 @@ class Hints:
     repository_fix: str = "pulumi config: backupRepository, backupEnvironment, backupSshKey"
 
 
-def script_text(name: str) -> str:
-    """A file of infra/host/scripts/ as it runs, without its shebang (the installed script has one of its own)."""
-    text = (SCRIPTS / name).read_text()
-    return text.split("\n", 1)[1] if text.startswith("#!") else text
-
-
-def installed_script(name: str, script: str, data_root: str, hints: Hints, settings: dict[str, str]) -> str:
-    """A host script as installed: its settings as shell assignments, then backup-common.sh and the script file, both
-    as they are in infra/host/scripts/ (shellchecked there). Values are quoted, never spliced into code."""
-    values = {  # what backup-common.sh and both scripts read; each script adds its own
+def backup_command(name: str, script: str, data_root: str, hints: Hints, settings: dict[str, str]) -> str:
+    """mlapi-backup or mlapi-restore as installed: the settings, backup-common.sh, then the script's own file."""
+    shared = {  # what backup-common.sh and both scripts read; each script adds its own
         "NAME": name,
         "DATA": data_root,
         "ENV_FILE": ENV_FILE,
@@ -65,20 +56,15 @@ def installed_script(name: str, script: str, data_root: str, hints: Hints, setti
         "POSTGRES_SERVICE": POSTGRES_SERVICE,
         "POSTGRES_USER": POSTGRES_USER,
         "POSTGRES_DB": POSTGRES_DB,
-        **settings,
     }
-    assignments = "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
-    return (
-        f"#!/bin/sh\n# {name}: infra/host/scripts/{script} and backup-common.sh after these settings "
-        "(infra/host/backup.py).\n" + assignments + script_text("backup-common.sh") + script_text(script)
-    )
+    return installed_script(name, {**shared, **settings}, "backup-common.sh", script)
 
 
 def backup_script(data_root: str, settings: BackupSettings, hints: Hints = Hints(), extra_stage_file: str = "") -> str:
     """``extra_stage_file``: a file the snapshot also takes, if it exists (the local stack's CA root)."""
     keep = f"--keep-daily {settings.keep_daily} --keep-weekly {settings.keep_weekly} "
     keep += f"--keep-monthly {settings.keep_monthly}"
-    return installed_script(
+    return backup_command(
         "mlapi-backup",
         "mlapi-backup.sh",
         data_root,
@@ -102,7 +88,7 @@ def restore_script(data_root: str, hints: Hints = Hints()) -> str:
         "START_EDGE": START_EDGE,
         "PENDING_DUMP": PENDING_DUMP,
     }
-    return installed_script("mlapi-restore", "mlapi-restore.sh", data_root, hints, settings)
+    return backup_command("mlapi-restore", "mlapi-restore.sh", data_root, hints, settings)
 
 
 def load_pending_dump(data_root: str) -> str:

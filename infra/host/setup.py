@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra.spec.stack import (
     APP_COMMAND,
@@ -28,26 +29,24 @@ LOGROTATE_FILE = "/etc/logrotate.d/mlapi-retrain"
 START_EDGE = "/usr/local/sbin/mlapi-start-edge"
 BOOT_LOG = "/var/log/mlapi-boot.log"
 EDGE_WAIT_S = 300
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def installed_script(title: str, settings: dict[str, str], *files: str) -> str:
+    """A host script as installed: its settings as quoted shell assignments, then ``files`` of infra/host/scripts/
+    as they are there (shellchecked as files), without their own shebangs. Values are data, never spliced into code."""
+    assignments = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
+    parts = [(SCRIPTS / name).read_text() for name in files]
+    bodies = "".join(text.split("\n", 1)[1] if text.startswith("#!") else text for text in parts)
+    sources = " and ".join(f"infra/host/scripts/{name}" for name in files)
+    return f"#!/bin/sh\n# {title}: {sources} after these settings (infra/host).\n{assignments}{bodies}"
 
 
 def start_edge_script() -> str:
     """At boot, Docker restores the Traefik container before swarm mode has brought the overlay network back, and a
     container that fails to attach then is not retried by its restart policy. Wait for both, then start it."""
-    return f"""#!/bin/sh
-# Installed by the deploy step (infra/host/setup.py). Run at boot by cron (@reboot); safe to run any time.
-i=0
-until [ "$(docker inspect --format '{{{{.State.Running}}}}' {TRAEFIK_CONTAINER} 2>/dev/null)" = true ]; do
-  if [ "$i" -ge {EDGE_WAIT_S} ]; then
-    echo "$(date -Is) {TRAEFIK_CONTAINER} not running after {EDGE_WAIT_S} s" >&2; exit 1
-  fi
-  if [ "$(docker info --format '{{{{.Swarm.LocalNodeState}}}}' 2>/dev/null)" = active ] \\
-     && docker network inspect {NETWORK} >/dev/null 2>&1; then
-    docker start {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true
-  fi
-  sleep 2; i=$((i+2))
-done
-echo "$(date -Is) {TRAEFIK_CONTAINER} running"
-"""
+    settings = {"TRAEFIK_CONTAINER": TRAEFIK_CONTAINER, "NETWORK": NETWORK, "EDGE_WAIT_S": str(EDGE_WAIT_S)}
+    return installed_script("mlapi-start-edge", settings, "mlapi-start-edge.sh")
 
 
 @dataclass(frozen=True)

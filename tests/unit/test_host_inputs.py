@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.predlog import StorageFull
-from infra.host.backup import SCRIPTS
+from infra.host.setup import SCRIPTS
 from infra.host.cluster_plan import render_node_drain, render_node_ready, render_worker_join
 from tests.support.service import ingest_headers, record
 from tests.support.shims import shim_dir
