@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 
 from infra.host.deploy import FirewallRule
-from infra.host.setup import as_owner, refuse_link
+from infra.host.setup import installed_script
 from infra.spec.inputs import WORLD
 from infra.spec.stack import MODEL_SERVICE, MODEL_UID, NODE_LABEL, SEED_MARKER, SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR
 
@@ -82,47 +82,22 @@ LOOPBACK = SwarmAddress(SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR)
 PRIVATE = SwarmAddress(MANAGER_PRIVATE_IP, f"{MANAGER_PRIVATE_IP}:{SWARM_PORT}", MANAGER_PRIVATE_IP)
 
 
-def _wait_for_address(address: str, what: str, timeout_s: int = 120) -> str:
-    return (
-        f"i=0; while ! ip -4 -o addr show | grep -q ' inet {address}/' && [ $i -lt {timeout_s} ]; do "
-        "sleep 1; i=$((i+1)); done\n"
-        f"ip -4 -o addr show | grep -q ' inet {address}/' || {{ echo '{what}: {address} is on no interface after "
-        f"{timeout_s} s (is the server attached to the private network?)' >&2; exit 1; }}\n"
-    )
-
-
 def render_swarm_address(target: SwarmAddress, seed_marker: str | None = None) -> str:
-    """Move the manager's swarm to ``target`` if it is elsewhere. `--force-new-cluster` rebuilds the one-manager
-    cluster from its own raft state, so services, secrets, networks and node labels are kept; the running tasks are
-    not restarted. Idempotent: a second `up` finds the address in place and does nothing.
+    """Move the manager's swarm to ``target`` if it is elsewhere (infra/host/scripts/swarm-address.sh): services,
+    secrets, networks and node labels are kept, running tasks are not restarted; a second `up` does nothing.
     ``seed_marker``: a file put in the model directory on the data volume: the replicas that see it (this node's)
     seed the shared registry, importing this node's models (app/service.py)."""
-    marker = (
-        # The model's directory is the replicas': never written by root, and a link there is refused.
-        refuse_link(seed_marker) + "\n" + as_owner(MODEL_UID, f"touch {shlex.quote(seed_marker)}") + "\n"
-        if seed_marker
-        else ""
-    )
-    addresses = f"--advertise-addr {target.advertise} --listen-addr {target.listen}" + (
-        f" --data-path-addr {target.data_path}" if target.data_path else ""
-    )
-    wait = "" if target.advertise == SWARM_ADVERTISE_ADDR else _wait_for_address(target.advertise, "swarm address")
-    return (
-        "set -eu\n"
-        + wait
-        + 'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" != active ]; then\n'
-        + f"  docker swarm init {addresses} >/dev/null\n"
-        + "fi\n"
-        + 'current=$(docker info --format "{{.Swarm.NodeAddr}}")\n'
-        + f'if [ "$current" != {target.advertise} ]; then\n'
-        + f"  docker swarm init --force-new-cluster {addresses} >/dev/null\n"
-        + f'  echo "swarm moved from $current to {target.advertise}"\n'
-        + "fi\n"
-        + "docker node update --label-add "
-        + f"{NODE_LABEL}={MANAGER_NODE} \"$(docker info --format '{{{{.Swarm.NodeID}}}}')\" >/dev/null\n"
-        + marker
-        + f"echo swarm on {target.advertise}\n"
-    )
+    settings = {
+        "ADVERTISE": target.advertise,
+        "LISTEN": target.listen,
+        "DATA_PATH": target.data_path or "",
+        "WAIT": "" if target.advertise == SWARM_ADVERTISE_ADDR else target.advertise,
+        "NODE_LABEL": NODE_LABEL,
+        "MANAGER_NODE": MANAGER_NODE,
+        "SEED_MARKER": seed_marker or "",
+        "MODEL_UID": str(MODEL_UID),
+    }
+    return installed_script("swarm address", settings, "cluster-common.sh", "swarm-address.sh")
 
 
 JOIN_TOKEN_COMMAND = "docker swarm join-token --quiet worker"  # noqa: S105 (prints the token; a secret output)
@@ -132,37 +107,15 @@ JOINED_TOKEN_FILE = "/var/lib/mlapi/swarm-join-token.sha256"  # noqa: S105 (a di
 
 
 def render_worker_join(worker_ip: str, manager_ip: str = MANAGER_PRIVATE_IP) -> str:
-    """On a worker: join the manager's swarm over the private network with the token read from stdin (never on a
-    command line or in a resource's inputs in plaintext). Prints the node ID, which the manager's steps use.
-
-    A second `up` with the same token finds the node joined and does nothing. Another token means another swarm (the
-    manager was replaced: same private address, new cluster) or a rotated one: leave and join again."""
-    join_request = (
-        f'{{"ListenAddr":"{worker_ip}:{SWARM_PORT}","AdvertiseAddr":"{worker_ip}","DataPathAddr":"{worker_ip}",'
-        f'"RemoteAddrs":["{manager_ip}:{SWARM_PORT}"],"JoinToken":"%s"}}'
-    )
-    return (
-        "set -eu\n"
-        + _wait_for_address(worker_ip, "worker address")
-        + "token=$(cat)\n"
-        # A swarm token is SWMTKN-1- and [a-z0-9-]: anything else is refused before it reaches JSON or a shell.
-        + 'case $token in SWMTKN-1-*) ;; *) echo "stdin holds no swarm join token" >&2; exit 1 ;; esac\n'
-        + 'case $token in *[!A-Za-z0-9-]*) echo "the swarm join token has unexpected characters" >&2; exit 1 ;; esac\n'
-        + 'digest=$(printf %s "$token" | sha256sum | cut -d" " -f1)\n'
-        + 'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" = active ] '
-        + f'&& [ "$(cat {JOINED_TOKEN_FILE} 2>/dev/null)" != "$digest" ]; then\n'
-        + "  docker swarm leave --force >/dev/null\n"
-        + "fi\n"
-        + 'if [ "$(docker info --format "{{.Swarm.LocalNodeState}}")" != active ]; then\n'
-        # The engine's API with the request on stdin: `docker swarm join --token` would show the token to anyone
-        # who lists processes while it runs (printf is the shell's own, no process).
-        + f"  printf '{join_request}' \"$token\" | curl --silent --show-error --fail-with-body "
-        + "--unix-socket /var/run/docker.sock -H 'Content-Type: application/json' --data-binary @- "
-        + "http://localhost/swarm/join >&2\n"
-        + f'  mkdir -p {JOINED_TOKEN_FILE.rsplit("/", 1)[0]} && echo "$digest" > {JOINED_TOKEN_FILE}\n'
-        + "fi\n"
-        + 'docker info --format "{{.Swarm.NodeID}}"\n'
-    )
+    """On a worker: join the manager's swarm with the token from stdin, print the node ID
+    (infra/host/scripts/worker-join.sh)."""
+    settings = {
+        "WORKER_IP": worker_ip,
+        "MANAGER_IP": manager_ip,
+        "SWARM_PORT": str(SWARM_PORT),
+        "JOINED_TOKEN_FILE": JOINED_TOKEN_FILE,
+    }
+    return installed_script("worker join", settings, "cluster-common.sh", "worker-join.sh")
 
 
 NODE_ID = re.compile(r"[a-z0-9]{25}")  # what `docker info --format {{.Swarm.NodeID}}` prints
@@ -182,39 +135,18 @@ def render_node_ready(node_id: str, label: str, timeout_s: int = 120) -> str:
     refused = refused_node_id(node_id)
     if refused:
         return refused
-    node = shlex.quote(node_id)
-    return (
-        "set -eu\n"
-        f"i=0; while [ \"$(docker node inspect --format '{{{{.Status.State}}}}' {node} 2>/dev/null)\" != ready ] "
-        f"&& [ $i -lt {timeout_s} ]; do sleep 1; i=$((i+1)); done\n"
-        f"[ \"$(docker node inspect --format '{{{{.Status.State}}}}' {node})\" = ready ] || "
-        f"{{ echo 'node {node_id} did not become ready in {timeout_s} s' >&2; exit 1; }}\n"
-        f"docker node update --availability active --label-add {NODE_LABEL}={shlex.quote(label)} {node} >/dev/null\n"
-        f"echo node {node_id} ready as {label}\n"
-    )
+    settings = {"NODE": node_id, "LABEL": label, "NODE_LABEL": NODE_LABEL, "TIMEOUT_S": str(timeout_s)}
+    return installed_script("node ready", settings, "node-ready.sh")
 
 
 def render_node_drain(node_id: str, timeout_s: int = DRAIN_TIMEOUT_S) -> str:
-    """On the manager, before a worker goes (`workers` lowered, or the worker replaced): drain it, so swarm starts
-    its replicas elsewhere first (start-first) and stops these with their grace period, wait until none is left,
-    then remove the node. A node that is already gone is fine."""
+    """On the manager, before a worker goes (`workers` lowered, or the worker replaced): drain it, wait until its
+    replicas run elsewhere, then remove the node (infra/host/scripts/node-drain.sh)."""
     refused = refused_node_id(node_id)
     if refused:
         return refused
-    node = shlex.quote(node_id)
-    return (
-        "set -u\n"
-        f"docker node inspect {node} >/dev/null 2>&1 || {{ echo 'node {node_id} is already gone'; exit 0; }}\n"
-        f"docker node update --availability drain {node} >/dev/null\n"
-        # Until no task of the node still runs: a stopping replica finishes its requests (its grace period).
-        f"i=0; while docker node ps --format '{{{{.CurrentState}}}}' {node} | grep -qE '^(Running|Starting|Preparing)' "
-        f"&& [ $i -lt {timeout_s} ]; do sleep 1; i=$((i+1)); done\n"
-        # The node's tasks are gone; wait for the service to be whole again elsewhere before the node goes.
-        f"i=0; while docker service ls --filter name={MODEL_SERVICE} --format '{{{{.Replicas}}}}' "
-        "| awk -F/ '$1+0 != $2+0 {f=1} END {exit !f}' && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done\n"
-        f"docker node rm --force {node} >/dev/null\n"
-        f"echo node {node_id} drained and removed\n"
-    )
+    settings = {"NODE": node_id, "TIMEOUT_S": str(timeout_s), "MODEL_SERVICE": MODEL_SERVICE}
+    return installed_script("node drain", settings, "node-drain.sh")
 
 
 # On the worker, after the manager removed it: leave (the server is usually deleted right after).

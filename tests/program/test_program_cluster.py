@@ -97,9 +97,9 @@ def test_workers_are_servers_on_the_private_network_with_ssh_only(cluster: Deplo
 
 def test_the_swarm_moves_to_the_private_address_and_back_when_the_last_worker_goes(cluster: Deployment) -> None:
     address = cluster.one(REMOTE, "swarm-address")
-    assert f"--advertise-addr {MANAGER_PRIVATE_IP} --listen-addr {MANAGER_PRIVATE_IP}:2377" in address.inputs["create"]
+    assert f"ADVERTISE={MANAGER_PRIVATE_IP}\nLISTEN={MANAGER_PRIVATE_IP}:2377\n" in address.inputs["create"]
     assert "--force-new-cluster" in address.inputs["create"]
-    assert "--advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377" in address.inputs["delete"]
+    assert "ADVERTISE=127.0.0.1\nLISTEN=127.0.0.1:2377\n" in address.inputs["delete"]
     assert address.opts.deleted_with._name == "mlapi-dev-server"  # a manager going away is not moved back
 
 
@@ -113,12 +113,12 @@ def test_workers_join_with_the_token_as_a_secret_and_drain_before_they_go(cluste
         assert join.wire["stdin"] and plaintext_strings(join.wire["stdin"]) == []  # the token, marked secret
         assert "--token" not in join.inputs["create"]  # the engine's API, the request on stdin (no argv shows it)
         assert "--unix-socket /var/run/docker.sock" in join.inputs["create"]
-        assert f'"AdvertiseAddr":"10.44.1.{9 + index}"' in join.inputs["create"]
-        assert f"{MANAGER_PRIVATE_IP}:2377" in join.inputs["create"]
+        assert f"WORKER_IP=10.44.1.{9 + index}\n" in join.inputs["create"]  # what the join request advertises
+        assert f"MANAGER_IP={MANAGER_PRIVATE_IP}\nSWARM_PORT=2377\n" in join.inputs["create"]
         assert join.inputs["connection"]["host"] == cluster.exports["workerIpv4s"][index - 1]
         node = cluster.one(REMOTE, f"worker-{index}-node")
         assert node.inputs["connection"]["host"] == cluster.exports["ipv4"]  # run on the manager
-        assert f"--label-add mlapi.node=mlapi-dev-worker-{index}" in node.inputs["create"]
+        assert f"LABEL=mlapi-dev-worker-{index}\nNODE_LABEL=mlapi.node\n" in node.inputs["create"]
         drain = node.inputs["delete"]
         assert drain.index("--availability drain") < drain.index("docker node rm")
         assert "grep -qE '^(Running|Starting|Preparing)'" in drain  # waits until the node's tasks have stopped
@@ -242,7 +242,9 @@ def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster:
     url_secret = cluster.one(SECRET_TYPE, "database-url-secret")
     assert url_secret.wire["data"] and plaintext_strings(url_secret.wire["data"]) == []
     assert "--force-new-cluster" in cluster.one(REMOTE, "swarm-address").inputs["create"]
-    assert "touch /srv/mlapi/model/holds-the-data-volume" in cluster.one(REMOTE, "swarm-address").inputs["create"]
+    assert (
+        "SEED_MARKER=/srv/mlapi/model/holds-the-data-volume\n" in cluster.one(REMOTE, "swarm-address").inputs["create"]
+    )
 
 
 def test_a_single_vm_has_no_postgresql() -> None:

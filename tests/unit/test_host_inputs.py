@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from app.predlog import StorageFull
-from infra.host.setup import SCRIPTS
 from infra.host.cluster_plan import render_node_drain, render_node_ready, render_worker_join
+from infra.host.setup import SCRIPTS
 from tests.support.service import ingest_headers, record
 from tests.support.shims import shim_dir
 
@@ -41,10 +41,10 @@ def test_a_node_id_that_is_not_one_runs_nothing(printed: str, render, tmp_path: 
 
 
 def test_a_node_id_is_used_as_printed() -> None:
-    assert f"docker node update --availability active --label-add mlapi.node=worker-1 {NODE_ID}" in render_node_ready(
-        NODE_ID, "worker-1"
-    )
-    assert f"docker node rm --force {NODE_ID}" in render_node_drain(NODE_ID)
+    ready, drain = render_node_ready(NODE_ID, "worker-1"), render_node_drain(NODE_ID)
+    assert f"NODE={NODE_ID}\nLABEL=worker-1\n" in ready
+    assert 'docker node update --availability active --label-add "$NODE_LABEL=$LABEL" "$NODE"' in ready
+    assert f"NODE={NODE_ID}\n" in drain and 'docker node rm --force "$NODE"' in drain
 
 
 def test_the_database_dump_is_staged_readable_by_root_only(tmp_path: Path) -> None:
