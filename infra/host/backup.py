@@ -94,24 +94,13 @@ def restore_script(data_root: str, hints: Hints = Hints()) -> str:
 def load_pending_dump(data_root: str) -> str:
     """The deploy step after PostgreSQL is up (with workers): a snapshot restored before it existed is loaded now,
     once (then renamed aside)."""
-    pending = shlex.quote(f"{data_root.rstrip('/')}/{PENDING_DUMP}")
-    task = (
-        f"pg=$(docker ps --quiet --filter label=com.docker.swarm.service.name={POSTGRES_SERVICE} "
-        "--filter health=healthy | head -n 1)\n"
-    )
-    return (
-        "set -eu\n"
-        + f"[ -f {pending} ] || {{ echo 'no database snapshot to load'; exit 0; }}\n"
-        + "i=0; while :; do\n  "
-        + task
-        + '  [ -n "$pg" ] && break\n'
-        + '  i=$((i+1)); [ $i -lt 120 ] || { echo "PostgreSQL did not turn healthy" >&2; exit 1; }; sleep 1\n'
-        + "done\n"
-        + f'docker exec -i "$pg" pg_restore -U {POSTGRES_USER} -d {POSTGRES_DB} --clean --if-exists '
-        + f"--single-transaction --no-owner < {pending}\n"
-        + f'mv {pending} "{pending}.loaded-$(date +%Y%m%d%H%M%S)"\n'
-        + "echo loaded the database snapshot\n"
-    )
+    settings = {
+        "PENDING": f"{data_root.rstrip('/')}/{PENDING_DUMP}",
+        "POSTGRES_SERVICE": POSTGRES_SERVICE,
+        "POSTGRES_USER": POSTGRES_USER,
+        "POSTGRES_DB": POSTGRES_DB,
+    }
+    return installed_script("load the database snapshot", settings, "load-pending-dump.sh")
 
 
 def backup_files(settings: BackupSettings, data_root: str) -> tuple[HostFile, ...]:

@@ -139,28 +139,12 @@ def render_host_setup(spec: StackSpec, extra_files: tuple[HostFile, ...] = (), e
 def render_graceful_stop(data_root: str) -> str:
     """Before the volume is detached (`pulumi destroy`, or a server replacement): stop the model's tasks with their
     grace period (the prediction log is closed and checkpointed), stop Traefik, flush and unmount the volume."""
-    return (
-        f"docker service rm {MODEL_SERVICE} >/dev/null 2>&1 || true\n"
-        "i=0\n"
-        f'while [ -n "$(docker ps --quiet --filter label=com.docker.swarm.service.name={MODEL_SERVICE})" ] '
-        '&& [ "$i" -lt 60 ]; do sleep 1; i=$((i+1)); done\n'
-        f"docker stop --time 10 {TRAEFIK_CONTAINER} >/dev/null 2>&1 || true\n"
-        "sync\n"
-        f"if mountpoint -q {shlex.quote(data_root)}; then umount {shlex.quote(data_root)}; fi\n"
-        "echo stopped and unmounted\n"
-    )
+    settings = {"MODEL_SERVICE": MODEL_SERVICE, "TRAEFIK_CONTAINER": TRAEFIK_CONTAINER, "DATA_ROOT": data_root}
+    return installed_script("graceful stop", settings, "graceful-stop.sh")
 
 
 def render_platform_check(image: str, platform: str, server_type: str) -> str:
     """After the pull: the image must be built for the server's platform, or the deploy stops here, saying what to do
-    (instead of every replica failing with `exec format error`)."""
-    quoted = shlex.quote(image)
-    return (
-        f"actual=$(docker image inspect --format '{{{{.Os}}}}/{{{{.Architecture}}}}' {quoted})\n"
-        f'if [ "$actual" != {shlex.quote(platform)} ]; then\n'
-        f'  echo "modelImage {image} is built for $actual, but serverType {server_type} runs {platform}: '
-        f'build it for {platform} (docker buildx build --platform {platform} ...) or choose another serverType" >&2\n'
-        "  exit 1\n"
-        "fi\n"
-        f'echo "{image}: $actual"\n'
-    )
+    (instead of every replica failing with `exec format error`). The image name is data (it is operator config)."""
+    settings = {"IMAGE": image, "PLATFORM": platform, "SERVER_TYPE": server_type}
+    return installed_script("platform check", settings, "platform-check.sh")

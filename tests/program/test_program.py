@@ -13,6 +13,7 @@ import yaml
 
 from app.settings import Settings
 from infra.host.cloud_init import READINESS_COMMAND
+from infra.host.setup import render_graceful_stop
 from infra.program.host import md5_fingerprint
 from infra.spec.acme import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING
 from infra.spec.durations import go_duration
@@ -653,7 +654,7 @@ def test_a_new_server_gets_a_new_connection_and_deploy_step() -> None:
 def test_data_guard_stops_the_stack_before_the_volume_is_detached(deployment: Deployment) -> None:
     guard = deployment.one(REMOTE, "data-guard")
     assert guard.inputs["create"] == "true"
-    assert "docker service rm mlapi-model" in guard.inputs["delete"] and "umount /srv/mlapi" in guard.inputs["delete"]
+    assert guard.inputs["delete"] == render_graceful_stop("/srv/mlapi")  # service removed, Traefik stopped, unmounted
     assert {d._name for d in guard.opts.depends_on} >= {"mlapi-dev-data-attachment"}  # deleted before it
     for typ in ON_THE_HOST:
         for resource in deployment.of_type(typ):

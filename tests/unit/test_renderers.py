@@ -166,8 +166,11 @@ def test_platform_check_refuses_an_image_for_another_platform() -> None:
 
 def test_graceful_stop_removes_the_service_waits_and_unmounts() -> None:
     script = render_graceful_stop("/srv/mlapi")
-    assert script.index("docker service rm mlapi-model") < script.index("docker stop --time 10 mlapi-traefik")
-    assert script.index("sync") < script.index("umount /srv/mlapi")
+    assert "MODEL_SERVICE=mlapi-model\nTRAEFIK_CONTAINER=mlapi-traefik\nDATA_ROOT=/srv/mlapi\n" in script
+    assert script.index('docker service rm "$MODEL_SERVICE"') < script.index(
+        'docker stop --time 10 "$TRAEFIK_CONTAINER"'
+    )
+    assert script.index("sync") < script.index('umount "$DATA_ROOT"')
 
 
 def test_prepare_script_lays_out_the_data_directories(host_root: Path, tmp_path: Path) -> None:
