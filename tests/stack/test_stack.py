@@ -376,6 +376,8 @@ def test_a_client_over_its_rate_gets_429_in_proportion_to_the_rate_it_achieved(s
     deploy_model_spec(client, stack, replace(stack.spec.model, labels=tight))
     try:
         wait_until(lambda: 429 in {https(stack, "GET", "/health")[0] for _ in range(15)}, 30, "the tight limit")
+        # The probes emptied the bucket: let it refill (two tokens at once, asked every half second) before the burst.
+        wait_until(lambda: [https(stack, "GET", "/health")[0] for _ in range(2)] == [200, 200], 30, "a refill", 0.5)
         sent = 40
         with ThreadPoolExecutor(8) as pool:
             started = time.monotonic()
