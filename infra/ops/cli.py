@@ -279,6 +279,12 @@ def rollback(ctx: typer.Context, version: Annotated[str, typer.Argument(help="e.
 
 
 @app.command()
+def promote(ctx: typer.Context, version: Annotated[str, typer.Argument(help="e.g. v0003")]) -> None:
+    """Serve a version by hand: the newest after a rollback, or one a retrain kept. Example: mlapi promote v0003"""
+    raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "rollback", version]))
+
+
+@app.command()
 def drift(ctx: typer.Context, window: Annotated[int, typer.Option(help="how many recent predictions")] = 1000) -> None:
     """Population stability per feature: recent predictions against the training data. Example: mlapi drift"""
     raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "drift", "--window", str(window)]))

@@ -251,6 +251,9 @@ def test_mlapi_versions_retrain_and_rollback_round_trip(stack: local.LocalStack)
     back = mlapi(stack, "rollback", before["current"])
     assert back.returncode == 0 and json.loads(back.stdout)["current"] == before["current"], back.stderr
     assert json.loads(mlapi(stack, "versions", "--json").stdout)["current"] == before["current"]
+    forward = mlapi(stack, "promote", promoted["candidate_version"])  # and forward again, by hand
+    assert forward.returncode == 0 and json.loads(forward.stdout)["current"] == promoted["candidate_version"]
+    assert mlapi(stack, "rollback", before["current"]).returncode == 0
     wait_until(
         lambda: json.loads(mlapi(stack, "status", "--json").stdout)["problems"] == [],
         60,
