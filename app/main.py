@@ -12,7 +12,7 @@ from app.batching import MicroBatcher
 from app.data import load_configured
 from app.errors import store_unavailable, validation_error
 from app.limits import BodyLimit
-from app.metrics import BackupStatus, Resources, RetrainStreak, ServiceMetrics
+from app.metrics import BackupStatus, Resources, ServiceMetrics
 from app.predlog import StoreUnavailable
 from app.routes.admin import admin_router
 from app.routes.observations import observations_router
@@ -39,8 +39,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = ModelService(settings, metrics, dataset)
         service.start()
-        streak = RetrainStreak(lambda: service.history(50))
-        metrics_registry.register(streak)
         # Start-up leaves ~160k long-lived objects (scikit-learn, SciPy, the model). A full collection scans them all
         # (~100 ms on these machines) and stalls whichever requests are in flight: frozen, it scans only newer ones.
         gc.collect()
@@ -58,7 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            metrics_registry.unregister(streak)
             service.close()
 
     app = FastAPI(

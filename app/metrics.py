@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -35,6 +35,13 @@ class ServiceMetrics:
             "mlapi_feature_psi",
             "Population stability index of a feature: recent predictions against the training data.",
             ["feature"],
+            registry=registry,
+        )
+        # From the shared history, refreshed at start, after a retrain and with the drift gauges: never read from
+        # the store at scrape time (a scrape must answer while the database restarts).
+        self.retrain_failures = Gauge(
+            "mlapi_retrain_consecutive_failures",
+            "Retrains that failed in a row, whichever replica ran them (0: the last one did not).",
             registry=registry,
         )
         self.drift_window = Gauge(
@@ -68,22 +75,14 @@ class BackupStatus(Collector):
             yield GaugeMetricFamily(f"mlapi_backup_{name}", text, value=float(state.get(key, 0)))
 
 
-class RetrainStreak(Collector):
-    """Retrains that failed in a row, from the registry's history (shared by every replica), so an alert sees a
-    retrain that keeps failing whichever replica ran it."""
-
-    def __init__(self, history: Callable[[], list[dict]]) -> None:
-        self.history = history
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        streak = 0
-        for entry in reversed(self.history()):
-            if entry.get("outcome") != "failed":
-                break
-            streak += 1
-        yield GaugeMetricFamily(
-            "mlapi_retrain_consecutive_failures", "Retrains that failed in a row (0: the last one did not).", streak
-        )
+def failures_in_a_row(history: list[dict]) -> int:
+    """Retrains that failed in a row at the end of ``history`` (0: the last one did not)."""
+    streak = 0
+    for entry in reversed(history):
+        if entry.get("outcome") != "failed":
+            break
+        streak += 1
+    return streak
 
 
 # cgroup v2, then v1: what the container may use and uses (the MemoryNearLimit alert's two sides).

@@ -15,7 +15,7 @@ import sklearn.base
 import skops.io as sio
 
 from app.data import Dataset, split_holdout
-from app.metrics import ServiceMetrics
+from app.metrics import ServiceMetrics, failures_in_a_row
 from app.model import (
     PROMOTION_METRIC,
     OutOfRange,
@@ -201,8 +201,13 @@ class ModelService:
                 if time.monotonic() >= next_drift:
                     next_drift = time.monotonic() + self.settings.drift_interval_s
                     self.update_drift_gauges()
+                    self.update_retrain_streak()
             except Exception:  # never let the watcher die: the next tick tries again
                 log.exception("registry watch failed")
+
+    def update_retrain_streak(self) -> None:
+        """The failed-in-a-row gauge from the shared history (another replica's retrains count too)."""
+        self.metrics.retrain_failures.set(failures_in_a_row(self.registry.history(50)))
 
     def update_drift_gauges(self) -> None:
         """The drift gauges over the last ``drift_window`` predictions (nothing yet: none are set)."""
@@ -300,6 +305,7 @@ class ModelService:
         self.metrics.last_retrain.set(time.time())
         self.metrics.last_retrain_promoted.set(1 if outcome.outcome == "promoted" else 0)
         self.registry.append_history(outcome.__dict__)
+        self.update_retrain_streak()
         log.info("retrain %s: %s", outcome.outcome, outcome.reason)
         return outcome
 

@@ -11,8 +11,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 
-from app.metrics import Resources, RetrainStreak
-from tests.support.service import FEATURES, metric_value, record
+from app.metrics import Resources, failures_in_a_row
+from tests.support.service import FEATURES, admin_headers, metric_value, record
 
 
 def test_drift_gauges_follow_the_recent_predictions_on_their_schedule(make_client: Callable[..., TestClient]) -> None:
@@ -51,9 +51,22 @@ def exported(collector: object) -> str:
 
 def test_failed_retrains_count_in_a_row_from_the_shared_history() -> None:
     history = [{"outcome": "failed"}, {"outcome": "promoted"}, {"outcome": "failed"}, {"outcome": "failed"}]
-    assert metric_value(exported(RetrainStreak(lambda: history)), "mlapi_retrain_consecutive_failures") == 2
+    assert failures_in_a_row(history) == 2
     history.append({"outcome": "rejected"})  # a retrain that ran and judged is not a failure
-    assert metric_value(exported(RetrainStreak(lambda: history)), "mlapi_retrain_consecutive_failures") == 0
+    assert failures_in_a_row(history) == 0
+
+
+def test_a_failed_retrain_shows_in_the_gauge_at_once(client: TestClient, monkeypatch) -> None:
+    service = client.app.state.service
+
+    def broken(*args, **kwargs):
+        raise MemoryError("the candidate did not fit")
+
+    monkeypatch.setattr("app.service.train", broken)
+    for expected in (1, 2):
+        assert client.post("/admin/retrain", headers=admin_headers()).json()["outcome"] == "failed"
+        assert metric_value(client.get("/metrics").text, "mlapi_retrain_consecutive_failures") == expected
+    assert service.history()[-1]["outcome"] == "failed"
 
 
 def test_memory_is_read_from_the_cgroup_when_there_is_one(tmp_path: Path, monkeypatch) -> None:
