@@ -12,6 +12,8 @@ Each tag carries a hash of its inputs, so a second run finds it and skips the wo
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import platform
@@ -22,7 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -346,16 +348,27 @@ def build_pebble(client: docker.DockerClient, base: str) -> str:
     return tag
 
 
+@contextlib.contextmanager
+def exclusive_builds() -> Iterator[None]:
+    """One process at a time builds the shared images (the test lanes run at once): the next one finds them built
+    instead of building them again beside it, into the same wheel cache."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with (CACHE_DIR / "images.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
     """Every image the single-VM stack runs, Pebble (the local ACME CA) and the base they start from, by role."""
-    base = build_base(client)
-    return {
-        "base": base,
-        "traefik": build_traefik(client),
-        "docker_api": build_docker_api_proxy(client),
-        "pebble": build_pebble(client, base),
-        "model": build_model(client),
-    }
+    with exclusive_builds():
+        base = build_base(client)
+        return {
+            "base": base,
+            "traefik": build_traefik(client),
+            "docker_api": build_docker_api_proxy(client),
+            "pebble": build_pebble(client, base),
+            "model": build_model(client),
+        }
 
 
 def build_docker_api_proxy(client: docker.DockerClient) -> str:
