@@ -34,7 +34,6 @@ from infra.spec.stack import MODEL_SERVICE, TRAEFIK_CONTAINER
 LOCAL_REPOSITORY = "/backup/repo"  # inside the tool container: .local/backup/repo
 STATE_MOUNT = "/state"
 CA_ROOT = "acme-store-root.pem"  # in the state dir: written by `up`, carried in every snapshot
-TOOL_PACKAGES = (*images.BASE_PACKAGES, "restic", "openssh-client")
 HINTS = Hints(
     key_fix=".local/backup/password, the password the repository was made with",
     repository_fix="MLAPI_LOCAL_BACKUP_REPOSITORY and MLAPI_LOCAL_BACKUP_ENV",
@@ -88,8 +87,8 @@ def password(options: LocalBackupOptions) -> str:
 
 
 def tool_image(client: docker.DockerClient) -> str:
-    """Debian with restic and python3: the host tools the VM's scripts use."""
-    return images.build_base(client, TOOL_PACKAGES)
+    """Debian with restic and python3: the host tools the VM's scripts use (the base image has them)."""
+    return images.build_base(client)
 
 
 def run_script(

@@ -14,6 +14,7 @@ import pytest
 from infra.host.cloud_init import hcloud_volume_device, render_user_data
 from infra.host.deploy import docker_ssh_options
 from infra.local import images
+from infra.local.postgres import build_postgres
 from infra.spec.stack import SECRETS, build_stack
 from testbed.stack import TIMINGS, docker_engine
 from testbed.standin import (
@@ -34,8 +35,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
     client = docker_engine()
     tmp = tmp_path_factory.mktemp("standin")
     started = time.monotonic()
-    # Its own image first: the stack images may be building in the stack lane meanwhile (a lock makes it wait).
-    built = {"standin": build_standin_image(client), **images.build_stack_images(client)}
+    # Its own images first (the cluster's PostgreSQL too): the stack images may be building in the stack lane
+    # meanwhile, and a lock makes this lane wait for them.
+    built = {"standin": build_standin_image(client), "postgres": build_postgres(client)}
+    built.update(images.build_stack_images(client))
     images_s = time.monotonic() - started
 
     key = tmp / "id_ed25519"
