@@ -42,6 +42,11 @@ if cfg.backup is None:
         "backups are off: the data volume is not backed up. Turn them on with "
         "`pulumi config set backupRepository <restic URL>` and `pulumi config set --secret backupPassword <password>`."
     )
+if cfg.alert_webhook_url is None:
+    pulumi.log.warn(
+        "alerts reach no one: Prometheus evaluates them on the VM, but no webhook is set. Send them to Slack, "
+        "Discord or ntfy with `pulumi config set --secret alertWebhookUrl <URL>`."
+    )
 if set(WORLD) & set(cfg.ssh_allowed_cidrs):
     pulumi.log.warn("sshAllowedCidrs opens port 22 to the whole internet (key-only login), as configured.")
 
@@ -62,6 +67,8 @@ inputs = StackInputs(
     rate_limit_per_s=cfg.rate_limit_per_s,
     rate_limit_burst=cfg.rate_limit_burst,
     in_flight_per_client=cfg.in_flight_per_client,
+    backups=cfg.backup is not None,
+    monitoring_retention=cfg.monitoring_retention,
     model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
 )
 spec = build_stack(inputs)

@@ -32,7 +32,7 @@ from infra.local.engine import deploy_stack
 from infra.local.postgres import build_postgres
 from infra.ops.smoke import wait_healthy
 from infra.spec.postgres import database_url
-from infra.spec.stack import DATABASE_URL_SECRET, MODEL_SERVICE, POSTGRES_PASSWORD_SECRET, SECRETS, build_stack
+from infra.spec.stack import DATABASE_URL_SECRET, MODEL_SERVICE, POSTGRES_PASSWORD_SECRET, build_stack
 from infra.spec.types import StackSpec
 from testbed.stack import TIMINGS, docker_engine, wait_until
 from testbed.standin import (
@@ -41,11 +41,13 @@ from testbed.standin import (
     boot_standin,
     build_standin_image,
     https,
+    load_images,
     network_with_pebble,
     new_key,
     remove_volume,
     ssh_on_path,
     standin_inputs,
+    standin_tokens,
 )
 
 DOMAIN = "cluster.mlapi.test"
@@ -193,7 +195,7 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         manager, worker = nodes
         password = uuid.uuid4().hex
         tokens = {
-            **{base: uuid.uuid4().hex for base in SECRETS},
+            **standin_tokens(spec),
             POSTGRES_PASSWORD_SECRET: password,
             DATABASE_URL_SECRET: database_url(password),
         }
@@ -214,11 +216,11 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         env.worker_node_id = env.ssh(worker, render_worker_join(worker.ip, manager.ip), stdin=token).strip()
         env.ssh(manager, render_node_ready(env.worker_node_id, WORKER))
         # Images: from a registry in production; here saved and loaded over ssh://, the model's onto both nodes.
-        for node, tags in ((manager, ("traefik", "docker_api", "model", "postgres")), (worker, ("model",))):
+        on_manager = ("traefik", "docker_api", "model", "postgres", "monitoring")
+        for node, roles in ((manager, on_manager), (worker, ("model",))):
             remote = env.remote(node)
             try:
-                for tag in tags:
-                    remote.images.load(client.images.get(built[tag]).save(named=built[tag]))
+                load_images(client, remote, {built[role] for role in roles})
             finally:
                 remote.close()
         remote = env.remote(manager)

@@ -35,7 +35,8 @@ from infra.local.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.ops.smoke import wait_healthy
 from infra.spec.inputs import StackInputs
-from infra.spec.stack import MODEL_SERVICE, TRAEFIK_CONTAINER
+from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET
+from infra.spec.stack import MODEL_SERVICE, SECRETS, TRAEFIK_CONTAINER
 from infra.spec.types import StackSpec
 from testbed.stack import wait_until
 
@@ -265,11 +266,31 @@ def standin_inputs(domain: str, network: PebbleNetwork, built: dict[str, str], *
         model_image=built["model"],
         traefik_image=built["traefik"],
         docker_api_image=built["docker_api"],
+        prometheus_image=built["monitoring"],
+        alertmanager_image=built["monitoring"],
         rate_limit_per_s=LOCAL_RATE_LIMIT,
         rate_limit_burst=LOCAL_RATE_LIMIT,
         in_flight_per_client=LOCAL_IN_FLIGHT,
         **more,
     )
+
+
+def standin_tokens(spec: StackSpec) -> dict[str, str]:
+    """The swarm secrets' values, as the program makes them: random bearer tokens; Alertmanager's configuration
+    (no webhook: the monitoring tests run on the local stack)."""
+    tokens = {base: uuid.uuid4().hex for base in SECRETS}
+    if spec.monitoring is not None:
+        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(None)
+    return tokens
+
+
+def load_images(local: docker.DockerClient, remote: docker.DockerClient, tags: set[str]) -> None:
+    """The images onto a stand-in's engine over ssh:// (from a registry in production); those it has are kept."""
+    for tag in sorted(tags):
+        try:
+            remote.images.get(tag)
+        except docker.errors.ImageNotFound:
+            remote.images.load(local.images.get(tag).save(named=tag))
 
 
 @contextlib.contextmanager
@@ -443,8 +464,12 @@ class Environment:
         )
         remote = self.remote_docker()
         try:
-            for tag in {self.spec.traefik.image, self.spec.docker_api.image, self.spec.model.image}:
-                remote.images.load(self.client.images.get(tag).save(named=tag))
+            load_images(
+                self.client,
+                remote,
+                {service.image for service in self.spec.services}
+                | {self.spec.traefik.image, self.spec.docker_api.image},
+            )
             deploy_stack(remote, self.spec, self.tokens)
         finally:
             remote.close()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_m
 
 from infra.spec.backup import BackupSettings
 from infra.spec.inputs import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, ascii_digits, check_cron
+from infra.spec.monitoring import DEFAULT_RETENTION, check_duration
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -232,6 +233,18 @@ def secret_text(raw: str) -> SecretStr:
     return SecretStr(one_line(raw))
 
 
+def webhook_url(raw: str) -> SecretStr:
+    url = one_line(raw)
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an http(s) URL: a Slack or Discord webhook, an ntfy topic, or any JSON receiver")
+    return SecretStr(url)
+
+
+def duration(raw: str) -> str:
+    return check_duration(one_line(raw))
+
+
 def backup_environment(raw: str) -> dict[str, SecretStr]:
     try:
         parsed = json.loads(raw)
@@ -363,6 +376,12 @@ KEYS: tuple[Key, ...] = (
         "cron expression for backups", cron),
     Key("backupKeep", "backup_keep", dict[str, int], DEFAULT_BACKUP_KEEP, "daily=7,weekly=4,monthly=6",
         "snapshots kept by restic forget", backup_keep),
+    Key("alertWebhookUrl", "alert_webhook_url", SecretStr | None, None,
+        "--secret https://hooks.slack.com/services/…",
+        "where Alertmanager sends alerts and their resolve notices: a Slack or Discord webhook (their formats), "
+        "or any other URL (Alertmanager's JSON, e.g. ntfy); a secret", webhook_url),
+    Key("monitoringRetention", "monitoring_retention", str, DEFAULT_RETENTION, "30d",
+        "how long Prometheus keeps its samples (at most 1GB of them either way)", duration),
 )  # fmt: skip
 BY_NAME = {key.name: key for key in KEYS}
 

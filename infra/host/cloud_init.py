@@ -97,7 +97,7 @@ def prepare_host_script(spec: StackSpec, data_root: str, volume_device: str | No
             "fi",
         ]
     lines.append(f"if command -v iptables >/dev/null && docker info >/dev/null 2>&1; then {BLOCK_METADATA}; fi")
-    return "\n".join(lines) + "\n" + layout_script(spec)
+    return "\n".join(lines) + "\n" + layout_script(spec, at_boot=True)
 
 
 def user_data_document(

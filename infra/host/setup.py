@@ -94,11 +94,14 @@ def refuse_link(path: str) -> str:
     return f"if [ -L {quoted} ]; then echo {message} >&2; exit 1; fi"
 
 
-def layout_script(spec: StackSpec) -> str:
+def layout_script(spec: StackSpec, *, at_boot: bool = False) -> str:
     """The data directories with their owners and modes, and the generated configuration files (idempotent).
-    ``chown -h`` never follows a link; modes and files are set as the directory's owner (``as_owner``)."""
+    ``chown -h`` never follows a link; modes and files are set as the directory's owner (``as_owner``).
+    ``at_boot``: user-data's copy, without the files that follow settings which change later (Prometheus' follow
+    the replica count): a change there would replace the server."""
     lines = []
-    for directory in spec.host_directories:
+    later = spec.monitoring if spec.monitoring and not at_boot else None
+    for directory in (*spec.host_directories, *(later.directories if later else ())):
         path = shlex.quote(directory.path)
         owner = f"{directory.owner_uid}:{directory.owner_uid}"
         lines += [
@@ -107,7 +110,7 @@ def layout_script(spec: StackSpec) -> str:
             f"chown -h {'-R ' if directory.recursive else ''}{owner} {path}",
             as_owner(directory.owner_uid, f"chmod {directory.mode} {path}"),
         ]
-    for item in spec.config_files:
+    for item in (*spec.config_files, *(later.files if later else ())):
         blob = base64.b64encode(item.content.encode()).decode()
         lines.append(f"echo {blob} | base64 -d | {write_as_owner(item.path, item.owner_uid, item.mode)}")
     return "\n".join(lines) + "\n"

@@ -94,13 +94,26 @@ def ensure_container(client: docker.DockerClient, name: str, digest: str, create
     if existing is not None:
         if existing.labels.get(HASH_LABEL) == digest:
             if existing.status != "running":
-                existing.start()
+                start_attached(existing)
             return existing
         existing.remove(force=True)
     create["labels"] = {**create.get("labels", {}), HASH_LABEL: digest}
     container = client.containers.create(name=name, detach=True, **create)
-    container.start()
+    start_attached(container)
     return container
+
+
+def start_attached(container, attempts: int = 40) -> None:
+    """Start a container on the overlay. Right after the network is made (an `up` after `down`), swarm may not know
+    it yet for a plain container ("Could not attach to network mlapi: rpc error: code = NotFound"): retry briefly."""
+    for attempt in range(attempts):
+        try:
+            container.start()
+            return
+        except docker.errors.APIError as exc:
+            if "Could not attach to network" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
 
 
 def container_create_args(client: docker.DockerClient, spec: ContainerSpec) -> dict:
@@ -172,7 +185,7 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
         env=[f"{key}={value}" for key, value in spec.env.items()],
         mounts=[Mount(target=m.target, source=m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts]
         + [Mount(target=confinement.tmpfs_path, source=None, type="tmpfs", tmpfs_size=confinement.tmpfs_bytes)],
-        healthcheck=_healthcheck(spec.healthcheck),
+        healthcheck=_healthcheck(spec.healthcheck) if spec.healthcheck else None,
         stop_grace_period=_ns(spec.stop_grace_period_s),
         read_only=confinement.read_only_root,
         cap_drop=list(confinement.cap_drop),
@@ -320,7 +333,8 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
 # -- the whole stack -----------------------------------------------------------------------------------------------
 def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
     """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, the services
-    (PostgreSQL first, with workers). ``tokens``: the value of each swarm secret the services mount, by base name."""
+    (PostgreSQL first, with workers; Alertmanager, then Prometheus, last). ``tokens``: the value of each swarm
+    secret the services mount, by base name."""
     missing = sorted(set(spec.secret_bases) - set(tokens))
     if missing:
         raise ValueError(f"deploy_stack: no value for the secrets {missing}")
@@ -332,6 +346,9 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
     if spec.postgres is not None:
         apply_service(client, spec.postgres, spec.network, secrets)
     rollout = apply_service(client, spec.model, spec.network, secrets)
+    if spec.monitoring is not None:
+        apply_service(client, spec.monitoring.alertmanager, spec.network, secrets)
+        apply_service(client, spec.monitoring.prometheus, spec.network, secrets)
     for base, (_, name) in secrets.items():
         remove_unused_secrets(client, base, keep=name)
     return rollout

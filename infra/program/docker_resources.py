@@ -141,7 +141,11 @@ def service(
                 read_only=spec.confinement.read_only_root,
                 cap_drops=list(spec.confinement.cap_drop),
                 cap_adds=list(spec.confinement.cap_add) or None,
-                healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**_health(spec.healthcheck)),
+                healthcheck=(
+                    docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**_health(spec.healthcheck))
+                    if spec.healthcheck
+                    else None
+                ),
                 stop_grace_period=go_duration(spec.stop_grace_period_s),
                 secrets=[
                     docker.ServiceTaskSpecContainerSpecSecretArgs(

@@ -27,6 +27,7 @@ from infra.program.cluster import Cluster
 from infra.program.dns_challenge import install_token_command, scoped_token
 from infra.program.docker_resources import container, service, swarm_secret, swarm_token
 from infra.program.host import Host
+from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET
 from infra.spec.postgres import database_url
 from infra.spec.stack import (
     ADMIN_SECRET,
@@ -228,6 +229,8 @@ class ModelStack(pulumi.ComponentResource):
                 on_host, pulumi.ResourceOptions(depends_on=[self.traefik, *model_dependencies])
             ),
         )
+        if spec.monitoring is not None:
+            self._monitoring(name, cfg, spec, platform, on_host)
         self.smoke = command.local.Command(
             f"{name}-smoke-check",
             # The address clients reach: the server's, or the load balancer's in front of it.
@@ -236,6 +239,39 @@ class ModelStack(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.traefik, self.model, host.dns_a, host.dns_aaaa]),
         )
         self.register_outputs({})
+
+    def _monitoring(
+        self, name: str, cfg: DeployConfig, spec: StackSpec, platform: str, on_host: pulumi.ResourceOptions
+    ) -> None:
+        """Prometheus and Alertmanager; Alertmanager's configuration (with the webhook URL) as a swarm secret."""
+        assert spec.monitoring is not None
+        watch = spec.monitoring
+        url = cfg.alert_webhook_url.get_secret_value() if cfg.alert_webhook_url else ""
+        config = pulumi.Output.secret(url).apply(lambda plain: watch.alertmanager_config(plain or None))
+        secret = swarm_secret(f"{name}-alertmanager-config", ALERTMANAGER_CONFIG_SECRET, config, on_host)
+        self.alertmanager_image = docker.RemoteImage(
+            f"{name}-alertmanager-image", name=watch.alertmanager.image, platform=platform, keep_locally=True,
+            opts=on_host,
+        )  # fmt: skip
+        self.prometheus_image = docker.RemoteImage(
+            f"{name}-prometheus-image", name=watch.prometheus.image, platform=platform, keep_locally=True, opts=on_host
+        )
+        self.alertmanager = service(
+            f"{name}-alertmanager",
+            watch.alertmanager,
+            self.alertmanager_image.image_id,
+            self.network,
+            {ALERTMANAGER_CONFIG_SECRET: secret},
+            on_host,
+        )
+        self.prometheus = service(
+            f"{name}-prometheus",
+            watch.prometheus,
+            self.prometheus_image.image_id,
+            self.network,
+            {},
+            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.alertmanager])),
+        )
 
     def _postgres(
         self,

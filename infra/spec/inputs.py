@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra.spec.acme import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING
 from infra.spec.docker_api import DOCKER_API_IMAGE
+from infra.spec.monitoring import ALERTMANAGER_IMAGE, DEFAULT_RETENTION, PROMETHEUS_IMAGE, check_duration
 from infra.spec.postgres import POSTGRES_IMAGE
 
 TRAEFIK_VERSION = "3.7.15"  # >= 3.7: retry on status codes with a buffered body (3.6.1: Docker 29, traefik#12253)
@@ -81,6 +82,14 @@ class StackInputs(BaseModel):
     postgres_image: str = POSTGRES_IMAGE  # with workers only
     traefik_image: str = f"traefik:v{TRAEFIK_VERSION}"
     docker_api_image: str = DOCKER_API_IMAGE
+    prometheus_image: str = PROMETHEUS_IMAGE
+    alertmanager_image: str = ALERTMANAGER_IMAGE
+    backups: bool = False  # a backup repository is configured: the backup alerts apply
+    monitoring_retention: str = DEFAULT_RETENTION  # how long Prometheus keeps samples (a size bound applies too)
+    # How often Prometheus scrapes and evaluates, and how long Alertmanager waits to group alerts; the local stack's
+    # tests shorten both, and every rule's `for` (alert_wait), so an alert reaches their webhook within seconds.
+    monitoring_interval_s: int = Field(15, ge=1, le=300)
+    alert_wait: str | None = None
     data_root: str = DEFAULT_DATA_ROOT
     # Local differences (see infra/local/stack.py): where ACME lives, which CA to trust, where ports bind.
     acme_ca_server: str | None = None
@@ -110,6 +119,11 @@ class StackInputs(BaseModel):
     @classmethod
     def _cron(cls, value: str) -> str:
         return check_cron(value)
+
+    @field_validator("monitoring_retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        return check_duration(value)
 
     @property
     def ca_server(self) -> str:

@@ -1,15 +1,37 @@
-"""The alert rules, as code: what a Prometheus on the manager evaluates against the replicas' /metrics. Each rule has a
-runbook line: what it means and the first thing to do. Rendered as a Prometheus rules file (``rules_document``);
-`promtool check rules` and `promtool test rules` run against it in `make test` (tests/unit/test_alert_rules.py).
+"""Monitoring as data: the alert rules, Prometheus' scrape configuration and Alertmanager's routing, rendered as the
+files the two services on the manager read (their service specs: infra/spec/stack.py).
+
+Each alert rule has a runbook line: what it means and the first thing to do. `promtool check rules` and `promtool test
+rules` run against the rules file in `make test` (tests/unit/test_alert_rules.py), `promtool check config` and
+`amtool check-config` against the other two (tests/unit/test_monitoring.py).
 
 Metric names are the app's (app/metrics.py); the replicas are scraped as job ``mlapi-model``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
+import yaml
+
+# The official images on the VM (the local stack runs Debian's binaries of these lines: infra/local/images.py).
+PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
+ALERTMANAGER_IMAGE = "prom/alertmanager:v0.28.1"
+PROMETHEUS_SERVICE = "mlapi-prometheus"
+ALERTMANAGER_SERVICE = "mlapi-alertmanager"
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+PROMETHEUS_UID = 65534  # nobody: the official images' user
+CONFIG_DIR = "/etc/prometheus"  # prometheus.yml and rules.yml, from the host (read-only)
+RULES_FILE = "rules.yml"
+ALERTMANAGER_CONFIG_SECRET = "mlapi-alertmanager-config"  # noqa: S105 — a secret's base name: it holds the webhook URL
+ALERTMANAGER_CONFIG_FILE = "alertmanager.yml"
+DEFAULT_RETENTION = "15d"
+RETENTION_SIZE = "1GB"  # a tenth of the smallest volume: the prediction log and the models keep the rest
+_DURATION = re.compile(r"^(\d+(y|w|d|h|ms|m|s))+$")
 MODEL_JOB = "mlapi-model"
 BACKUP_MAX_AGE_S = 26 * 3600
 DRIFT_PSI = 0.2
@@ -111,6 +133,86 @@ def alert_rules(replicas: int, backups: bool) -> tuple[AlertRule, ...]:
     return tuple(rules)
 
 
-def rules_document(rules: tuple[AlertRule, ...]) -> dict[str, Any]:
-    """A Prometheus rules file."""
-    return {"groups": [{"name": "mlapi", "rules": [rule.as_rule() for rule in rules]}]}
+def rules_document(rules: tuple[AlertRule, ...], wait: str | None = None) -> dict[str, Any]:
+    """A Prometheus rules file; ``wait``: every rule's `for` instead of its own (the local stack's tests)."""
+    chosen = tuple(replace(rule, wait=wait) for rule in rules) if wait else rules
+    return {"groups": [{"name": "mlapi", "rules": [rule.as_rule() for rule in chosen]}]}
+
+
+def check_duration(value: str) -> str:
+    """A Prometheus duration (15d, 12h, 1w2d); ValueError saying what is allowed."""
+    value = value.strip()
+    if not _DURATION.match(value) or not any(ch in "123456789" for ch in value):
+        raise ValueError(f"{value!r} is not a duration like 15d, 12h or 1w2d (units y, w, d, h, m, s, ms)")
+    return value
+
+
+@dataclass(frozen=True)
+class ScrapeTargets:
+    """Where Prometheus finds each job on the overlay network."""
+
+    model_service: str  # every task of it, by swarm's DNS (tasks.<service>)
+    model_port: int
+    traefik: str  # host:port of Traefik's metrics entry point
+    alertmanager: str  # host:port
+
+
+def prometheus_config(targets: ScrapeTargets, interval_s: int) -> str:
+    """prometheus.yml: the replicas (each task, as swarm's DNS lists them), Traefik, Alertmanager and itself; the
+    rules file beside it; alerts to Alertmanager."""
+    every = f"{interval_s}s"
+    document = {
+        "global": {"scrape_interval": every, "evaluation_interval": every, "scrape_timeout": f"{min(interval_s, 10)}s"},
+        "rule_files": [f"{CONFIG_DIR}/{RULES_FILE}"],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [targets.alertmanager]}]}]},
+        "scrape_configs": [
+            {
+                "job_name": MODEL_JOB,
+                "dns_sd_configs": [
+                    {
+                        "names": [f"tasks.{targets.model_service}"],
+                        "type": "A",
+                        "port": targets.model_port,
+                        "refresh_interval": every,
+                    }
+                ],
+            },
+            {"job_name": "traefik", "static_configs": [{"targets": [targets.traefik]}]},
+            {"job_name": "alertmanager", "static_configs": [{"targets": [targets.alertmanager]}]},
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"localhost:{PROMETHEUS_PORT}"]}]},
+        ],
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def webhook_receiver(url: str) -> dict[str, Any]:
+    """The receiver for ``url``, by where it points: Slack's incoming webhooks (and Mattermost's, which take the same
+    payload at /hooks/), Discord's, or any other URL as Alertmanager's generic JSON webhook (ntfy, a relay, a
+    healthchecks-style endpoint)."""
+    parts = urlsplit(url)
+    host, path = (parts.hostname or "").lower(), parts.path
+    if host == "hooks.slack.com":
+        return {"slack_configs": [{"api_url": url, "send_resolved": True, "title": SLACK_TITLE, "text": SLACK_TEXT}]}
+    if host in {"discord.com", "discordapp.com"} and path.startswith("/api/webhooks/"):
+        return {"discord_configs": [{"webhook_url": url, "send_resolved": True}]}
+    return {"webhook_configs": [{"url": url, "send_resolved": True}]}
+
+
+SLACK_TITLE = "[{{ .Status | toUpper }}] {{ .CommonLabels.alertname }}"
+SLACK_TEXT = "{{ range .Alerts }}{{ .Annotations.summary }}\nrunbook: {{ .Annotations.runbook }}\n{{ end }}"
+
+
+def alertmanager_config(webhook_url: str | None, interval_s: int) -> str:
+    """alertmanager.yml: every alert to the operator's webhook, grouped by name, with a notice when it resolves; with
+    no webhook, a receiver that sends nothing (alerts stay visible in Prometheus and `mlapi status`)."""
+    receiver: dict[str, Any] = {"name": "operator"}
+    if webhook_url:
+        receiver |= webhook_receiver(webhook_url)
+    route = {
+        "receiver": "operator",
+        "group_by": ["alertname"],
+        "group_wait": f"{2 * interval_s}s",  # 30 s at the default interval
+        "group_interval": f"{20 * interval_s}s",  # 5 min
+        "repeat_interval": "4h",
+    }
+    return yaml.safe_dump({"route": route, "receivers": [receiver]}, sort_keys=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import yaml
+
 from infra.spec.docker_api import (
     DOCKER_API_CONFIG_FILE,
     DOCKER_API_CONFIG_PATH,
@@ -21,6 +23,22 @@ from infra.spec.docker_api import (
     docker_api_config,
 )
 from infra.spec.inputs import StackInputs
+from infra.spec.monitoring import (
+    ALERTMANAGER_CONFIG_FILE,
+    ALERTMANAGER_CONFIG_SECRET,
+    ALERTMANAGER_PORT,
+    ALERTMANAGER_SERVICE,
+    CONFIG_DIR,
+    PROMETHEUS_PORT,
+    PROMETHEUS_SERVICE,
+    PROMETHEUS_UID,
+    RETENTION_SIZE,
+    RULES_FILE,
+    ScrapeTargets,
+    alert_rules,
+    prometheus_config,
+    rules_document,
+)
 from infra.spec.postgres import (
     DATA_MOUNT,
     PGDATA,
@@ -33,6 +51,7 @@ from infra.spec.postgres import (
 from infra.spec.postgres import SOCKET_DIR as POSTGRES_SOCKET_DIR
 from infra.spec.traefik import (
     ACME_CA_BUNDLE_PATH,
+    METRICS_PORT,
     PROVIDER_REFRESH_S,
     PROXY_HEALTH_INTERVAL_S,
     TLS_FILE,
@@ -50,6 +69,7 @@ from infra.spec.types import (
     Healthcheck,
     HostDirectory,
     MiB,
+    MonitoringSpec,
     Mount,
     PublishedPort,
     RestartPolicy,
@@ -107,6 +127,8 @@ HOST_RESERVED_MB = 512  # the OS, dockerd, sshd, cron's retrain client
 POSTGRES_MEMORY_MB = 512  # with workers, on the manager
 TRAEFIK_MEMORY_MB = 256
 DOCKER_API_MEMORY_MB = 64
+PROMETHEUS_MEMORY_MB = 200  # a few thousand series; with Alertmanager, the 250 MB monitoring may take on the VM
+ALERTMANAGER_MEMORY_MB = 50
 REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
 TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking syscall
 REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
@@ -121,6 +143,7 @@ def replica_memory_mb(inputs: StackInputs) -> int:
     """What is left after the host and the edge (every node is sized as if it ran them, as the manager does),
     shared by a node's replicas plus the one a start-first update adds."""
     free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
+    free -= PROMETHEUS_MEMORY_MB + ALERTMANAGER_MEMORY_MB
     if inputs.nodes > 1:
         free -= POSTGRES_MEMORY_MB
     low, high = REPLICA_MEMORY_MB
@@ -160,6 +183,78 @@ def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
         user=f"{POSTGRES_UID}:{POSTGRES_UID}",
         init=False,  # postgres is its own PID 1 and reaps its children
     )
+
+
+def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
+    """prometheus.yml and the alert rules, in the directory Prometheus mounts read-only."""
+    targets = ScrapeTargets(
+        MODEL_SERVICE, MODEL_PORT, f"{TRAEFIK_CONTAINER}:{METRICS_PORT}", f"{ALERTMANAGER_SERVICE}:{ALERTMANAGER_PORT}"
+    )
+    rules = rules_document(alert_rules(inputs.model_replicas, inputs.backups), inputs.alert_wait)
+    return (
+        ConfigFile(f"{root}/prometheus/config/prometheus.yml", prometheus_config(targets, inputs.monitoring_interval_s),
+                   0, "0644"),
+        ConfigFile(f"{root}/prometheus/config/{RULES_FILE}", yaml.safe_dump(rules, sort_keys=False),
+                   0, "0644"),
+    )  # fmt: skip
+
+
+def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile, ...]) -> MonitoringSpec:
+    """Prometheus and Alertmanager on the manager (their data on the volume), on the overlay only: nothing publishes
+    their ports (`mlapi` or an SSH tunnel reach them). One task each, replaced stop-first (one writer per data
+    directory). Prometheus' files live on the host; a digest of them in its environment rolls it when they change."""
+    digest = hashlib.sha256("".join(item.content for item in files).encode()).hexdigest()[:12]
+    common = {
+        "labels": {},
+        "healthcheck": None,  # the official images have no client to check themselves with; swarm restarts a crash
+        "replicas": 1,
+        "update": RolloutPolicy(failure_action="rollback", order="stop-first"),
+        "rollback": RolloutPolicy(failure_action="pause", order="stop-first"),
+        "restart": RestartPolicy(),
+        "stop_grace_period_s": 30,
+        "constraints": ("node.role==manager",),
+        "user": f"{PROMETHEUS_UID}:{PROMETHEUS_UID}",
+    }
+    prometheus = ServiceSpec(
+        name=PROMETHEUS_SERVICE,
+        image=inputs.prometheus_image,
+        command=(
+            "/bin/prometheus",
+            f"--config.file={CONFIG_DIR}/prometheus.yml",
+            "--storage.tsdb.path=/prometheus",
+            f"--storage.tsdb.retention.time={inputs.monitoring_retention}",
+            f"--storage.tsdb.retention.size={RETENTION_SIZE}",
+            f"--web.listen-address=:{PROMETHEUS_PORT}",
+        ),
+        env={"MLAPI_CONFIG_DIGEST": digest},
+        mounts=(Mount(f"{root}/prometheus/data", "/prometheus"), Mount(f"{root}/prometheus/config", CONFIG_DIR, True)),
+        secrets=(),
+        confinement=Confinement(memory_bytes=PROMETHEUS_MEMORY_MB * MiB),
+        **common,
+    )
+    alertmanager = ServiceSpec(
+        name=ALERTMANAGER_SERVICE,
+        image=inputs.alertmanager_image,
+        command=(
+            "/bin/alertmanager",
+            f"--config.file=/run/secrets/{ALERTMANAGER_CONFIG_FILE}",
+            "--storage.path=/alertmanager",
+            f"--web.listen-address=:{ALERTMANAGER_PORT}",
+            "--cluster.listen-address=",  # one instance: no gossip port, no peer discovery
+        ),
+        env={},
+        mounts=(Mount(f"{root}/alertmanager", "/alertmanager"),),
+        secrets=(SecretFile(ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_CONFIG_FILE, PROMETHEUS_UID),),
+        confinement=Confinement(memory_bytes=ALERTMANAGER_MEMORY_MB * MiB),
+        **common,
+    )
+    directories = (
+        HostDirectory(f"{root}/prometheus", 0, "0755"),
+        HostDirectory(f"{root}/prometheus/config", 0, "0755"),
+        HostDirectory(f"{root}/prometheus/data", PROMETHEUS_UID, "0700"),
+        HostDirectory(f"{root}/alertmanager", PROMETHEUS_UID, "0700"),
+    )
+    return MonitoringSpec(prometheus, alertmanager, inputs.monitoring_interval_s, directories, files)
 
 
 def build_stack(inputs: StackInputs) -> StackSpec:
@@ -282,6 +377,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         retrain_cron=f"{inputs.retrain_schedule} root {APP_COMMAND} retrain >> {RETRAIN_LOG} 2>&1",
         domain=inputs.domain,
         postgres=postgres_service(inputs, root) if clustered else None,
+        monitoring=monitoring_services(inputs, root, monitoring_files(inputs, root)),
     )
 
 

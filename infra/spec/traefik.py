@@ -39,6 +39,7 @@ HSTS_PRELOAD_S = 2 * HSTS_S  # hstspreload.org's requirement for submission
 # Traefik listens on unprivileged ports (it runs as a plain user with no capability); the host publishes 80/443.
 # Not 8080: Traefik's own entrypoint (ping) is there.
 WEB_PORT = 8880
+METRICS_PORT = 8082  # Traefik's Prometheus metrics: never published, scraped on the overlay
 WEBSECURE_PORT = 8443
 
 
@@ -123,6 +124,11 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         f"{resolver}.keytype=EC256",  # smaller and faster handshakes than RSA 4096
         f"{resolver}.caserver={inputs.ca_server}",
         "--ping=true",
+        # Prometheus' view of the edge (requests, statuses, latency per router), on a port only the overlay reaches.
+        f"--entrypoints.metrics.address=:{METRICS_PORT}",
+        "--metrics.prometheus=true",
+        "--metrics.prometheus.entrypoint=metrics",
+        "--metrics.prometheus.addrouterslabels=true",
         "--log.level=INFO",
         "--accesslog=true",
         "--global.checknewversion=false",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infra.spec.monitoring import alertmanager_config
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -153,6 +155,23 @@ class ConfigFile:
 
 
 @dataclass(frozen=True)
+class MonitoringSpec:
+    """Prometheus and Alertmanager on the manager. Alertmanager's configuration is a swarm secret (it holds the
+    webhook URL): ``alertmanager_config(url)`` is its value."""
+
+    prometheus: ServiceSpec
+    alertmanager: ServiceSpec
+    interval_s: int
+    # Their data directories and Prometheus' configuration and rules: laid out by the deploy step, never at boot
+    # (user-data that changed would replace the server).
+    directories: tuple[HostDirectory, ...]
+    files: tuple[ConfigFile, ...]
+
+    def alertmanager_config(self, webhook_url: str | None) -> str:
+        return alertmanager_config(webhook_url, self.interval_s)
+
+
+@dataclass(frozen=True)
 class StackSpec:
     network: str
     traefik: ContainerSpec
@@ -164,11 +183,14 @@ class StackSpec:
     domain: str
     config_files: tuple[ConfigFile, ...] = ()  # Traefik's dynamic configuration, the Docker API proxy's
     postgres: ServiceSpec | None = None  # with workers: the shared store of models and logs, on the manager
+    monitoring: MonitoringSpec | None = None
 
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
-        """In the order they start: the database before the replicas that need it."""
-        return (*((self.postgres,) if self.postgres else ()), self.model)
+        """In the order they start: the database before the replicas that need it, Alertmanager before the
+        Prometheus that sends to it."""
+        watch = (self.monitoring.alertmanager, self.monitoring.prometheus) if self.monitoring else ()
+        return (*((self.postgres,) if self.postgres else ()), self.model, *watch)
 
     @property
     def secret_bases(self) -> tuple[str, ...]:

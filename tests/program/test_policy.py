@@ -106,7 +106,7 @@ def test_only_traefik_publishes_ports(good: Deployment) -> None:
     assert violations(other) == [
         "only-the-edge-publishes-ports: container 'mlapi-debug' publishes ports: only mlapi-traefik may; route it."
     ]
-    model = good.one(rules.SERVICE)
+    model = good.one(rules.SERVICE, "-model")
     published = policy_args(model, endpointSpec={"mode": "vip", "ports": [{"targetPort": 8000, "publishedPort": 8000}]})
     assert violations(published) == [
         "only-the-edge-publishes-ports: a swarm service publishes ports: services are reached through Traefik on the "
@@ -115,7 +115,7 @@ def test_only_traefik_publishes_ports(good: Deployment) -> None:
 
 
 def test_the_docker_socket_never_reaches_a_routed_container(good: Deployment) -> None:
-    model = good.one(rules.SERVICE)
+    model = good.one(rules.SERVICE, "-model")
     spec = copy.deepcopy(model.inputs["taskSpec"])
     spec["containerSpec"]["mounts"].append({"type": "bind", "source": "/var/run/docker.sock", "target": "/sock"})
     assert violations(policy_args(model, taskSpec=spec)) == [
@@ -169,7 +169,7 @@ def test_the_cluster_configuration_passes_every_rule() -> None:
 
 
 def test_secrets_in_plain_sight_are_blocked(good: Deployment) -> None:
-    model = good.one(rules.SERVICE)
+    model = good.one(rules.SERVICE, "-model")
     spec = copy.deepcopy(model.inputs["taskSpec"])
     spec["containerSpec"]["env"]["MLAPI_ADMIN_TOKEN"] = "hunter2-hunter2"
     assert violations(policy_args(model, taskSpec=spec)) == [

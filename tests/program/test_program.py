@@ -293,7 +293,7 @@ def test_model_service(deployment: Deployment) -> None:
     # Least privilege: no capabilities, a read-only root, a memory limit (the image runs as a non-root user).
     assert container["readOnly"] is True and container["capDrops"] == ["ALL"] and "capAdds" not in container
     # cx23, 4 GB: what is left after the host (512 MiB), Traefik (256) and the proxy (64), over 2 replicas + 1
-    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1088 * 2**20}}
+    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1004 * 2**20}}
     assert container["env"]["MLAPI_PROCESS_LIMIT"] == str(512 * 3)
     assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
     assert container["env"]["MLAPI_INGEST_TOKEN_FILE"] == "/run/secrets/ingest_token"
@@ -379,12 +379,12 @@ def test_traefik_runs_confined(deployment: Deployment) -> None:
 def test_only_traefik_publishes_ports(deployment: Deployment) -> None:
     published = [r.name for r in deployment.of_type(CONTAINER) if r.inputs.get("ports")]
     assert published == ["mlapi-dev-traefik"]
-    assert "ports" not in deployment.one(SERVICE).inputs.get("endpointSpec", {})
+    assert "ports" not in deployment.one(SERVICE, "-model").inputs.get("endpointSpec", {})
 
 
 def test_edge_limits_follow_config() -> None:
     tuned = run_program({**VALID_CONFIG, "rateLimitPerSecond": "20", "rateLimitBurst": "40", "inFlightPerClient": "8"})
-    labels = service_labels(tuned.one(SERVICE))
+    labels = service_labels(tuned.one(SERVICE, "-model"))
     assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.average"] == "20"
     assert labels["traefik.http.middlewares.mlapi-ratelimit.ratelimit.burst"] == "40"
     assert labels["traefik.http.middlewares.mlapi-inflight.inflightreq.amount"] == "8"
@@ -393,7 +393,7 @@ def test_edge_limits_follow_config() -> None:
 
 def test_public_docs_can_be_turned_off() -> None:
     private = run_program({**VALID_CONFIG, "publicDocs": "false"})
-    rule = service_labels(private.one(SERVICE))["traefik.http.routers.mlapi.rule"]
+    rule = service_labels(private.one(SERVICE, "-model"))["traefik.http.routers.mlapi.rule"]
     for path in ("/admin", "/metrics", "/docs", "/redoc", "/openapi.json"):
         assert f"!PathPrefix(`{path}`)" in rule
     assert_config_refused({**VALID_CONFIG, "publicDocs": "sometimes"}, "publicDocs", "true or false")
@@ -401,12 +401,12 @@ def test_public_docs_can_be_turned_off() -> None:
 
 @pytest.mark.parametrize(
     ("server_type", "replicas", "replica_mb"),
-    [("cx23", "2", 1088), ("cpx11", "2", 405), ("cx53", "2", 2048), ("cx23", "8", 384), ("cx99", "2", 405)],
+    [("cx23", "2", 1004), ("cpx11", "2", 384), ("cx53", "2", 2048), ("cx23", "8", 384), ("cx99", "2", 384)],
 )
 def test_memory_limits_follow_the_server_size(server_type: str, replicas: str, replica_mb: int) -> None:
     """Unknown types are sized as the smallest (2 GB): limits can be lower than the server allows, never higher."""
     deployment = run_program({**VALID_CONFIG, "serverType": server_type, "modelReplicas": replicas})
-    limits = deployment.one(SERVICE).inputs["taskSpec"]["resources"]["limits"]
+    limits = deployment.one(SERVICE, "-model").inputs["taskSpec"]["resources"]["limits"]
     assert limits["memoryBytes"] == replica_mb * 2**20
     traefik = deployment.one(CONTAINER, "-traefik").inputs
     assert traefik["memory"] == 256 and traefik["ulimits"] == [{"name": "nproc", "soft": 1024, "hard": 1024}]
@@ -415,9 +415,9 @@ def test_memory_limits_follow_the_server_size(server_type: str, replicas: str, r
 
 def test_hsts_preload_is_opt_in() -> None:
     headers = "traefik.http.middlewares.mlapi-headers.headers"
-    default = service_labels(run_program(VALID_CONFIG).one(SERVICE))
+    default = service_labels(run_program(VALID_CONFIG).one(SERVICE, "-model"))
     assert default[f"{headers}.stsseconds"] == "31536000" and f"{headers}.stspreload" not in default
-    preload = service_labels(run_program({**VALID_CONFIG, "hstsPreload": "true"}).one(SERVICE))
+    preload = service_labels(run_program({**VALID_CONFIG, "hstsPreload": "true"}).one(SERVICE, "-model"))
     assert preload[f"{headers}.stsseconds"] == "63072000" and preload[f"{headers}.stspreload"] == "true"
     assert preload[f"{headers}.stsincludesubdomains"] == "true"
     assert_config_refused({**VALID_CONFIG, "hstsPreload": "maybe"}, "hstsPreload", "true or false")
@@ -425,7 +425,7 @@ def test_hsts_preload_is_opt_in() -> None:
 
 def test_model_replicas_config() -> None:
     five = run_program({**VALID_CONFIG, "modelReplicas": "5"})
-    assert five.one(SERVICE).inputs["mode"] == {"replicated": {"replicas": 5}}
+    assert five.one(SERVICE, "-model").inputs["mode"] == {"replicated": {"replicas": 5}}
 
 
 def test_model_image_from_registry_skips_the_build() -> None:
@@ -439,7 +439,7 @@ def test_a_registry_model_image_is_checked_for_the_servers_platform() -> None:
     pulled = run_program({**VALID_CONFIG, "serverType": "cax21", "modelImage": "ghcr.io/acme/model:1.2"})
     check = pulled.one(REMOTE, "model-image-platform")
     assert "ghcr.io/acme/model:1.2" in check.inputs["create"] and "linux/arm64" in check.inputs["create"]
-    assert "mlapi-dev-model-image-platform" in {d._name for d in pulled.one(SERVICE).opts.depends_on}
+    assert "mlapi-dev-model-image-platform" in {d._name for d in pulled.one(SERVICE, "-model").opts.depends_on}
     assert run_program(VALID_CONFIG).of_type(REMOTE) and not [
         r for r in run_program(VALID_CONFIG).of_type(REMOTE) if r.name.endswith("model-image-platform")
     ]
@@ -861,7 +861,7 @@ def test_a_model_project_is_baked_into_the_model_image_the_service_runs() -> Non
         "platform": "linux/amd64",
     }
     assert project.inputs["imageName"].startswith("mlapi-model-project:") and project.inputs["skipPush"] is True
-    assert served.one(SERVICE).inputs["taskSpec"]["containerSpec"]["image"] == project.inputs["imageName"]
+    assert served.one(SERVICE, "-model").inputs["taskSpec"]["containerSpec"]["image"] == project.inputs["imageName"]
     assert "mlapi-dev-model-image" in {d._name for d in project.opts.depends_on}
     pulled = run_program({**VALID_CONFIG, "modelProject": "examples/penguins", "modelImage": "ghcr.io/acme/model:1.2"})
     assert pulled.one(IMAGE).inputs["build"]["args"] == {"MODEL_IMAGE": "ghcr.io/acme/model:1.2"}
@@ -878,3 +878,62 @@ def test_a_project_that_cannot_be_served_fails_the_program_before_anything_is_de
         run_program({**VALID_CONFIG, "modelProject": str(project)})
     with pytest.raises(Exception, match=r"modelProject: .*no mlapi.toml here"):
         run_program({**VALID_CONFIG, "modelProject": "examples"})
+
+
+# -- monitoring ------------------------------------------------------------------------------------------------------
+WEBHOOK = "https://hooks.slack.com/services/T0FJORD/B0ALERTS/s3cr3tw3bh00kt0k3n"
+
+
+def alertmanager_config(deployment: Deployment) -> dict:
+    """Alertmanager's configuration, as the swarm secret carries it."""
+    return yaml.safe_load(base64.urlsafe_b64decode(deployment.one(SECRET, "-alertmanager-config").inputs["data"]))
+
+
+def test_prometheus_and_alertmanager_run_on_the_manager_unpublished(deployment: Deployment) -> None:
+    prometheus = deployment.one(SERVICE, "-prometheus").inputs
+    alertmanager = deployment.one(SERVICE, "-alertmanager").inputs
+    for service, memory_mb in ((prometheus, 200), (alertmanager, 50)):
+        task = service["taskSpec"]
+        assert task["placement"] == {"constraints": ["node.role==manager"]}  # their data is on the manager's volume
+        assert task["resources"] == {"limits": {"memoryBytes": memory_mb * 2**20}}
+        assert task["containerSpec"]["user"] == "65534:65534" and task["containerSpec"]["readOnly"] is True
+        assert "healthcheck" not in task["containerSpec"]
+        assert "ports" not in service.get("endpointSpec", {})  # reached over the overlay, `mlapi` or a tunnel only
+        assert service["updateConfig"]["order"] == "stop-first" and service["mode"]["replicated"]["replicas"] == 1
+    container = prometheus["taskSpec"]["containerSpec"]
+    pulled = {image.inputs["name"] for image in deployment.of_type("docker:index/remoteImage:RemoteImage")}
+    assert {"prom/prometheus:v3.5.0", "prom/alertmanager:v0.28.1"} <= pulled
+    assert "--storage.tsdb.retention.time=15d" in container["commands"]
+    assert "--storage.tsdb.retention.size=1GB" in container["commands"]
+    assert {m["source"] for m in container["mounts"] if m["type"] == "bind"} == {
+        "/srv/mlapi/prometheus/data",
+        "/srv/mlapi/prometheus/config",
+    }
+    assert {s["fileName"] for s in alertmanager["taskSpec"]["containerSpec"]["secrets"]} == {"alertmanager.yml"}
+    assert "--cluster.listen-address=" in alertmanager["taskSpec"]["containerSpec"]["commands"]
+    # The deploy step writes the rules and the scrape configuration; Traefik exposes its metrics on the overlay.
+    setup = deployment.one(REMOTE, "-host-setup").inputs["create"]
+    assert "/srv/mlapi/prometheus/config/rules.yml" in setup
+    traefik = deployment.one(CONTAINER, "-traefik").inputs
+    assert "--metrics.prometheus.entrypoint=metrics" in traefik["command"]
+    assert {p["internal"] for p in traefik["ports"]} == {8880, 8443}
+
+
+def test_no_webhook_warns_once_and_alertmanager_sends_nothing(deployment: Deployment) -> None:
+    assert any("alertWebhookUrl" in warning and "alerts reach no one" in warning for warning in deployment.warnings)
+    config = alertmanager_config(deployment)
+    assert config["receivers"] == [{"name": "operator"}]
+
+
+def test_the_webhook_url_reaches_alertmanager_only_as_a_secret() -> None:
+    alerting = run_program({**VALID_CONFIG, "alertWebhookUrl": WEBHOOK, "monitoringRetention": "30d"})
+    assert not any("alertWebhookUrl" in warning for warning in alerting.warnings)
+    carrier = alerting.one(SECRET, "-alertmanager-config")
+    assert plaintext_strings(carrier.wire["data"]) == [] and plaintext_strings(carrier.wire["name"]) == []
+    config = alertmanager_config(alerting)
+    [receiver] = config["receivers"]
+    assert receiver["slack_configs"][0]["api_url"] == WEBHOOK and receiver["slack_configs"][0]["send_resolved"]
+    for resource in alerting.resources:
+        assert all("s3cr3tw3bh00k" not in text for text in plaintext_strings(resource.wire)), resource.name
+    prometheus = alerting.one(SERVICE, "-prometheus").inputs["taskSpec"]["containerSpec"]
+    assert "--storage.tsdb.retention.time=30d" in prometheus["commands"]

@@ -54,7 +54,7 @@ def test_zero_workers_is_exactly_the_single_vm_graph() -> None:
     assert graph(explicit) == graph(default)
     assert not {r.typ for r in default.resources} & CLUSTER_TYPES
     assert not [r for r in default.of_type(REMOTE) if "swarm join" in str(r.inputs.get("create"))]
-    assert "placement" not in default.one(SERVICE).inputs["taskSpec"]
+    assert "placement" not in default.one(SERVICE, "-model").inputs["taskSpec"]
 
 
 def test_workers_get_a_private_network_in_the_locations_zone(cluster: Deployment) -> None:
@@ -249,8 +249,12 @@ def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster:
 
 def test_a_single_vm_has_no_postgresql() -> None:
     single = run_program(VALID_CONFIG)
-    assert [r.name for r in single.of_type(SERVICE)] == ["mlapi-dev-model"]
-    env = single.one(SERVICE).inputs["taskSpec"]["containerSpec"]["env"]
+    assert sorted(r.name for r in single.of_type(SERVICE)) == [
+        "mlapi-dev-alertmanager",
+        "mlapi-dev-model",
+        "mlapi-dev-prometheus",
+    ]
+    env = single.one(SERVICE, "-model").inputs["taskSpec"]["containerSpec"]["env"]
     assert "MLAPI_DATABASE_URL_FILE" not in env and "MLAPI_SEED_MARKER" not in env
 
 

@@ -30,14 +30,32 @@ import tritonclient.http as triton
 from docker.types import Mount
 
 from infra.local import stack as local
-from infra.local.engine import HASH_LABEL, RolloutFailed, apply_service, run_container, running_tasks
+from infra.local.engine import (
+    HASH_LABEL,
+    RolloutFailed,
+    apply_service,
+    ensure_network,
+    ensure_swarm,
+    run_container,
+    running_tasks,
+)
 from infra.local.images import BuildError
 from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, pebble_files, run_pebble
 from infra.ops.smoke import wait_healthy
 from infra.spec.acme import LETSENCRYPT_PRODUCTION
 from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME, PROXY_SOCKET, PROXY_SOCKET_DIR, SOCKET
-from infra.spec.stack import MODEL_SERVICE, MODEL_UID, SECRETS, TRAEFIK_CONTAINER, TRAEFIK_UID, build_stack
+from infra.spec.monitoring import ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
+from infra.spec.stack import (
+    MODEL_SERVICE,
+    MODEL_UID,
+    NETWORK,
+    SECRETS,
+    TRAEFIK_CONTAINER,
+    TRAEFIK_UID,
+    build_stack,
+)
 from infra.spec.traefik import ACME_CA_BUNDLE_PATH, WEB_PORT, WEBSECURE_PORT, acme_storage
+from testbed.monitoring import WebhookReceiver, targets_by_job, webhook_receiver
 from testbed.stack import (
     COUNT_PREDICTIONS,
     TIMINGS,
@@ -66,11 +84,27 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.LocalStack]:
+def alert_receiver() -> Iterator[WebhookReceiver]:
+    """Where the stack's Alertmanager sends: a webhook receiver of ours on the overlay, up before the stack."""
+    client = docker_engine()
+    ensure_swarm(client)
+    ensure_network(client, NETWORK)
+    with webhook_receiver(client, NETWORK) as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, alert_receiver: WebhookReceiver) -> Iterator[local.LocalStack]:
     docker_engine()
     local.down(quiet=True)  # names are the production ones: a running `make local-up` is stopped (data kept)
     root = tmp_path_factory.mktemp("stack")
-    options = local.LocalOptions.isolated(root, free_port(), free_port())
+    options = replace(
+        local.LocalOptions.isolated(root, free_port(), free_port()),
+        # Test-short monitoring: scrapes every 2 s, alerts after 4 s, to the receiver.
+        alert_webhook_url=alert_receiver.url,
+        monitoring_interval_s=2,
+        alert_wait="4s",
+    )
     pin_holdout_seed(options.data_root)
     try:
         started = local.up(options, quiet=True)
@@ -780,7 +814,7 @@ def _process_uid(pid: int) -> int:
 
 def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack) -> None:
     declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
-    service = declared.one("docker:index/service:Service").inputs
+    service = declared.one("docker:index/service:Service", "-model").inputs
     client = docker_engine()
     running = client.api.inspect_service(MODEL_SERVICE)["Spec"]
     assert running["Name"] == service["name"]
@@ -860,6 +894,66 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
             "Mode": declared_secret["fileMode"],
         }
         assert secret["SecretName"].rsplit("-", 1)[0] == declared_secret["secretName"].rsplit("-", 1)[0]
+
+
+def test_monitoring_services_equal_what_pulumi_declares(stack: local.LocalStack) -> None:
+    """Prometheus and Alertmanager as the program declares them, but for the image (Debian's binaries locally) and
+    the test-short timings (the Prometheus files' digest)."""
+    declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
+    client = docker_engine()
+    for name in (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE):
+        want = declared.one("docker:index/service:Service", name.removeprefix("mlapi")).inputs["taskSpec"]
+        got = client.api.inspect_service(name)["Spec"]["TaskTemplate"]
+        container, declared_container = got["ContainerSpec"], want["containerSpec"]
+        assert container["Command"] == declared_container["commands"]
+        assert container["User"] == declared_container["user"] and container["ReadOnly"] is True
+        assert [(m["Source"], m["Target"]) for m in container["Mounts"] if m["Type"] == "bind"] == [
+            (m["source"].replace("/srv/mlapi", str(stack.options.data_root)), m["target"])
+            for m in declared_container["mounts"]
+            if m["type"] == "bind"
+        ]
+        assert got["Resources"]["Limits"]["MemoryBytes"] == want["resources"]["limits"]["memoryBytes"]
+        assert got["Placement"]["Constraints"] == want["placement"]["constraints"]
+        assert not client.api.inspect_service(name).get("Endpoint", {}).get("Ports")
+
+
+def test_prometheus_scrapes_every_replica_and_traefik_and_a_missing_replica_reaches_the_webhook(
+    stack: local.LocalStack, alert_receiver: WebhookReceiver
+) -> None:
+    """The alert path for real: Prometheus scrapes both replicas (swarm DNS), Traefik, Alertmanager and itself; one
+    replica fewer fires ModelReplicaMissing, Alertmanager posts it to the webhook with its runbook, and the resolve
+    notice follows when the replica is back."""
+    client = docker_engine()
+
+    def all_up() -> bool:
+        jobs = targets_by_job(client, NETWORK)
+        return jobs.get("mlapi-model") == ["up", "up"] and all(
+            jobs.get(job) == ["up"] for job in ("traefik", "alertmanager", "prometheus")
+        )
+
+    wait_until(all_up, 60, "every scrape target up", interval=2)
+    service = client.services.get(MODEL_SERVICE)
+    fired = len(alert_receiver.alerts("ModelReplicaMissing", "firing"))
+    resolved = len(alert_receiver.alerts("ModelReplicaMissing", "resolved"))
+    started = time.monotonic()
+    try:
+        service.scale(1)
+        wait_until(lambda: len(alert_receiver.alerts("ModelReplicaMissing", "firing")) > fired, 120,
+                   "the firing notice at the webhook", interval=1)  # fmt: skip
+        fired_s = time.monotonic() - started
+    finally:
+        client.services.get(MODEL_SERVICE).scale(2)
+        wait_until(lambda: len(running_tasks(client, MODEL_SERVICE)) == 2, 120, "both replicas back")
+    wait_until(lambda: len(alert_receiver.alerts("ModelReplicaMissing", "resolved")) > resolved, 120,
+               "the resolve notice at the webhook", interval=1)  # fmt: skip
+    notice = alert_receiver.alerts("ModelReplicaMissing", "firing")[-1]
+    [alert] = notice["alerts"]
+    assert alert["labels"]["severity"] == "page" and "mlapi status" in alert["annotations"]["runbook"]
+    assert alert["annotations"]["summary"] == "fewer than 2 model replicas answer their metrics"
+    TIMINGS.append(
+        f"alerting: a replica fewer reached the webhook after {fired_s:.0f} s (test-short intervals: scrape 2 s, "
+        f"for 4 s), the resolve after {time.monotonic() - started:.0f} s"
+    )
 
 
 # -- lifecycle of the local stack ---------------------------------------------------------------------------------

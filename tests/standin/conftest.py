@@ -15,7 +15,7 @@ from infra.host.cloud_init import hcloud_volume_device, render_user_data
 from infra.host.deploy import docker_ssh_options
 from infra.local import images
 from infra.local.postgres import build_postgres
-from infra.spec.stack import SECRETS, build_stack
+from infra.spec.stack import build_stack
 from testbed.stack import TIMINGS, docker_engine
 from testbed.standin import (
     DOMAIN,
@@ -27,6 +27,7 @@ from testbed.standin import (
     remove_volume,
     ssh_on_path,
     standin_inputs,
+    standin_tokens,
 )
 
 
@@ -79,7 +80,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
             ssh_options,
             data_volume,
             built["standin"],
-            tokens={base: uuid.uuid4().hex for base in SECRETS},
+            tokens=standin_tokens(spec),
         )
         # The server first, then whichever volume it holds by then (a disaster test swaps in a new one).
         teardown.callback(lambda: remove_volume(client, environment.data_volume))

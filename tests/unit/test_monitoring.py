@@ -1,0 +1,156 @@
+"""What Prometheus and Alertmanager read (infra/spec/monitoring.py, infra/spec/stack.py), through their own checkers:
+`promtool check config` and `amtool check-config`; where each webhook URL goes; what the deploy step writes and what
+user-data never holds; the config keys' errors."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config.keys import ConfigError, load_config
+from infra.host.cloud_init import render_user_data
+from infra.host.setup import render_host_setup
+from infra.spec.inputs import StackInputs
+from infra.spec.monitoring import (
+    ALERTMANAGER_CONFIG_FILE,
+    ALERTMANAGER_CONFIG_SECRET,
+    CONFIG_DIR,
+    RULES_FILE,
+    alertmanager_config,
+    check_duration,
+    webhook_receiver,
+)
+from infra.spec.stack import MODEL_SERVICE, build_stack
+from tests.support.shims import installed_tool
+
+INPUTS = StackInputs(domain="api.fjord-ml.net", acme_email="ops@fjord-ml.net")
+SPEC = build_stack(INPUTS)
+WEBHOOKS = {
+    "generic": "https://ntfy.sh/mlapi-alerts-4f2a",
+    "slack": "https://hooks.slack.com/services/T0000/B0000/XXXXXXXX",
+    "discord": "https://discord.com/api/webhooks/123456/abcdef",
+}
+
+
+def write_config(tmp_path: Path, spec=SPEC) -> Path:
+    """The deploy step's two files under tmp_path, prometheus.yml pointing at the rules beside it."""
+    assert spec.monitoring is not None
+    written = {Path(item.path).name: item.content for item in spec.monitoring.files}
+    (tmp_path / RULES_FILE).write_text(written[RULES_FILE])
+    config = tmp_path / "prometheus.yml"
+    config.write_text(written["prometheus.yml"].replace(f"{CONFIG_DIR}/", f"{tmp_path}/"))
+    return config
+
+
+def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
+    promtool = installed_tool("promtool", "prometheus")
+    result = subprocess.run([promtool, "check", "config", str(write_config(tmp_path))], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+    document = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in document["scrape_configs"]}
+    assert set(jobs) == {"mlapi-model", "traefik", "alertmanager", "prometheus"}
+    # Every replica, on every node, by swarm's DNS; Traefik's metrics on the port only the overlay reaches.
+    assert jobs["mlapi-model"]["dns_sd_configs"][0]["names"] == [f"tasks.{MODEL_SERVICE}"]
+    assert jobs["traefik"]["static_configs"][0]["targets"] == ["mlapi-traefik:8082"]
+    assert "--entrypoints.metrics.address=:8082" in SPEC.traefik.command
+    assert not any(port.container_port == 8082 for port in SPEC.traefik.ports)
+
+
+def test_the_rules_follow_the_replicas_and_the_backups(tmp_path: Path) -> None:
+    spec = build_stack(INPUTS.model_copy(update={"model_replicas": 5, "backups": True, "alert_wait": "5s"}))
+    assert spec.monitoring is not None
+    rules = yaml.safe_load(next(f.content for f in spec.monitoring.files if f.path.endswith(RULES_FILE)))
+    by_name = {rule["alert"]: rule for rule in rules["groups"][0]["rules"]}
+    assert "< 5" in by_name["ModelReplicaMissing"]["expr"] and {"BackupFailed", "BackupStale"} <= set(by_name)
+    assert {rule["for"] for rule in by_name.values()} == {"5s"}
+    plain = yaml.safe_load(next(f.content for f in SPEC.monitoring.files if f.path.endswith(RULES_FILE)))
+    assert not {"BackupFailed", "BackupStale"} & {rule["alert"] for rule in plain["groups"][0]["rules"]}
+    promtool = installed_tool("promtool", "prometheus")
+    result = subprocess.run(
+        [promtool, "check", "config", str(write_config(tmp_path, spec))], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", [None, *WEBHOOKS])
+def test_alertmanager_config_passes_amtool(tmp_path: Path, kind: str | None) -> None:
+    amtool = installed_tool("amtool", "prometheus-alertmanager")
+    config = tmp_path / ALERTMANAGER_CONFIG_FILE
+    config.write_text(alertmanager_config(WEBHOOKS.get(kind or ""), 15))
+    result = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = yaml.safe_load(config.read_text())
+    assert document["route"]["group_wait"] == "30s" and document["route"]["group_interval"] == "300s"
+    [receiver] = document["receivers"]
+    if kind is None:
+        assert receiver == {"name": "operator"}  # nothing is sent; the program warns
+    else:
+        [config_key] = [key for key in receiver if key.endswith("_configs")]
+        assert receiver[config_key][0]["send_resolved"] is True
+
+
+def test_each_webhook_url_gets_its_service_format() -> None:
+    assert "slack_configs" in webhook_receiver(WEBHOOKS["slack"])
+    assert "discord_configs" in webhook_receiver(WEBHOOKS["discord"])
+    assert "webhook_configs" in webhook_receiver(WEBHOOKS["generic"])
+    # A Slack-looking path on another host is not Slack's API.
+    assert "webhook_configs" in webhook_receiver("https://hooks.slack.com.evil.example/services/T/B/X")
+
+
+def test_the_deploy_step_writes_the_monitoring_files_and_user_data_never_holds_them() -> None:
+    assert SPEC.monitoring is not None
+    setup = render_host_setup(SPEC)
+    user_data = render_user_data(SPEC, ssh_public_key="ssh-ed25519 AAAA k", data_root="/srv/mlapi",
+                                 volume_device="/dev/disk/by-id/scsi-0HC_Volume_42")  # fmt: skip
+    for item in SPEC.monitoring.files:
+        blob = base64.b64encode(item.content.encode()).decode()
+        assert blob in setup and blob not in user_data
+    for directory in SPEC.monitoring.directories:
+        assert f"mkdir -p {directory.path}" in setup and f"mkdir -p {directory.path}" not in user_data
+    # Alertmanager's configuration holds the webhook URL: a swarm secret, never a file on the host.
+    assert ALERTMANAGER_CONFIG_SECRET in SPEC.secret_bases
+    assert all("alertmanager.yml" not in item.path for item in SPEC.monitoring.files)
+
+
+def test_prometheus_rolls_when_its_files_change() -> None:
+    other = build_stack(INPUTS.model_copy(update={"model_replicas": 3}))
+    assert other.monitoring is not None and SPEC.monitoring is not None
+    assert other.monitoring.prometheus.env != SPEC.monitoring.prometheus.env
+    assert other.monitoring.alertmanager == SPEC.monitoring.alertmanager
+
+
+@pytest.mark.parametrize("good", ["15d", "12h", "1w2d", "90m", "1y"])
+def test_durations_prometheus_reads_are_accepted(good: str) -> None:
+    assert check_duration(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "15", "15 days", "0d", "-1d", "1.5d"])
+def test_other_durations_are_refused_saying_what_is_allowed(bad: str) -> None:
+    with pytest.raises(ValueError, match="like 15d, 12h or 1w2d"):
+        check_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("alertWebhookUrl", "hooks.slack.com/services/T/B/X", "http(s) URL"),
+        ("alertWebhookUrl", "ftp://files.fjord-ml.net/x", "http(s) URL"),
+        ("monitoringRetention", "two weeks", "like 15d"),
+    ],
+)
+def test_monitoring_keys_are_checked_naming_the_key(key: str, value: str, says: str) -> None:
+    required = {
+        "domain": "api.fjord-ml.net",
+        "acmeEmail": "ops@fjord-ml.net",
+        "cloudflareZoneId": "9f3c2b1a8d7e6f5a4b3c2d1e0f9a8b7c",
+        "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK3fPq0oE6iQqoX1wBfzv3X1x7Qb0Q2e0m1t3mJpA2bC ops",
+        "sshAllowedCidrs": "198.18.0.1/32",
+    }
+    with pytest.raises(ConfigError, match=f"'{key}'.*{re.escape(says)}.*pulumi config set {key}"):
+        load_config({**required, key: value}.get)
