@@ -401,13 +401,15 @@ def exclusive_builds() -> Iterator[None]:
 def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
     """Every image the single-VM stack runs, Pebble (the local ACME CA) and the base they start from, by role. The
     three debootstraps and Traefik's import run at once; the model and Pebble start from what they made."""
-    with exclusive_builds(), ThreadPoolExecutor(max_workers=4) as pool:
+    with exclusive_builds(), ThreadPoolExecutor(max_workers=5) as pool:
+        wheels = pool.submit(download_wheels, APP_DIR / "requirements.lock")  # build_model finds them ready
         base = pool.submit(build_base, client)
         runtime = pool.submit(build_runtime, client)
         docker_api = pool.submit(build_docker_api_proxy, client)
         traefik = pool.submit(build_traefik, client)
         pebble = pool.submit(build_pebble, client, base.result())
         monitoring = pool.submit(build_monitoring, client, runtime.result())
+        wheels.result()
         model = build_model(client, base.result(), runtime.result())
         return {
             "base": base.result(),
