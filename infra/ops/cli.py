@@ -154,7 +154,8 @@ def app_json(ctx: typer.Context, command: list[str]) -> dict:
 def status(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False
 ) -> None:
-    """Is it healthy: certificate, replicas and their model versions, last retrain and backup, disk, drift.
+    """Is it healthy: certificate, replicas and their model versions, last retrain and backup, disk, drift, the
+    edge's 5xx answers over the last hour and the alerts firing (from the stack's Prometheus).
 
     Exit code 1 when something is wrong, with each reason printed. Example: mlapi status --json
     """
@@ -201,6 +202,11 @@ def print_status(found: stack_status.Status, wrong: list[str]) -> None:
     if drift.get("psi"):
         worst = max(drift["psi"].items(), key=lambda item: item[1])
         out.print(f"drift: worst PSI {worst[1]:.3f} ({worst[0]}) over the last {drift['window']} predictions")
+    if found.edge is not None:
+        edge = found.edge
+        out.print(f"edge, last hour: {edge['requests_1h']} HTTPS requests, {edge['errors_5xx_1h']} answered 5xx")
+    if found.alerts is not None:
+        out.print(f"alerts firing: {len(found.alerts)}" + (" (listed below)" if found.alerts else ""))
     for problem in wrong:
         out.print(f"[red]problem:[/] {problem}", highlight=False)
     if not wrong:

@@ -17,16 +17,20 @@ from typing import Any
 from cryptography import x509
 
 from infra.ops.target import Target
+from infra.spec.monitoring import PROMETHEUS_PORT, PROMETHEUS_SERVICE
 from infra.spec.stack import MODEL_PORT, MODEL_SERVICE
 
 STATUS_SCRIPT = Path(__file__).parent / "scripts" / "status.sh"
 SECTION = "### "
-# What "wrong" means: the thresholds of issue 27's alerts, so `mlapi status` and the alerts agree.
+# What "wrong" means: the alert rules' thresholds (infra/spec/monitoring.py), so `mlapi status` and the alerts agree;
+# with Prometheus answering, its firing alerts are problems too.
 CERTIFICATE_MIN_DAYS = 14
 BACKUP_MAX_AGE_S = 26 * 3600
 DISK_MIN_FREE = 0.15
 DRIFT_MAX_PSI = 0.2
 DRIFT_MIN_WINDOW = 100  # fewer recent predictions than this: PSI is noise
+EDGE_MAX_5XX = 0.01  # of the last hour's HTTPS requests
+EDGE_MIN_REQUESTS = 100  # fewer: a ratio of noise
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Status:
     backup: dict[str, Any] | None = None
     disk: dict[str, int] | None = None  # size, free (bytes)
     drift: dict[str, Any] | None = None
+    alerts: list[dict[str, str]] | None = None  # firing in Prometheus: name, severity, summary, since
+    edge: dict[str, int] | None = None  # the last hour at the edge: requests_1h, errors_5xx_1h
     errors: list[str] = field(default_factory=list)  # what could not be read, and why
 
     def as_json(self) -> dict[str, Any]:
@@ -134,6 +140,8 @@ def read_status(target: Target, output: str, certificate: dict[str, Any] | None)
         status.last_retrain = history[-1] if history else None
     status.drift = json_document(sections.get("drift", ""), "drift", status.errors)
     status.backup = json_document(sections.get("backup", ""), "backup", status.errors)
+    monitoring = json_document(sections.get("monitoring", ""), "monitoring (Prometheus)", status.errors) or {}
+    status.alerts, status.edge = monitoring.get("alerts"), monitoring.get("edge")
     fields = sections.get("disk", "").split()
     if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():
         status.disk = {"size": int(fields[1]), "free": int(fields[3])}
@@ -180,6 +188,11 @@ def problems(status: Status, now: float | None = None) -> list[str]:
         drifting = sorted(name for name, psi in drift.get("psi", {}).items() if psi > DRIFT_MAX_PSI)
         if drifting:
             found.append(f"drift: PSI above {DRIFT_MAX_PSI} for {', '.join(drifting)}")
+    edge = status.edge or {}
+    requests, errors = edge.get("requests_1h", 0), edge.get("errors_5xx_1h", 0)
+    if requests >= EDGE_MIN_REQUESTS and errors > EDGE_MAX_5XX * requests:
+        found.append(f"edge: {errors / requests:.1%} of the last hour's {requests} requests answered 5xx")
+    found += [f"alert {a['name']} firing since {a['since'][:19]}: {a['summary']}" for a in status.alerts or []]
     return found + status.errors
 
 
@@ -220,7 +233,8 @@ def edge_certificate(target: Target, timeout: float = 10) -> dict[str, Any]:
 def collect(target: Target) -> Status:
     """Ask the stack (one round trip to the manager) and its edge."""
     result = target.run(
-        ["sh", "-s", "--", target.data_root, MODEL_SERVICE, str(MODEL_PORT)], input=STATUS_SCRIPT.read_bytes()
+        ["sh", "-s", "--", target.data_root, MODEL_SERVICE, str(MODEL_PORT), f"{PROMETHEUS_SERVICE}:{PROMETHEUS_PORT}"],
+        input=STATUS_SCRIPT.read_bytes(),
     )
     status = read_status(target, result.stdout.decode(errors="replace"), edge_certificate(target))
     if result.returncode != 0 and not result.stdout:  # ssh's own failure: its last line says why

@@ -156,8 +156,11 @@ def test_mlapi_status_of_the_healthy_stack_is_0_and_says_what_serves(stack: loca
     assert all("rmse" in r["metrics"] for r in status["replicas"])
     assert status["certificate"]["issuer"].startswith("Pebble") and status["certificate"]["days_left"] > 14
     assert status["disk"]["free"] > 0 and status["backup"] is None
+    # The stack's Prometheus answered (from a replica, over the overlay): nothing firing, the edge counted.
+    assert status["alerts"] == [] and set(status["edge"]) == {"requests_1h", "errors_5xx_1h"}
     text = mlapi(stack, "status")
     assert text.returncode == 0 and "healthy" in text.stdout and "v0001" in text.stdout, text.stdout
+    assert "alerts firing: 0" in text.stdout and "edge, last hour:" in text.stdout, text.stdout
 
 
 def test_mlapi_predictions_exports_what_was_sent_with_its_ground_truth(stack: local.LocalStack, tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ HOST_OUTPUT = "\n".join(
         json.dumps({"last_success_unixtime": time.time() - 3600, "snapshots": 12}),
         "### disk",
         "/dev/sdb 10501771264 1190133760 9311637504 12% /srv/mlapi",
+        "### monitoring",
+        '{"alerts": [], "edge": {"requests_1h": 5400, "errors_5xx_1h": 3}}',
     ]
 )
 TARGET = Target("stack dev", "https://api.example.org", "203.0.113.7", 443, "/srv/mlapi")
@@ -57,7 +59,9 @@ def healthy() -> Status:
 
 
 def test_the_host_sections_become_a_status() -> None:
-    assert set(parse_sections(HOST_OUTPUT)) == {"tasks", "desired", "replicas", "versions", "drift", "backup", "disk"}
+    assert set(parse_sections(HOST_OUTPUT)) == {
+        "tasks", "desired", "replicas", "versions", "drift", "backup", "disk", "monitoring"
+    }  # fmt: skip
     status = healthy()
     assert status.desired == 2 and status.current_version == "v0003" and status.versions == 3
     assert status.replicas == [
@@ -66,6 +70,7 @@ def test_the_host_sections_become_a_status() -> None:
     ]
     assert status.last_retrain["outcome"] == "promoted" and status.backup["snapshots"] == 12
     assert status.disk == {"size": 10501771264, "free": 9311637504}
+    assert status.alerts == [] and status.edge == {"requests_1h": 5400, "errors_5xx_1h": 3}
     assert problems(status) == [] and status.errors == []
 
 
@@ -86,6 +91,18 @@ def test_the_host_sections_become_a_status() -> None:
         (lambda s: s.backup.update(last_success_unixtime=time.time() - 30 * 3600), "no successful backup for 30 h"),
         (lambda s: s.disk.update(free=10**9), "data volume: 10% free"),
         (lambda s: s.drift["psi"].update(bmi=0.31), "drift: PSI above 0.2 for bmi"),
+        (lambda s: s.edge.update(errors_5xx_1h=60), "edge: 1.1% of the last hour's 5400 requests answered 5xx"),
+        (
+            lambda s: s.alerts.append(
+                {
+                    "name": "BackupStale",
+                    "severity": "page",
+                    "summary": "no successful backup for 26 h",
+                    "since": "2026-12-04T03:00:12.5Z",
+                }
+            ),
+            "alert BackupStale firing since 2026-12-04T03:00:12: no successful backup for 26 h",
+        ),
     ],
 )
 def test_each_kind_of_trouble_is_named(change, named: str) -> None:
@@ -99,6 +116,57 @@ def test_drift_over_a_few_predictions_is_not_trouble() -> None:
     status = healthy()
     status.drift = {"window": 20, "psi": {"bmi": 0.9}}
     assert problems(status) == []
+
+
+def test_a_few_5xx_over_a_quiet_hour_are_not_trouble() -> None:
+    status = healthy()
+    status.edge = {"requests_1h": 40, "errors_5xx_1h": 5}
+    assert problems(status) == []
+
+
+def test_the_status_script_asks_prometheus_for_alerts_and_the_edge(tmp_path: Path) -> None:
+    """The script's Python, run for real against a stand-in for Prometheus' API (an HTTP server of the test)."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Prometheus(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            if self.path.startswith("/api/v1/alerts"):
+                alert = {"labels": {"alertname": "FeatureDrift", "severity": "ticket"}, "state": "firing",
+                         "annotations": {"summary": "bmi drifted"}, "activeAt": "2026-12-04T09:00:00Z"}  # fmt: skip
+                data = {"alerts": [alert, {**alert, "state": "pending"}]}
+            else:
+                data = {"result": [{"value": [0, "7.9" if "5.." in self.path else "1200.2"]}]}
+            body = json.dumps({"status": "success", "data": data}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (PROJECT_DIR / "infra/ops/scripts/status.sh").read_text()
+    query = re.search(r"^query='(.*?)^'$", script, re.S | re.M).group(1)
+    try:
+        answer = subprocess.run([sys.executable, "-c", query, f"127.0.0.1:{server.server_port}"],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert json.loads(answer.stdout) == {
+        "alerts": [{"name": "FeatureDrift", "severity": "ticket", "summary": "bmi drifted",
+                    "since": "2026-12-04T09:00:00Z"}],
+        "edge": {"requests_1h": 1200, "errors_5xx_1h": 8},
+    }  # fmt: skip
+    queries = [p for p in asked if p.startswith("/api/v1/query")]
+    assert any("websecure" in q and "5.." in q for q in queries) and len(queries) == 2
 
 
 def test_what_the_host_could_not_answer_is_reported() -> None:
