@@ -34,6 +34,13 @@ BLOCK_METADATA = (
 # The wait step of `pulumi up` (and of the VM stand-in test) runs exactly this. cloud-init >= 23.4 exits 2 on
 # recoverable errors (e.g. a deprecated key), which still means "finished": accept it.
 READINESS_COMMAND = (
+    # Each stage cloud-init reports, once, with the seconds since the wait began (streamed into `pulumi up`).
+    # At most 15 minutes of this; then cloud-init's own wait, which says why it has not finished.
+    "began=$(date +%s); said=; "
+    "while state=$(cloud-init status --long 2>/dev/null | sed -n 's/^detail: //p; s/^status: //p' | paste -sd ' ' -); "
+    'case "$state" in done*|error*|degraded*|disabled*) false ;; *) [ $(( $(date +%s) - began )) -lt 900 ] ;; esac; '
+    'do if [ "$state" != "$said" ]; then echo "cloud-init: ${state:-starting} ($(( $(date +%s) - began )) s)"; '
+    "said=$state; fi; sleep 2; done; "
     "cloud-init status --wait >/dev/null; rc=$?; "
     'if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then cloud-init status --long >&2; exit "$rc"; fi; '
     "docker info >/dev/null && echo 'cloud-init done'"

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -398,27 +400,54 @@ def exclusive_builds() -> Iterator[None]:
         yield
 
 
-def build_stack_images(client: docker.DockerClient) -> dict[str, str]:
+def build_stack_images(client: docker.DockerClient, progress: Callable[[str], None] | None = None) -> dict[str, str]:
     """Every image the single-VM stack runs, Pebble (the local ACME CA) and the base they start from, by role. The
-    three debootstraps and Traefik's import run at once; the model and Pebble start from what they made."""
-    with exclusive_builds(), ThreadPoolExecutor(max_workers=5) as pool:
-        wheels = pool.submit(download_wheels, APP_DIR / "requirements.lock")  # build_model finds them ready
-        base = pool.submit(build_base, client)
-        runtime = pool.submit(build_runtime, client)
-        docker_api = pool.submit(build_docker_api_proxy, client)
-        traefik = pool.submit(build_traefik, client)
-        pebble = pool.submit(build_pebble, client, base.result())
-        monitoring = pool.submit(build_monitoring, client, runtime.result())
-        wheels.result()
-        model = build_model(client, base.result(), runtime.result())
-        return {
-            "base": base.result(),
-            "traefik": traefik.result(),
-            "docker_api": docker_api.result(),
-            "pebble": pebble.result(),
-            "monitoring": monitoring.result(),
-            "model": model,
-        }
+    three debootstraps and Traefik's import run at once; the model and Pebble start from what they made.
+    ``progress``: told when each image is ready (found, or built in how long), and every 15 s what is still
+    building (a cold build takes minutes)."""
+    tell = progress or (lambda line: None)
+    started = time.monotonic()
+    pending: dict[str, float] = {}
+
+    def timed(role: str, build: Callable[..., str], *args: object) -> str:
+        began = time.monotonic()
+        pending[role] = began
+        try:
+            tag = build(*args)
+        finally:
+            pending.pop(role, None)
+        took = time.monotonic() - began
+        tell(f"image {role}: {tag} " + (f"built in {took:.0f} s" if took >= 1 else "(already built)"))
+        return tag
+
+    def ticker(done: threading.Event) -> None:
+        while not done.wait(15):
+            if pending:
+                tell(f"building: {', '.join(sorted(pending))} ({time.monotonic() - started:.0f} s so far)")
+
+    done = threading.Event()
+    threading.Thread(target=ticker, args=(done,), daemon=True).start()
+    try:
+        with exclusive_builds(), ThreadPoolExecutor(max_workers=5) as pool:
+            wheels = pool.submit(download_wheels, APP_DIR / "requirements.lock")  # build_model finds them ready
+            base = pool.submit(timed, "base", build_base, client)
+            runtime = pool.submit(timed, "runtime", build_runtime, client)
+            docker_api = pool.submit(timed, "docker-api", build_docker_api_proxy, client)
+            traefik = pool.submit(timed, "traefik", build_traefik, client)
+            pebble = pool.submit(timed, "pebble", build_pebble, client, base.result())
+            monitoring = pool.submit(timed, "monitoring", build_monitoring, client, runtime.result())
+            wheels.result()
+            model = timed("model", build_model, client, base.result(), runtime.result())
+            return {
+                "base": base.result(),
+                "traefik": traefik.result(),
+                "docker_api": docker_api.result(),
+                "pebble": pebble.result(),
+                "monitoring": monitoring.result(),
+                "model": model,
+            }
+    finally:
+        done.set()
 
 
 def build_docker_api_proxy(client: docker.DockerClient) -> str:

@@ -27,6 +27,7 @@ import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -181,6 +182,19 @@ def prepare_host(client: docker.DockerClient, spec: StackSpec, data_root: Path, 
     )
 
 
+def at_most_every(seconds: float, tell: Callable[[str], None]) -> Callable[[str], None]:
+    """``tell``, but at most one line per ``seconds`` (a check retried 4 times a second would flood the screen)."""
+    last = -seconds
+
+    def told(line: str) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            tell(line)
+
+    return told
+
+
 def _remove_pre_swarm_containers(client: docker.DockerClient) -> None:
     """The stack before swarm mode ran the model as a plain container named like the service: remove it."""
     with contextlib.suppress(docker.errors.NotFound):
@@ -197,10 +211,12 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     say("building images (cached after the first run)…")
     if options.model_project is not None:
         images.check_project(options.model_project)  # before anything is built or stopped
-    built = images.build_stack_images(client)
+    built = images.build_stack_images(client, progress=say)
     if options.model_project is not None:
+        say(f"image model-project: building from {options.model_project}…")
         built["model"] = images.build_project_image(client, built["model"], options.model_project)
     images_ready = time.monotonic()
+    say(f"images ready in {images_ready - started:.0f} s; deploying the stack…")
 
     options.state_dir.mkdir(parents=True, exist_ok=True)
     if ensure_swarm(client):
@@ -224,15 +240,23 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
             client.containers.get(TRAEFIK_CONTAINER).remove(force=True)
         remove_as_root(client, options.data_root, "traefik/" + acme_storage(inputs.ca_server).rsplit("/", 1)[1])
 
+    url = f"https://{spec.domain}:{options.https_port}"
     prepare_host(client, spec, options.data_root, built["base"])
     tokens = stack_tokens(options.state_dir)
     if spec.monitoring is not None:
         tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(options.alert_webhook_url)
+    say(f"deploying: {', '.join(service.name for service in spec.services)} (rolling, start-first)…")
     rollout = deploy_stack(client, spec, tokens)  # what the VM gets, over ssh:// there
+    say(f"{MODEL_SERVICE}: {rollout.action} in {rollout.seconds} s; waiting for {url}/health over verified HTTPS…")
 
-    url = f"https://{spec.domain}:{options.https_port}"
     ok, message = wait_healthy(
-        f"{url}/health", attempts=240, delay=0.25, cacert=str(ca_root), connect_to="127.0.0.1", timeout=5
+        f"{url}/health",
+        attempts=240,
+        delay=0.25,
+        cacert=str(ca_root),
+        connect_to="127.0.0.1",
+        timeout=5,
+        progress=at_most_every(10, say),
     )
     if not ok:
         logs = (

@@ -12,6 +12,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 HINTS = (
@@ -48,16 +49,23 @@ def wait_healthy(
     insecure: bool = False,
     connect_to: str | None = None,
     timeout: float = 10.0,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[bool, str]:
+    """``progress``: told about each failed attempt (which, when, why), so a long wait is not a silent one."""
     context = ssl.create_default_context(cafile=cacert)
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     last = "not tried"
+    started = time.monotonic()
     for attempt in range(1, attempts + 1):
         ok, last = check_once(url, context, connect_to, timeout)
         if ok:
             return True, f"{url} healthy after {attempt} attempt(s)"
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            then = f"; next in {delay:g} s" if attempt < attempts else ""
+            progress(f"smoke check {attempt}/{attempts} after {elapsed:.0f} s: {last}{then}")
         if attempt < attempts:
             time.sleep(delay)
     return False, f"{url} not healthy after {attempts} attempts (last: {last}); {HINTS}"
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         cacert=args.cacert,
         insecure=args.insecure,
         connect_to=args.connect_to,
+        progress=lambda line: print(line, flush=True),  # streamed into `pulumi up`'s output
     )
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

@@ -1095,11 +1095,18 @@ def test_a_project_that_cannot_be_served_stops_local_up_before_anything_changes(
     assert client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"] == updated_at
 
 
-def test_a_second_up_changes_nothing(stack: local.LocalStack) -> None:
+def test_a_second_up_changes_nothing(stack: local.LocalStack, capsys: pytest.CaptureFixture[str]) -> None:
+    """...and says so as it goes: each image, the deploy, the wait (`make local-up`'s own output)."""
     client = docker_engine()
     updated_at = client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"]
     traefik_id = client.containers.get(TRAEFIK_CONTAINER).id
-    again = local.up(stack.options, quiet=True)
+    again = local.up(stack.options)
+    said = capsys.readouterr().out.splitlines()
+    for role in ("base", "runtime", "docker-api", "traefik", "pebble", "monitoring", "model"):
+        assert any(line.startswith(f"image {role}: ") and "(already built)" in line for line in said), said
+    for step in ("images ready in", "deploying: mlapi-model, mlapi-alertmanager, mlapi-prometheus",
+                 "mlapi-model: unchanged", "mlapi is up at"):  # fmt: skip
+        assert any(step in line for line in said), (step, said)
     assert again.rollout.startswith("unchanged")
     assert client.api.inspect_service(MODEL_SERVICE)["UpdatedAt"] == updated_at
     assert client.containers.get(TRAEFIK_CONTAINER).id == traefik_id

@@ -15,6 +15,7 @@ import yaml
 from infra.host.cloud_init import (
     DOCKER_CE_PACKAGES,
     PREPARE_SCRIPT,
+    READINESS_COMMAND,
     HostKey,
     prepare_host_script,
     render_user_data,
@@ -35,6 +36,7 @@ from infra.spec.durations import go_duration
 from infra.spec.inputs import StackInputs, check_cron
 from infra.spec.stack import APP_COMMAND, MODEL_UID, TRAEFIK_UID, build_stack, source_tag
 from infra.spec.traefik import acme_storage, traefik_flags
+from tests.support.shims import shim_dir
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example"
 INPUTS = StackInputs(domain="api.example.com", acme_email="ops@example.com")
@@ -277,9 +279,38 @@ def test_source_tag_follows_the_build_context(tmp_path: Path) -> None:
 
 
 def test_smoke_check_fails_with_hints_when_nothing_answers() -> None:
-    ok, message = wait_healthy("https://127.0.0.1:9/health", attempts=2, delay=0, timeout=1)
+    said: list[str] = []
+    ok, message = wait_healthy("https://127.0.0.1:9/health", attempts=2, delay=0, timeout=1, progress=said.append)
     assert not ok
     assert "after 2 attempts" in message and "DNS" in message and "docker logs mlapi-traefik" in message
+    # Each attempt is told as it fails, with why: the wait is never silent.
+    assert [line.split(" after ")[0] for line in said] == ["smoke check 1/2", "smoke check 2/2"]
+    assert all("ConnectionRefusedError" in line for line in said) and "next in 0 s" in said[0]
+
+
+def test_the_cloud_init_wait_tells_each_stage_once(tmp_path: Path) -> None:
+    """The wait step, run for real against a cloud-init that goes through two stages and finishes."""
+    states = tmp_path / "states"
+    states.write_text(
+        "status: running\ndetail: init-local\n---\nstatus: running\ndetail: init-local\n---\n"
+        "status: running\ndetail: modules:final\n---\nstatus: done\ndetail: DataSourceHetzner\n"
+    )
+    shims = shim_dir(tmp_path / "bin", {
+        # `status --long` prints the next record of the file each call; `status --wait` returns at once.
+        "cloud-init": f'[ "$2" = --wait ] && exit 0\nf={states}\nsed -n "1,/^---$/p" "$f" | grep -v "^---$"\n'
+                      'sed -i "1,/^---$/d" "$f"',
+        "docker": "exit 0",
+        "sleep": "exit 0",
+    })  # fmt: skip
+    result = subprocess.run(["sh", "-c", READINESS_COMMAND], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"}, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [
+        "cloud-init: running init-local",
+        "cloud-init: running modules:final",
+        "cloud-init done",
+    ], lines
 
 
 def test_backup_scripts_parse_and_carry_the_settings() -> None:
