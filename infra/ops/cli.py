@@ -27,6 +27,7 @@ from rich.table import Table
 
 from infra.host.backup import BACKUP_LOG
 from infra.ops import status as stack_status
+from infra.ops.parquet import jsonl_to_parquet
 from infra.ops.target import Target, TargetError, pulumi_identity_file, pulumi_outputs, stack_target
 from infra.spec.postgres import POSTGRES_SERVICE
 from infra.spec.stack import MODEL_SERVICE, RETRAIN_LOG, TRAEFIK_CONTAINER
@@ -57,6 +58,7 @@ class LogSource(StrEnum):
 class ExportFormat(StrEnum):
     csv = "csv"
     jsonl = "jsonl"
+    parquet = "parquet"  # made here from the replica's JSON lines (infra/ops/parquet.py)
 
 
 def parse_age(text: str, option: str) -> float:
@@ -300,19 +302,35 @@ def drift(ctx: typer.Context, window: Annotated[int, typer.Option(help="how many
 def predictions(
     ctx: typer.Context,
     since: Annotated[str, typer.Option(help="how far back: 30m, 24h, 7d")] = "24h",
-    format: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl")] = ExportFormat.csv,
+    format: Annotated[ExportFormat, typer.Option("--format", help="csv, jsonl or parquet")] = ExportFormat.csv,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write here (default: standard output)")] = None,
 ) -> None:
     """The prediction log: features as sent, the answer, the model version, OOD, and the ground truth that arrived.
 
     Streamed from a replica (never through the public edge). Example: mlapi predictions --since 24h -o day.csv
+    (parquet: -o is required; the features become columns features.<name>)
     """
     seconds = parse_age(since, "--since")
+    if format is ExportFormat.parquet and output is None:
+        err.print("error: --format parquet needs --output FILE (a Parquet file is not a stream)", markup=False)
+        raise typer.Exit(2)
     target = target_of(ctx)
     command = ["docker", "exec", target.model_container(), "python", "-m", "app", "predictions"]
-    command += ["--since-seconds", f"{seconds:.0f}", "--format", format.value]
-    with open(output, "wb") if output else open(sys.stdout.fileno(), "wb", closefd=False) as sink:
-        result = target.run(command, stdout=sink, timeout=3600)
+    command += ["--since-seconds", f"{seconds:.0f}"]
+    if format is ExportFormat.parquet:
+        assert output is not None
+        spool = output.with_name(output.name + ".jsonl.part")  # beside the file: same disk, removed after
+        try:
+            with spool.open("wb") as sink:
+                result = target.run([*command, "--format", "jsonl"], stdout=sink, timeout=3600)
+            if result.returncode == 0:
+                rows = jsonl_to_parquet(spool, output)
+                err.print(f"{rows} rows written to {output}", markup=False)
+        finally:
+            spool.unlink(missing_ok=True)
+    else:
+        with open(output, "wb") if output else open(sys.stdout.fileno(), "wb", closefd=False) as sink:
+            result = target.run([*command, "--format", format.value], stdout=sink, timeout=3600)
     if result.returncode != 0:
         err.print(f"error: {result.stderr.decode(errors='replace').strip()}", markup=False)
         raise typer.Exit(1)

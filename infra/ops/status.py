@@ -103,6 +103,19 @@ def replica_answers(text: str) -> dict[str, dict]:
     return answers
 
 
+def scraped_versions(addresses: str, versions: dict[str, str]) -> dict[str, str]:
+    """The version Prometheus scraped from each task, by task ID: "TASK_ID 10.0.1.5/24 ..." lines matched to its
+    targets' instances ("10.0.1.5:8000")."""
+    by_address = {instance.rsplit(":", 1)[0]: version for instance, version in versions.items()}
+    found = {}
+    for line in addresses.splitlines():
+        task, *networks = line.split()
+        for address in networks:
+            if address.split("/")[0] in by_address:
+                found[task] = by_address[address.split("/")[0]]
+    return found
+
+
 def json_document(text: str, section: str, errors: list[str]) -> dict | None:
     if not text:
         return None
@@ -123,6 +136,8 @@ def read_status(target: Target, output: str, certificate: dict[str, Any] | None)
     mode = json_document(sections.get("desired", ""), "service", status.errors) or {}
     status.desired = (mode.get("Replicated") or {}).get("Replicas")
     answers = replica_answers(sections.get("replicas", ""))
+    monitoring = json_document(sections.get("monitoring", ""), "monitoring (Prometheus)", status.errors) or {}
+    scraped = scraped_versions(sections.get("addresses", ""), monitoring.get("versions") or {})
     for task in tasks:
         answer = answers.get(task.get("ID", ""))
         replica = Replica(node=task.get("Node", ""), state=task.get("CurrentState", ""))
@@ -130,6 +145,8 @@ def read_status(target: Target, output: str, certificate: dict[str, Any] | None)
             replica.version = answer.get("version")
             replica.metrics = answer.get("metrics") or {}
             replica.error = answer.get("error")
+        else:  # on another node: what Prometheus last scraped from it
+            replica.version = scraped.get(task.get("ID", ""))
         status.replicas.append(replica)
     status.errors += [f"replica on {r.node}: {r.error}" for r in status.replicas if r.error]
     versions = json_document(sections.get("versions", ""), "versions", status.errors)
@@ -140,7 +157,6 @@ def read_status(target: Target, output: str, certificate: dict[str, Any] | None)
         status.last_retrain = history[-1] if history else None
     status.drift = json_document(sections.get("drift", ""), "drift", status.errors)
     status.backup = json_document(sections.get("backup", ""), "backup", status.errors)
-    monitoring = json_document(sections.get("monitoring", ""), "monitoring (Prometheus)", status.errors) or {}
     status.alerts, status.edge = monitoring.get("alerts"), monitoring.get("edge")
     fields = sections.get("disk", "").split()
     if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from docker.types import Mount
 
@@ -182,6 +183,12 @@ def test_mlapi_predictions_exports_what_was_sent_with_its_ground_truth(stack: lo
     table = mlapi(stack, "predictions", "--since", "10m")  # CSV on standard output
     assert table.returncode == 0 and table.stdout.splitlines()[0].startswith("id,time,model_version,prediction")
     assert all(i in table.stdout for i in ids)
+    parquet = mlapi(stack, "predictions", "--since", "10m", "--format", "parquet", "-o", str(tmp_path / "day.parquet"))
+    assert parquet.returncode == 0 and "rows written to" in parquet.stderr, parquet.stderr
+    columns = pq.read_table(tmp_path / "day.parquet").to_pydict()
+    by_id = dict(zip(columns["id"], range(len(columns["id"])), strict=True))
+    assert [{name: columns[f"features.{name}"][by_id[i]] for name in sent[0]} for i in ids] == sent
+    assert columns["observed"][by_id[ids[3]]] == 123.5 and not list(tmp_path.glob("*.part"))
 
 
 def test_mlapi_exports_100k_rows_in_bounded_memory_on_both_sides(stack: local.LocalStack, tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ HOST_OUTPUT = "\n".join(
         "### tasks",
         json.dumps({**TASK, "ID": "task1", "Name": "mlapi-model.1", "Node": "manager"}),
         json.dumps({**TASK, "ID": "task2", "Name": "mlapi-model.2", "Node": "worker-1"}),
+        "### addresses",
+        "task1 10.0.1.5/24 ",
+        "task2 10.0.1.6/24 ",
         "### desired",
         '{"Replicated":{"Replicas":2}}',
         "### replicas",
@@ -47,7 +50,13 @@ HOST_OUTPUT = "\n".join(
         "### disk",
         "/dev/sdb 10501771264 1190133760 9311637504 12% /srv/mlapi",
         "### monitoring",
-        '{"alerts": [], "edge": {"requests_1h": 5400, "errors_5xx_1h": 3}}',
+        json.dumps(
+            {
+                "alerts": [],
+                "versions": {"10.0.1.5:8000": "v0003", "10.0.1.6:8000": "v0003"},
+                "edge": {"requests_1h": 5400, "errors_5xx_1h": 3},
+            }
+        ),
     ]
 )
 TARGET = Target("stack dev", "https://api.example.org", "203.0.113.7", 443, "/srv/mlapi")
@@ -60,13 +69,14 @@ def healthy() -> Status:
 
 def test_the_host_sections_become_a_status() -> None:
     assert set(parse_sections(HOST_OUTPUT)) == {
-        "tasks", "desired", "replicas", "versions", "drift", "backup", "disk", "monitoring"
+        "tasks", "addresses", "desired", "replicas", "versions", "drift", "backup", "disk", "monitoring"
     }  # fmt: skip
     status = healthy()
     assert status.desired == 2 and status.current_version == "v0003" and status.versions == 3
     assert status.replicas == [
         Replica("manager", "Running 3 minutes ago", "v0003", {"rmse": 53.2, "coverage_0.9": 0.91}),
-        Replica("worker-1", "Running 3 minutes ago"),  # on another node: no docker exec reaches it from the manager
+        # On another node: no docker exec reaches it from the manager; its version is what Prometheus scraped.
+        Replica("worker-1", "Running 3 minutes ago", "v0003"),
     ]
     assert status.last_retrain["outcome"] == "promoted" and status.backup["snapshots"] == 12
     assert status.disk == {"size": 10501771264, "free": 9311637504}
@@ -84,6 +94,7 @@ def test_the_host_sections_become_a_status() -> None:
         (lambda s: setattr(s, "desired", None), "the mlapi-model service is missing"),
         (lambda s: setattr(s, "current_version", None), "no model version is being served"),
         (lambda s: setattr(s.replicas[0], "version", "v0002"), "replicas still serve v0002, not v0003"),
+        (lambda s: setattr(s.replicas[1], "version", "v0002"), "replicas still serve v0002, not v0003"),
         (lambda s: s.certificate.update(days_left=9), "certificate expires in 9 days"),
         (lambda s: setattr(s, "certificate", {"error": "no TLS answer"}), "certificate: no TLS answer"),
         (lambda s: s.last_retrain.update(outcome="failed", reason="data: 3 rows"), "last retrain failed: data: 3 rows"),
@@ -141,6 +152,8 @@ def test_the_status_script_asks_prometheus_for_alerts_and_the_edge(tmp_path: Pat
                 alert = {"labels": {"alertname": "FeatureDrift", "severity": "ticket"}, "state": "firing",
                          "annotations": {"summary": "bmi drifted"}, "activeAt": "2026-12-04T09:00:00Z"}  # fmt: skip
                 data = {"alerts": [alert, {**alert, "state": "pending"}]}
+            elif "mlapi_model_info" in self.path:
+                data = {"result": [{"metric": {"instance": "10.0.1.6:8000", "version": "v0004"}, "value": [0, "1"]}]}
             else:
                 data = {"result": [{"value": [0, "7.9" if "5.." in self.path else "1200.2"]}]}
             body = json.dumps({"status": "success", "data": data}).encode()
@@ -163,10 +176,11 @@ def test_the_status_script_asks_prometheus_for_alerts_and_the_edge(tmp_path: Pat
     assert json.loads(answer.stdout) == {
         "alerts": [{"name": "FeatureDrift", "severity": "ticket", "summary": "bmi drifted",
                     "since": "2026-12-04T09:00:00Z"}],
+        "versions": {"10.0.1.6:8000": "v0004"},
         "edge": {"requests_1h": 1200, "errors_5xx_1h": 8},
     }  # fmt: skip
     queries = [p for p in asked if p.startswith("/api/v1/query")]
-    assert any("websecure" in q and "5.." in q for q in queries) and len(queries) == 2
+    assert any("websecure" in q and "5.." in q for q in queries) and len(queries) == 3
 
 
 def test_what_the_host_could_not_answer_is_reported() -> None:
@@ -228,3 +242,37 @@ def test_every_command_has_help_with_an_example() -> None:
         assert command in listed.stdout
         helped = mlapi(command, "--help")
         assert helped.returncode == 0 and "Example: mlapi" in " ".join(helped.stdout.split()), command
+
+
+def test_json_lines_become_one_parquet_file_batch_by_batch(tmp_path: Path) -> None:
+    """Batches that disagree (a column null at first and a number later, an int and then a float, a key some
+    rows lack) still make one file with one schema; the features are columns of their own."""
+    import pyarrow.parquet as pq
+
+    from infra.ops.parquet import jsonl_to_parquet
+
+    rows = [
+        {"id": f"p{i}", "model_version": "v0001", "prediction": i if i < 5 else i + 0.5,
+         "observed": None if i < 7 else 100.0 + i, "features": {"age": 0.01 * i, "sex": None if i % 2 else "F"}}
+        for i in range(10)
+    ]  # fmt: skip
+    rows[8].pop("observed")
+    source = tmp_path / "log.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert jsonl_to_parquet(source, tmp_path / "log.parquet", rows=3) == 10
+    table = pq.read_table(tmp_path / "log.parquet")
+    assert pq.ParquetFile(tmp_path / "log.parquet").num_row_groups == 4  # 3 + 3 + 3 + 1: never all in memory
+    assert table.column_names == ["id", "model_version", "prediction", "observed", "features.age", "features.sex"]
+    back = table.to_pylist()
+    assert [r["prediction"] for r in back] == [0, 1, 2, 3, 4, 5.5, 6.5, 7.5, 8.5, 9.5]
+    assert [r["observed"] for r in back] == [None] * 7 + [107.0, None, 109.0]
+    assert [r["features.sex"] for r in back] == [None if i % 2 else "F" for i in range(10)]
+
+
+def test_parquet_needs_a_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from infra.ops.cli import app
+
+    result = CliRunner().invoke(app, ["--local", "predictions", "--format", "parquet"])
+    assert result.exit_code == 2 and "--format parquet needs --output FILE" in result.output

@@ -14,6 +14,11 @@ section() { printf '\n### %s\n' "$1"; }
 section tasks
 docker service ps "$service" --filter desired-state=running --no-trunc --format '{{json .}}' 2>&1
 
+section addresses
+# Each task's address on the overlay ("TASK_ID ADDRESS/PREFIX ..."), to match Prometheus' targets (any node's task).
+docker service ps "$service" --filter desired-state=running -q --no-trunc |
+  xargs -r docker inspect --format '{{.ID}} {{range .NetworksAttachments}}{{range .Addresses}}{{.}} {{end}}{{end}}' 2>&1
+
 section desired
 docker service inspect "$service" --format '{{json .Spec.Mode}}' 2>&1
 
@@ -52,12 +57,16 @@ def data(path):
 def total(expr):
     found = data("/api/v1/query?" + urllib.parse.urlencode({"query": "sum(increase(" + expr + "[1h]))"}))["result"]
     return round(float(found[0]["value"][1])) if found else 0
+versions = {
+    series["metric"]["instance"]: series["metric"].get("version")
+    for series in data("/api/v1/query?" + urllib.parse.urlencode({"query": "mlapi_model_info"}))["result"]
+}
 alerts = [
     {"name": a["labels"]["alertname"], "severity": a["labels"].get("severity", ""),
      "summary": a["annotations"].get("summary", ""), "since": a.get("activeAt", "")}
     for a in data("/api/v1/alerts")["alerts"] if a["state"] == "firing"
 ]
 edge = "traefik_entrypoint_requests_total{entrypoint=\"websecure\""
-print(json.dumps({"alerts": alerts, "edge": {"requests_1h": total(edge + "}"), "errors_5xx_1h": total(edge + ",code=~\"5..\"}")}}))
+print(json.dumps({"alerts": alerts, "versions": versions, "edge": {"requests_1h": total(edge + "}"), "errors_5xx_1h": total(edge + ",code=~\"5..\"}")}}))
 '
 [ -n "$first" ] && docker exec "$first" python -c "$query" "$prometheus" 2>&1 | tail -n 1
