@@ -59,6 +59,27 @@ def _admin_call(method: str, path: str, body: dict | None = None) -> int:
     return _admin_exchange(_admin_request(method, path, body), printed)
 
 
+def _retrain() -> int:
+    """Retrain, each phase on stderr as it happens (with the seconds since the start), the outcome on stdout."""
+    started = time.monotonic()
+
+    def streamed(response: Any) -> int:
+        for line in response:
+            said = json.loads(line)
+            if "phase" in said:
+                print(f"retrain [{time.monotonic() - started:5.1f} s] {said['phase']}", file=sys.stderr, flush=True)
+            elif "error" in said:
+                print(f"POST /admin/retrain: HTTP {said['status']}: {said['error']}", file=sys.stderr)
+                return 1
+            else:
+                print(json.dumps(said, indent=2, sort_keys=True))
+                return 1 if said.get("outcome") == "failed" else 0
+        print("POST /admin/retrain: the service ended the answer without an outcome", file=sys.stderr)
+        return 1
+
+    return _admin_exchange(_admin_request("POST", "/admin/retrain?progress=true"), streamed, timeout=3600)
+
+
 def _predictions(since_seconds: float, fmt: str) -> int:
     """The prediction log streamed to stdout (a million rows never sit in memory here or in the service)."""
     since = max(0.0, time.time() - since_seconds)  # "30000d" means everything, not a time before 1970
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "init":
         return _init(args.data, args.project, args.target, args.task, args.name, args.ignore)
     if args.command == "retrain":
-        return _admin_call("POST", "/admin/retrain")
+        return _retrain()
     if args.command == "metrics":
         return _metrics()
     if args.command == "versions":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -296,11 +297,12 @@ class ModelService:
             )
         return predictor
 
-    def retrain(self) -> RetrainOutcome:
-        """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin."""
+    def retrain(self, phase: Callable[[str], None] = lambda text: None) -> RetrainOutcome:
+        """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin.
+        ``phase``: told each step as it begins or ends (`mlapi retrain` shows them)."""
         with self.registry.lock(blocking=False):
             self.sync_with_registry()  # judge against what the registry says is current, not a stale copy
-            outcome = self._retrain_locked()
+            outcome = self._retrain_locked(phase)
         self.metrics.retrains.labels(outcome.outcome).inc()
         self.metrics.last_retrain.set(time.time())
         self.metrics.last_retrain_promoted.set(1 if outcome.outcome == "promoted" else 0)
@@ -309,12 +311,13 @@ class ModelService:
         log.info("retrain %s: %s", outcome.outcome, outcome.reason)
         return outcome
 
-    def _retrain_locked(self) -> RetrainOutcome:
+    def _retrain_locked(self, phase: Callable[[str], None]) -> RetrainOutcome:
         current = self._current
         current_version = current.metadata.version if current else None
         quarantined = 0
         obs_y = np.empty(0)
         try:
+            phase("reading the project's data and the observations")
             development, holdout = self._splits()
             limit = max(1, int(len(development) * self.settings.max_observation_ratio))
             obs_X, obs_y = self.prediction_log.observations(limit=limit)
@@ -324,6 +327,10 @@ class ModelService:
                     f"{len(self.dataset.feature_names)}"
                 )
             obs_X, obs_y, quarantined = self._admissible(obs_X, obs_y, holdout)
+            phase(
+                f"training a candidate on {len(development)} rows and {len(obs_y)} observations "
+                f"({quarantined} quarantined); the holdout: {len(holdout)} rows"
+            )
             candidate = self._train(development.extend(obs_X, obs_y), holdout, n_observations=len(obs_y))
         except Exception as exc:  # a broken candidate must never take the service down
             log.exception("retrain: candidate failed")
@@ -337,6 +344,7 @@ class ModelService:
         candidate_metrics = candidate.metadata.metrics
         metric = PROMOTION_METRIC[candidate.metadata.task]
         label = f"candidate holdout {METRIC_NAMES[metric]}"
+        phase(f"{label} {candidate_metrics.score:.4f}" + (f"; judging it against {current_version}" if current else ""))
         if current is not None:
             current_metrics = evaluate(current.conformal, current.metadata.confidence_levels, holdout)
             required = current_metrics.score * (1 - self.settings.promotion_margin)
@@ -353,6 +361,7 @@ class ModelService:
                 )
         else:
             current_metrics = None
+        phase("saving and promoting the candidate")
         version = self.registry.save(candidate, parent=current_version)
         self.registry.set_current(version)
         self._swap(candidate)

@@ -1,6 +1,10 @@
 """The private /admin routes: retrain, versions, rollback, drift, the prediction log's export."""
 
+import json
 import logging
+import queue
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -13,9 +17,29 @@ from app.routes.common import (
     require_admin,
 )
 from app.schemas import RollbackRequest
-from app.service import NotReady
+from app.service import ModelService, NotReady
 
 log = logging.getLogger(__name__)
+
+
+def retrain_phases(service: ModelService) -> Iterator[str]:
+    """The retrain in a thread of its own; its phases as they happen, then the outcome (or why none): JSON lines."""
+    said: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def run() -> None:
+        try:
+            said.put(service.retrain(lambda text: said.put({"phase": text})).__dict__)
+        except RetrainBusy as exc:
+            said.put({"error": str(exc), "status": status.HTTP_409_CONFLICT})
+        except Exception as exc:  # the stream has begun: the error is its last line
+            log.exception("retrain failed")
+            said.put({"error": f"{type(exc).__name__}: {exc}", "status": status.HTTP_500_INTERNAL_SERVER_ERROR})
+        finally:
+            said.put(None)
+
+    threading.Thread(target=run, name="retrain", daemon=True).start()
+    while (line := said.get()) is not None:
+        yield json.dumps(line) + "\n"
 
 
 def admin_router() -> APIRouter:
@@ -25,7 +49,14 @@ def admin_router() -> APIRouter:
     admin = [Depends(require_admin)]
 
     @router.post("/admin/retrain", tags=["admin"], dependencies=admin, summary="Retrain now; promote only if better.")
-    def retrain(service: Service) -> dict[str, Any]:
+    def retrain(
+        service: Service,
+        progress: Annotated[
+            bool, Query(description="stream JSON lines: {phase} as each step begins, then {outcome: …}")
+        ] = False,
+    ) -> Any:
+        if progress:
+            return StreamingResponse(retrain_phases(service), media_type="application/x-ndjson")
         try:
             return service.retrain().__dict__
         except RetrainBusy as exc:

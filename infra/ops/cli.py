@@ -276,8 +276,10 @@ def versions(
 
 @app.command()
 def retrain(ctx: typer.Context) -> None:
-    """Retrain now on the data and the observations; promoted only if better. Example: mlapi retrain"""
-    raise typer.Exit(in_replica(ctx, ["python", "-m", "app", "retrain"]))
+    """Retrain now on the data and the observations; promoted only if better. Each phase is shown as it happens.
+    Example: mlapi retrain"""
+    target = target_of(ctx)
+    raise typer.Exit(target.attach(["docker", "exec", target.model_container(), "python", "-m", "app", "retrain"]))
 
 
 @app.command()

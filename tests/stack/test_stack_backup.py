@@ -248,6 +248,8 @@ def test_mlapi_versions_retrain_and_rollback_round_trip(stack: local.LocalStack)
 
     def retrain() -> dict:
         result = mlapi(stack, "retrain")
+        # Its phases as they happened (stderr), the outcome as JSON (stdout).
+        assert "] training a candidate on " in result.stderr and "retrain [" in result.stderr, result.stderr
         return json.loads(result.stdout)
 
     promoted = promote_with_fresh_data(

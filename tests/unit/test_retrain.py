@@ -278,7 +278,30 @@ def test_concurrent_retrain_is_refused(make_client, small_base: Path) -> None:
     assert client.post("/admin/retrain", headers=admin_headers()).status_code == 200  # released: it runs
 
 
-def test_cli_retrain_talks_to_the_private_route(make_client, small_base: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_retrain_streams_its_phases_then_its_outcome(make_client, small_base: Path) -> None:
+    """What `mlapi retrain` shows: each phase as it happens, then the same outcome the plain call answers."""
+    client = make_client(dataset=str(small_base))
+    client.post("/observations", headers=ingest_headers(), json={"observations": fresh_observations(FRESH_ROWS)})
+    response = client.post("/admin/retrain?progress=true", headers=admin_headers())
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    phases = [line["phase"] for line in lines[:-1]]
+    assert phases[0] == "reading the project's data and the observations"
+    assert phases[1].startswith("training a candidate on ") and f"and {len(FRESH_ROWS)} observations" in phases[1]
+    assert phases[2].startswith("candidate holdout RMSE ") and phases[2].endswith("judging it against v0001")
+    assert phases[3:] == ["saving and promoting the candidate"]
+    assert lines[-1]["outcome"] == "promoted" and lines[-1]["current_version"] == "v0002"
+    # Another replica retraining: the stream's one line says so (the CLI turns it into exit 1).
+    other_replica = make_client(dataset=str(small_base)).app.state.service
+    with other_replica.registry.lock(blocking=False):
+        busy = client.post("/admin/retrain?progress=true", headers=admin_headers())
+    [said] = [json.loads(line) for line in busy.text.splitlines()]
+    assert said["status"] == 409 and "already running" in said["error"]
+
+
+def test_cli_retrain_talks_to_the_private_route(
+    make_client, small_base: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """`python -m app retrain` (what host cron runs) reaches /admin/retrain with the token from the data dir."""
     import uvicorn
 
@@ -300,6 +323,8 @@ def test_cli_retrain_talks_to_the_private_route(make_client, small_base: Path, t
         monkeypatch.delenv("MLAPI_ADMIN_TOKEN", raising=False)
         get_settings.cache_clear()
         assert main(["retrain"]) == 0
+        said = capsys.readouterr()
+        assert '"outcome"' in said.out and "retrain [" in said.err and "training a candidate" in said.err
         assert main(["versions"]) == 0
         monkeypatch.setenv("MLAPI_ADMIN_TOKEN", "a-wrong-but-long-enough-token")
         get_settings.cache_clear()
