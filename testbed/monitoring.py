@@ -62,7 +62,7 @@ def webhook_receiver(client: docker.DockerClient, network: str) -> Iterator[Webh
     with contextlib.suppress(docker.errors.NotFound):
         client.containers.get(RECEIVER).remove(force=True)
     container = client.containers.run(
-        images.build_base(client),
+        images.build_stack_images(client)["base"],  # all of them at once, as the stack's `up` builds them next
         ["python3", "-c", RECEIVER_SCRIPT],
         name=RECEIVER,
         network=network,

@@ -98,14 +98,18 @@ def served_certificate(stack: local.LocalStack, cafile: Path) -> str:
 
 def data_fingerprint(stack: local.LocalStack) -> list[str]:
     """Names, sizes and times of every file in the data root (not the status file the failure updates, not the
-    live log): any change a failed restore made shows here."""
+    live log, not the monitoring's own data, which Prometheus and Alertmanager write all the time and backups leave
+    out): any change a failed restore made shows here."""
     listing = subprocess.run(
         ["find", str(stack.options.data_root), "-type", "f", "-printf", "%P %s %T@\\n"], capture_output=True, text=True
     ).stdout
-    kept = sorted(
-        line for line in listing.splitlines() if "predictions.sqlite3" not in line and STATUS_FILE not in line
+    live = ("predictions.sqlite3", STATUS_FILE)
+    monitoring = ("prometheus/data/", "alertmanager/")
+    return sorted(
+        line
+        for line in listing.splitlines()
+        if not any(part in line for part in live) and not line.startswith(monitoring)
     )
-    return kept
 
 
 def plant_project_log(directory: Path, rows: int) -> Path:
