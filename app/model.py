@@ -376,21 +376,19 @@ def out_of_distribution(
     # Measurements only (a category's code has no distance), and a gap is never out: NaN compares False.
     numeric = np.array([p.numeric for p in profiles], dtype=bool)
     flagged = ((low - slack > X) | (high + slack < X) | (np.abs(z) > z_threshold)) & numeric
-    reasons: list[list[OutOfRange]] = []
-    for row_index in range(len(X)):
-        row = []
-        for feature_index in np.flatnonzero(flagged[row_index]):
-            profile = profiles[feature_index]
-            row.append(
-                OutOfRange(
-                    feature=profile.name,
-                    value=float(X[row_index, feature_index]),
-                    z_score=round(float(z[row_index, feature_index]), 3),
-                    train_min=profile.min,
-                    train_max=profile.max,
-                )
+    # Python objects only for the flagged values (a 10,000-row batch has few): row by row, features in order.
+    reasons: list[list[OutOfRange]] = [[] for _ in range(len(X))]
+    for row_index, feature_index in zip(*(axis.tolist() for axis in np.nonzero(flagged)), strict=True):
+        profile = profiles[feature_index]
+        reasons[row_index].append(
+            OutOfRange(
+                feature=profile.name,
+                value=float(X[row_index, feature_index]),
+                z_score=round(float(z[row_index, feature_index]), 3),
+                train_min=profile.min,
+                train_max=profile.max,
             )
-        reasons.append(row)
+        )
     return reasons
 
 

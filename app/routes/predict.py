@@ -1,8 +1,8 @@
 """Predictions: one record (coalesced with concurrent ones), a batch of records, a batch of columns."""
 
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,16 @@ def overloaded(exc: Overloaded) -> HTTPException:
     )
 
 
+def prediction_ids(count: int) -> list[str]:
+    """``count`` random UUIDs (version 4, as hex), from one read of the OS's randomness: uuid.uuid4() per row cost
+    a 10,000-row batch 33 ms."""
+    raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint8).reshape(count, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # the version: 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # the variant: RFC 4122
+    text = raw.tobytes().hex()
+    return [text[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
 def record_predictions(
     service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
 ) -> tuple[list[str], list[float], list[float], list[float]]:
@@ -59,7 +69,7 @@ def record_predictions(
     latency_ms = (time.perf_counter() - started) * 1000 / len(X)
     now = time.time()
     points, lower, upper = result.points.tolist(), result.lower.tolist(), result.upper.tolist()
-    ids = [uuid.uuid4().hex for _ in points]
+    ids = prediction_ids(len(points))
     rows = X.tolist()
     service.prediction_log.record(
         [

@@ -132,3 +132,45 @@ def test_the_columnar_form_is_documented(client: TestClient) -> None:
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["columns", "rows"] and json.dumps(schema).count("maxItems") >= 2
     assert {"200", "413", "422"} <= set(operation["responses"])
+
+
+def test_prediction_ids_are_random_uuid4s() -> None:
+    """The batch path's ids (one read of the OS's randomness): valid version-4 UUIDs, as uuid.uuid4().hex gave."""
+    import uuid
+
+    from app.routes.predict import prediction_ids
+
+    ids = prediction_ids(10_000)
+    assert len(set(ids)) == 10_000
+    assert all(uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in ids)
+    assert prediction_ids(0) == []
+
+
+def test_out_of_distribution_flags_every_value_in_row_then_feature_order() -> None:
+    """The batch path's OOD (Python objects only for flagged values) names exactly what a row-by-row check names."""
+    from app.model import FeatureProfile, out_of_distribution
+
+    rng = np.random.default_rng(3)
+    profiles = [
+        FeatureProfile(
+            name=f"f{i}",
+            type="category" if i == 2 else "number",
+            mean=0.0,
+            std=1.0,
+            min=-2.0,
+            max=2.0,
+            bin_edges=[0.0],
+            bin_fractions=[0.5, 0.5],
+        )
+        for i in range(4)
+    ]
+    X = rng.normal(0, 2.5, size=(500, 4))
+    found = out_of_distribution(X, profiles, z_threshold=3.0, range_tolerance=0.1)
+    for row, reasons in zip(X, found, strict=True):
+        expected = [
+            profile.name
+            for value, profile in zip(row, profiles, strict=True)
+            if profile.numeric and (value < -2.4 or value > 2.4 or abs(value) > 3.0)
+        ]
+        assert [reason.feature for reason in reasons] == expected
+    assert any(len(reasons) > 1 for reasons in found) and any(not reasons for reasons in found)
