@@ -16,6 +16,7 @@ from app.columns import parse_columns
 from app.limits import MAX_ERRORS
 from app.predlog import PredictionRecord
 from app.routes.common import (
+    AnswerResponse,
     Service,
     body_errors,
 )
@@ -147,7 +148,7 @@ def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route:
         raise not_ready(exc) from exc
     version, items = answer(service, X, result, confidence, route, started)
     # Serialized directly; `response_model=BatchResponse` still documents the shape in OpenAPI.
-    return JSONResponse({"model_version": version, "predictions": items})
+    return AnswerResponse({"model_version": version, "predictions": items})
 
 
 def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: tuple[str, ...]) -> APIRouter:
@@ -174,7 +175,7 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
         except Overloaded as exc:
             raise overloaded(exc) from exc
         version, items = answer(service, X, result, body.confidence, "predict", started)
-        return JSONResponse({"model_version": version, **items[0]})  # the shape of PredictResponse, unvalidated
+        return AnswerResponse({"model_version": version, **items[0]})  # the shape of PredictResponse, unvalidated
 
     @router.post(
         "/predict/batch",

@@ -24,6 +24,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
 from app.batching import Overloaded
@@ -419,7 +420,7 @@ def v2_router(
         }
         if "id" in request:
             document["id"] = request["id"]
-        header = json.dumps(document).encode()
+        header = to_json(document)
         if not chunks:
             return Response(header, media_type="application/json")
         return Response(
