@@ -124,7 +124,11 @@ class PredictionLog(ABC):
     ) -> None:
         self.retention = retention
         self._pruned_at = 0.0
-        self._queue: queue.Queue[PredictionRecord | None] = queue.Queue(maxsize=queue_size)
+        # Each call's records travel as one item (a 10,000-row batch: one put, not 10,000); the bound is in rows.
+        self._queue: queue.Queue[list[PredictionRecord] | None] = queue.Queue()
+        self._capacity = queue_size
+        self._queued = 0  # rows waiting, under _queued_lock
+        self._queued_lock = threading.Lock()
         self._on_drop = on_drop
         self._shared_lock = threading.Lock()
         self._shared_connection: Any = None
@@ -194,13 +198,14 @@ class PredictionLog(ABC):
 
     # -- predictions --------------------------------------------------------------------------------------------
     def record(self, records: list[PredictionRecord]) -> None:
-        """Queue records without ever blocking; a full queue drops them and says how many."""
-        for index, record in enumerate(records):
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                self._on_drop(len(records) - index)
-                return
+        """Queue records without ever blocking; what does not fit drops, and says how many."""
+        with self._queued_lock:
+            taken = records[: max(0, self._capacity - self._queued)]
+            self._queued += len(taken)
+        if taken:
+            self._queue.put_nowait(taken)
+        if len(taken) < len(records):
+            self._on_drop(len(records) - len(taken))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record has been written or dropped (used by tests and shutdown)."""
@@ -218,12 +223,13 @@ class PredictionLog(ABC):
             if self._shared_connection is not None:
                 self._drop_shared()
 
-    def _next_batch(self) -> list[PredictionRecord] | None:
+    def _next_batch(self) -> tuple[list[PredictionRecord], int] | None:
+        """The records of the next few queued calls (at least 500 rows when that many wait), and how many calls."""
         first = self._queue.get()
         if first is None:
             self._queue.task_done()
             return None
-        batch = [first]
+        batch, calls = list(first), 1
         while len(batch) < 500:
             try:
                 item = self._queue.get_nowait()
@@ -233,12 +239,14 @@ class PredictionLog(ABC):
                 self._queue.put(None)  # keep the stop signal for the outer loop
                 self._queue.task_done()
                 break
-            batch.append(item)
-        return batch
+            batch.extend(item)
+            calls += 1
+        return batch, calls
 
     def _run(self) -> None:
         connection: Any = None
-        while (batch := self._next_batch()) is not None:
+        while (taken := self._next_batch()) is not None:
+            batch, calls = taken
             try:
                 if not self.has_room():
                     raise StorageFull(
@@ -273,7 +281,9 @@ class PredictionLog(ABC):
                     connection.close()
                 connection = None
             finally:
-                for _ in batch:
+                with self._queued_lock:
+                    self._queued -= len(batch)
+                for _ in range(calls):
                     self._queue.task_done()
         if connection is not None:
             connection.close()
