@@ -13,9 +13,13 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -323,19 +327,42 @@ def predictions(
         assert output is not None
         spool = output.with_name(output.name + ".jsonl.part")  # beside the file: same disk, removed after
         try:
-            with spool.open("wb") as sink:
+            with spool.open("wb") as sink, growing(spool):
                 result = target.run([*command, "--format", "jsonl"], stdout=sink, timeout=3600)
             if result.returncode == 0:
                 rows = jsonl_to_parquet(spool, output)
                 err.print(f"{rows} rows written to {output}", markup=False)
         finally:
             spool.unlink(missing_ok=True)
+    elif output is not None:
+        with output.open("wb") as sink, growing(output):
+            result = target.run([*command, "--format", format.value], stdout=sink, timeout=3600)
     else:
-        with open(output, "wb") if output else open(sys.stdout.fileno(), "wb", closefd=False) as sink:
+        with open(sys.stdout.fileno(), "wb", closefd=False) as sink:
             result = target.run([*command, "--format", format.value], stdout=sink, timeout=3600)
     if result.returncode != 0:
         err.print(f"error: {result.stderr.decode(errors='replace').strip()}", markup=False)
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def growing(path: Path, every_s: float = 5.0) -> Iterator[None]:
+    """While a long export is written to ``path``: every few seconds, how much has arrived (on stderr)."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def tell() -> None:
+        while not done.wait(every_s):
+            size = path.stat().st_size if path.exists() else 0
+            err.print(f"{size / 2**20:.1f} MiB received after {time.monotonic() - started:.0f} s", markup=False)
+
+    watcher = threading.Thread(target=tell, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 @app.command("exec", context_settings={"ignore_unknown_options": True})

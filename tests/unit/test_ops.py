@@ -5,6 +5,7 @@ stand-in over SSH (tests/standin/test_standin.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -276,3 +277,17 @@ def test_parquet_needs_a_file(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(app, ["--local", "predictions", "--format", "parquet"])
     assert result.exit_code == 2 and "--format parquet needs --output FILE" in result.output
+
+
+def test_a_long_export_tells_how_much_has_arrived(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.ops.cli import growing
+
+    path = tmp_path / "day.csv"
+    with growing(path, every_s=0.05):
+        for _ in range(4):
+            with path.open("ab") as sink:
+                sink.write(b"x" * 2**19)
+            time.sleep(0.08)
+    said = capsys.readouterr().err.splitlines()
+    assert said and all(re.fullmatch(r"\d+\.\d MiB received after \d+ s", line) for line in said), said
+    assert said[-1].startswith(("1.5 MiB", "2.0 MiB")), said
