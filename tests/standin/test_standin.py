@@ -181,8 +181,11 @@ def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
     schedule_and_user = env.spec.retrain_cron.split(" root ", 1)
     command = schedule_and_user[1]  # exactly what cron runs, log redirection included
     env.ssh(command)
-    outcome = json.loads(env.ssh("cat /var/log/mlapi-retrain.log").stdout.split("\n}\n")[-2] + "\n}")
+    lines = env.ssh("cat /var/log/mlapi-retrain.log").stdout.splitlines()
+    start = len(lines) - 1 - lines[::-1].index("{")  # the last run's outcome: the JSON after its phases
+    outcome = json.loads("\n".join(lines[start : lines.index("}", start) + 1]))
     assert outcome["outcome"] in {"promoted", "rejected"} and "holdout RMSE" in outcome["reason"]
+    assert any(line.startswith("retrain [") and "training a candidate" in line for line in lines[:start])
     assert env.https("/admin/retrain")[0] == 404
     assert env.https("/admin/versions")[0] == 404
     # The log it appends to is rotated: the installed logrotate accepts the policy the user-data wrote.
