@@ -50,13 +50,14 @@ def _admin_exchange(request: urllib.request.Request, answer: Callable[[Any], int
     return 1
 
 
-def _admin_call(method: str, path: str, body: dict | None = None) -> int:
-    def printed(response: Any) -> int:
-        payload = json.load(response)
-        print(json.dumps(payload, indent=2, sort_keys=True))
-        return 1 if payload.get("outcome") == "failed" else 0
+def _printed(payload: dict) -> int:
+    """An admin answer on stdout; exit 1 when it is a failed retrain."""
+    print(json.dumps(payload, indent=2, sort_keys=True))
+    return 1 if payload.get("outcome") == "failed" else 0
 
-    return _admin_exchange(_admin_request(method, path, body), printed)
+
+def _admin_call(method: str, path: str, body: dict | None = None) -> int:
+    return _admin_exchange(_admin_request(method, path, body), lambda response: _printed(json.load(response)))
 
 
 def _retrain() -> int:
@@ -72,8 +73,7 @@ def _retrain() -> int:
                 print(f"POST /admin/retrain: HTTP {said['status']}: {said['error']}", file=sys.stderr)
                 return 1
             else:
-                print(json.dumps(said, indent=2, sort_keys=True))
-                return 1 if said.get("outcome") == "failed" else 0
+                return _printed(said)
         print("POST /admin/retrain: the service ended the answer without an outcome", file=sys.stderr)
         return 1
 

