@@ -72,7 +72,7 @@ from testbed.stack import (
     tls_context,
     wait_until,
 )
-from tests.support.load import Load, LoadReport
+from tests.support.load import WATCHING_RATE, Load, LoadReport
 from tests.support.peers import kserve_infer
 from tests.support.program import parse_go_duration
 from tests.support.pulumi_harness import VALID_CONFIG, run_program
@@ -118,8 +118,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, alert_receiver: WebhookRecei
         local.down(options, delete_data=True, quiet=True)
 
 
-def load(stack: local.LocalStack, **kwargs) -> Load:
-    return Load(stack.options.domain, stack.options.https_port, str(stack.ca_root), **kwargs)
+def load(stack: local.LocalStack, rate: float | None = WATCHING_RATE, **kwargs) -> Load:
+    return Load(stack.options.domain, stack.options.https_port, str(stack.ca_root), rate=rate, **kwargs)
 
 
 def record_load(what: str, report: LoadReport, event: tuple[float, float] | None = None) -> None:
@@ -259,7 +259,7 @@ def test_two_replicas_writing_one_prediction_log_lose_nothing(stack: local.Local
     """Both replicas append to the same SQLite file (WAL, busy timeout): every row served is logged, none dropped."""
     client = docker_engine()
     before = logged_predictions(client)
-    with load(stack, max_seconds=10) as traffic:
+    with load(stack, rate=None, max_seconds=10) as traffic:  # unpaced: as many concurrent writes as they take
         time.sleep(10)
     record_load("two replicas logging to one SQLite file", traffic.report)
     served = sum(20 if o.path == "/predict/batch" else 1 for o in traffic.report.outcomes)

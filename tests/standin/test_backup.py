@@ -21,7 +21,7 @@ from infra.ops.smoke import wait_healthy
 from infra.spec.backup import BackupSettings
 from testbed.stack import COUNT_PREDICTIONS, TIMINGS, wait_until
 from testbed.standin import DOMAIN, TASK, Environment
-from tests.support.load import Load
+from tests.support.load import WATCHING_RATE, Load
 from tests.support.service import record
 
 pytestmark = pytest.mark.standin
@@ -98,7 +98,9 @@ def metric(env: Environment, name: str) -> float:
 def test_a_backup_under_load_fails_no_request_and_is_exported(backed_up: Environment) -> None:
     env = backed_up
     predict_inside(env, 5)
-    traffic = Load(DOMAIN, 443, str(env.pebble_root), address=env.standin.ip, clients=8, max_seconds=120)
+    traffic = Load(
+        DOMAIN, 443, str(env.pebble_root), address=env.standin.ip, clients=8, max_seconds=120, rate=WATCHING_RATE
+    )
     scheduled = next(
         line.split(" root ", 1)[1]
         for line in env.ssh("cat /etc/cron.d/mlapi-backup").stdout.splitlines()

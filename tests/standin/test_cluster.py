@@ -33,7 +33,7 @@ from infra.spec.postgres import POSTGRES_SERVICE
 from infra.spec.stack import APP_COMMAND, SECRETS
 from testbed.cluster import DATA_ROOT, DOMAIN, MANAGER, WORKER, Cluster, two_node_cluster
 from testbed.stack import TIMINGS, fresh_observations, wait_until
-from tests.support.load import Load
+from tests.support.load import WATCHING_RATE, Load
 
 pytestmark = pytest.mark.standin
 
@@ -130,7 +130,15 @@ def test_backup_and_restore_carry_the_database(cluster: Cluster) -> None:
 
 # 5
 def test_the_worker_is_drained_and_removed_under_load_without_a_failed_request(cluster: Cluster) -> None:
-    with Load(DOMAIN, 443, str(cluster.pebble_root), address=cluster.manager.ip, clients=4, max_seconds=180) as load:
+    with Load(
+        DOMAIN,
+        443,
+        str(cluster.pebble_root),
+        address=cluster.manager.ip,
+        clients=4,
+        max_seconds=180,
+        rate=WATCHING_RATE,
+    ) as load:
         load.wait_for_answers_after(load.report.started_at, count=50)
         drained_at = time.monotonic()
         output = cluster.ssh(cluster.manager, render_node_drain(cluster.worker_node_id))
