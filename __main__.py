@@ -69,6 +69,7 @@ inputs = StackInputs(
     in_flight_per_client=cfg.in_flight_per_client,
     backups=cfg.backup is not None,
     monitoring_retention=cfg.monitoring_retention,
+    latency_objective_ms=cfg.latency_objective_ms,
     model_image=cfg.model_image or f"mlapi-model:{source_tag(APP_DIR)}",
 )
 spec = build_stack(inputs)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_m
 
 from infra.spec.backup import BackupSettings
 from infra.spec.inputs import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, ascii_digits, check_cron
-from infra.spec.monitoring import DEFAULT_RETENTION, check_duration
+from infra.spec.monitoring import DEFAULT_LATENCY_OBJECTIVE_MS, DEFAULT_RETENTION, check_duration
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -382,6 +382,9 @@ KEYS: tuple[Key, ...] = (
         "or any other URL (Alertmanager's JSON, e.g. ntfy); a secret", webhook_url),
     Key("monitoringRetention", "monitoring_retention", str, DEFAULT_RETENTION, "30d",
         "how long Prometheus keeps its samples (at most 1GB of them either way)", duration),
+    Key("latencyObjectiveMs", "latency_objective_ms", int, DEFAULT_LATENCY_OBJECTIVE_MS, "500",
+        "the API's p99 latency objective at the edge in ms: above it for 10 min, an alert (10-60000)",
+        whole_number(10, 60_000)),
 )  # fmt: skip
 BY_NAME = {key.name: key for key in KEYS}
 

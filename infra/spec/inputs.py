@@ -10,7 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra.spec.acme import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING
 from infra.spec.docker_api import DOCKER_API_IMAGE
-from infra.spec.monitoring import ALERTMANAGER_IMAGE, DEFAULT_RETENTION, PROMETHEUS_IMAGE, check_duration
+from infra.spec.monitoring import (
+    ALERTMANAGER_IMAGE,
+    DEFAULT_LATENCY_OBJECTIVE_MS,
+    DEFAULT_RETENTION,
+    PROMETHEUS_IMAGE,
+    check_duration,
+)
 from infra.spec.postgres import POSTGRES_IMAGE
 
 TRAEFIK_VERSION = "3.7.15"  # >= 3.7: retry on status codes with a buffered body (3.6.1: Docker 29, traefik#12253)
@@ -86,6 +92,7 @@ class StackInputs(BaseModel):
     alertmanager_image: str = ALERTMANAGER_IMAGE
     backups: bool = False  # a backup repository is configured: the backup alerts apply
     monitoring_retention: str = DEFAULT_RETENTION  # how long Prometheus keeps samples (a size bound applies too)
+    latency_objective_ms: int = Field(DEFAULT_LATENCY_OBJECTIVE_MS, ge=10, le=60_000)  # p99 at the edge
     # How often Prometheus scrapes and evaluates, and how long Alertmanager waits to group alerts; the local stack's
     # tests shorten both, and every rule's `for` (alert_wait), so an alert reaches their webhook within seconds.
     monitoring_interval_s: int = Field(15, ge=1, le=300)

@@ -39,6 +39,11 @@ DRIFT_MIN_WINDOW = 100  # fewer recent predictions than this: PSI is noise
 DISK_MIN_FREE = 0.15
 MEMORY_MAX_USED = 0.9
 RETRAIN_FAILURES = 3
+EDGE_ENTRYPOINT = "websecure"  # Traefik's HTTPS entry point: what API consumers reach
+EDGE_MAX_ERRORS = 0.01  # of the answers at the edge, 5xx
+EDGE_MIN_REQUESTS = 100  # in the 5-min window: below it, one 502 is not a trend (as `mlapi status` counts)
+DEFAULT_LATENCY_OBJECTIVE_MS = 1000
+CERT_MIN_DAYS = 14  # Traefik renews 30 days ahead: under 14 days, renewal has failed for two weeks
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,51 @@ class AlertRule:
         }
 
 
-def alert_rules(replicas: int, backups: bool) -> tuple[AlertRule, ...]:
+def latency_buckets(objective_ms: int) -> tuple[float, ...]:
+    """Traefik's request-duration buckets in seconds, the objective among them, so that the p99 alert compares with
+    a bucket bound rather than a value interpolated between 0.3 and 1.2 s (Traefik's defaults)."""
+    return tuple(sorted({0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, objective_ms / 1000}))
+
+
+def edge_rules(latency_objective_ms: int) -> list[AlertRule]:
+    """What API consumers see, from Traefik's metrics at the HTTPS entry point."""
+    requests = f'traefik_entrypoint_requests_total{{entrypoint="{EDGE_ENTRYPOINT}"}}'
+    errors = f'traefik_entrypoint_requests_total{{entrypoint="{EDGE_ENTRYPOINT}", code=~"5.."}}'
+    buckets = f'traefik_entrypoint_request_duration_seconds_bucket{{entrypoint="{EDGE_ENTRYPOINT}"}}'
+    objective_s = latency_objective_ms / 1000
+    return [
+        AlertRule(
+            "EdgeErrors",
+            f"sum(rate({errors}[5m])) / sum(rate({requests}[5m])) > {EDGE_MAX_ERRORS} "
+            f"and sum(increase({requests}[5m])) >= {EDGE_MIN_REQUESTS}",
+            "5m",
+            f"more than {EDGE_MAX_ERRORS:.0%} of the API's answers are 5xx",
+            "`mlapi logs edge --since 15m` shows which route and status; `mlapi logs model` the replica's traceback; "
+            "`mlapi rollback` if it began with a new version",
+        ),
+        AlertRule(
+            "EdgeSlow",
+            f"histogram_quantile(0.99, sum by (le) (rate({buckets}[5m]))) > {objective_s:g} "
+            f"and sum(increase({requests}[5m])) >= {EDGE_MIN_REQUESTS}",
+            "10m",
+            f"the API's p99 latency is above its objective of {latency_objective_ms} ms",
+            "`mlapi status` shows the replicas and their memory; large batches or a slower model raise it: scale "
+            "(`modelReplicas`, workers) or raise `latencyObjectiveMs`",
+            "ticket",
+        ),
+        AlertRule(
+            "CertificateExpiring",
+            f"min by (cn) (traefik_tls_certs_not_after) - time() < {CERT_MIN_DAYS} * 86400",
+            "1h",
+            f"the certificate for {{{{ $labels.cn }}}} expires within {CERT_MIN_DAYS} days",
+            "`mlapi logs edge --since 24h` shows why Let's Encrypt refused the renewal (DNS, port 443, rate limits)",
+        ),
+    ]
+
+
+def alert_rules(
+    replicas: int, backups: bool, latency_objective_ms: int = DEFAULT_LATENCY_OBJECTIVE_MS
+) -> tuple[AlertRule, ...]:
     """The rules for a stack of ``replicas`` model replicas; the backup rules only where backups are configured."""
     rules = [
         AlertRule(
@@ -104,6 +153,7 @@ def alert_rules(replicas: int, backups: bool) -> tuple[AlertRule, ...]:
             "a larger serverType raises the limit; `mlapi status` shows the model, whose size sets the use",
             "ticket",
         ),
+        *edge_rules(latency_objective_ms),
     ]
     if backups:
         success = "max(mlapi_backup_last_success_timestamp_seconds)"

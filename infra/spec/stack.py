@@ -190,7 +190,8 @@ def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
     targets = ScrapeTargets(
         MODEL_SERVICE, MODEL_PORT, f"{TRAEFIK_CONTAINER}:{METRICS_PORT}", f"{ALERTMANAGER_SERVICE}:{ALERTMANAGER_PORT}"
     )
-    rules = rules_document(alert_rules(inputs.model_replicas, inputs.backups), inputs.alert_wait)
+    rules = alert_rules(inputs.model_replicas, inputs.backups, inputs.latency_objective_ms)
+    rules = rules_document(rules, inputs.alert_wait)
     return (
         ConfigFile(f"{root}/prometheus/config/prometheus.yml", prometheus_config(targets, inputs.monitoring_interval_s),
                    0, "0644"),

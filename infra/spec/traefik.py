@@ -12,6 +12,7 @@ import yaml
 from infra.spec.acme import LETSENCRYPT_PRODUCTION, LETSENCRYPT_STAGING
 from infra.spec.docker_api import ENDPOINT as DOCKER_API_ENDPOINT
 from infra.spec.durations import go_duration
+from infra.spec.monitoring import latency_buckets
 
 if TYPE_CHECKING:
     from infra.spec.inputs import StackInputs
@@ -129,6 +130,7 @@ def traefik_flags(inputs: StackInputs, network: str) -> tuple[str, ...]:
         "--metrics.prometheus=true",
         "--metrics.prometheus.entrypoint=metrics",
         "--metrics.prometheus.addrouterslabels=true",
+        f"--metrics.prometheus.buckets={','.join(f'{b:g}' for b in latency_buckets(inputs.latency_objective_ms))}",
         "--log.level=INFO",
         "--accesslog=true",
         "--global.checknewversion=false",

@@ -889,6 +889,12 @@ def alertmanager_config(deployment: Deployment) -> dict:
     return yaml.safe_load(base64.urlsafe_b64decode(deployment.one(SECRET, "-alertmanager-config").inputs["data"]))
 
 
+def rules_in(setup: str) -> str:
+    """The alert rules file the deploy step writes (each file is echoed base64 into its place)."""
+    [line] = [line for line in setup.splitlines() if "/prometheus/config/rules.yml" in line and "base64 -d" in line]
+    return base64.b64decode(line.split()[1]).decode()
+
+
 def test_prometheus_and_alertmanager_run_on_the_manager_unpublished(deployment: Deployment) -> None:
     prometheus = deployment.one(SERVICE, "-prometheus").inputs
     alertmanager = deployment.one(SERVICE, "-alertmanager").inputs
@@ -926,7 +932,9 @@ def test_no_webhook_warns_once_and_alertmanager_sends_nothing(deployment: Deploy
 
 
 def test_the_webhook_url_reaches_alertmanager_only_as_a_secret() -> None:
-    alerting = run_program({**VALID_CONFIG, "alertWebhookUrl": WEBHOOK, "monitoringRetention": "30d"})
+    alerting = run_program(
+        {**VALID_CONFIG, "alertWebhookUrl": WEBHOOK, "monitoringRetention": "30d", "latencyObjectiveMs": "300"}
+    )
     assert not any("alertWebhookUrl" in warning for warning in alerting.warnings)
     carrier = alerting.one(SECRET, "-alertmanager-config")
     assert plaintext_strings(carrier.wire["data"]) == [] and plaintext_strings(carrier.wire["name"]) == []
@@ -937,3 +945,9 @@ def test_the_webhook_url_reaches_alertmanager_only_as_a_secret() -> None:
         assert all("s3cr3tw3bh00k" not in text for text in plaintext_strings(resource.wire)), resource.name
     prometheus = alerting.one(SERVICE, "-prometheus").inputs["taskSpec"]["containerSpec"]
     assert "--storage.tsdb.retention.time=30d" in prometheus["commands"]
+    # The latency objective is a bucket bound of Traefik's histogram and the p99 alert's threshold.
+    traefik = alerting.one(CONTAINER, "-traefik").inputs["command"]
+    assert "--metrics.prometheus.buckets=0.01,0.025,0.05,0.1,0.25,0.3,0.5,1,2.5,5,10" in traefik
+    rules = yaml.safe_load(rules_in(alerting.one(REMOTE, "-host-setup").inputs["create"]))
+    [slow] = [rule for rule in rules["groups"][0]["rules"] if rule["alert"] == "EdgeSlow"]
+    assert "> 0.3 and" in slow["expr"] and "300 ms" in slow["annotations"]["summary"]

@@ -40,6 +40,14 @@ def case(series: dict[str, str], checks: list[tuple[str, str, list]]) -> dict[st
     }
 
 
+def latencies(fast: int, slow: int) -> dict[str, str]:
+    """Traefik's duration histogram at the HTTPS entry point: per minute, ``fast`` requests under 0.5 s and ``slow``
+    ones between 1 and 2.5 s (above the 1 s objective)."""
+    name = 'traefik_entrypoint_request_duration_seconds_bucket{entrypoint="websecure", le="%s"}'
+    total = fast + slow
+    return {name % le: f"0+{count}x40" for le, count in (("0.5", fast), ("1", fast), ("2.5", total), ("+Inf", total))}
+
+
 DAY = 27 * 60  # samples of a minute in 27 hours
 CASES = {
     "a missing replica fires, two up stay quiet": case(
@@ -103,6 +111,45 @@ CASES = {
             'mlapi_backup_last_success_timestamp_seconds{instance="b"}': f"0x{DAY}",
         },
         [("BackupNeverSucceeded", "25h", []), ("BackupNeverSucceeded", "27h", expected("BackupNeverSucceeded"))],
+    ),
+    "5xx above 1 % of the edge's answers fires; none, or a handful at low traffic, does not": case(
+        {
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="200"}': "0+100x40",
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="502"}': "0x10 5+5x30",
+            'traefik_entrypoint_requests_total{entrypoint="metrics", code="500"}': "0+100x40",  # not the API's
+        },
+        [("EdgeErrors", "8m", []), ("EdgeErrors", "25m", expected("EdgeErrors"))],
+    ),
+    "a few 5xx among a few requests stay quiet": case(
+        {
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="200"}': "0+10x40",
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="502"}': "0+2x40",
+        },
+        [("EdgeErrors", "25m", [])],
+    ),
+    "a p99 above the objective for 10 min fires": case(
+        {
+            **latencies(fast=95, slow=5),
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="200"}': "0+100x40",
+        },
+        [("EdgeSlow", "5m", []), ("EdgeSlow", "25m", expected("EdgeSlow"))],
+    ),
+    "a p99 within the objective stays quiet": case(
+        {
+            **latencies(fast=100, slow=0),
+            'traefik_entrypoint_requests_total{entrypoint="websecure", code="200"}': "0+100x40",
+        },
+        [("EdgeSlow", "25m", [])],
+    ),
+    "a certificate 10 days from expiry fires; one with 60 days left does not": case(
+        {
+            'traefik_tls_certs_not_after{cn="api.example.org", serial="1"}': f"{10 * 86400}x90",
+            'traefik_tls_certs_not_after{cn="other.example.org", serial="2"}': f"{60 * 86400}x90",
+        },
+        [
+            ("CertificateExpiring", "30m", []),
+            ("CertificateExpiring", "75m", expected("CertificateExpiring", cn="api.example.org")),
+        ],
     ),
     "a backup that succeeded once is not 'never'": case(
         {'mlapi_backup_last_success_timestamp_seconds{instance="a"}': f"0 5000x{DAY - 1}"},

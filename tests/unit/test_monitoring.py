@@ -142,6 +142,8 @@ def test_other_durations_are_refused_saying_what_is_allowed(bad: str) -> None:
         ("alertWebhookUrl", "hooks.slack.com/services/T/B/X", "http(s) URL"),
         ("alertWebhookUrl", "ftp://files.fjord-ml.net/x", "http(s) URL"),
         ("monitoringRetention", "two weeks", "like 15d"),
+        ("latencyObjectiveMs", "1s", "whole number"),
+        ("latencyObjectiveMs", "5", "10"),
     ],
 )
 def test_monitoring_keys_are_checked_naming_the_key(key: str, value: str, says: str) -> None:
