@@ -241,6 +241,14 @@ def webhook_url(raw: str) -> SecretStr:
     return SecretStr(url)
 
 
+def heartbeat_url(raw: str) -> SecretStr:
+    url = one_line(raw)
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or any(c in url for c in ' "\\'):
+        raise ValueError("must be an http(s) URL without spaces or quotes, such as https://hc-ping.com/<uuid>")
+    return SecretStr(url)
+
+
 def duration(raw: str) -> str:
     return check_duration(one_line(raw))
 
@@ -380,6 +388,9 @@ KEYS: tuple[Key, ...] = (
         "--secret https://hooks.slack.com/services/…",
         "where Alertmanager sends alerts and their resolve notices: a Slack or Discord webhook (their formats), "
         "or any other URL (Alertmanager's JSON, e.g. ntfy); a secret", webhook_url),
+    Key("heartbeatUrl", "heartbeat_url", SecretStr | None, None, "--secret https://hc-ping.com/<uuid>",
+        "pinged every 5 min while the edge answers, and after each good backup and retrain, so a checker outside the "
+        "VM (healthchecks.io, an Uptime Kuma push monitor) tells you when the pings stop; a secret", heartbeat_url),
     Key("monitoringRetention", "monitoring_retention", str, DEFAULT_RETENTION, "30d",
         "how long Prometheus keeps its samples (at most 1GB of them either way)", duration),
     Key("latencyObjectiveMs", "latency_objective_ms", int, DEFAULT_LATENCY_OBJECTIVE_MS, "500",

@@ -11,7 +11,7 @@ import base64
 import shlex
 from dataclasses import dataclass
 
-from infra.host.setup import SCRIPTS, START_EDGE, HostFile, installed_script
+from infra.host.setup import HEARTBEAT_COMMAND, SCRIPTS, START_EDGE, HostFile, installed_script
 from infra.spec.backup import BackupSettings
 from infra.spec.postgres import POSTGRES_DB, POSTGRES_SERVICE, POSTGRES_USER
 from infra.spec.stack import MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
@@ -72,6 +72,7 @@ def backup_script(data_root: str, settings: BackupSettings, hints: Hints = Hints
         {
             "KEEP": keep,
             "EXTRA_STAGE_FILE": extra_stage_file,
+            "HEARTBEAT_COMMAND": HEARTBEAT_COMMAND,
             # Python the job runs with the host's python3, kept as real files (ruff-checked, importable by tests).
             "BACKUP_STATUS_PY": (SCRIPTS / "backup_status.py").read_text(),
             "SQLITE_BACKUP_PY": (SCRIPTS / "sqlite_backup.py").read_text(),

@@ -29,6 +29,18 @@ LOGROTATE_FILE = "/etc/logrotate.d/mlapi-retrain"
 START_EDGE = "/usr/local/sbin/mlapi-start-edge"
 BOOT_LOG = "/var/log/mlapi-boot.log"
 EDGE_WAIT_S = 300
+# Heartbeats to a checker outside the VM (heartbeatUrl): the script and its cron entry are always installed and do
+# nothing without the URL file, which only the heartbeat command (the URL is a secret, on stdin) writes.
+HEARTBEAT_COMMAND = "/usr/local/sbin/mlapi-heartbeat"
+HEARTBEAT_URL_FILE = "/etc/mlapi/heartbeat-url"
+HEARTBEAT_CRON_FILE = "/etc/cron.d/mlapi-heartbeat"
+HEARTBEAT_LOG = "/var/log/mlapi-heartbeat.log"
+HEARTBEAT_EVERY_MIN = 5
+INSTALL_HEARTBEAT_URL = (
+    f"set -eu\numask 077\nmkdir -p {Path(HEARTBEAT_URL_FILE).parent}\n"
+    f"cat > {HEARTBEAT_URL_FILE}.new\nmv -f {HEARTBEAT_URL_FILE}.new {HEARTBEAT_URL_FILE}\n"
+)
+REMOVE_HEARTBEAT_URL = f"rm -f {HEARTBEAT_URL_FILE}\n"
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
@@ -49,6 +61,11 @@ def start_edge_script() -> str:
     return installed_script("mlapi-start-edge", settings, "mlapi-start-edge.sh")
 
 
+def heartbeat_script(domain: str, https_port: int = 443) -> str:
+    settings = {"DOMAIN": domain, "HTTPS_PORT": str(https_port), "URL_FILE": HEARTBEAT_URL_FILE}
+    return installed_script("mlapi-heartbeat", settings, "mlapi-heartbeat.sh")
+
+
 @dataclass(frozen=True)
 class HostFile:
     path: str
@@ -63,13 +80,23 @@ def host_files(spec: StackSpec) -> tuple[HostFile, ...]:
             CRON_FILE,
             "# Scheduled retraining through the model's private route (never the public proxy).\n"
             "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-            f"{spec.retrain_cron}\n",
+            # A retrain that succeeded (promoted or kept the served model) pings the heartbeat.
+            f"{spec.retrain_cron} && {HEARTBEAT_COMMAND} retrain >> {HEARTBEAT_LOG} 2>&1\n",
+        ),
+        HostFile(HEARTBEAT_COMMAND, heartbeat_script(spec.domain), "0755"),
+        HostFile(
+            HEARTBEAT_CRON_FILE,
+            "# A ping to the heartbeat URL (heartbeatUrl) while the edge answers: a checker outside the VM notices\n"
+            "# when they stop. Nothing without the URL.\n"
+            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"*/{HEARTBEAT_EVERY_MIN} * * * * root {HEARTBEAT_COMMAND} edge >> {HEARTBEAT_LOG} 2>&1\n",
         ),
         HostFile(START_EDGE, start_edge_script(), "0755"),
         HostFile(BOOT_CRON_FILE, f"@reboot root {START_EDGE} >> {BOOT_LOG} 2>&1\n"),
         HostFile(
             LOGROTATE_FILE,
-            f"{RETRAIN_LOG} {BOOT_LOG} {{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}}\n",
+            f"{RETRAIN_LOG} {BOOT_LOG} {HEARTBEAT_LOG} "
+            "{\n  weekly\n  rotate 8\n  compress\n  missingok\n  notifempty\n}\n",
         ),
     )
 

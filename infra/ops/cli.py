@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.host.backup import BACKUP_LOG
+from infra.host.setup import HEARTBEAT_LOG
 from infra.ops import status as stack_status
 from infra.ops.parquet import jsonl_to_parquet
 from infra.ops.target import Target, TargetError, pulumi_identity_file, pulumi_outputs, stack_target
@@ -56,6 +57,7 @@ class LogSource(StrEnum):
     edge = "edge"
     retrain = "retrain"
     backup = "backup"
+    heartbeat = "heartbeat"
     postgres = "postgres"
 
 
@@ -225,16 +227,19 @@ def logs(
     source: Annotated[LogSource, typer.Argument(help="whose log")] = LogSource.model,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
     since: Annotated[str, typer.Option(help="how far back: 10m, 1h, 7d")] = "1h",
-    tail: Annotated[int, typer.Option(help="at most this many lines (of the file logs: retrain, backup)")] = 200,
+    tail: Annotated[
+        int, typer.Option(help="at most this many lines (of the file logs: retrain, backup, heartbeat)")
+    ] = 200,
 ) -> None:
-    """Print a log: the model replicas, the edge (Traefik), retrains, backups or PostgreSQL.
+    """Print a log: the model replicas, the edge (Traefik), retrains, backups, heartbeats or PostgreSQL.
 
     Example: mlapi logs edge -f --since 5m
     """
     seconds = f"{parse_age(since, '--since'):.0f}s"
     follows = ["--follow"] if follow else []
-    if source in (LogSource.retrain, LogSource.backup):
-        path = RETRAIN_LOG if source is LogSource.retrain else BACKUP_LOG
+    files = {LogSource.retrain: RETRAIN_LOG, LogSource.backup: BACKUP_LOG, LogSource.heartbeat: HEARTBEAT_LOG}
+    if source in files:
+        path = files[source]
         command = ["tail", "-n", str(tail), *(["-F"] if follow else []), path]
     elif source is LogSource.edge:
         command = ["docker", "logs", "--timestamps", "--since", seconds, *follows, TRAEFIK_CONTAINER]

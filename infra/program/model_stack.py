@@ -22,7 +22,13 @@ from infra.config.keys import DeployConfig
 from infra.config.project import PROJECT_DOCKERFILE
 from infra.host.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts, load_pending_dump
 from infra.host.deploy import docker_ssh_options, platform_for, smoke_command
-from infra.host.setup import render_graceful_stop, render_host_setup, render_platform_check
+from infra.host.setup import (
+    INSTALL_HEARTBEAT_URL,
+    REMOVE_HEARTBEAT_URL,
+    render_graceful_stop,
+    render_host_setup,
+    render_platform_check,
+)
 from infra.program.cluster import Cluster
 from infra.program.dns_challenge import install_token_command, scoped_token
 from infra.program.docker_resources import container, service, swarm_secret, swarm_token
@@ -88,6 +94,18 @@ class ModelStack(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_setup]),
             )
             ready_for_docker = self.backup_credentials.stdout
+        if cfg.heartbeat_url is not None:
+            # The checker's URL (it holds its token) travels on stdin into a root-only file; without the key the
+            # file is removed and the installed heartbeat does nothing.
+            self.heartbeat = command.remote.Command(
+                f"{name}-heartbeat",
+                connection=host.connection,
+                create=INSTALL_HEARTBEAT_URL,
+                delete=REMOVE_HEARTBEAT_URL,
+                stdin=pulumi.Output.secret(cfg.heartbeat_url.get_secret_value() + "\n"),
+                triggers=[host.server.id],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_setup]),
+            )
         # Nothing to do on create; on delete (destroy, or the server being replaced) it stops the stack gracefully and
         # unmounts the volume before the volume is detached. Its inputs change only with the server.
         self.data_guard = command.remote.Command(

@@ -776,6 +776,33 @@ def test_backups_on_install_scripts_and_pass_credentials_on_stdin_only() -> None
     assert credentials.inputs["triggers"] == [on.exports["serverId"]]
 
 
+HEARTBEAT = "https://hc-ping.com/0f3e9c1a-5b7d-4e2a-9c8b-h34rtb34tt0k"
+
+
+def test_heartbeats_are_installed_always_and_the_url_reaches_the_host_only_on_stdin(deployment: Deployment) -> None:
+    files = host_files_of(deployment.one(REMOTE, "host-setup").inputs["create"])
+    script = next(f for f in files if f.startswith("#!/bin/sh\n# mlapi-heartbeat"))
+    assert "DOMAIN=api.fjord-ml.net\n" in script and "URL_FILE=/etc/mlapi/heartbeat-url\n" in script
+    assert any(
+        "*/5 * * * * root /usr/local/sbin/mlapi-heartbeat edge >> /var/log/mlapi-heartbeat.log" in f for f in files
+    )
+    retrain = next(f for f in files if "root /usr/local/bin/mlapi-app retrain" in f)
+    assert "retrain >> /var/log/mlapi-retrain.log 2>&1 && /usr/local/sbin/mlapi-heartbeat retrain" in retrain
+    assert not [r for r in deployment.of_type(REMOTE) if r.name.endswith("-heartbeat")]  # no key: no URL file
+
+    on = run_program({**VALID_CONFIG, "heartbeatUrl": HEARTBEAT})
+    installer = on.one(REMOTE, "-heartbeat")
+    assert installer.inputs["stdin"] == HEARTBEAT + "\n"
+    assert plaintext_strings(installer.wire["stdin"]) == []
+    assert (
+        "cat > /etc/mlapi/heartbeat-url.new" in installer.inputs["create"] and "umask 077" in installer.inputs["create"]
+    )
+    assert installer.inputs["delete"] == "rm -f /etc/mlapi/heartbeat-url\n"  # the key removed: the pings stop
+    assert installer.inputs["triggers"] == [on.exports["serverId"]]
+    for resource in on.resources:
+        assert all("h34rtb34tt0k" not in text for text in plaintext_strings(resource.wire)), resource.name
+
+
 def test_every_secret_is_marked_secret_on_the_wire() -> None:
     """What the engine would store in the state file or print in a preview: no secret outside a secret marker."""
     on = run_program(BACKUP_CONFIG)

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from infra.host.deploy import docker_ssh_options
-from infra.host.setup import render_host_setup
+from infra.host.setup import (
+    HEARTBEAT_CRON_FILE,
+    HEARTBEAT_LOG,
+    HEARTBEAT_URL_FILE,
+    INSTALL_HEARTBEAT_URL,
+    REMOVE_HEARTBEAT_URL,
+    render_host_setup,
+)
 from infra.local.engine import running_tasks
 from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, SOCKET
@@ -173,14 +180,18 @@ def test_a_wrong_host_key_is_refused_from_the_first_connection(env: Environment,
     assert attempt.returncode == 255 and "Host key verification failed" in attempt.stderr
 
 
+def cron_command(cron_file: str, runs: str) -> str:
+    """The command of the cron line that runs ``runs``, as cron would run it (after the schedule and the user)."""
+    [line] = [line for line in cron_file.splitlines() if runs in line and " root " in line]
+    return line.split(" root ", 1)[1]
+
+
 # 4
 def test_cron_entry_retrains_through_the_private_path(env: Environment) -> None:
     entry = env.ssh("cat /etc/cron.d/mlapi-retrain").stdout
     assert env.spec.retrain_cron in entry
     assert env.ssh(f"cat {APP_COMMAND}").stdout == env.spec.app_script
-    schedule_and_user = env.spec.retrain_cron.split(" root ", 1)
-    command = schedule_and_user[1]  # exactly what cron runs, log redirection included
-    env.ssh(command)
+    env.ssh(cron_command(entry, "mlapi-app retrain"))  # exactly what cron runs, log redirection included
     lines = env.ssh("cat /var/log/mlapi-retrain.log").stdout.splitlines()
     start = len(lines) - 1 - lines[::-1].index("{")  # the last run's outcome: the JSON after its phases
     outcome = json.loads("\n".join(lines[start : lines.index("}", start) + 1]))
@@ -209,6 +220,59 @@ def _data_snapshot(env: Environment) -> tuple[list[str], int]:
     versions = env.ssh("ls /srv/mlapi/model/models").stdout.split()
     count = env.ssh(f"docker exec {TASK} python -c {shlex.quote(COUNT_PREDICTIONS)}")
     return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
+
+
+HEARTBEAT_RECEIVER = """
+import http.server, sys
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(sys.argv[1], "a") as seen:
+            seen.write(f"{self.path} {self.headers['User-Agent']}\\n")
+        self.send_response(200)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", 8999), Receiver).serve_forever()
+"""
+
+
+def test_heartbeats_reach_a_checker_while_the_edge_answers_and_after_a_retrain(env: Environment) -> None:
+    """heartbeatUrl: the program's heartbeat command writes the URL, the installed cron lines ping it (a checker on
+    the stand-in stands for healthchecks.io); with the edge down the ping stops, which is what the checker notices."""
+    pings = "/tmp/heartbeats"
+    env.ssh(f"rm -f {pings}; (setsid python3 -c {shlex.quote(HEARTBEAT_RECEIVER)} {pings} >/dev/null 2>&1 &)")
+    url = "http://127.0.0.1:8999/ping/0f3e9c1a-h34rtb34t"
+    env.ssh_stdin(INSTALL_HEARTBEAT_URL, url + "\n")
+    assert env.ssh(f"stat -c '%a %U' {HEARTBEAT_URL_FILE}").stdout.strip() == "600 root"
+    edge = cron_command(env.ssh(f"cat {HEARTBEAT_CRON_FILE}").stdout, "mlapi-heartbeat edge")
+    retrain = cron_command(env.ssh("cat /etc/cron.d/mlapi-retrain").stdout, "mlapi-app retrain")
+
+    def seen() -> list[str]:
+        return env.ssh(f"cat {pings} 2>/dev/null || true").stdout.splitlines()
+
+    wait_until(lambda: env.ssh(edge, check=False).returncode == 0, 30, "the receiver to take the first ping")
+    assert seen()[-1] == "/ping/0f3e9c1a-h34rtb34t mlapi-heartbeat/edge"
+    env.ssh(retrain)
+    assert seen()[-1].endswith("mlapi-heartbeat/retrain")
+    log = env.ssh(f"cat {HEARTBEAT_LOG}").stdout
+    assert "ping sent (edge)" in log and "ping sent (retrain)" in log and "h34rtb34t" not in log
+
+    before = len(seen())
+    env.ssh(f"docker stop {TRAEFIK_CONTAINER}")
+    try:
+        down = env.ssh(edge, check=False)
+        assert down.returncode != 0 and len(seen()) == before
+        assert (
+            f"https://{DOMAIN}/health did not answer 200 on this host; no ping sent"
+            in env.ssh(f"tail -n 1 {HEARTBEAT_LOG}").stdout
+        )
+    finally:
+        env.ssh("/usr/local/sbin/mlapi-start-edge", timeout=330)
+    env.ssh(REMOVE_HEARTBEAT_URL)  # the key removed: the installed jobs stay and send nothing
+    assert env.ssh(edge, check=False).returncode == 0 and len(seen()) == before
+    env.ssh("pkill -f '[h]ttp.server' || true")  # [h]: not this shell's own command line
+    ok, message = wait_healthy(
+        f"https://{DOMAIN}/health", attempts=120, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
+    )
+    assert ok, message
 
 
 def test_the_boot_guard_starts_an_edge_that_did_not_come_back(env: Environment) -> None:
@@ -307,6 +371,8 @@ def test_mlapi_operates_the_server_over_ssh_with_the_pinned_host_key(env: Enviro
     assert who.returncode == 0 and who.stdout.strip() == str(MODEL_UID), who.stderr
     logs = mlapi_over_ssh(env, tmp_path, "logs", "model", "--since", "24h")
     assert logs.returncode == 0 and "Uvicorn running" in logs.stdout + logs.stderr, logs.stderr[-2000:]
+    heartbeats = mlapi_over_ssh(env, tmp_path, "logs", "heartbeat", "--tail", "20")  # the heartbeat test's pings
+    assert heartbeats.returncode == 0 and "ping sent (edge)" in heartbeats.stdout, heartbeats.stderr[-2000:]
 
 
 def test_mlapi_refuses_a_server_that_shows_another_host_key(env: Environment, tmp_path: Path) -> None:

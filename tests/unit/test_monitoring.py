@@ -143,6 +143,8 @@ def test_other_durations_are_refused_saying_what_is_allowed(bad: str) -> None:
         ("alertWebhookUrl", "ftp://files.fjord-ml.net/x", "http(s) URL"),
         ("monitoringRetention", "two weeks", "like 15d"),
         ("latencyObjectiveMs", "1s", "whole number"),
+        ("heartbeatUrl", "hc-ping.com/uuid", "http(s) URL"),
+        ("heartbeatUrl", 'https://hc-ping.com/a"b', "without spaces or quotes"),
         ("latencyObjectiveMs", "5", "10"),
     ],
 )

@@ -45,3 +45,6 @@ restic forget --quiet --tag "$TAG" --host "$TAG" $KEEP --prune
 count=$(count_snapshots)
 status success "$count"
 say "snapshot saved ($count in the repository)"
+# The checker outside the VM hears of each good backup (heartbeatUrl; installed on the VM only). Its failure is
+# logged by it and does not fail the backup.
+if [ -x "$HEARTBEAT_COMMAND" ]; then "$HEARTBEAT_COMMAND" backup || true; fi
