@@ -42,10 +42,11 @@ if cfg.backup is None:
         "backups are off: the data volume is not backed up. Turn them on with "
         "`pulumi config set backupRepository <restic URL>` and `pulumi config set --secret backupPassword <password>`."
     )
-if cfg.alert_webhook_url is None:
+if cfg.alert_webhook_url is None and cfg.alert_email is None:
     pulumi.log.warn(
-        "alerts reach no one: Prometheus evaluates them on the VM, but no webhook is set. Send them to Slack, "
-        "Discord or ntfy with `pulumi config set --secret alertWebhookUrl <URL>`."
+        "alerts reach no one: Prometheus evaluates them on the VM, but no webhook or e-mail is set. Send them to "
+        "Slack, Discord or ntfy with `pulumi config set --secret alertWebhookUrl <URL>`, or by e-mail with "
+        "`pulumi config set alertEmail <address>` and `pulumi config set --secret alertSmtpUrl smtp://…`."
     )
 if set(WORLD) & set(cfg.ssh_allowed_cidrs):
     pulumi.log.warn("sshAllowedCidrs opens port 22 to the whole internet (key-only login), as configured.")

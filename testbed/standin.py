@@ -28,14 +28,14 @@ import docker
 
 from infra.host.backup import INSTALL_CREDENTIALS, host_setup_parts
 from infra.host.cloud_init import READINESS_COMMAND, HostKey
-from infra.host.setup import render_graceful_stop, render_host_setup
+from infra.host.setup import INSTALL_HEARTBEAT_URL, render_graceful_stop, render_host_setup
 from infra.local.engine import deploy_stack
 from infra.local.images import SUITE, content_hash, debootstrap_image, has_image, run_step
 from infra.local.pebble import fetch_pebble_root, pebble_files, run_pebble
 from infra.local.stack import LOCAL_IN_FLIGHT, LOCAL_RATE_LIMIT
 from infra.ops.smoke import wait_healthy
 from infra.spec.inputs import StackInputs
-from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET
+from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET, AlertRoutes
 from infra.spec.stack import MODEL_SERVICE, SECRETS, TRAEFIK_CONTAINER
 from infra.spec.types import StackSpec
 from testbed.stack import wait_until
@@ -280,7 +280,7 @@ def standin_tokens(spec: StackSpec) -> dict[str, str]:
     (no webhook: the monitoring tests run on the local stack)."""
     tokens = {base: uuid.uuid4().hex for base in SECRETS}
     if spec.monitoring is not None:
-        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(None)
+        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(AlertRoutes())
     return tokens
 
 
@@ -361,6 +361,20 @@ PEBBLE = "mlapi-standin-pebble"
 CA_ON_HOST = "/etc/mlapi-test/pebble-ca.pem"  # where the stand-in keeps the test CA Traefik must trust
 
 
+# A heartbeat checker on the stand-in (what healthchecks.io is to a VM): each GET's path and User-Agent, a line each.
+HEARTBEAT_CHECKER = """
+import http.server, sys
+class Checker(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(sys.argv[1], "a") as seen:
+            seen.write(f"{self.path} {self.headers['User-Agent']}\\n")
+        self.send_response(200)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[2])), Checker).serve_forever()
+"""
+HEARTBEAT_PINGS = "/root/heartbeats"  # on the stand-in
+
+
 @dataclass
 class Environment:
     client: docker.DockerClient
@@ -404,6 +418,22 @@ class Environment:
 
     def remote_docker(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=f"ssh://root@{self.standin.ip}", use_ssh_client=True, timeout=600)
+
+    def heartbeat_checker(self, port: int = 8999) -> str:
+        """Start a heartbeat checker on the stand-in (again: a fresh record) and configure its URL as the program's
+        heartbeat command does; returns the URL. `heartbeats()` reads what it received."""
+        self.ssh(f"pkill -f '[C]hecker' || true; rm -f {HEARTBEAT_PINGS}")  # [C]: not this shell's command line
+        checker = shlex.quote(HEARTBEAT_CHECKER)
+        self.ssh(f"(setsid python3 -c {checker} {HEARTBEAT_PINGS} {port} >/dev/null 2>&1 &)")
+        url = f"http://127.0.0.1:{port}/ping/{uuid.uuid4()}"
+        self.ssh_stdin(INSTALL_HEARTBEAT_URL, url + "\n")
+        wait_until(lambda: self.ssh(f"curl -fs http://127.0.0.1:{port}/ready", check=False).returncode == 0, 30,
+                   "the heartbeat checker to listen")  # fmt: skip
+        self.ssh(f"rm -f {HEARTBEAT_PINGS}")  # not the readiness probe
+        return url
+
+    def heartbeats(self) -> list[str]:
+        return self.ssh(f"cat {HEARTBEAT_PINGS} 2>/dev/null || true").stdout.splitlines()
 
     def https(self, path: str) -> tuple[int, dict, bytes, dict]:
         return https(self.standin.ip, DOMAIN, self.pebble_root, f"GET {path} HTTP/1.1")

@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_m
 
 from infra.spec.backup import BackupSettings
 from infra.spec.inputs import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, ascii_digits, check_cron
-from infra.spec.monitoring import DEFAULT_LATENCY_OBJECTIVE_MS, DEFAULT_RETENTION, check_duration
+from infra.spec.monitoring import (
+    DEFAULT_LATENCY_OBJECTIVE_MS,
+    DEFAULT_RETENTION,
+    AlertRoutes,
+    check_duration,
+    email_route,
+)
 
 HETZNER_LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -249,6 +255,29 @@ def heartbeat_url(raw: str) -> SecretStr:
     return SecretStr(url)
 
 
+def email_addresses(raw: str) -> str:
+    addresses = [part.strip() for part in one_line(raw).split(",")]
+    for address in addresses:
+        if not re.fullmatch(r"[^@\s,<>\"]+@[^@\s,<>\"]+\.[^@\s,<>\"]+", address):
+            raise ValueError(
+                f"{address!r} is not an e-mail address like oncall@yourcompany.com (several: comma-separated)"
+            )
+    return ", ".join(addresses)
+
+
+def email_address(raw: str) -> str:
+    address = email_addresses(raw)
+    if "," in address:
+        raise ValueError("takes one address")
+    return address
+
+
+def smtp_url(raw: str) -> SecretStr:
+    url = one_line(raw)
+    email_route(url, "", "")  # its ValueError says what is allowed, and never repeats the URL (it holds a password)
+    return SecretStr(url)
+
+
 def duration(raw: str) -> str:
     return check_duration(one_line(raw))
 
@@ -388,6 +417,16 @@ KEYS: tuple[Key, ...] = (
         "--secret https://hooks.slack.com/services/…",
         "where Alertmanager sends alerts and their resolve notices: a Slack or Discord webhook (their formats), "
         "or any other URL (Alertmanager's JSON, e.g. ntfy); a secret", webhook_url),
+    Key("alertEmail", "alert_email", str | None, None, "oncall@yourcompany.com",
+        "where Alertmanager e-mails alerts and their resolve notices (several: comma-separated); needs alertSmtpUrl",
+        email_addresses),
+    Key("alertSmtpUrl", "alert_smtp_url", SecretStr | None, None,
+        "--secret smtp://user:password@smtp.yourcompany.com:587",
+        "the SMTP server for alertEmail: smtp://…:587 (STARTTLS, required) or smtps://…:465, user and password "
+        "percent-encoded; a secret", smtp_url),
+    Key("alertEmailFrom", "alert_email_from", str | None, None, "alerts@yourcompany.com",
+        "the alert e-mails' sender (default: mlapi-alerts@ the domain); some SMTP services accept only verified ones",
+        email_address),
     Key("heartbeatUrl", "heartbeat_url", SecretStr | None, None, "--secret https://hc-ping.com/<uuid>",
         "pinged every 5 min while the edge answers, and after each good backup and retrain, so a checker outside the "
         "VM (healthchecks.io, an Uptime Kuma push monitor) tells you when the pings stop; a secret", heartbeat_url),
@@ -404,6 +443,15 @@ class _Derived(BaseModel):
     """What DeployConfig works out from several keys (its fields: the rows of KEYS)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    def alert_routes(self, domain: str) -> AlertRoutes:
+        """Where Alertmanager sends alerts (holds secrets: the webhook URL, the SMTP password)."""
+        webhook = self.alert_webhook_url.get_secret_value() if self.alert_webhook_url else None
+        email = None
+        if self.alert_email and self.alert_smtp_url:
+            sender = self.alert_email_from or f"mlapi-alerts@{domain}"
+            email = email_route(self.alert_smtp_url.get_secret_value(), self.alert_email, sender)
+        return AlertRoutes(webhook, email)
 
     @property
     def backup(self) -> BackupSettings | None:
@@ -440,6 +488,16 @@ def error(key: str, problem: str) -> ConfigError:
 
 # Rules between keys: (key to name, refused when, why).
 CROSS_CHECKS: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
+    (
+        "alertSmtpUrl",
+        lambda v: bool(v.get("alert_email")) and not v.get("alert_smtp_url"),
+        "is required when alertEmail is set: Alertmanager sends the e-mails through it",
+    ),
+    (
+        "alertEmail",
+        lambda v: bool(v.get("alert_smtp_url") or v.get("alert_email_from")) and not v.get("alert_email"),
+        "is required when alertSmtpUrl or alertEmailFrom is set: nobody would receive the e-mails",
+    ),
     (
         "backupPassword",
         lambda v: bool(v.get("backup_repository")) and not v.get("backup_password"),

@@ -41,7 +41,7 @@ from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_
 from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME
 from infra.spec.inputs import StackInputs
-from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
+from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE, AlertRoutes
 from infra.spec.stack import ADMIN_SECRET, INGEST_SECRET, MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER, build_stack
 from infra.spec.traefik import WEB_PORT, WEBSECURE_PORT, acme_storage
 from infra.spec.types import StackSpec
@@ -244,7 +244,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     prepare_host(client, spec, options.data_root, built["base"])
     tokens = stack_tokens(options.state_dir)
     if spec.monitoring is not None:
-        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(options.alert_webhook_url)
+        tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(AlertRoutes(options.alert_webhook_url))
     say(f"deploying: {', '.join(service.name for service in spec.services)} (rolling, start-first)…")
     rollout = deploy_stack(client, spec, tokens)  # what the VM gets, over ssh:// there
     say(f"{MODEL_SERVICE}: {rollout.action} in {rollout.seconds} s; waiting for {url}/health over verified HTTPS…")

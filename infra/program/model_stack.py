@@ -261,11 +261,11 @@ class ModelStack(pulumi.ComponentResource):
     def _monitoring(
         self, name: str, cfg: DeployConfig, spec: StackSpec, platform: str, on_host: pulumi.ResourceOptions
     ) -> None:
-        """Prometheus and Alertmanager; Alertmanager's configuration (with the webhook URL) as a swarm secret."""
+        """Prometheus and Alertmanager; Alertmanager's configuration (the webhook URL, the SMTP password) as a swarm
+        secret."""
         assert spec.monitoring is not None
         watch = spec.monitoring
-        url = cfg.alert_webhook_url.get_secret_value() if cfg.alert_webhook_url else ""
-        config = pulumi.Output.secret(url).apply(lambda plain: watch.alertmanager_config(plain or None))
+        config = pulumi.Output.secret(watch.alertmanager_config(cfg.alert_routes(spec.domain)))
         secret = swarm_secret(f"{name}-alertmanager-config", ALERTMANAGER_CONFIG_SECRET, config, on_host)
         self.alertmanager_image = docker.RemoteImage(
             f"{name}-alertmanager-image", name=watch.alertmanager.image, platform=platform, keep_locally=True,

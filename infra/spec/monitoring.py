@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -252,12 +252,65 @@ SLACK_TITLE = "[{{ .Status | toUpper }}] {{ .CommonLabels.alertname }}"
 SLACK_TEXT = "{{ range .Alerts }}{{ .Annotations.summary }}\nrunbook: {{ .Annotations.runbook }}\n{{ end }}"
 
 
-def alertmanager_config(webhook_url: str | None, interval_s: int) -> str:
-    """alertmanager.yml: every alert to the operator's webhook, grouped by name, with a notice when it resolves; with
-    no webhook, a receiver that sends nothing (alerts stay visible in Prometheus and `mlapi status`)."""
+@dataclass(frozen=True)
+class EmailRoute:
+    """Alert e-mails through the operator's SMTP server (alertEmail, alertSmtpUrl, alertEmailFrom)."""
+
+    to: str  # one address or several, comma-separated
+    sender: str
+    smarthost: str  # host:port; on 465 Alertmanager speaks TLS from the start, elsewhere it requires STARTTLS
+    username: str | None = None
+    password: str | None = None
+
+    def as_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "to": self.to,
+            "from": self.sender,
+            "smarthost": self.smarthost,
+            "require_tls": True,  # never a password, nor an alert, in clear text
+            "send_resolved": True,
+        }
+        if self.username:
+            config |= {"auth_username": self.username, "auth_password": self.password or ""}
+        return config
+
+
+def email_route(smtp_url: str, to: str, sender: str) -> EmailRoute:
+    """``smtp://user:password@host:587`` (STARTTLS) or ``smtps://user:password@host:465`` (TLS from the start),
+    user and password percent-encoded; ValueError saying what is allowed."""
+    parts = urlsplit(smtp_url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname or port == -1:
+        raise ValueError("must look like smtp://user:password@smtp.example.org:587 or smtps://…@…:465")
+    port = port or (465 if parts.scheme == "smtps" else 587)
+    if parts.scheme == "smtps" and port != 465:
+        raise ValueError("smtps:// (TLS from the start) works on port 465 only; use smtp://…:587 for STARTTLS")
+    if parts.scheme == "smtp" and port == 465:
+        raise ValueError("port 465 speaks TLS from the start: write smtps://…:465")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return EmailRoute(to, sender, f"{parts.hostname}:{port}", username, password)
+
+
+@dataclass(frozen=True)
+class AlertRoutes:
+    """Where alerts go: a webhook, e-mail, both, or nowhere."""
+
+    webhook_url: str | None = None
+    email: EmailRoute | None = None
+
+
+def alertmanager_config(routes: AlertRoutes, interval_s: int) -> str:
+    """alertmanager.yml: every alert to the operator's webhook and/or e-mail, grouped by name, with a notice when it
+    resolves; with neither, a receiver that sends nothing (alerts stay visible in Prometheus and `mlapi status`)."""
     receiver: dict[str, Any] = {"name": "operator"}
-    if webhook_url:
-        receiver |= webhook_receiver(webhook_url)
+    if routes.webhook_url:
+        receiver |= webhook_receiver(routes.webhook_url)
+    if routes.email:
+        receiver["email_configs"] = [routes.email.as_config()]
     route = {
         "receiver": "operator",
         "group_by": ["alertname"],

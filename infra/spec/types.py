@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.spec.monitoring import alertmanager_config
+from infra.spec.monitoring import AlertRoutes, alertmanager_config
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class ConfigFile:
 @dataclass(frozen=True)
 class MonitoringSpec:
     """Prometheus and Alertmanager on the manager. Alertmanager's configuration is a swarm secret (it holds the
-    webhook URL): ``alertmanager_config(url)`` is its value."""
+    webhook URL and the SMTP password): ``alertmanager_config(routes)`` is its value."""
 
     prometheus: ServiceSpec
     alertmanager: ServiceSpec
@@ -167,8 +167,8 @@ class MonitoringSpec:
     directories: tuple[HostDirectory, ...]
     files: tuple[ConfigFile, ...]
 
-    def alertmanager_config(self, webhook_url: str | None) -> str:
-        return alertmanager_config(webhook_url, self.interval_s)
+    def alertmanager_config(self, routes: AlertRoutes) -> str:
+        return alertmanager_config(routes, self.interval_s)
 
 
 @dataclass(frozen=True)

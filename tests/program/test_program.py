@@ -592,7 +592,7 @@ def test_every_key_is_one_row_and_the_docs_are_generated_from_the_table() -> Non
     assert len({key.name for key in KEYS}) == len(KEYS)
     assert set(example_stack_config()) <= {key.name for key in KEYS}, "Pulumi.dev.yaml sets only known keys"
     document = (PROJECT_DIR / "docs" / "configuration.md").read_text()
-    assert reference_table() in document, "docs/configuration.md: regenerate the table with `python -m infra.config`"
+    assert reference_table() in document, "docs/configuration.md: regenerate the table with `python -m infra.config --write`"
 
 
 def test_dns_proxied_is_refused_with_the_reason() -> None:
@@ -956,6 +956,20 @@ def test_no_webhook_warns_once_and_alertmanager_sends_nothing(deployment: Deploy
     assert any("alertWebhookUrl" in warning and "alerts reach no one" in warning for warning in deployment.warnings)
     config = alertmanager_config(deployment)
     assert config["receivers"] == [{"name": "operator"}]
+
+
+def test_alert_e_mail_reaches_alertmanager_with_its_password_only_as_a_secret() -> None:
+    mailing = run_program(
+        {**VALID_CONFIG, "alertEmail": "oncall@fjord-ml.net", "alertSmtpUrl": "smtps://ops:m41lp4ss@mx.fjord-ml.net"}
+    )
+    assert not any("alerts reach no one" in warning for warning in mailing.warnings)
+    [receiver] = alertmanager_config(mailing)["receivers"]
+    assert receiver["email_configs"] == [
+        {"to": "oncall@fjord-ml.net", "from": "mlapi-alerts@api.fjord-ml.net", "smarthost": "mx.fjord-ml.net:465",
+         "require_tls": True, "send_resolved": True, "auth_username": "ops", "auth_password": "m41lp4ss"}
+    ]  # fmt: skip
+    for resource in mailing.resources:
+        assert all("m41lp4ss" not in text for text in plaintext_strings(resource.wire)), resource.name
 
 
 def test_the_webhook_url_reaches_alertmanager_only_as_a_secret() -> None:

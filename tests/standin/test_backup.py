@@ -106,6 +106,7 @@ def test_a_backup_under_load_fails_no_request_and_is_exported(backed_up: Environ
         for line in env.ssh("cat /etc/cron.d/mlapi-backup").stdout.splitlines()
         if line.startswith("30 2 * * * root ")
     )
+    env.heartbeat_checker()  # heartbeatUrl set: a good backup pings it
     with traffic:
         traffic.wait_for_answers_after(traffic.report.started_at, count=50)
         began = time.monotonic()
@@ -116,6 +117,7 @@ def test_a_backup_under_load_fails_no_request_and_is_exported(backed_up: Environ
     report.covers(began, ended)
     log = env.ssh("cat /var/log/mlapi-backup.log").stdout
     assert "snapshot saved (1 in the repository)" in log, log
+    assert "ping sent (backup)" in log and [p.split()[-1] for p in env.heartbeats()] == ["mlapi-heartbeat/backup"]
     assert report.outcomes and not report.failed, report.summary()
     before, during = report.latency_ms(end=began), report.latency_ms(start=began, end=ended)
     TIMINGS.append(

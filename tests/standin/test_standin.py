@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,7 +24,6 @@ from infra.host.setup import (
     HEARTBEAT_CRON_FILE,
     HEARTBEAT_LOG,
     HEARTBEAT_URL_FILE,
-    INSTALL_HEARTBEAT_URL,
     REMOVE_HEARTBEAT_URL,
     render_host_setup,
 )
@@ -222,44 +222,26 @@ def _data_snapshot(env: Environment) -> tuple[list[str], int]:
     return sorted(v for v in versions if v.startswith("v")), int(count.stdout)
 
 
-HEARTBEAT_RECEIVER = """
-import http.server, sys
-class Receiver(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        with open(sys.argv[1], "a") as seen:
-            seen.write(f"{self.path} {self.headers['User-Agent']}\\n")
-        self.send_response(200)
-        self.end_headers()
-http.server.HTTPServer(("127.0.0.1", 8999), Receiver).serve_forever()
-"""
-
-
 def test_heartbeats_reach_a_checker_while_the_edge_answers_and_after_a_retrain(env: Environment) -> None:
     """heartbeatUrl: the program's heartbeat command writes the URL, the installed cron lines ping it (a checker on
     the stand-in stands for healthchecks.io); with the edge down the ping stops, which is what the checker notices."""
-    pings = "/tmp/heartbeats"
-    env.ssh(f"rm -f {pings}; (setsid python3 -c {shlex.quote(HEARTBEAT_RECEIVER)} {pings} >/dev/null 2>&1 &)")
-    url = "http://127.0.0.1:8999/ping/0f3e9c1a-h34rtb34t"
-    env.ssh_stdin(INSTALL_HEARTBEAT_URL, url + "\n")
+    url = env.heartbeat_checker()
     assert env.ssh(f"stat -c '%a %U' {HEARTBEAT_URL_FILE}").stdout.strip() == "600 root"
     edge = cron_command(env.ssh(f"cat {HEARTBEAT_CRON_FILE}").stdout, "mlapi-heartbeat edge")
     retrain = cron_command(env.ssh("cat /etc/cron.d/mlapi-retrain").stdout, "mlapi-app retrain")
 
-    def seen() -> list[str]:
-        return env.ssh(f"cat {pings} 2>/dev/null || true").stdout.splitlines()
-
-    wait_until(lambda: env.ssh(edge, check=False).returncode == 0, 30, "the receiver to take the first ping")
-    assert seen()[-1] == "/ping/0f3e9c1a-h34rtb34t mlapi-heartbeat/edge"
+    env.ssh(edge)
+    assert env.heartbeats()[-1] == f"{urlsplit(url).path} mlapi-heartbeat/edge"
     env.ssh(retrain)
-    assert seen()[-1].endswith("mlapi-heartbeat/retrain")
+    assert env.heartbeats()[-1].endswith("mlapi-heartbeat/retrain")
     log = env.ssh(f"cat {HEARTBEAT_LOG}").stdout
-    assert "ping sent (edge)" in log and "ping sent (retrain)" in log and "h34rtb34t" not in log
+    assert "ping sent (edge)" in log and "ping sent (retrain)" in log and urlsplit(url).path not in log
 
-    before = len(seen())
+    before = len(env.heartbeats())
     env.ssh(f"docker stop {TRAEFIK_CONTAINER}")
     try:
         down = env.ssh(edge, check=False)
-        assert down.returncode != 0 and len(seen()) == before
+        assert down.returncode != 0 and len(env.heartbeats()) == before
         assert (
             f"https://{DOMAIN}/health did not answer 200 on this host; no ping sent"
             in env.ssh(f"tail -n 1 {HEARTBEAT_LOG}").stdout
@@ -267,8 +249,8 @@ def test_heartbeats_reach_a_checker_while_the_edge_answers_and_after_a_retrain(e
     finally:
         env.ssh("/usr/local/sbin/mlapi-start-edge", timeout=330)
     env.ssh(REMOVE_HEARTBEAT_URL)  # the key removed: the installed jobs stay and send nothing
-    assert env.ssh(edge, check=False).returncode == 0 and len(seen()) == before
-    env.ssh("pkill -f '[h]ttp.server' || true")  # [h]: not this shell's own command line
+    assert env.ssh(edge, check=False).returncode == 0 and len(env.heartbeats()) == before
+    env.ssh("pkill -f '[C]hecker' || true")
     ok, message = wait_healthy(
         f"https://{DOMAIN}/health", attempts=120, delay=0.5, cacert=str(env.pebble_root), connect_to=env.standin.ip
     )

@@ -21,8 +21,10 @@ from infra.spec.monitoring import (
     ALERTMANAGER_CONFIG_SECRET,
     CONFIG_DIR,
     RULES_FILE,
+    AlertRoutes,
     alertmanager_config,
     check_duration,
+    email_route,
     webhook_receiver,
 )
 from infra.spec.stack import MODEL_SERVICE, build_stack
@@ -35,6 +37,16 @@ WEBHOOKS = {
     "slack": "https://hooks.slack.com/services/T0000/B0000/XXXXXXXX",
     "discord": "https://discord.com/api/webhooks/123456/abcdef",
 }
+
+
+REQUIRED = {
+    "domain": "api.fjord-ml.net",
+    "acmeEmail": "ops@fjord-ml.net",
+    "cloudflareZoneId": "9f3c2b1a8d7e6f5a4b3c2d1e0f9a8b7c",
+    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK3fPq0oE6iQqoX1wBfzv3X1x7Qb0Q2e0m1t3mJpA2bC ops",
+    "sshAllowedCidrs": "198.18.0.1/32",
+}
+SMTP_URL = "smtp://alerts:hunter2@mail.fjord-ml.net:587"
 
 
 def write_config(tmp_path: Path, spec=SPEC) -> Path:
@@ -78,11 +90,15 @@ def test_the_rules_follow_the_replicas_and_the_backups(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("kind", [None, *WEBHOOKS])
+EMAIL = email_route("smtps://alerts%40fjord:p%40ss%3Aword@mail.fjord-ml.net", "oncall@fjord-ml.net", "a@fjord-ml.net")
+
+
+@pytest.mark.parametrize("kind", [None, *WEBHOOKS, "email", "slack+email"])
 def test_alertmanager_config_passes_amtool(tmp_path: Path, kind: str | None) -> None:
     amtool = installed_tool("amtool", "prometheus-alertmanager")
     config = tmp_path / ALERTMANAGER_CONFIG_FILE
-    config.write_text(alertmanager_config(WEBHOOKS.get(kind or ""), 15))
+    routes = AlertRoutes(WEBHOOKS.get((kind or "").removesuffix("+email")), EMAIL if "email" in (kind or "") else None)
+    config.write_text(alertmanager_config(routes, 15))
     result = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     document = yaml.safe_load(config.read_text())
@@ -91,8 +107,26 @@ def test_alertmanager_config_passes_amtool(tmp_path: Path, kind: str | None) -> 
     if kind is None:
         assert receiver == {"name": "operator"}  # nothing is sent; the program warns
     else:
-        [config_key] = [key for key in receiver if key.endswith("_configs")]
-        assert receiver[config_key][0]["send_resolved"] is True
+        configs = [key for key in receiver if key.endswith("_configs")]
+        assert len(configs) == kind.count("+") + 1
+        assert all(receiver[key][0]["send_resolved"] is True for key in configs)
+
+
+def test_smtp_urls_give_the_smarthost_and_credentials_and_refuse_plain_or_mismatched_tls() -> None:
+    assert EMAIL.smarthost == "mail.fjord-ml.net:465"
+    assert (EMAIL.username, EMAIL.password) == ("alerts@fjord", "p@ss:word")  # percent-decoded
+    assert EMAIL.as_config()["require_tls"] is True
+    starttls = email_route("smtp://mail.fjord-ml.net", "o@fjord-ml.net", "a@fjord-ml.net")
+    assert starttls.smarthost == "mail.fjord-ml.net:587" and "auth_username" not in starttls.as_config()
+    for bad, says in (
+        ("http://mail.fjord-ml.net:587", "must look like smtp://"),
+        ("smtp://mail.fjord-ml.net:465", "write smtps://"),
+        ("smtps://mail.fjord-ml.net:587", "port 465 only"),
+        ("smtp://user:secret@mail.fjord-ml.net:notaport", "must look like"),
+    ):
+        with pytest.raises(ValueError, match=says) as refused:
+            email_route(bad, "o@fjord-ml.net", "a@fjord-ml.net")
+        assert "secret" not in str(refused.value)
 
 
 def test_each_webhook_url_gets_its_service_format() -> None:
@@ -143,18 +177,35 @@ def test_other_durations_are_refused_saying_what_is_allowed(bad: str) -> None:
         ("alertWebhookUrl", "ftp://files.fjord-ml.net/x", "http(s) URL"),
         ("monitoringRetention", "two weeks", "like 15d"),
         ("latencyObjectiveMs", "1s", "whole number"),
+        ("alertEmail", "oncall at fjord", "not an e-mail address"),
+        ("alertSmtpUrl", "smtp://user:hunter2@mail.fjord-ml.net:465", "write smtps://"),
         ("heartbeatUrl", "hc-ping.com/uuid", "http(s) URL"),
         ("heartbeatUrl", 'https://hc-ping.com/a"b', "without spaces or quotes"),
         ("latencyObjectiveMs", "5", "10"),
     ],
 )
 def test_monitoring_keys_are_checked_naming_the_key(key: str, value: str, says: str) -> None:
-    required = {
-        "domain": "api.fjord-ml.net",
-        "acmeEmail": "ops@fjord-ml.net",
-        "cloudflareZoneId": "9f3c2b1a8d7e6f5a4b3c2d1e0f9a8b7c",
-        "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK3fPq0oE6iQqoX1wBfzv3X1x7Qb0Q2e0m1t3mJpA2bC ops",
-        "sshAllowedCidrs": "198.18.0.1/32",
-    }
     with pytest.raises(ConfigError, match=f"'{key}'.*{re.escape(says)}.*pulumi config set {key}"):
-        load_config({**required, key: value}.get)
+        load_config({**REQUIRED, key: value}.get)
+
+
+def test_e_mail_needs_both_a_recipient_and_a_server_and_never_echoes_the_password() -> None:
+    with pytest.raises(ConfigError, match=r"'alertSmtpUrl'.*required when alertEmail is set") as refused:
+        load_config({**REQUIRED, "alertEmail": "oncall@fjord-ml.net"}.get)
+    with pytest.raises(ConfigError, match=r"'alertEmail'.*required when alertSmtpUrl") as refused:
+        load_config({**REQUIRED, "alertSmtpUrl": SMTP_URL}.get)
+    with pytest.raises(ConfigError, match=r"'alertSmtpUrl'.*write smtps://") as refused:
+        load_config({**REQUIRED, "alertEmail": "o@fjord-ml.net", "alertSmtpUrl": SMTP_URL.replace("587", "465")}.get)
+    assert "hunter2" not in str(refused.value)
+    cfg = load_config({**REQUIRED, "alertEmail": "oncall@fjord-ml.net, cto@fjord-ml.net", "alertSmtpUrl": SMTP_URL}.get)
+    routes = cfg.alert_routes("api.fjord-ml.net")
+    assert routes.webhook_url is None and routes.email is not None
+    assert routes.email.as_config() == {
+        "to": "oncall@fjord-ml.net, cto@fjord-ml.net",
+        "from": "mlapi-alerts@api.fjord-ml.net",
+        "smarthost": "mail.fjord-ml.net:587",
+        "require_tls": True,
+        "send_resolved": True,
+        "auth_username": "alerts",
+        "auth_password": "hunter2",
+    }
