@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CLIENTS_STAMP := .venv-clients/.installed
 PEERS_STAMP := .venv-peers/.installed
+REPORT_STAMP := .venv-report/.installed
 
 .PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
@@ -32,6 +33,12 @@ $(CLIENTS_STAMP): requirements-clients.txt $(STAMP)
 	$(UV) pip install --quiet --python .venv-clients/bin/python -r requirements-clients.txt
 	touch $@
 
+# Evidently for `mlapi report`, in its own venv (it needs pandas < 3; the service pins 3).
+$(REPORT_STAMP): requirements-report.txt $(STAMP)
+	python3 -m venv .venv-report
+	$(UV) pip install --quiet --python .venv-report/bin/python -r requirements-report.txt
+	touch $@
+
 # The model image installs exactly these files (--require-hashes): refresh after editing app/requirements.txt.
 app/requirements.lock: app/requirements.txt
 	$(UV) pip compile $< --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
@@ -44,7 +51,7 @@ $(PEERS_STAMP): requirements-peers.txt $(STAMP)
 	touch $@
 
 ## Everything CI runs: lint, unit tests, program tests under mocks, real-stack and VM stand-in tests.
-test: venv lint $(CLIENTS_STAMP)
+test: venv lint $(CLIENTS_STAMP) $(REPORT_STAMP)
 	$(PY) -m tests.support.lanes
 
 lint: venv
@@ -52,7 +59,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 ## The developer's loop, no Docker engine needed: lint, unit tests, the program under mocks (about 3 minutes).
-check: lint $(CLIENTS_STAMP)
+check: lint $(CLIENTS_STAMP) $(REPORT_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -m "not stack and not standin" tests/unit tests/program
 
 ## Run the production stack locally: Traefik + model + Pebble (test ACME CA), HTTPS on 127.0.0.1.
@@ -84,4 +91,4 @@ bench: venv $(PEERS_STAMP)
 	$(PY) -m benchmarks.bench_peer
 
 clean:
-	rm -rf $(VENV) .venv-clients .venv-peers .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-clients .venv-peers .venv-report .pytest_cache .ruff_cache

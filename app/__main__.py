@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift,predictions}``.
+"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift,predictions,reference}``.
 
 ``retrain``, ``versions``, ``rollback``, ``drift`` and ``predictions`` talk to the running service's private /admin
 routes on the loopback address, so the serving process is the one that swaps models. The host's cron runs
@@ -193,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     export = commands.add_parser("predictions", help="the prediction log with its observations, as CSV or JSON lines")
     export.add_argument("--since-seconds", type=float, default=86400, help="how far back (default: one day)")
     export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    commands.add_parser("reference", help="the training data as JSON lines, its schema first (for `mlapi report`)")
     args = parser.parse_args(argv)
 
-    if args.command in ("train", "check"):
+    if args.command in ("train", "check", "reference"):
         from app.data import DatasetError, load_configured
 
         try:  # a project or dataset that cannot be served stops here, with the reason, not in a traceback
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             task = f"classification into {list(schema.classes)}" if schema.classes else "regression"
             typed = ", ".join(f"{c.name} ({c.type}{', nullable' if c.nullable else ''})" for c in schema.columns)
             print(f"{dataset.name}: {task}, {len(dataset)} rows; features: {typed}")
+            return 0
+        if args.command == "reference":
+            from app.export import reference_lines
+
+            sys.stdout.writelines(reference_lines(dataset.name, dataset.schema, dataset.X, dataset.y))
             return 0
         return _train(dataset)
     if args.command == "serve":

@@ -12,10 +12,13 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.predlog import LoggedPrediction
 from app.tabular import Schema
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ExportFormat = Literal["csv", "jsonl"]
 REGRESSION_ANSWER = ("prediction", "lower", "upper")
@@ -84,3 +87,20 @@ def cell(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     return value
+
+
+def reference_lines(name: str, schema: Schema, X: np.ndarray, y: np.ndarray) -> Iterator[str]:
+    """The training data as JSON lines, for the model report (`python -m app reference`): first the schema
+    (``model``, ``task``, ``classes``, ``features``: name to type), then one row per line, its features as a client
+    would send them and its ``target``."""
+    head = {
+        "model": name,
+        "task": "classification" if schema.classes else "regression",
+        "classes": list(schema.classes),
+        "features": {column.name: column.type for column in schema.columns},
+    }
+    yield json.dumps(head) + "\n"
+    for codes, target in zip(X, y, strict=True):
+        features = {column.name: column.decode(code) for column, code in zip(schema.columns, codes, strict=True)}
+        label = schema.classes[int(target)] if schema.classes else float(target)
+        yield json.dumps({"features": features, "target": label}, allow_nan=False) + "\n"

@@ -8,6 +8,7 @@ Examples::
     mlapi --local status --json
     mlapi logs model -f --since 10m
     mlapi predictions --since 24h -o yesterday.csv
+    mlapi report --since 7d -o week.html  # Evidently: drift, quality on the ground truth, interval coverage
     mlapi exec -- python -m app check
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -348,6 +351,58 @@ def predictions(
     if result.returncode != 0:
         err.print(f"error: {result.stderr.decode(errors='replace').strip()}", markup=False)
         raise typer.Exit(1)
+
+
+REPORT_PYTHON = PROJECT_DIR / ".venv-report" / "bin" / "python"
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option(help="how far back in the prediction log: 24h, 7d")] = "7d",
+    output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("model-report.html"),
+) -> None:
+    """The model report (Evidently), rendered here: drift of each feature and of the answers against the training
+    data, and quality on the predictions whose ground truth arrived (a regression's interval coverage among it).
+
+    Needs `make .venv-report` once (Evidently has a venv of its own). Example: mlapi report --since 7d -o week.html
+    """
+    seconds = parse_age(since, "--since")
+    if not REPORT_PYTHON.exists():
+        err.print(f"error: the report's venv is missing: run `make .venv-report` in {PROJECT_DIR}", markup=False)
+        raise typer.Exit(2)
+    target = target_of(ctx)
+    container = target.model_container()
+    with tempfile.TemporaryDirectory(prefix="mlapi-report-") as spool:
+        reference, predictions = Path(spool) / "reference.jsonl", Path(spool) / "predictions.jsonl"
+        for path, command in (
+            (reference, ["reference"]),
+            (predictions, ["predictions", "--since-seconds", f"{seconds:.0f}", "--format", "jsonl"]),
+        ):
+            with path.open("wb") as sink:
+                result = target.run(["docker", "exec", container, "python", "-m", "app", *command], stdout=sink,
+                                    timeout=3600)  # fmt: skip
+            if result.returncode != 0:
+                err.print(f"error: python -m app {command[0]}: {result.stderr.decode(errors='replace').strip()}",
+                          markup=False)  # fmt: skip
+                raise typer.Exit(1)
+        err.print(f"rendering the report of {predictions.stat().st_size / 2**20:.1f} MiB of predictions", markup=False)
+        rendered = subprocess.run(
+            [str(REPORT_PYTHON), "-m", "infra.ops.report", str(reference), str(predictions), str(output.resolve())],
+            cwd=PROJECT_DIR, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    if rendered.returncode != 0:
+        err.print(rendered.stderr.strip().splitlines()[-1] if rendered.stderr.strip() else "error", markup=False)
+        raise typer.Exit(1)
+    found = json.loads(rendered.stdout)
+    coverage = f"; interval coverage {found['coverage']:.1%}" if found["coverage"] is not None else ""
+    out.print(
+        f"{output}: {found['model']}, {found['predictions']} predictions ({found['with_ground_truth']} with ground "
+        f"truth) against {found['training_rows']} training rows; drift in {', '.join(found['drifted']) or 'nothing'}"
+        f"{coverage}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @contextlib.contextmanager

@@ -592,7 +592,9 @@ def test_every_key_is_one_row_and_the_docs_are_generated_from_the_table() -> Non
     assert len({key.name for key in KEYS}) == len(KEYS)
     assert set(example_stack_config()) <= {key.name for key in KEYS}, "Pulumi.dev.yaml sets only known keys"
     document = (PROJECT_DIR / "docs" / "configuration.md").read_text()
-    assert reference_table() in document, "docs/configuration.md: regenerate the table with `python -m infra.config --write`"
+    assert reference_table() in document, (
+        "docs/configuration.md: regenerate the table with `python -m infra.config --write`"
+    )
 
 
 def test_dns_proxied_is_refused_with_the_reason() -> None:

@@ -193,6 +193,13 @@ def test_mlapi_predictions_exports_what_was_sent_with_its_ground_truth(stack: lo
     by_id = dict(zip(columns["id"], range(len(columns["id"])), strict=True))
     assert [{name: columns[f"features.{name}"][by_id[i]] for name in sent[0]} for i in ids] == sent
     assert columns["observed"][by_id[ids[3]]] == 123.5 and not list(tmp_path.glob("*.part"))
+    # The model report from the same replica: its training data and these rows (Chromium opens one in
+    # tests/unit/test_report.py).
+    page = tmp_path / "report.html"
+    made = mlapi(stack, "report", "--since", "10m", "-o", str(page))
+    assert made.returncode == 0, made.stderr
+    assert f"{page}: diabetes, " in made.stdout and "(1 with ground truth) against 442 training rows" in made.stdout
+    assert "Drift: recent predictions against the training data" in page.read_text()
 
 
 def test_mlapi_exports_100k_rows_in_bounded_memory_on_both_sides(stack: local.LocalStack, tmp_path: Path) -> None:

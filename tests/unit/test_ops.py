@@ -238,8 +238,8 @@ def test_the_command_line_names_a_missing_outputs_file_and_a_bad_age(tmp_path: P
 def test_every_command_has_help_with_an_example() -> None:
     listed = mlapi("--help")
     assert listed.returncode == 0
-    commands = ("status", "logs", "versions", "retrain", "rollback", "promote", "drift", "predictions", "exec", "ssh")
-    for command in commands:
+    commands = ("status", "logs", "versions", "retrain", "rollback", "promote", "drift", "predictions", "report")
+    for command in (*commands, "exec", "ssh"):
         assert command in listed.stdout
         helped = mlapi(command, "--help")
         assert helped.returncode == 0 and "Example: mlapi" in " ".join(helped.stdout.split()), command
