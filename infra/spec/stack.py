@@ -340,7 +340,10 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             interval_s=3,
             timeout_s=3,
             retries=3,
-            start_period_s=30,
+            # Failed checks count only after this; a replica that answers earlier is healthy at once. A replica
+            # starting on a busy VM (a rolling update under load, a project's first training) took over 39 s once:
+            # at 30 s it was killed mid-start and the update rolled back.
+            start_period_s=60,
         ),
         replicas=inputs.model_replicas,
         update=RolloutPolicy(failure_action="rollback"),

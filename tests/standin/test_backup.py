@@ -117,7 +117,8 @@ def test_a_backup_under_load_fails_no_request_and_is_exported(backed_up: Environ
     report.covers(began, ended)
     log = env.ssh("cat /var/log/mlapi-backup.log").stdout
     assert "snapshot saved (1 in the repository)" in log, log
-    assert "ping sent (backup)" in log and [p.split()[-1] for p in env.heartbeats()] == ["mlapi-heartbeat/backup"]
+    # (cron's own edge pings, every 5 min, may be among them)
+    assert "ping sent (backup)" in log and "mlapi-heartbeat/backup" in [p.split()[-1] for p in env.heartbeats()]
     assert report.outcomes and not report.failed, report.summary()
     before, during = report.latency_ms(end=began), report.latency_ms(start=began, end=ended)
     TIMINGS.append(
