@@ -37,14 +37,27 @@ def feature_columns(schema: Schema) -> list[str]:
     return [f"feature:{name}" if name in taken else name for name in schema.names]
 
 
+def client_features(schema: Schema, codes: Iterable[float | None]) -> dict[str, Any]:
+    """Feature codes (None or NaN for a gap) as the client sent them: category names, None for gaps."""
+    return {
+        column.name: column.decode(math.nan if code is None else code)
+        for column, code in zip(schema.columns, codes, strict=True)
+    }
+
+
+def client_target(schema: Schema, code: float | None) -> Any:
+    """A target code as the client sends it: a class name, or the number; None stays None."""
+    if code is None:
+        return None
+    return schema.classes[int(code)] if schema.classes else float(code)
+
+
 def as_dict(row: LoggedPrediction, schema: Schema) -> dict[str, Any]:
     """One logged prediction as the client would read it."""
     if schema.classes:
         answer: dict[str, Any] = {"label": schema.classes[int(row.prediction)], "probability": row.lower}
-        observed = None if row.observed is None else schema.classes[int(row.observed)]
     else:
         answer = {"prediction": row.prediction, "lower": row.lower, "upper": row.upper}
-        observed = row.observed
     return {
         "id": row.id,
         "time": datetime.fromtimestamp(row.ts, UTC).isoformat(timespec="milliseconds"),
@@ -53,11 +66,8 @@ def as_dict(row: LoggedPrediction, schema: Schema) -> dict[str, Any]:
         "confidence": row.confidence,
         "ood": row.ood,
         "latency_ms": round(row.latency_ms, 3),
-        "observed": observed,
-        "features": {
-            column.name: column.decode(math.nan if code is None else code)
-            for column, code in zip(schema.columns, row.features, strict=True)
-        },
+        "observed": client_target(schema, row.observed),
+        "features": client_features(schema, row.features),
     }
 
 
@@ -101,6 +111,5 @@ def reference_lines(name: str, schema: Schema, X: np.ndarray, y: np.ndarray) -> 
     }
     yield json.dumps(head) + "\n"
     for codes, target in zip(X, y, strict=True):
-        features = {column.name: column.decode(code) for column, code in zip(schema.columns, codes, strict=True)}
-        label = schema.classes[int(target)] if schema.classes else float(target)
-        yield json.dumps({"features": features, "target": label}, allow_nan=False) + "\n"
+        row = {"features": client_features(schema, codes), "target": client_target(schema, target)}
+        yield json.dumps(row, allow_nan=False) + "\n"
