@@ -239,18 +239,21 @@ def secret_text(raw: str) -> SecretStr:
     return SecretStr(one_line(raw))
 
 
+def is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("https", "http") and bool(parts.hostname)
+
+
 def webhook_url(raw: str) -> SecretStr:
     url = one_line(raw)
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    if not is_http_url(url):
         raise ValueError("must be an http(s) URL: a Slack or Discord webhook, an ntfy topic, or any JSON receiver")
     return SecretStr(url)
 
 
 def heartbeat_url(raw: str) -> SecretStr:
     url = one_line(raw)
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname or any(c in url for c in ' "\\'):
+    if not is_http_url(url) or any(c in url for c in ' "\\'):  # it goes into a curl config line in quotes
         raise ValueError("must be an http(s) URL without spaces or quotes, such as https://hc-ping.com/<uuid>")
     return SecretStr(url)
 

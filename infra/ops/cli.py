@@ -141,6 +141,11 @@ def choose_target(
     ctx.obj = Choice(local, stack, outputs, identity)
 
 
+def app_command(container: str, *args: str) -> list[str]:
+    """``python -m app <args>`` in the model container ``container`` (on the manager)."""
+    return ["docker", "exec", container, "python", "-m", "app", *args]
+
+
 def in_replica(ctx: typer.Context, command: list[str]) -> int:
     """Run ``command`` in a model replica on the manager, its output to ours; its exit code."""
     target = target_of(ctx)
@@ -154,7 +159,7 @@ def in_replica(ctx: typer.Context, command: list[str]) -> int:
 def app_json(ctx: typer.Context, command: list[str]) -> dict:
     """A `python -m app` admin command's JSON answer, from a replica."""
     target = target_of(ctx)
-    result = target.run(["docker", "exec", target.model_container(), "python", "-m", "app", *command], timeout=900)
+    result = target.run(app_command(target.model_container(), *command), timeout=900)
     if result.returncode != 0:
         said = result.stderr.decode(errors="replace").strip()
         raise TargetError(f"python -m app {command[0]} in a replica failed (exit {result.returncode}): {said}")
@@ -291,7 +296,7 @@ def retrain(ctx: typer.Context) -> None:
     """Retrain now on the data and the observations; promoted only if better. Each phase is shown as it happens.
     Example: mlapi retrain"""
     target = target_of(ctx)
-    raise typer.Exit(target.attach(["docker", "exec", target.model_container(), "python", "-m", "app", "retrain"]))
+    raise typer.Exit(target.attach(app_command(target.model_container(), "retrain")))
 
 
 @app.command()
@@ -329,7 +334,7 @@ def predictions(
         err.print("error: --format parquet needs --output FILE (a Parquet file is not a stream)", markup=False)
         raise typer.Exit(2)
     target = target_of(ctx)
-    command = ["docker", "exec", target.model_container(), "python", "-m", "app", "predictions"]
+    command = app_command(target.model_container(), "predictions")
     command += ["--since-seconds", f"{seconds:.0f}"]
     if format is ExportFormat.parquet:
         assert output is not None
@@ -380,8 +385,7 @@ def report(
             (predictions, ["predictions", "--since-seconds", f"{seconds:.0f}", "--format", "jsonl"]),
         ):
             with path.open("wb") as sink:
-                result = target.run(["docker", "exec", container, "python", "-m", "app", *command], stdout=sink,
-                                    timeout=3600)  # fmt: skip
+                result = target.run(app_command(container, *command), stdout=sink, timeout=3600)
             if result.returncode != 0:
                 err.print(f"error: python -m app {command[0]}: {result.stderr.decode(errors='replace').strip()}",
                           markup=False)  # fmt: skip
