@@ -14,7 +14,6 @@ import os
 import signal
 import ssl
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from infra.spec.monitoring import AlertRoutes, alert_rules, alertmanager_config, email_route
+from testbed.stack import wait_until
 from tests.support.service import free_port
 from tests.support.shims import installed_tool
 
@@ -156,26 +156,19 @@ def running_alertmanager(tmp_path: Path, routes: AlertRoutes, ca_file: Path) -> 
     )
     api = f"http://127.0.0.1:{web}"
     try:
-        wait_for(lambda: answers(f"{api}/-/ready"), 30, log)
+        wait_for(lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200, 30, "ready", log)
         yield api, log
     finally:
         manager.send_signal(signal.SIGTERM)
         manager.wait(timeout=30)
 
 
-def answers(url: str) -> bool:
+def wait_for(condition: Callable[[], bool], seconds: float, what: str, log: Path) -> None:
+    """testbed's wait_until, with Alertmanager's own last words when it times out."""
     try:
-        urllib.request.urlopen(url, timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+        wait_until(condition, seconds, what, interval=0.2)
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}; Alertmanager's log ends: {log.read_text()[-3000:]}") from None
 
 
 def smtp_url(password: str, port: int) -> str:
@@ -194,7 +187,7 @@ def test_an_alert_and_its_resolve_notice_arrive_by_e_mail_over_starttls_with_a_l
     annotations = {"summary": rule.summary, "runbook": rule.runbook}
     with running_alertmanager(tmp_path, routes, ca_file) as (api, log):
         post_alert(api, labels, annotations)
-        wait_for(lambda: len(inbox.messages) >= 1, 30, log)
+        wait_for(lambda: len(inbox.messages) >= 1, 30, "the alert e-mail", log)
         firing, over_tls, logged_in, recipients = inbox.messages[0]
         assert over_tls and logged_in
         assert sorted(recipients) == ["cto@fjord-ml.net", "oncall@fjord-ml.net"]
@@ -202,7 +195,7 @@ def test_an_alert_and_its_resolve_notice_arrive_by_e_mail_over_starttls_with_a_l
         assert firing["Subject"].startswith("[FIRING:1] BackupFailed"), firing["Subject"]
         assert rule.summary in body_of(firing)
         post_alert(api, labels, annotations, ends=True)
-        wait_for(lambda: len(inbox.messages) >= 2, 60, log)
+        wait_for(lambda: len(inbox.messages) >= 2, 60, "the resolve e-mail", log)
         resolved = inbox.messages[1][0]
         assert resolved["Subject"].startswith("[RESOLVED] BackupFailed"), resolved["Subject"]
 
@@ -214,5 +207,5 @@ def test_a_wrong_password_delivers_nothing_and_alertmanager_logs_why(
     routes = AlertRoutes(email=email_route(smtp_url("wrong", port), "o@fjord-ml.net", "a@fjord-ml.net"))
     with running_alertmanager(tmp_path, routes, ca_file) as (api, log):
         post_alert(api, {"alertname": "EdgeErrors", "severity": "page"}, {"summary": "5xx"})
-        wait_for(lambda: "535" in log.read_text(), 30, log)  # the server's "authentication failed"
+        wait_for(lambda: "535" in log.read_text(), 30, "the server's 535 (authentication failed)", log)
     assert inbox.messages == []
