@@ -104,23 +104,26 @@ def _metrics() -> int:
     return 0
 
 
-def _train(dataset: Dataset) -> int:
-    """Offline: make sure a current model exists (used at first start or in an image build)."""
-    from prometheus_client import CollectorRegistry
+def _train(dataset: Dataset, into: str | None) -> int:
+    """Train the configured data's first version into a file registry (the image build's step: replicas then start
+    from it, app.service.ModelService.start), unless that registry has one already."""
+    from pathlib import Path
 
-    from app.metrics import ServiceMetrics
-    from app.service import ModelService
+    from app.registry import Registry
+    from app.service import train_first_version
 
-    service = ModelService(get_settings(), ServiceMetrics(CollectorRegistry()), dataset)
-    try:
-        service.start()
-        if service.current is None:
-            print(f"current model unusable: {service.load_error}", file=sys.stderr)
+    settings = get_settings()
+    directory = Path(into) if into else settings.first_version_dir or settings.data_dir
+    registry = Registry(directory / dataset.store, dataset.trusted_types)
+    version = registry.current()
+    if version is None:
+        try:
+            version = train_first_version(settings, dataset, registry)
+        except Exception as exc:  # the project's own code, or its data, failed to train: say so, no traceback
+            print(f"error: training {dataset.name}'s first version failed: {exc}", file=sys.stderr)
             return 1
-        print(json.dumps(service.current.metadata.model_dump(include={"version", "metrics"}), indent=2))
-        return 0
-    finally:
-        service.close()
+    print(json.dumps(registry.metadata(version).model_dump(include={"version", "metrics"}), indent=2))
+    return 0
 
 
 def _init(data: str, project: str | None, target: str, task: str | None, name: str | None, ignore: list[str]) -> int:
@@ -182,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--project", required=True, help="the project directory (its mlapi.toml gets model_file)")
     imported.add_argument("--name", default="model.skops", help="the skops file to write in the project")
     commands.add_parser("check", help="check the configured model project (or dataset) can be served; print it")
-    commands.add_parser("train", help="train the first model into the registry if there is none")
+    train = commands.add_parser(
+        "train", help="train the first version into a file registry, unless it has one (the image build runs it)"
+    )
+    train.add_argument("--into", help="the registries' directory (default: MLAPI_FIRST_VERSION_DIR, else the data dir)")
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
     commands.add_parser("versions", help="list model versions and retrain history")
     commands.add_parser("metrics", help="print the Prometheus metrics (not routed from the internet)")
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.writelines(reference_lines(dataset.name, dataset.schema, dataset.X, dataset.y))
             return 0
-        return _train(dataset)
+        return _train(dataset, args.into)
     if args.command == "serve":
         import logging
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -241,6 +242,29 @@ class Registry:
 
     def save_holdout(self, holdout: Dataset) -> None:
         _atomic_write(self.holdout_path, holdout_to_bytes(holdout))
+
+    # -- starting from another registry ---------------------------------------------------------------------------
+    def import_from(self, source: Registry) -> int:
+        """Copy another file registry in (the first version built into the image): every version, byte for byte,
+        the holdout and its seed, the history and the current pointer. The caller holds the writer lock and has seen
+        that this registry has no current version."""
+        names = source.version_names()
+        for name in names:
+            if (self.root / name).exists():
+                continue
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+            for item in (MODEL_FILE, METADATA_FILE):
+                shutil.copyfile(source.root / name / item, staging / item)
+            staging.rename(self.root / name)
+        holdout = source.holdout_bytes()
+        if holdout is not None:
+            _atomic_write(self.holdout_path, holdout)
+        if source.seed_path.exists():
+            _atomic_write(self.seed_path, source.seed_path.read_bytes())
+        for record in source.history(limit=1_000_000):
+            self.append_history(record)
+        self.set_current(source.current())
+        return len(names)
 
     def _version_dir(self, version: str) -> Path:
         if not VERSION_PATTERN.match(version):

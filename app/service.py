@@ -124,16 +124,26 @@ class ModelService:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Serve the current version; on an empty registry, train the first one from the base data. Then follow
-        the registry's current pointer, so a promotion or rollback made by any replica reaches this one."""
+        """Serve the current version. An empty registry starts from this node's file registry (a single-VM stack
+        that grew), else from the first version built into the image (`python -m app train` in app/Dockerfile), else
+        trains one here, which only a service run outside the image should need. Then follow the registry's current
+        pointer, so a promotion or rollback made by any replica reaches this one."""
         if self.registry.current() is None and self._may_seed():
-            with self.registry.lock(blocking=True):  # replicas starting together train one first version
-                if self.registry.current() is None and not self._import_node_registry():
-                    development, holdout = self._splits()
-                    predictor = self._train(development, holdout, n_observations=0, first=True)
-                    version = self.registry.save(predictor, parent=None)
-                    self.registry.set_current(version)
-                    log.info("trained initial model %s", version)
+            with self.registry.lock(blocking=True):  # replicas starting together make one first version
+                if (
+                    self.registry.current() is None
+                    and not self._import_node_registry()
+                    and not self._import_built_version()
+                ):
+                    version = train_first_version(self.settings, self.dataset, self.registry)
+                    log.warning(
+                        "trained the first version %s in the serving process: no first version was built for this "
+                        "data (%s)",
+                        version,
+                        "MLAPI_FIRST_VERSION_DIR is unset"
+                        if self.settings.first_version_dir is None
+                        else f"none under {self.settings.first_version_dir}",
+                    )
         self.sync_with_registry()  # a replica that may not seed serves once the seeding one has (the watcher)
         self._watcher.start()
 
@@ -154,6 +164,17 @@ class ModelService:
             return False
         imported = self.registry.import_from(local)
         log.info("imported %d versions from %s into the shared registry", imported, local.root)
+        return True
+
+    def _import_built_version(self) -> bool:
+        """The first version trained when the image was built (read-only there), copied into the registry. True if
+        one was there for this data."""
+        directory = self.settings.first_version_dir
+        if directory is None or not (directory / self.dataset.store / "models" / "CURRENT").is_file():
+            return False
+        built = Registry(directory / self.dataset.store, self.dataset.trusted_types)
+        imported = self.registry.import_from(built)
+        log.info("first version %s: the one built into the image (%d imported)", built.current(), imported)
         return True
 
     def sync_with_registry(self) -> bool:
@@ -256,46 +277,7 @@ class ModelService:
 
     # -- retraining ---------------------------------------------------------------------------------------------
     def _splits(self) -> tuple[Dataset, Dataset]:
-        seed = self.settings.holdout_seed
-        if seed is None:
-            seed = self.registry.holdout_seed()
-        development, holdout = split_holdout(self.dataset, seed)
-        stored = self.registry.load_holdout(self.dataset)
-        if stored is None:
-            self.registry.save_holdout(holdout)
-            return development, holdout
-        return development, stored
-
-    def _train(self, development: Dataset, holdout: Dataset, n_observations: int, first: bool = False) -> Predictor:
-        """A new version, only if the registry will load it again: a type in the project's own pipeline that is not
-        trusted stops here, naming the key that trusts it, not at the next load. The project's code trains it; else
-        a pipeline trained elsewhere is the first version as it is, and a fresh copy of it (same steps and
-        hyper-parameters) is refitted at every retrain; else the built-in estimator."""
-        pipeline, imported = self.dataset.pipeline, self.dataset.imported
-        user_pipeline, prefit, estimator = None, None, self.settings.estimator
-        if pipeline is not None:
-            user_pipeline, estimator = pipeline(), f"{pipeline.__module__}:{pipeline.__name__}"
-        elif imported is not None and first:
-            prefit, estimator = imported.estimator, f"{imported.path.name} (imported)"
-        elif imported is not None:
-            user_pipeline, estimator = sklearn.base.clone(imported.estimator), f"{imported.path.name} (refitted)"
-        predictor = train(
-            development,
-            holdout,
-            estimator=estimator,
-            levels=self.settings.confidence_levels,
-            seed=self.settings.seed,
-            n_observations=n_observations,
-            user_pipeline=user_pipeline,
-            prefit=prefit,
-        )
-        untrusted = untrusted_types(sio.dumps(predictor.conformal), self.dataset.trusted_types)
-        if untrusted:
-            raise ValueError(
-                f"the trained pipeline holds types the service does not load: {untrusted}; if they are the project's "
-                "own, list them in model.trusted_types in mlapi.toml"
-            )
-        return predictor
+        return development_and_holdout(self.settings, self.dataset, self.registry)
 
     def retrain(self, phase: Callable[[str], None] = lambda text: None) -> RetrainOutcome:
         """Newest data → candidate → judged on the fixed holdout → promoted only if better by the margin.
@@ -331,7 +313,9 @@ class ModelService:
                 f"training a candidate on {len(development)} rows and {len(obs_y)} observations "
                 f"({quarantined} quarantined); the holdout: {len(holdout)} rows"
             )
-            candidate = self._train(development.extend(obs_X, obs_y), holdout, n_observations=len(obs_y))
+            candidate = train_version(
+                self.settings, self.dataset, development.extend(obs_X, obs_y), holdout, n_observations=len(obs_y)
+            )
         except Exception as exc:  # a broken candidate must never take the service down
             log.exception("retrain: candidate failed")
             return RetrainOutcome(
@@ -416,3 +400,66 @@ class ModelService:
             for index, profile in enumerate(predictor.metadata.features):
                 features[profile.name] = round(population_stability(recent[:, index], profile), 4)
         return {"model_version": predictor.metadata.version, "window": len(recent), "psi": features}
+
+
+def development_and_holdout(
+    settings: Settings, dataset: Dataset, registry: Registry | SharedRegistry
+) -> tuple[Dataset, Dataset]:
+    """The rows to train on and the fixed holdout every version is judged on (stored with the first version)."""
+    seed = settings.holdout_seed
+    if seed is None:
+        seed = registry.holdout_seed()
+    development, holdout = split_holdout(dataset, seed)
+    stored = registry.load_holdout(dataset)
+    if stored is None:
+        registry.save_holdout(holdout)
+        return development, holdout
+    return development, stored
+
+
+def train_version(
+    settings: Settings,
+    dataset: Dataset,
+    development: Dataset,
+    holdout: Dataset,
+    n_observations: int,
+    first: bool = False,
+) -> Predictor:
+    """A new version, only if the registry will load it again: a type in the project's own pipeline that is not
+    trusted stops here, naming the key that trusts it, not at the next load. The project's code trains it; else a
+    pipeline trained elsewhere is the first version as it is, and a fresh copy of it (same steps and
+    hyper-parameters) is refitted at every retrain; else the built-in estimator."""
+    pipeline, imported = dataset.pipeline, dataset.imported
+    user_pipeline, prefit, estimator = None, None, settings.estimator
+    if pipeline is not None:
+        user_pipeline, estimator = pipeline(), f"{pipeline.__module__}:{pipeline.__name__}"
+    elif imported is not None and first:
+        prefit, estimator = imported.estimator, f"{imported.path.name} (imported)"
+    elif imported is not None:
+        user_pipeline, estimator = sklearn.base.clone(imported.estimator), f"{imported.path.name} (refitted)"
+    predictor = train(
+        development,
+        holdout,
+        estimator=estimator,
+        levels=settings.confidence_levels,
+        seed=settings.seed,
+        n_observations=n_observations,
+        user_pipeline=user_pipeline,
+        prefit=prefit,
+    )
+    untrusted = untrusted_types(sio.dumps(predictor.conformal), dataset.trusted_types)
+    if untrusted:
+        raise ValueError(
+            f"the trained pipeline holds types the service does not load: {untrusted}; if they are the project's "
+            "own, list them in model.trusted_types in mlapi.toml"
+        )
+    return predictor
+
+
+def train_first_version(settings: Settings, dataset: Dataset, registry: Registry | SharedRegistry) -> str:
+    """Train the first version from the base data, store it and make it current; its name."""
+    development, holdout = development_and_holdout(settings, dataset, registry)
+    predictor = train_version(settings, dataset, development, holdout, n_observations=0, first=True)
+    version = registry.save(predictor, parent=None)
+    registry.set_current(version)
+    return version

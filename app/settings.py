@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         description="With the shared registry (PostgreSQL): only a replica that finds this file creates the first "
         "version (importing this node's file registry, else training one); the others wait for it. Unset: any may.",
     )
+    first_version_dir: Path | None = Field(
+        None,
+        description="Registries trained when the image was built (`python -m app train --into`): an empty registry "
+        "starts from the version there for its data instead of training in the serving process.",
+    )
     log_retention_days: float = Field(90.0, gt=0, description="Predictions older than this are deleted.")
     log_max_rows: int = Field(2_000_000, ge=1000, description="At most this many predictions are kept (newest).")
     min_free_mb: int = Field(

@@ -341,8 +341,8 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             timeout_s=3,
             retries=3,
             # Failed checks count only after this; a replica that answers earlier is healthy at once. A replica
-            # starting on a busy VM (a rolling update under load, a project's first training) took over 39 s once:
-            # at 30 s it was killed mid-start and the update rolled back.
+            # starting on a busy VM under load took over 39 s once: at 30 s it was killed mid-start and the update
+            # rolled back. (The first version is trained at image build, app/Dockerfile, not in this window.)
             start_period_s=60,
         ),
         replicas=inputs.model_replicas,
