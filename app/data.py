@@ -34,6 +34,8 @@ class Dataset:
     pipeline: Callable[[], Any] | None = None  # the project's own training code (model.pipeline): a new estimator
     trusted_types: frozenset[str] = frozenset()  # the project's own classes skops may load (model.trusted_types)
     imported: ImportedModel | None = None  # a pipeline trained elsewhere (model.model_file): the first version
+    times: np.ndarray | None = None  # a time split's order per row (model.split): the holdout is the latest rows
+    split_column: str | None = None  # the column those times come from
 
     def __post_init__(self) -> None:
         if self.schema is None:
@@ -44,17 +46,21 @@ class Dataset:
             raise DatasetError(f"X has shape {self.X.shape}, expected (n, {len(self.feature_names)})")
         if len(self.X) != len(self.y):
             raise DatasetError(f"X has {len(self.X)} rows but y has {len(self.y)}")
+        if self.times is not None and len(self.times) != len(self.y):
+            raise DatasetError(f"times has {len(self.times)} rows but y has {len(self.y)}")
 
     def __len__(self) -> int:
         return len(self.y)
 
     def extend(self, X: np.ndarray, y: np.ndarray) -> Dataset:
+        """With ``X``, ``y`` appended: observations, which are newer than every row of the base data."""
         if len(y) == 0:
             return self
-        return replace(self, X=np.vstack([self.X, X]), y=np.concatenate([self.y, y]))
+        times = None if self.times is None else np.concatenate([self.times, np.full(len(y), np.inf)])
+        return replace(self, X=np.vstack([self.X, X]), y=np.concatenate([self.y, y]), times=times)
 
     def rows(self, index: np.ndarray) -> Dataset:
-        return replace(self, X=self.X[index], y=self.y[index])
+        return replace(self, X=self.X[index], y=self.y[index], times=None if self.times is None else self.times[index])
 
 
 def fingerprint(X: np.ndarray, y: np.ndarray) -> str:
@@ -102,6 +108,8 @@ def load_project_dataset(directory: Path) -> Dataset:
         pipeline,
         frozenset(project.model.trusted_types),
         imported,
+        data.times,
+        project.model.split.column,
     )
 
 
@@ -158,13 +166,18 @@ def _load_csv(path: Path, target_column: str) -> Dataset:
 
 def split_holdout(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
     """(development, holdout): the holdout is fixed by the seed and never used for fitting; for a classification,
-    stratified, so every class is judged in its share."""
+    stratified, so every class is judged in its share; with a time split, the latest rows."""
     rng = np.random.default_rng(seed)
     return split_share(data, HOLDOUT_FRACTION, rng, minimum=1)
 
 
 def split_share(data: Dataset, fraction: float, rng: np.random.Generator, minimum: int) -> tuple[Dataset, Dataset]:
-    """(the rest, about ``fraction`` of the rows but at least ``minimum``), drawn per class for a classification."""
+    """(the rest, about ``fraction`` of the rows but at least ``minimum``), drawn per class for a classification;
+    with a time split, the latest rows (not per class: a forecast is judged on what came after, as it happened)."""
+    if data.times is not None:
+        by_time = np.argsort(data.times, kind="stable")
+        n_share = min(len(data) - 1, max(minimum, round(len(data) * fraction)))
+        return data.rows(by_time[:-n_share]), data.rows(by_time[-n_share:])
     order = rng.permutation(len(data))
     if data.schema.task != "classification":
         n_share = max(minimum, round(len(data) * fraction))

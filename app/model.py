@@ -88,6 +88,7 @@ class ModelMetadata(BaseModel):
     n_train: int
     n_calibration: int
     n_holdout: int
+    holdout_split: str = "random"  # how the holdout was drawn: "random", or "time: the latest rows by '<column>'"
     n_observations: int
     confidence_levels: list[float]
     features: list[FeatureProfile]
@@ -342,6 +343,9 @@ def train(
         n_train=len(fit),
         n_calibration=len(calibration),
         n_holdout=len(holdout),
+        holdout_split=f"time: the latest rows by {development.split_column!r}"
+        if development.split_column
+        else "random",
         n_observations=n_observations,
         confidence_levels=list(levels),
         features=profile_features(development),

@@ -16,7 +16,7 @@ import math
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,23 @@ class FeatureSpec(BaseModel):
         return self
 
 
+class SplitSpec(BaseModel):
+    """How the holdout every version is judged on is drawn: random rows (seeded, stratified by class), or the latest
+    rows by a time column, so a forecast is never judged on its past."""
+
+    model_config = STRICT
+    kind: Literal["random", "time"] = "random"
+    column: str | None = Field(None, min_length=1, description="the time column of a time split")
+
+    @model_validator(mode="after")
+    def column_only_for_time(self) -> SplitSpec:
+        if self.kind == "time" and self.column is None:
+            raise ValueError('a time split names its column: split = { kind = "time", column = "<date column>" }')
+        if self.kind == "random" and self.column is not None:
+            raise ValueError(f'a random split has no column ({self.column!r}): did you mean kind = "time"?')
+        return self
+
+
 class ModelSection(BaseModel):
     model_config = STRICT
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -69,6 +86,7 @@ class ModelSection(BaseModel):
     data: str = Field(min_length=1)
     ignore: list[str] = Field(default_factory=list, description="data columns that are neither feature nor target")
     missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING))
+    split: SplitSpec = Field(default_factory=SplitSpec)
     pipeline: str | None = Field(
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
@@ -136,6 +154,8 @@ class ModelProject:
             "target": self.model.target,
             "features": {name: spec.model_dump() for name, spec in self.features.items()},
         }
+        if self.model.split.kind == "time":  # another holdout: versions judged on other rows start apart
+            schema["split"] = self.model.split.model_dump()
         digest = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.model.name}-{digest}"
 
@@ -147,6 +167,7 @@ class ProjectData:
 
     features: pd.DataFrame
     target: pd.Series
+    times: np.ndarray | None = None  # a time split's column as ordered numbers (seconds since 1970 for dates)
 
 
 def _describe(error: ValidationError, where: str) -> str:
@@ -191,7 +212,19 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
     unknown_ignored = sorted(set(parsed.model.ignore) - set(columns))
     if unknown_ignored:
         raise ProjectError(f"{path}: model.ignore: {unknown_ignored} not in {data_path.name} (its columns: {columns})")
-    data_features = [c for c in columns if c != parsed.model.target and c not in parsed.model.ignore]
+    split_column = parsed.model.split.column
+    if split_column is not None and (split_column not in columns or split_column == parsed.model.target):
+        raise ProjectError(
+            f"{path}: model.split.column: {split_column!r} is "
+            + ("the target" if split_column == parsed.model.target else f"not in {data_path.name} (columns: {columns})")
+            + ": name the column that says when each row happened"
+        )
+    # A time split's column is not a feature unless declared as one: a timestamp is no input to a forecast.
+    data_features = [
+        c
+        for c in columns
+        if c != parsed.model.target and c not in parsed.model.ignore and (c != split_column or c in declared)
+    ]
     if declared:
         missing = [name for name in declared if name not in columns]
         if missing:
@@ -206,7 +239,31 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
     else:
         features = infer_schema(frame[data_features])
     project = ModelProject(directory, parsed.model, features)
-    return project, typed(project, frame)  # the data must fit the schema before anything trains on it
+    data = typed(project, frame)  # the data must fit the schema before anything trains on it
+    if split_column is None:
+        return project, data
+    return project, replace(data, times=times_of(list(frame[split_column]), f"{path} model.split.column", data_path))
+
+
+def times_of(values: list[str | None], where: str, data_path: Path) -> np.ndarray:
+    """A time column as ordered numbers: numbers as they are (a year, an epoch), else ISO dates and times (UTC where
+    no offset is given) as seconds since 1970. Every row needs one."""
+    gaps = [row for row, value in enumerate(values, start=2) if value is None]
+    if gaps:
+        raise ProjectError(
+            f"{where}: the time column is empty in {data_path.name} rows {gaps[:5]}: every row needs one"
+        )
+    numbers = [_as_number(value) for value in values]
+    if all(number is not None for number in numbers):
+        return np.array(numbers, dtype=np.float64)
+    try:
+        stamps = pd.to_datetime(pd.Series(values), utc=True, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise ProjectError(
+            f"{where}: {data_path.name} has a value that is neither a number nor an ISO date ({exc}): use "
+            "2024-05-01 or 2024-05-01T13:00:00+02:00"
+        ) from None
+    return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
 
 
 def read_raw(path: Path, missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING) -> pd.DataFrame:

@@ -289,7 +289,7 @@ def holdout_from_bytes(data: bytes, like: Dataset, where: str) -> Dataset:
             raise RegistryError(
                 f"{where} was made for features {list(names)}, the dataset has {list(like.feature_names)}"
             )
-        return replace(like, X=stored["X"], y=stored["y"])
+        return replace(like, X=stored["X"], y=stored["y"], times=None)  # the split is made; its order is not kept
 
 
 def write_json_line(path: Path, record: dict) -> None:
