@@ -85,7 +85,9 @@ def preprocessing(schema: Schema) -> ColumnTransformer:
         )
         impute = SimpleImputer(strategy="constant", fill_value=GAP_CODE)
         steps.append(("categories", make_pipeline(impute, encoder), [positions[c.name] for c in categories]))
-    return ColumnTransformer(steps, remainder="drop")
+    # Dense output always: with mostly one-hot columns the transformer would hand a sparse matrix on, which the
+    # scaler in front of the linear models refuses ("Cannot center sparse matrices"); the rows served are few.
+    return ColumnTransformer(steps, remainder="drop", sparse_threshold=0.0)
 
 
 def frame_step(schema: Schema) -> FunctionTransformer:

@@ -44,6 +44,9 @@ TRUSTED_TYPES: frozenset[str] = frozenset(
         "mapie.regression.regression._MapieRegressor",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
         "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+        # A fitted tree's arrays (random_forest): rebuilt from its state, no code. Without it, every random-forest
+        # version failed its own load check.
+        "sklearn.tree._tree.Tree",
     }
 )
 TRUSTED_TYPES |= DATA_TYPES

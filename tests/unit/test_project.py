@@ -123,7 +123,10 @@ def test_a_category_outside_its_declared_values_names_the_allowed_ones(tmp_path:
             ('task = "classification"', 'task = "ranking"'),
             "model.task: Input should be 'regression' or 'classification'",
         ),
-        (('data = "data/penguins.csv"', 'data = "https://example.org/p.csv"'), "URLs are not fetched yet"),
+        (
+            ('data = "data/penguins.csv"', 'data = "http://example.org/p.csv"'),
+            "model.data: http://example.org/p.csv: plain",
+        ),
         (('name = "penguins"', 'name = "Penguins!"'), "model.name: String should match pattern"),
         (('"year" = { type = "integer" }', '"year" = { type = "date" }'), "features.year"),
         (("[model]", '[model]\nmodel_fil = "x.skops"'), "model.model_fil: Extra inputs are not permitted"),
@@ -261,3 +264,25 @@ def test_a_project_with_the_dataset_variables_set_is_refused(tmp_path: Path) -> 
     settings = Settings(data_dir=tmp_path, model_project=EXAMPLES / "diabetes", dataset="diabetes")
     with pytest.raises(DatasetError, match="unset MLAPI_DATASET and MLAPI_TARGET_COLUMN"):
         load_configured(settings)
+
+
+@pytest.mark.parametrize("estimator", ["ridge", "hist_gradient_boosting", "random_forest"])
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_project_of_mostly_categories_trains_with_every_estimator(
+    make_client, tmp_path: Path, estimator: str, task: str
+) -> None:
+    """One number beside an eight-valued category: the one-hot columns are most of the matrix, which the column
+    transformer used to hand on sparse, and the linear models' scaler refused ("Cannot center sparse matrices")."""
+    days = [f"day{i}" for i in range(8)]
+    rows = [
+        [i % 10 / 10, days[i % 8], (i % 8) * 3 + i % 10 / 10 if task == "regression" else f"c{i % 8 % 3}"]
+        for i in range(240)
+    ]
+    toml = (
+        f'[model]\nname = "mostly-categories"\ntask = "{task}"\ntarget = "y"\ndata = "data/train.csv"\n'
+        f'[features]\nx = "number"\nday = {{ type = "category", values = {days!r} }}\n'.replace("'", '"')
+    )
+    directory = write_project(tmp_path / "project", toml, ["x", "day", "y"], rows)
+    service = make_client(model_project=directory, estimator=estimator)
+    answer = service.post("/predict", json={"features": {"x": 0.5, "day": "day3"}})
+    assert answer.status_code == 200, answer.text
