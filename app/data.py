@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from app.project import ImportedModel, ProjectError, imported_model, open_project, pipeline_factory
+from app.datasource import is_url
+from app.project import (
+    ImportedModel,
+    ModelProject,
+    ProjectData,
+    ProjectError,
+    imported_model,
+    open_project,
+    pipeline_factory,
+)
 from app.settings import Settings
 from app.tabular import Column, Schema, frame_of_codes
 
@@ -36,6 +45,8 @@ class Dataset:
     imported: ImportedModel | None = None  # a pipeline trained elsewhere (model.model_file): the first version
     times: np.ndarray | None = None  # a time split's order per row (model.split): the holdout is the latest rows
     split_column: str | None = None  # the column those times come from
+    data_sha256: str = ""  # of the data file the rows were read from
+    data_url: str | None = None  # model.data when it is a URL: fetched again at each retrain (refetched)
 
     def __post_init__(self) -> None:
         if self.schema is None:
@@ -79,23 +90,23 @@ def load_configured(settings: Settings) -> Dataset:
         raise DatasetError(
             "MLAPI_MODEL_PROJECT names the data and the target: unset MLAPI_DATASET and MLAPI_TARGET_COLUMN"
         )
-    return load_project_dataset(settings.model_project)
+    return load_project_dataset(settings.model_project, data_cache(settings))
 
 
-def load_project_dataset(directory: Path) -> Dataset:
+def data_cache(settings: Settings) -> Path:
+    """Where data from a URL is fetched to, and read from when the next fetch at start fails."""
+    return settings.data_dir / "data-cache"
+
+
+def load_project_dataset(directory: Path, cache_dir: Path | None = None) -> Dataset:
     """A model project's data in the service's numeric form (app/tabular.py), with the project's schema."""
     try:
-        project, data = open_project(directory)
+        project, data = open_project(directory, cache_dir)
         pipeline = pipeline_factory(project)
         imported = imported_model(project)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
-    columns = tuple(
-        Column(name, spec.type, spec.nullable, tuple(spec.values or ())) for name, spec in project.features.items()
-    )
-    classes = tuple(sorted(set(data.target))) if project.model.task == "classification" else ()
-    schema = Schema(columns, project.model.task, classes)
-    X = schema.encode_frame(data.features)
+    schema, X = _encoded(project, data)
     if imported is not None:
         check_imported(imported, schema, X, f"MLAPI_MODEL_PROJECT: {directory / 'mlapi.toml'} model.model_file")
     return Dataset(
@@ -110,7 +121,35 @@ def load_project_dataset(directory: Path) -> Dataset:
         imported,
         data.times,
         project.model.split.column,
+        data.sha256,
+        project.model.data if is_url(project.model.data) else None,
     )
+
+
+def _encoded(project: ModelProject, data: ProjectData) -> tuple[Schema, np.ndarray]:
+    columns = tuple(
+        Column(name, spec.type, spec.nullable, tuple(spec.values or ())) for name, spec in project.features.items()
+    )
+    classes = tuple(sorted(set(data.target))) if project.model.task == "classification" else ()
+    schema = Schema(columns, project.model.task, classes)
+    return schema, schema.encode_frame(data.features)
+
+
+def refetched(dataset: Dataset, directory: Path, cache_dir: Path) -> Dataset:
+    """``dataset`` with the rows its URL serves now (a retrain's step): no stale copy, and the same schema, classes
+    and registry, else a DatasetError saying what changed."""
+    try:
+        project, data = open_project(directory, cache_dir, stale_ok=False)
+    except ProjectError as exc:
+        raise DatasetError(str(exc)) from None
+    schema, X = _encoded(project, data)
+    if f"projects/{project.store_key()}" != dataset.store or schema != dataset.schema:
+        raise DatasetError(
+            f"{project.model.data_label} now has other columns, types, values or classes than the served model was "
+            f"trained on ({list(schema.names)}, classes {list(schema.classes)}): declare the schema under [features] "
+            "and deploy the project again"
+        )
+    return replace(dataset, X=X, y=schema.encode_target(list(data.target)), times=data.times, data_sha256=data.sha256)
 
 
 def check_imported(imported: ImportedModel, schema: Schema, X: np.ndarray, where: str) -> None:

@@ -85,6 +85,7 @@ class ModelMetadata(BaseModel):
     created_at: str
     estimator: str
     data_fingerprint: str
+    data_sha256: str = ""  # of the data file the version was trained on (fetched, for a URL); "" before it was kept
     n_train: int
     n_calibration: int
     n_holdout: int
@@ -340,6 +341,7 @@ def train(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         estimator=estimator,
         data_fingerprint=fingerprint(development.X, development.y),
+        data_sha256=development.data_sha256,
         n_train=len(fit),
         n_calibration=len(calibration),
         n_holdout=len(holdout),

@@ -12,8 +12,11 @@ import csv
 import hashlib
 import importlib
 import json
+import logging
 import math
 import sys
+import tempfile
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,6 +34,9 @@ from pydantic import (
     model_validator,
 )
 
+from app.datasource import FetchError, fetch, is_url, redacted
+
+log = logging.getLogger(__name__)
 PROJECT_FILE = "mlapi.toml"
 FeatureType = Literal["number", "integer", "boolean", "category"]
 FEATURE_TYPES: tuple[str, ...] = ("number", "integer", "boolean", "category")
@@ -87,6 +93,8 @@ class ModelSection(BaseModel):
     ignore: list[str] = Field(default_factory=list, description="data columns that are neither feature nor target")
     missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING))
     split: SplitSpec = Field(default_factory=SplitSpec)
+    data_max_mb: float = Field(200.0, gt=0, description="data from a URL: the largest download accepted")
+    data_timeout_s: float = Field(60.0, gt=0, description="data from a URL: how long one download may take")
     pipeline: str | None = Field(
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
@@ -122,12 +130,24 @@ class ModelSection(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def local_file(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError(f"{value!r}: data must be a CSV file inside the project (URLs are not fetched yet)")
+    def csv_file_or_https(cls, value: str) -> str:
+        if is_url(value):
+            scheme = value.split("://", 1)[0].lower()
+            if scheme == "https":
+                return value
+            if scheme == "http":
+                raise ValueError(f"{redacted(value)}: plain http can be changed on the way: use https")
+            raise ValueError(
+                f"{redacted(value)}: {scheme}:// is not fetched: use an https URL (an S3 or GCS presigned URL works)"
+            )
         if not value.lower().endswith(".csv"):
-            raise ValueError(f"{value!r}: data must be a .csv file")
+            raise ValueError(f"{value!r}: data must be a .csv file in the project, or an https:// URL of one")
         return value
+
+    @property
+    def data_label(self) -> str:
+        """How messages name the data: the file as written, or the URL without its credentials."""
+        return redacted(self.data) if is_url(self.data) else self.data
 
 
 class ProjectFile(BaseModel):
@@ -168,6 +188,7 @@ class ProjectData:
     features: pd.DataFrame
     target: pd.Series
     times: np.ndarray | None = None  # a time split's column as ordered numbers (seconds since 1970 for dates)
+    sha256: str = ""  # of the data file as read (fetched, for a URL)
 
 
 def _describe(error: ValidationError, where: str) -> str:
@@ -183,8 +204,12 @@ def load_project(directory: Path) -> ModelProject:
     return open_project(directory)[0]
 
 
-def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
-    """The project in ``directory`` and its data, each column in its declared type."""
+def open_project(
+    directory: Path, cache_dir: Path | None = None, stale_ok: bool = True
+) -> tuple[ModelProject, ProjectData]:
+    """The project in ``directory`` and its data, each column in its declared type. Data from a URL is fetched into
+    ``cache_dir`` (a temporary directory if None); when the fetch fails and ``stale_ok``, the copy fetched last time
+    is used, with a warning (a replica restarting while the data's host is down still serves)."""
     path = directory / PROJECT_FILE
     if not path.is_file():
         raise ProjectError(
@@ -202,21 +227,27 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
         name: spec if isinstance(spec, FeatureSpec) else FeatureSpec(type=spec)
         for name, spec in parsed.features.items()
     }
-    data_path = directory / parsed.model.data
-    frame = read_raw(data_path, parsed.model.missing_values)
+    if is_url(parsed.model.data):
+        data_path, sha256 = fetched(parsed.model, path, cache_dir, stale_ok)
+        shown = label = parsed.model.data_label
+    else:
+        data_path, label = directory / parsed.model.data, None
+        sha256 = hashlib.sha256(data_path.read_bytes()).hexdigest() if data_path.is_file() else ""
+        shown = data_path.name
+    frame = read_raw(data_path, parsed.model.missing_values, label)
     columns = list(frame.columns)
     if parsed.model.target not in columns:
         raise ProjectError(
-            f"{path}: model.target: column {parsed.model.target!r} is not in {data_path.name} (its columns: {columns})"
+            f"{path}: model.target: column {parsed.model.target!r} is not in {shown} (its columns: {columns})"
         )
     unknown_ignored = sorted(set(parsed.model.ignore) - set(columns))
     if unknown_ignored:
-        raise ProjectError(f"{path}: model.ignore: {unknown_ignored} not in {data_path.name} (its columns: {columns})")
+        raise ProjectError(f"{path}: model.ignore: {unknown_ignored} not in {shown} (its columns: {columns})")
     split_column = parsed.model.split.column
     if split_column is not None and (split_column not in columns or split_column == parsed.model.target):
         raise ProjectError(
             f"{path}: model.split.column: {split_column!r} is "
-            + ("the target" if split_column == parsed.model.target else f"not in {data_path.name} (columns: {columns})")
+            + ("the target" if split_column == parsed.model.target else f"not in {shown} (columns: {columns})")
             + ": name the column that says when each row happened"
         )
     # A time split's column is not a feature unless declared as one: a timestamp is no input to a forecast.
@@ -228,11 +259,11 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
     if declared:
         missing = [name for name in declared if name not in columns]
         if missing:
-            raise ProjectError(f"{path}: features: {missing} declared but not in {data_path.name} (columns: {columns})")
+            raise ProjectError(f"{path}: features: {missing} declared but not in {shown} (columns: {columns})")
         undeclared = [name for name in data_features if name not in declared]
         if undeclared:
             raise ProjectError(
-                f"{path}: features: {data_path.name} has columns {undeclared} that are not declared: declare each "
+                f"{path}: features: {shown} has columns {undeclared} that are not declared: declare each "
                 "under [features] or list it in model.ignore"
             )
         features = {name: declared[name] for name in data_features}
@@ -240,19 +271,18 @@ def open_project(directory: Path) -> tuple[ModelProject, ProjectData]:
         features = infer_schema(frame[data_features])
     project = ModelProject(directory, parsed.model, features)
     data = typed(project, frame)  # the data must fit the schema before anything trains on it
+    data = replace(data, sha256=sha256)
     if split_column is None:
         return project, data
-    return project, replace(data, times=times_of(list(frame[split_column]), f"{path} model.split.column", data_path))
+    return project, replace(data, times=times_of(list(frame[split_column]), f"{path} model.split.column", shown))
 
 
-def times_of(values: list[str | None], where: str, data_path: Path) -> np.ndarray:
+def times_of(values: list[str | None], where: str, shown: str) -> np.ndarray:
     """A time column as ordered numbers: numbers as they are (a year, an epoch), else ISO dates and times (UTC where
     no offset is given) as seconds since 1970. Every row needs one."""
     gaps = [row for row, value in enumerate(values, start=2) if value is None]
     if gaps:
-        raise ProjectError(
-            f"{where}: the time column is empty in {data_path.name} rows {gaps[:5]}: every row needs one"
-        )
+        raise ProjectError(f"{where}: the time column is empty in {shown} rows {gaps[:5]}: every row needs one")
     numbers = [_as_number(value) for value in values]
     if all(number is not None for number in numbers):
         return np.array(numbers, dtype=np.float64)
@@ -260,29 +290,47 @@ def times_of(values: list[str | None], where: str, data_path: Path) -> np.ndarra
         stamps = pd.to_datetime(pd.Series(values), utc=True, format="ISO8601")
     except (ValueError, TypeError) as exc:
         raise ProjectError(
-            f"{where}: {data_path.name} has a value that is neither a number nor an ISO date ({exc}): use "
+            f"{where}: {shown} has a value that is neither a number nor an ISO date ({exc}): use "
             "2024-05-01 or 2024-05-01T13:00:00+02:00"
         ) from None
     return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
 
 
-def read_raw(path: Path, missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING) -> pd.DataFrame:
+def read_raw(
+    path: Path, missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING, label: str | None = None
+) -> pd.DataFrame:
     """The CSV as strings, None where a cell holds one of ``missing_values``: types come from the schema, not from
-    pandas' guesses."""
+    pandas' guesses. ``label``: how errors name the data (a URL's fetched copy is named by its URL)."""
+    where = label or path
     if not path.is_file():
-        raise ProjectError(f"{path}: the data file does not exist (model.data in {PROJECT_FILE})")
+        raise ProjectError(f"{where}: the data file does not exist (model.data in {PROJECT_FILE})")
     try:
         with path.open(newline="") as handle:
             header = next(csv.reader(handle), [])
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=list(missing_values))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
-        raise ProjectError(f"{path}: not a readable CSV file ({exc})") from None
+        raise ProjectError(f"{where}: not a readable CSV file ({exc})") from None
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:  # pandas would rename them silently (name.1)
-        raise ProjectError(f"{path}: column names appear more than once: {duplicated}")
+        raise ProjectError(f"{where}: column names appear more than once: {duplicated}")
     if len(frame) < 20:
-        raise ProjectError(f"{path}: at least 20 rows are needed to train and judge a model, it has {len(frame)}")
+        raise ProjectError(f"{where}: at least 20 rows are needed to train and judge a model, it has {len(frame)}")
     return frame.astype(object).where(frame.notna(), None)
+
+
+def fetched(model: ModelSection, path: Path, cache_dir: Path | None, stale_ok: bool) -> tuple[Path, str]:
+    """The data at ``model.data`` (a URL) as a local file and its sha256: fetched now, else (``stale_ok``) the copy
+    fetched last time into ``cache_dir``."""
+    directory = cache_dir or Path(tempfile.gettempdir()) / "mlapi-data"
+    copy = directory / f"{hashlib.sha256(model.data.encode()).hexdigest()[:16]}.csv"
+    try:
+        sha256 = fetch(model.data, copy, max_bytes=int(model.data_max_mb * 2**20), timeout_s=model.data_timeout_s)
+    except FetchError as exc:
+        if not (stale_ok and copy.is_file()):
+            raise ProjectError(f"{path}: model.data: {exc}") from None
+        log.warning("model.data: %s; serving from the copy fetched at %s", exc, time.ctime(copy.stat().st_mtime))
+        return copy, hashlib.sha256(copy.read_bytes()).hexdigest()
+    return copy, sha256
 
 
 def _as_number(value: str) -> float | None:
@@ -346,7 +394,7 @@ def typed(project: ModelProject, frame: pd.DataFrame) -> ProjectData:
             if value is None:
                 if not spec.nullable:
                     raise ProjectError(
-                        f"{where}: {name!r} has an empty value in {project.model.data} row {row}: declare it "
+                        f"{where}: {name!r} has an empty value in {project.model.data_label} row {row}: declare it "
                         f"{{ type = {json.dumps(spec.type)}, nullable = true }} or fill the gap"
                     )
                 converted.append(None)
@@ -355,8 +403,8 @@ def typed(project: ModelProject, frame: pd.DataFrame) -> ProjectData:
             if parsed is None:
                 allowed = f" (allowed: {spec.values})" if spec.type == "category" else ""
                 raise ProjectError(
-                    f"{where}: {name!r} = {value!r} in {project.model.data} row {row} is not a {spec.type}{allowed}: "
-                    "fix the data or the declared type"
+                    f"{where}: {name!r} = {value!r} in {project.model.data_label} row {row} is not a "
+                    f"{spec.type}{allowed}: fix the data or the declared type"
                     + (" (add the value to 'values')" if spec.type == "category" else "")
                 )
             converted.append(parsed)
@@ -394,7 +442,7 @@ def _target(project: ModelProject, frame: pd.DataFrame) -> pd.Series:
     gaps = [row for row, value in enumerate(values, start=2) if value is None]
     if gaps:
         raise ProjectError(
-            f"{where}: {name!r} is empty in {project.model.data} rows {gaps[:5]}: a target needs a value"
+            f"{where}: {name!r} is empty in {project.model.data_label} rows {gaps[:5]}: a target needs a value"
         )
     if project.model.task == "regression":
         numbers = [_as_number(v) for v in values]

@@ -15,7 +15,8 @@ import sklearn
 import sklearn.base
 import skops.io as sio
 
-from app.data import Dataset, split_holdout
+from app.data import Dataset, DatasetError, data_cache, refetched, split_holdout
+from app.datasource import redacted
 from app.metrics import ServiceMetrics, failures_in_a_row
 from app.model import (
     PROMOTION_METRIC,
@@ -65,6 +66,7 @@ class RetrainOutcome:
     current_metrics: dict | None = None
     n_observations: int = 0
     quarantined: int = 0  # observations left out: equal to a holdout row, or outside the accepted ranges
+    data_sha256: str = ""  # of the data the candidate was trained on
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
@@ -298,6 +300,14 @@ class ModelService:
         current_version = current.metadata.version if current else None
         quarantined = 0
         obs_y = np.empty(0)
+        if self.dataset.data_url is not None:
+            phase(f"fetching the data from {redacted(self.dataset.data_url)}")
+            try:
+                self.dataset = refetched(self.dataset, self.settings.model_project, data_cache(self.settings))
+            except DatasetError as exc:
+                return RetrainOutcome(
+                    "failed", f"the data could not be fetched: {exc}; {current_version} keeps serving", current_version
+                )
         try:
             phase("reading the project's data and the observations")
             development, holdout = self._splits()
@@ -324,6 +334,7 @@ class ModelService:
                 current_version,
                 n_observations=len(obs_y),
                 quarantined=quarantined,
+                data_sha256=self.dataset.data_sha256,
             )
         candidate_metrics = candidate.metadata.metrics
         metric = PROMOTION_METRIC[candidate.metadata.task]
@@ -342,6 +353,7 @@ class ModelService:
                     current_metrics=current_metrics.model_dump(),
                     n_observations=len(obs_y),
                     quarantined=quarantined,
+                    data_sha256=self.dataset.data_sha256,
                 )
         else:
             current_metrics = None
@@ -359,6 +371,7 @@ class ModelService:
             current_metrics=current_metrics.model_dump() if current_metrics else None,
             n_observations=len(obs_y),
             quarantined=quarantined,
+            data_sha256=self.dataset.data_sha256,
         )
 
     def _admissible(self, X: np.ndarray, y: np.ndarray, holdout: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
@@ -410,11 +423,22 @@ def development_and_holdout(
     if seed is None:
         seed = registry.holdout_seed()
     development, holdout = split_holdout(dataset, seed)
+    if dataset.times is not None:  # the latest rows of the data as it is now: judged on what came last
+        registry.save_holdout(holdout)
+        return development, holdout
     stored = registry.load_holdout(dataset)
     if stored is None:
         registry.save_holdout(holdout)
         return development, holdout
+    if dataset.data_url is not None:  # fetched again: every row but those held out the first time, wherever they are
+        return dataset.rows(~holds(stored, dataset)), stored
     return development, stored
+
+
+def holds(holdout: Dataset, data: Dataset) -> np.ndarray:
+    """Per row of ``data``: True where it equals a row of ``holdout`` (features and target)."""
+    held = {row.tobytes() for row in np.column_stack([holdout.X, holdout.y])}
+    return np.array([row.tobytes() in held for row in np.column_stack([data.X, data.y])], dtype=bool)
 
 
 def train_version(
