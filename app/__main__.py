@@ -110,7 +110,7 @@ def _train(dataset: Dataset, into: str | None) -> int:
     from pathlib import Path
 
     from app.registry import Registry
-    from app.service import train_first_version
+    from app.training import train_first_version
 
     settings = get_settings()
     directory = Path(into) if into else settings.first_version_dir or settings.data_dir

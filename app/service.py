@@ -11,11 +11,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
-import sklearn
-import sklearn.base
-import skops.io as sio
 
-from app.data import Dataset, DatasetError, data_cache, refetched, split_holdout
+from app.data import Dataset, DatasetError, data_cache, refetched
 from app.datasource import redacted
 from app.metrics import ServiceMetrics, failures_in_a_row
 from app.model import (
@@ -25,13 +22,14 @@ from app.model import (
     evaluate,
     out_of_distribution,
     population_stability,
-    train,
 )
 from app.project import other_sklearn_minor
-from app.registry import Registry, RegistryError, untrusted_types
+from app.registry import Registry, RegistryError
 from app.schemas import AcceptedRanges
 from app.settings import Settings
 from app.stores import open_stores
+from app.training import development_and_holdout, train_first_version, train_version
+from app.training_process import train_in_child
 
 if TYPE_CHECKING:
     from app.pgregistry import SharedRegistry
@@ -323,9 +321,7 @@ class ModelService:
                 f"training a candidate on {len(development)} rows and {len(obs_y)} observations "
                 f"({quarantined} quarantined); the holdout: {len(holdout)} rows"
             )
-            candidate = train_version(
-                self.settings, self.dataset, development.extend(obs_X, obs_y), holdout, n_observations=len(obs_y)
-            )
+            candidate = self._train_candidate(development.extend(obs_X, obs_y), holdout, len(obs_y))
         except Exception as exc:  # a broken candidate must never take the service down
             log.exception("retrain: candidate failed")
             return RetrainOutcome(
@@ -374,6 +370,12 @@ class ModelService:
             data_sha256=self.dataset.data_sha256,
         )
 
+    def _train_candidate(self, development: Dataset, holdout: Dataset, n_observations: int) -> Predictor:
+        """In a process of its own (app/training_process.py), unless isolation is off (tests that patch training)."""
+        if self.settings.retrain_isolation:
+            return train_in_child(self.settings, self.dataset, development, holdout, n_observations)
+        return train_version(self.settings, self.dataset, development, holdout, n_observations)
+
     def _admissible(self, X: np.ndarray, y: np.ndarray, holdout: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
         """Observations a candidate may learn from. Left out (quarantined, counted, never fatal): rows equal or
         nearly equal to a holdout row (learning them would fake a better holdout score), and rows outside the
@@ -413,77 +415,3 @@ class ModelService:
             for index, profile in enumerate(predictor.metadata.features):
                 features[profile.name] = round(population_stability(recent[:, index], profile), 4)
         return {"model_version": predictor.metadata.version, "window": len(recent), "psi": features}
-
-
-def development_and_holdout(
-    settings: Settings, dataset: Dataset, registry: Registry | SharedRegistry
-) -> tuple[Dataset, Dataset]:
-    """The rows to train on and the fixed holdout every version is judged on (stored with the first version)."""
-    seed = settings.holdout_seed
-    if seed is None:
-        seed = registry.holdout_seed()
-    development, holdout = split_holdout(dataset, seed)
-    if dataset.times is not None:  # the latest rows of the data as it is now: judged on what came last
-        registry.save_holdout(holdout)
-        return development, holdout
-    stored = registry.load_holdout(dataset)
-    if stored is None:
-        registry.save_holdout(holdout)
-        return development, holdout
-    if dataset.data_url is not None:  # fetched again: every row but those held out the first time, wherever they are
-        return dataset.rows(~holds(stored, dataset)), stored
-    return development, stored
-
-
-def holds(holdout: Dataset, data: Dataset) -> np.ndarray:
-    """Per row of ``data``: True where it equals a row of ``holdout`` (features and target)."""
-    held = {row.tobytes() for row in np.column_stack([holdout.X, holdout.y])}
-    return np.array([row.tobytes() in held for row in np.column_stack([data.X, data.y])], dtype=bool)
-
-
-def train_version(
-    settings: Settings,
-    dataset: Dataset,
-    development: Dataset,
-    holdout: Dataset,
-    n_observations: int,
-    first: bool = False,
-) -> Predictor:
-    """A new version, only if the registry will load it again: a type in the project's own pipeline that is not
-    trusted stops here, naming the key that trusts it, not at the next load. The project's code trains it; else a
-    pipeline trained elsewhere is the first version as it is, and a fresh copy of it (same steps and
-    hyper-parameters) is refitted at every retrain; else the built-in estimator."""
-    pipeline, imported = dataset.pipeline, dataset.imported
-    user_pipeline, prefit, estimator = None, None, settings.estimator
-    if pipeline is not None:
-        user_pipeline, estimator = pipeline(), f"{pipeline.__module__}:{pipeline.__name__}"
-    elif imported is not None and first:
-        prefit, estimator = imported.estimator, f"{imported.path.name} (imported)"
-    elif imported is not None:
-        user_pipeline, estimator = sklearn.base.clone(imported.estimator), f"{imported.path.name} (refitted)"
-    predictor = train(
-        development,
-        holdout,
-        estimator=estimator,
-        levels=settings.confidence_levels,
-        seed=settings.seed,
-        n_observations=n_observations,
-        user_pipeline=user_pipeline,
-        prefit=prefit,
-    )
-    untrusted = untrusted_types(sio.dumps(predictor.conformal), dataset.trusted_types)
-    if untrusted:
-        raise ValueError(
-            f"the trained pipeline holds types the service does not load: {untrusted}; if they are the project's "
-            "own, list them in model.trusted_types in mlapi.toml"
-        )
-    return predictor
-
-
-def train_first_version(settings: Settings, dataset: Dataset, registry: Registry | SharedRegistry) -> str:
-    """Train the first version from the base data, store it and make it current; its name."""
-    development, holdout = development_and_holdout(settings, dataset, registry)
-    predictor = train_version(settings, dataset, development, holdout, n_observations=0, first=True)
-    version = registry.save(predictor, parent=None)
-    registry.set_current(version)
-    return version

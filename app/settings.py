@@ -93,6 +93,18 @@ class Settings(BaseSettings):
         description="Registries trained when the image was built (`python -m app train --into`): an empty registry "
         "starts from the version there for its data instead of training in the serving process.",
     )
+    retrain_isolation: bool = Field(
+        True,
+        description="Train a retrain's candidate in a process of its own, bounded by retrain_memory_mb and "
+        "retrain_timeout_s: a training that fails or runs out of bounds leaves the serving process answering.",
+    )
+    retrain_timeout_s: float = Field(1800.0, gt=0, description="A retrain's training is stopped after this long.")
+    retrain_memory_mb: int | None = Field(
+        None,
+        ge=64,
+        description="A retrain's training process is stopped above this resident memory. Unset: 60 % of the "
+        "container's memory limit, none where there is no limit.",
+    )
     log_retention_days: float = Field(90.0, gt=0, description="Predictions older than this are deleted.")
     log_max_rows: int = Field(2_000_000, ge=1000, description="At most this many predictions are kept (newest).")
     min_free_mb: int = Field(

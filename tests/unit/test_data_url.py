@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from app.data import DatasetError, load_project_dataset, refetched
 from app.project import PROJECT_FILE, ProjectError, load_project
 from app.registry import Registry
-from app.service import development_and_holdout
 from app.settings import Settings
+from app.training import development_and_holdout
 from tests.support.https_files import Served, https_files
 from tests.support.service import admin_headers, metric_value
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import app.service
+import app.training
 from app.project import PROJECT_FILE
 from app.registry import Registry
 
@@ -67,7 +67,7 @@ def model_file(store: Path) -> bytes:
 def test_a_replica_starts_from_the_version_built_into_the_image(
     built: Path, make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(app.service, "train", never_trains)
+    monkeypatch.setattr(app.training, "train", never_trains)
     service = make_client(model_project=PENGUINS, first_version_dir=built, holdout_seed=None, data_dir=tmp_path)
     assert service.get("/model").json()["version"] == "v0001"
     (store,) = (built / "projects").iterdir()

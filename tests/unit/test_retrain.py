@@ -13,7 +13,7 @@ import skops.io as sio
 from fastapi.testclient import TestClient
 from sklearn.preprocessing import FunctionTransformer
 
-import app.service
+import app.training
 from tests.support.service import (
     BASE_ROWS,
     FEATURES,
@@ -107,7 +107,7 @@ def test_broken_candidate_fails_and_current_keeps_serving(
     def exploding_train(*args, **kwargs):
         raise np.linalg.LinAlgError("SVD did not converge")
 
-    monkeypatch.setattr(app.service, "train", exploding_train)
+    monkeypatch.setattr(app.training, "train", exploding_train)
     response = client.post("/admin/retrain", headers=admin_headers())
     assert response.status_code == 200
     assert response.json()["outcome"] == "failed"
