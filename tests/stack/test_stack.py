@@ -1043,11 +1043,16 @@ def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.L
         toml.replace("[features]", 'pipeline = "penguin_pipeline:by_name"\n\n[features]', 1)
     )
     try:
+        since = int(time.time())
         served = local.up(replace(stack.options, model_project=project), quiet=True)
         assert served.rollout.startswith("updated"), served.rollout
         status, _, body = https(stack, "GET", "/model")
         card = json.loads(body)
         assert status == 200 and card["name"] == "penguins" and card["estimator"] == "penguin_pipeline:by_name"
+        # Trained when the image was built, by the project's code: the replica only copied it in.
+        logs = b"".join(docker_engine().services.get(MODEL_SERVICE).logs(stdout=True, stderr=True, since=since))
+        assert b"first version v0001: the one built into the image" in logs, logs.decode()[-2000:]
+        assert b"in the serving process" not in logs
         bird = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0, "flipper_length_mm": 215,
                 "body_mass_g": None, "sex": None, "year": 2009}  # fmt: skip
         status, _, body = https(stack, "POST", "/predict", {"features": bird, "confidence": 0.9})
