@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,init,check,train,retrain,versions,rollback,drift,predictions,reference}``.
+"""Command line of the model service: ``python -m app <command>`` (``--help`` lists them).
 
 ``retrain``, ``versions``, ``rollback``, ``drift`` and ``predictions`` talk to the running service's private /admin
 routes on the loopback address, so the serving process is the one that swaps models. The host's cron runs
@@ -126,6 +126,30 @@ def _train(dataset: Dataset, into: str | None) -> int:
     return 0
 
 
+def _install_requirements(into: str) -> int:
+    """The image build's step: the configured project's extra packages, checked, installed into ``into`` (offline from
+    the project's .wheels directory when the local stack put one there)."""
+    from pathlib import Path
+
+    from app.project import ProjectError, load_project, project_pins
+    from app.requirements import WHEELS_DIR, RequirementsError, install
+
+    directory = get_settings().model_project
+    if directory is None:
+        print("error: MLAPI_MODEL_PROJECT is not set: only a model project has extra packages", file=sys.stderr)
+        return 2
+    try:
+        project = load_project(directory)
+        pins = project_pins(project)
+        wheels = directory / WHEELS_DIR
+        install(pins, Path(into), wheels if wheels.is_dir() else None, f"{directory} model.requirements")
+    except (ProjectError, RequirementsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"installed {[pin.text for pin in pins]} into {into}" if pins else "no extra packages")
+    return 0
+
+
 def _init(data: str, project: str | None, target: str, task: str | None, name: str | None, ignore: list[str]) -> int:
     """Write ``mlapi.toml`` with the schema inferred from the data, for the user to review."""
     from pathlib import Path
@@ -200,13 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--since-seconds", type=float, default=86400, help="how far back (default: one day)")
     export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     commands.add_parser("reference", help="the training data as JSON lines, its schema first (for `mlapi report`)")
+    packages = commands.add_parser(
+        "requirements", help="install the project's model.requirements beside the service's packages (image build)"
+    )
+    packages.add_argument("--into", required=True, help="the directory the packages go to")
     args = parser.parse_args(argv)
+
+    if args.command == "requirements":
+        return _install_requirements(args.into)
 
     if args.command in ("train", "check", "reference"):
         from app.data import DatasetError, load_configured
 
         try:  # a project or dataset that cannot be served stops here, with the reason, not in a traceback
-            dataset = load_configured(get_settings())
+            dataset = load_configured(get_settings(), check_only=args.command == "check")
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

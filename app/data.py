@@ -82,15 +82,16 @@ def fingerprint(X: np.ndarray, y: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_configured(settings: Settings) -> Dataset:
-    """The data the settings choose: a model project (MLAPI_MODEL_PROJECT), else MLAPI_DATASET."""
+def load_configured(settings: Settings, check_only: bool = False) -> Dataset:
+    """The data the settings choose: a model project (MLAPI_MODEL_PROJECT), else MLAPI_DATASET. ``check_only``: the
+    project's code may import a package its requirements bring that this machine lacks (the image build imports it)."""
     if settings.model_project is None:
         return load_dataset(settings.dataset, settings.target_column)
     if "dataset" in settings.model_fields_set or "target_column" in settings.model_fields_set:
         raise DatasetError(
             "MLAPI_MODEL_PROJECT names the data and the target: unset MLAPI_DATASET and MLAPI_TARGET_COLUMN"
         )
-    return load_project_dataset(settings.model_project, data_cache(settings))
+    return load_project_dataset(settings.model_project, data_cache(settings), check_only)
 
 
 def data_cache(settings: Settings) -> Path:
@@ -98,11 +99,11 @@ def data_cache(settings: Settings) -> Path:
     return settings.data_dir / "data-cache"
 
 
-def load_project_dataset(directory: Path, cache_dir: Path | None = None) -> Dataset:
+def load_project_dataset(directory: Path, cache_dir: Path | None = None, check_only: bool = False) -> Dataset:
     """A model project's data in the service's numeric form (app/tabular.py), with the project's schema."""
     try:
         project, data = open_project(directory, cache_dir)
-        pipeline = pipeline_factory(project)
+        pipeline = pipeline_factory(project, missing_ok=check_only)
         imported = imported_model(project)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from app.datasource import FetchError, fetch, is_url, redacted
+from app.requirements import Pin, RequirementsError, parse_pins, service_versions, to_install
 
 log = logging.getLogger(__name__)
 PROJECT_FILE = "mlapi.toml"
@@ -103,19 +104,18 @@ class ModelSection(BaseModel):
     trusted_types: list[str] = Field(
         default_factory=list, description="the project's own classes (module.Class) that skops may load"
     )
-    requirements: str | None = Field(None, description="not taken yet: extra packages for the model image")
+    requirements: str | None = Field(
+        None, min_length=1, description="a requirements file in the project: extra packages for the model image"
+    )
     model_file: str | None = Field(
         None, description="a fitted pipeline in skops format, in the project: served as the first version"
     )
 
     @field_validator("requirements")
     @classmethod
-    def not_yet(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError(
-                f"{value!r}: extra packages are not installed into the model image yet: install them into the "
-                "image yourself (FROM the model image) and set modelImage, or use scikit-learn's own estimators"
-            )
+    def file_in_project(cls, value: str | None) -> str | None:
+        if value is not None and (is_url(value) or Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError(f"{value!r}: the requirements file must be a path inside the project")
         return value
 
     @field_validator("model_file")
@@ -270,6 +270,7 @@ def open_project(
     else:
         features = infer_schema(frame[data_features])
     project = ModelProject(directory, parsed.model, features)
+    project_pins(project)  # refused before anything trains, as the image build would refuse it
     data = typed(project, frame)  # the data must fit the schema before anything trains on it
     data = replace(data, sha256=sha256)
     if split_column is None:
@@ -522,11 +523,12 @@ def missing_methods(estimator: Any, task: str, fitted: bool) -> list[str]:
     return [method for method in required_methods(task, fitted) if not hasattr(estimator, method)]
 
 
-def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
+def pipeline_factory(project: ModelProject, missing_ok: bool = False) -> Callable[[], Any] | None:
     """The project's own training code (``model.pipeline = "module:function"``), checked once: the module is a file
     in the project, the function returns an unfitted estimator with what the task needs. The project directory goes
     on the import path (at its end, so it never shadows an installed package) and stays there: skops imports the
-    project's classes by name when a version is loaded."""
+    project's classes by name when a version is loaded. ``missing_ok`` (a check on the operator's machine): a module
+    the project's requirements bring but this machine lacks is left to the image build, with a warning."""
     spec = project.model.pipeline
     if spec is None:
         return None
@@ -540,6 +542,15 @@ def pipeline_factory(project: ModelProject) -> Callable[[], Any] | None:
         sys.path.append(directory)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if project.model.requirements is None or not missing_ok:
+            raise ProjectError(f"{where}: importing {path.name} failed: ModuleNotFoundError: {exc}") from None
+        log.warning(
+            "%s: %s is not imported here (%s): model.requirements installs it into the model image, whose build "
+            "imports it and trains the first version; to serve the project on this machine, pip install -r %s",
+            where, path.name, exc, project.directory / project.model.requirements,
+        )  # fmt: skip
+        return None
     except Exception as exc:
         raise ProjectError(f"{where}: importing {path.name} failed: {type(exc).__name__}: {exc}") from None
     if Path(getattr(module, "__file__", "") or "").resolve() != path.resolve():
@@ -661,3 +672,17 @@ def import_pickle(source: Path, project: ModelProject, name: str = "model.skops"
         text = toml.read_text()
         toml.write_text(text.replace("[model]\n", f"[model]\nmodel_file = {json.dumps(name)}\n", 1))
     return target
+
+
+def project_pins(project: ModelProject) -> list[Pin]:
+    """The project's extra packages (model.requirements) still to install beside the service's, each checked."""
+    if project.model.requirements is None:
+        return []
+    where = f"{project.directory / PROJECT_FILE} model.requirements"
+    path = project.directory / project.model.requirements
+    if not path.is_file():
+        raise ProjectError(f"{where}: {path} does not exist (a requirements file in the project, name==version lines)")
+    try:
+        return to_install(parse_pins(path.read_text(), str(path)), service_versions(), where)
+    except RequirementsError as exc:
+        raise ProjectError(str(exc)) from None

@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,9 +181,11 @@ def _wheel_platforms() -> list[str]:
     return [*tags, f"manylinux2014_{machine}", f"linux_{machine}"]
 
 
-def download_wheels(requirements: Path) -> Path:
-    """Wheels for the image's Python (3.11, bookworm), fetched on the host and cached by requirements hash."""
-    target = CACHE_DIR / f"wheels-{content_hash(requirements.read_bytes(), platform.machine())}"
+def download_wheels(requirements: Path, *, lock: bool = True) -> Path:
+    """Wheels for the image's Python (3.11, bookworm), fetched on the host and cached by requirements hash. ``lock``:
+    the service's lock, every line hashed; else a project's requirements, each package without its dependencies
+    (the file is the project's lock; hashes are checked where it has them)."""
+    target = CACHE_DIR / f"wheels-{content_hash(requirements.read_bytes(), platform.machine(), str(lock))}"
     if (target / ".complete").exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,7 @@ def download_wheels(requirements: Path) -> Path:
         "pip",
         "download",
         "--quiet",
-        "--require-hashes",
+        "--require-hashes" if lock else "--no-deps",
         "--only-binary=:all:",
         "--python-version",
         "3.11",
@@ -205,7 +208,7 @@ def download_wheels(requirements: Path) -> Path:
     ]
     for tag in _wheel_platforms():
         command += ["--platform", tag]
-    run_step(command, "pip download of the service's wheels")
+    run_step(command, "pip download of the service's wheels" if lock else f"pip download of {requirements}")
     (target / ".complete").touch()
     return target
 
@@ -249,18 +252,27 @@ def check_project(project: Path) -> None:
 
 def build_project_image(client: docker.DockerClient, model_image: str, project: Path) -> str:
     """The model image with a model project in it, from app/Dockerfile.project (the Pulumi program builds the same
-    file on the VM): the service reads it from MLAPI_MODEL_PROJECT. The caller has checked the project."""
+    file on the VM): the service reads it from MLAPI_MODEL_PROJECT. The project's extra packages are fetched here, on
+    the host, into the build context's .wheels/ (the build itself is offline). The caller has checked the project."""
     files = sorted(p for p in project.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     digest = content_hash(model_image, *(str(p.relative_to(project)) for p in files), *(p.read_bytes() for p in files))
     tag = f"mlapi-model-project:{digest}"
     if has_image(client, tag):
         return tag
-    run_step(
-        ["docker", "build", "--quiet", "-t", tag, "-f", str(PROJECT_DOCKERFILE), "--build-arg",
-         f"MODEL_IMAGE={model_image}", str(project)],
-        f"docker build of the model project {project}",
-        env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mlapi-project-") as context:
+        shutil.copytree(project, context, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".wheels"))
+        requirements = tomllib.loads((project / "mlapi.toml").read_text())["model"].get("requirements")
+        if requirements:
+            wheels = Path(context) / ".wheels"
+            wheels.mkdir()
+            for wheel in download_wheels(project / requirements, lock=False).glob("*.whl"):
+                shutil.copy2(wheel, wheels)
+        run_step(
+            ["docker", "build", "--quiet", "-t", tag, "-f", str(PROJECT_DOCKERFILE), "--build-arg",
+             f"MODEL_IMAGE={model_image}", context],
+            f"docker build of the model project {project}",
+            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )  # fmt: skip
     return tag
 
 

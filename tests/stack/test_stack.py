@@ -1020,28 +1020,40 @@ from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
+from unidecode import unidecode  # not in the service's image: the project's requirements.txt brings it
+
+
+def ascii_folded(frame):
+    return frame.map(lambda value: unidecode(value) if isinstance(value, str) else value)
 
 
 def by_name():
-    places = make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder())
+    places = make_pipeline(
+        FunctionTransformer(ascii_folded), SimpleImputer(strategy="most_frequent"), OneHotEncoder()
+    )
     sizes = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm"]
     columns = ColumnTransformer([("places", places, ["island", "sex"]), ("sizes", SimpleImputer(), sizes)])
     return make_pipeline(columns, LogisticRegression(max_iter=2000))
 """
+# The project's one extra package, fetched from PyPI on the host and installed into the image offline.
+USERS_REQUIREMENTS = "Unidecode==1.4.0\n"
 
 
 def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
     """`make local-up MODEL=<dir>`: a classifier over categories and gaps, trained by the project's own code (a
-    ColumnTransformer selecting columns by name), checked, baked into the model image, rolled out and served over
-    HTTPS; a plain `up` afterwards is the bundled model again."""
+    ColumnTransformer selecting columns by name) with a package of its own requirements, checked, baked into the
+    model image, rolled out and served over HTTPS; a plain `up` afterwards is the bundled model again."""
     project = tmp_path / "penguins"
     shutil.copytree(EXAMPLES / "penguins", project)
     (project / "penguin_pipeline.py").write_text(USERS_CODE)
+    (project / "requirements.txt").write_text(USERS_REQUIREMENTS)
     toml = (project / "mlapi.toml").read_text()
-    (project / "mlapi.toml").write_text(
-        toml.replace("[features]", 'pipeline = "penguin_pipeline:by_name"\n\n[features]', 1)
+    keys = (
+        'pipeline = "penguin_pipeline:by_name"\nrequirements = "requirements.txt"\n'
+        'trusted_types = ["penguin_pipeline.ascii_folded"]\n'
     )
+    (project / "mlapi.toml").write_text(toml.replace("[features]", f"{keys}\n[features]", 1))
     try:
         since = int(time.time())
         served = local.up(replace(stack.options, model_project=project), quiet=True)
