@@ -62,7 +62,7 @@ def test_a_failed_retrain_shows_in_the_gauge_at_once(client: TestClient, monkeyp
     def broken(*args, **kwargs):
         raise MemoryError("the candidate did not fit")
 
-    monkeypatch.setattr("app.service.train", broken)
+    monkeypatch.setattr("app.training.train", broken)
     for expected in (1, 2):
         assert client.post("/admin/retrain", headers=admin_headers()).json()["outcome"] == "failed"
         assert metric_value(client.get("/metrics").text, "mlapi_retrain_consecutive_failures") == expected
