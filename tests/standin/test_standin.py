@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from infra.config.project import PROJECT_DOCKERFILE, check_project
 from infra.host.deploy import docker_ssh_options
 from infra.host.setup import (
     HEARTBEAT_CRON_FILE,
@@ -27,14 +30,16 @@ from infra.host.setup import (
     REMOVE_HEARTBEAT_URL,
     render_host_setup,
 )
-from infra.local.engine import running_tasks
+from infra.local.engine import deploy_stack, running_tasks
 from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, SOCKET
 from infra.spec.inputs import DEFAULT_DATA_ROOT
-from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID
+from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID, project_tag
 from testbed.stack import COUNT_PREDICTIONS, wait_until
 from testbed.standin import DOMAIN, TASK, Environment
 from tests.support.service import record
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.standin
 
@@ -214,6 +219,34 @@ def test_https_verifies_against_pebble_and_http_redirects(env: Environment) -> N
         head = plain.recv(4096).decode()
     assert head.startswith("HTTP/1.1 301")
     assert f"Location: https://{DOMAIN}/model?x=1" in head
+
+
+def test_a_model_project_is_built_on_the_server_and_served(env: Environment, tmp_path: Path) -> None:
+    """What `pulumi up` does with modelProject: the program's image resource builds app/Dockerfile.project on the
+    server's own engine (over ssh://), FROM the model image already there, training the first version in the build;
+    the service rolls onto it and the edge serves the project; the bundled model comes back the same way."""
+    project = tmp_path / "penguins"
+    shutil.copytree(PROJECT_DIR / "examples" / "penguins", project)
+    check_project(project)  # the program's own check first, as __main__.py runs it
+    tag = f"mlapi-model-project:{project_tag(env.spec.model.image, project)}"
+    remote = env.remote_docker()
+    try:
+        remote.images.build(
+            path=str(project), dockerfile=str(PROJECT_DOCKERFILE), buildargs={"MODEL_IMAGE": env.spec.model.image},
+            tag=tag, rm=True,
+        )  # fmt: skip
+        served = deploy_stack(remote, replace(env.spec, model=replace(env.spec.model, image=tag)), env.tokens)
+        assert served.action == "updated", served
+        status, _, body, _ = env.https("/model")
+        card = json.loads(body)
+        assert status == 200 and card["name"] == "penguins" and card["version"] == "v0001", body[:300]
+        logs = env.ssh(f"docker service logs {MODEL_SERVICE} 2>&1").stdout
+        assert "first version v0001: the one built into the image" in logs, logs[-2000:]
+    finally:
+        back = deploy_stack(remote, env.spec, env.tokens)
+        remote.close()
+    assert back.action == "updated"
+    assert json.loads(env.https("/model")[2])["name"] == "diabetes"
 
 
 def _data_snapshot(env: Environment) -> tuple[list[str], int]:
