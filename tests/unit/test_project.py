@@ -131,7 +131,10 @@ def test_a_category_outside_its_declared_values_names_the_allowed_ones(tmp_path:
         (('"year" = { type = "integer" }', '"year" = { type = "date" }'), "features.year"),
         (("[model]", '[model]\nmodel_fil = "x.skops"'), "model.model_fil: Extra inputs are not permitted"),
         (("[model]", '[model]\nmodel_file = "x.joblib"'), "model.model_file: 'x.joblib': the service loads skops"),
-        (("[model]", '[model]\nrequirements = "../r.txt"'), "model.requirements: '../r.txt': the requirements file must"),
+        (
+            ("[model]", '[model]\nrequirements = "../r.txt"'),
+            "model.requirements: '../r.txt': the requirements file must",
+        ),
     ],
 )
 def test_a_bad_project_file_names_the_key(tmp_path: Path, replace: tuple[str, str], says: str) -> None:

@@ -15,18 +15,10 @@ from fastapi.testclient import TestClient
 
 from app.data import DatasetError, load_project_dataset
 from app.project import PROJECT_FILE
+from tests.support.projects import PENGUIN, penguins_with_code
 from tests.support.service import admin_headers
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-PENGUIN = {
-    "island": "Dream",
-    "bill_length_mm": 49.0,
-    "bill_depth_mm": 19.5,
-    "flipper_length_mm": 196,
-    "body_mass_g": 3800,
-    "sex": None,
-    "year": 2008,
-}
 USERS_PIPELINE = '''
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
@@ -70,15 +62,8 @@ def not_an_estimator():
 
 
 def project_with_code(tmp_path: Path, pipeline: str, extra: str = "", module: str = "penguin_code") -> Path:
-    directory = tmp_path / "penguins"
-    shutil.copytree(PROJECT_DIR / "examples" / "penguins", directory)
-    (directory / f"{module}.py").write_text(USERS_PIPELINE)
-    text = (directory / PROJECT_FILE).read_text()
-    model_keys = f'pipeline = "{module}:{pipeline}"\n{extra}'
-    (directory / PROJECT_FILE).write_text(
-        text.replace('data = "data/penguins.csv"\n', f'data = "data/penguins.csv"\n{model_keys}')
-    )
-    return directory
+    keys = f'pipeline = "{module}:{pipeline}"\n{extra}'
+    return penguins_with_code(tmp_path / "penguins", {f"{module}.py": USERS_PIPELINE}, keys)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from app.project import PROJECT_FILE, ProjectError, load_project
+from app.project import ProjectError, load_project
 from app.requirements import Pin, RequirementsError, parse_pins, service_versions, to_install
+from tests.support.projects import penguins_with_code
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 # The project's own code needs a package the service does not have: it scales the bill's length by a constant the
@@ -62,18 +62,8 @@ def make_wheel(directory: Path, name: str, version: str, code: str, requires: tu
 
 
 def project_with_requirements(tmp_path: Path, requirements: str) -> Path:
-    directory = tmp_path / "penguins"
-    shutil.copytree(PROJECT_DIR / "examples" / "penguins", directory)
-    (directory / "scaled.py").write_text(CODE)
-    (directory / "requirements.txt").write_text(requirements)
-    text = (directory / PROJECT_FILE).read_text()
-    (directory / PROJECT_FILE).write_text(
-        text.replace(
-            'data = "data/penguins.csv"\n',
-            'data = "data/penguins.csv"\npipeline = "scaled:make"\nrequirements = "requirements.txt"\n'
-            'trusted_types = ["tinyscale.scale"]\n',
-        )
-    )
+    keys = 'pipeline = "scaled:make"\nrequirements = "requirements.txt"\ntrusted_types = ["tinyscale.scale"]\n'
+    directory = penguins_with_code(tmp_path / "penguins", {"scaled.py": CODE, "requirements.txt": requirements}, keys)
     make_wheel(directory / ".wheels", "tinyscale", "1.2.0", "def scale(X):\n    return X / 10.0\n")
     return directory
 

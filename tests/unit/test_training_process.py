@@ -5,7 +5,6 @@ and the served model keeps answering."""
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -16,22 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.data import load_dataset, split_holdout
-from app.project import PROJECT_FILE
 from app.settings import Settings
 from app.training import train_version
 from app.training_process import memory_bound_mb, train_in_child
+from tests.support.projects import PENGUIN, penguins_with_code
 from tests.support.service import admin_headers, metric_value
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-PENGUIN = {
-    "island": "Dream",
-    "bill_length_mm": 49.0,
-    "bill_depth_mm": 19.5,
-    "flipper_length_mm": 196,
-    "body_mass_g": 3800,
-    "sex": None,
-    "year": 2008,
-}
 # The project's own code: it trains normally until a file named MISBEHAVE appears beside it, then does what it says.
 MISBEHAVING = """
 import os
@@ -78,18 +67,8 @@ def make():
 
 
 def project(tmp_path: Path) -> Path:
-    directory = tmp_path / "penguins"
-    shutil.copytree(PROJECT_DIR / "examples" / "penguins", directory)
-    (directory / "misbehaving_code.py").write_text(MISBEHAVING)
-    text = (directory / PROJECT_FILE).read_text()
-    (directory / PROJECT_FILE).write_text(
-        text.replace(
-            'data = "data/penguins.csv"\n',
-            'data = "data/penguins.csv"\npipeline = "misbehaving_code:make"\n'
-            'trusted_types = ["misbehaving_code.Misbehaving"]\n',
-        )
-    )
-    return directory
+    keys = 'pipeline = "misbehaving_code:make"\ntrusted_types = ["misbehaving_code.Misbehaving"]\n'
+    return penguins_with_code(tmp_path / "penguins", {"misbehaving_code.py": MISBEHAVING}, keys)
 
 
 @pytest.fixture(autouse=True)
@@ -135,21 +114,18 @@ def test_the_child_trains_the_candidate_the_service_would(tmp_path: Path) -> Non
     assert list((tmp_path / "candidates").iterdir()) == []  # its scratch directory is gone
 
 
-def test_a_training_that_runs_too_long_is_stopped(isolated) -> None:
-    client, directory = isolated(retrain_timeout_s=3)
-    outcome, took = retrain_with(client, directory, "sleep")
-    assert outcome["outcome"] == "failed"
-    assert "training took longer than MLAPI_RETRAIN_TIMEOUT_S (3 s): it was stopped" in outcome["reason"]
-    assert took < 30
-    assert_still_serving(client)
-
-
-def test_a_training_that_takes_too_much_memory_is_stopped(isolated) -> None:
-    client, directory = isolated(retrain_memory_mb=900)
-    outcome, took = retrain_with(client, directory, "memory")
-    assert outcome["outcome"] == "failed"
-    assert "more than MLAPI_RETRAIN_MEMORY_MB allows (900 MB): it was stopped" in outcome["reason"]
-    assert took < 30
+@pytest.mark.parametrize(
+    ("bounds", "behaviour", "says"),
+    [
+        ({"retrain_timeout_s": 3}, "sleep", "training took longer than MLAPI_RETRAIN_TIMEOUT_S (3 s): it was stopped"),
+        ({"retrain_memory_mb": 900}, "memory", "more than MLAPI_RETRAIN_MEMORY_MB allows (900 MB): it was stopped"),
+    ],
+)
+def test_a_training_out_of_its_bounds_is_stopped(isolated, bounds: dict, behaviour: str, says: str) -> None:
+    client, directory = isolated(**bounds)
+    outcome, took = retrain_with(client, directory, behaviour)
+    assert outcome["outcome"] == "failed" and says in outcome["reason"], outcome
+    assert took < 30  # the training itself would have taken a minute
     assert_still_serving(client)
 
 
