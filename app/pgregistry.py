@@ -185,6 +185,10 @@ class SharedRegistry:
         self._set_state("holdout_seed", new_seed().encode(), keep_existing=True)  # the first one made stays
         return int(self._state("holdout_seed").decode())
 
+    def known_holdout_seed(self) -> int | None:
+        stored = self._state("holdout_seed")
+        return None if stored is None else int(stored.decode())
+
     def load_holdout(self, like: Dataset) -> Dataset | None:
         stored = self._state("holdout")
         return None if stored is None else holdout_from_bytes(stored, like, "the shared registry's holdout")

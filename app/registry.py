@@ -164,6 +164,10 @@ class Registry:
         """The installation's holdout seed: random, made once, kept (nobody can tell the holdout rows from the code)."""
         return int(generated_once(self.seed_path, new_seed))
 
+    def known_holdout_seed(self) -> int | None:
+        """The seed if one was made (or pinned) already, without making one."""
+        return int(self.seed_path.read_text().strip()) if self.seed_path.exists() else None
+
     def append_history(self, record: dict) -> None:
         write_json_line(self.history_path, record)
 

@@ -168,11 +168,19 @@ class ModelService:
 
     def _import_built_version(self) -> bool:
         """The first version trained when the image was built (read-only there), copied into the registry. True if
-        one was there for this data."""
+        one was there for this data and its holdout is this installation's (none made or pinned yet, or the same)."""
         directory = self.settings.first_version_dir
         if directory is None or not (directory / self.dataset.store / "models" / "CURRENT").is_file():
             return False
         built = Registry(directory / self.dataset.store, self.dataset.trusted_types)
+        wanted = self.settings.holdout_seed
+        if wanted is None:
+            wanted = self.registry.known_holdout_seed()
+        if wanted is not None and wanted != built.known_holdout_seed():
+            # The installation's holdout is made once and kept (pinned, or left by an earlier registry): a version
+            # judged on the image's own split would be compared with later ones on another.
+            log.info("the first version built into the image was judged on another holdout than this installation's")
+            return False
         imported = self.registry.import_from(built)
         log.info("first version %s: the one built into the image (%d imported)", built.current(), imported)
         return True

@@ -133,3 +133,19 @@ def test_a_project_that_cannot_train_fails_the_build_naming_the_error(tmp_path: 
     assert result.returncode == 1
     assert "error: training penguins's first version failed:" in result.stderr and "'C' parameter" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_installation_with_its_own_holdout_seed_keeps_its_split(
+    built: Path, make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pinned seed (MLAPI_HOLDOUT_SEED, or a seed file an earlier registry left on the volume) is the installation's
+    split: the image's version, judged on another, is not imported; the first version trains on the kept split."""
+    (store,) = (built / "projects").iterdir()
+    pinned = tmp_path / "volume" / "projects" / store.name
+    pinned.mkdir(parents=True)
+    (pinned / "holdout-seed").write_text("42\n")
+    with caplog.at_level(logging.INFO, logger="app.service"):
+        make_client(model_project=PENGUINS, first_version_dir=built, holdout_seed=None, data_dir=tmp_path / "volume")
+    assert "judged on another holdout than this installation's" in caplog.text
+    assert (pinned / "holdout-seed").read_text() == "42\n"
+    assert model_file(pinned) != model_file(store)
