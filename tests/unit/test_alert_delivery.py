@@ -5,23 +5,18 @@ through SSL_CERT_FILE (Go's standard variable): the rendered configuration is pr
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import email
 import email.policy
 import json
-import os
-import signal
 import ssl
-import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
@@ -29,10 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from infra.spec.monitoring import AlertRoutes, alert_rules, alertmanager_config, email_route
-from testbed.stack import wait_until
+from infra.spec.monitoring import AlertRoutes, alert_rules, email_route
+from tests.support.alerting import running_alertmanager, wait_for
 from tests.support.service import free_port
-from tests.support.shims import installed_tool
 
 USER, PASSWORD = "alerts@fjord-ml.net", "p@ss:w0rd/with%odd"  # percent-encoded in the URL
 
@@ -131,44 +125,6 @@ def post_alert(api: str, labels: dict[str, str], annotations: dict[str, str], en
 
 def body_of(message: email.message.EmailMessage) -> str:
     return "\n".join(part.get_content() for part in message.walk() if part.get_content_maintype() == "text")
-
-
-@contextlib.contextmanager
-def running_alertmanager(tmp_path: Path, routes: AlertRoutes, ca_file: Path) -> Iterator[tuple[str, Path]]:
-    """Debian's Alertmanager on 127.0.0.1 with the rendered configuration (interval 1 s: alerts grouped within 2 s;
-    the resolve notice's group interval cut to 2 s); yields its API's base URL and its log."""
-    binary = installed_tool("prometheus-alertmanager", "prometheus-alertmanager")
-    config, log, web = tmp_path / "alertmanager.yml", tmp_path / "alertmanager.log", free_port()
-    rendered = yaml.safe_load(alertmanager_config(routes, interval_s=1))
-    rendered["route"]["group_interval"] = "2s"  # the resolve notice within seconds, not 20 (only timing changes)
-    config.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    manager = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{web}",
-            "--cluster.listen-address=",
-        ],
-        env={**os.environ, "SSL_CERT_FILE": str(ca_file)},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-    )
-    api = f"http://127.0.0.1:{web}"
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200, 30, "ready", log)
-        yield api, log
-    finally:
-        manager.send_signal(signal.SIGTERM)
-        manager.wait(timeout=30)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str, log: Path) -> None:
-    """testbed's wait_until, with Alertmanager's own last words when it times out."""
-    try:
-        wait_until(condition, seconds, what, interval=0.2)
-    except AssertionError as timed_out:
-        raise AssertionError(f"{timed_out}; Alertmanager's log ends: {log.read_text()[-3000:]}") from None
 
 
 def smtp_url(password: str, port: int) -> str:
