@@ -14,7 +14,8 @@ d. the model image's size;
 f. POST /predict ÷ a trivial JSON route (GET /health) on the same replicas, same concurrency;
 g. latency of single predictions through Traefik at half the throughput measured in (a): p50 and p99;
 h. V2 inference (the Open Inference Protocol) through Traefik: single rows ÷ /predict's, and 10,000-row FP64 tensors
-   over HTTPS (JSON and binary) ÷ the same rows as /predict/columns.
+   over HTTPS (JSON and binary) ÷ the same rows as /predict/columns;
+m. Prometheus and Alertmanager: their memory after the load, their CPU at idle and during the load of (a).
 
 Load comes from wrk and hey (Debian's) in a container on the stack's overlay network, so "through Traefik" and
 "direct" start from the same place; every run is bounded by time. ``--write`` adds the table to docs/benchmarks.md.
@@ -37,7 +38,7 @@ import httpx
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load
+from benchmarks.loadgen import BENCH_PACKAGES, CONNECTIONS, CpuMeter, Load, MonitoringMeter
 from infra.local import images
 from infra.local import stack as local
 from infra.spec.stack import MODEL_PORT, MODEL_SERVICE, NETWORK
@@ -133,10 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             edge = f"https://{domain}:{WEBSECURE_PORT}"
             replicas = [f"http://{ip}:{MODEL_PORT}" for ip in task_addresses(client)]
             load.wrk([f"{edge}/predict"], 3, post=True)  # warm up both paths and the connection pools
+            watch = MonitoringMeter(client)
+            idle = watch.measure(lambda: time.sleep(max(args.seconds, 30)))  # several scrapes and rule evaluations
             meter = CpuMeter(client, load)
-            proxied, proxied_latency, proxied_cpu = meter.measure(
-                lambda: load.wrk([f"{edge}/predict"], args.seconds, post=True), args.seconds
+            measured: dict[str, tuple] = {}
+            loaded = watch.measure(
+                lambda: measured.update(
+                    proxied=meter.measure(lambda: load.wrk([f"{edge}/predict"], args.seconds, post=True), args.seconds)
+                )
             )
+            proxied, proxied_latency, proxied_cpu = measured["proxied"]
             direct, _, direct_cpu = meter.measure(
                 lambda: load.wrk([f"{r}/predict" for r in replicas], args.seconds, post=True), args.seconds
             )
@@ -204,6 +211,20 @@ def main(argv: list[str] | None = None) -> int:
             "< 12 s",
         ),
         ("d", "model image size", f"{image_mb:.0f} MB", None, "≤ 300 MB"),
+        (
+            "m",
+            "Prometheus + Alertmanager: memory after the load (anonymous), MB",
+            " + ".join(f"{loaded[service][0]:.0f}" for service in MonitoringMeter.SERVICES),
+            None,
+            "≤ 250 MB together",
+        ),
+        (
+            "m",
+            "Prometheus + Alertmanager: CPU at idle, then during the load of (a), % of one core",
+            f"{sum(v[1] for v in idle.values()):.1f} %, {sum(v[1] for v in loaded.values()):.1f} %",
+            None,
+            "≤ 5 % at idle",
+        ),
         (
             "f",
             "POST /predict ÷ GET /health, same replicas, same concurrency",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import docker
 from docker.types import Mount
 from sklearn.datasets import load_diabetes
 
+from infra.spec.monitoring import ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
 from infra.spec.stack import MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER
 
 CONNECTIONS = 8  # wrk/hey connections: 4 per replica when direct
@@ -145,3 +147,37 @@ class CpuMeter:
         used["load"] = self.load.last_cpu_seconds
         used["rest"] = max(0.0, busy - sum(used.values()))
         return rate, latency, {role: value / requests * 1e6 for role, value in used.items()}
+
+
+class MonitoringMeter:
+    """What Prometheus and Alertmanager take on the stack (issue 27's goal: at most 250 MB together, at most 5 % of a
+    core at idle): each container's memory (its cgroup's anonymous memory, what the kernel cannot drop) and the CPU
+    its cgroup used between two readings."""
+
+    SERVICES = (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE)
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    def _stats(self) -> dict[str, dict]:
+        found = {}
+        for service in self.SERVICES:
+            (container,) = self.client.containers.list(filters={"label": f"com.docker.swarm.service.name={service}"})
+            found[service] = self.client.api.stats(container.id, stream=False, one_shot=True)
+        return found
+
+    def measure(self, during: Callable[[], object]) -> dict[str, tuple[float, float]]:
+        """Runs ``during`` and returns, per service, (MB of anonymous memory after it, % of one core during it)."""
+        before, started = self._stats(), time.monotonic()
+        during()
+        after, seconds = self._stats(), time.monotonic() - started
+        measured = {}
+        for service in self.SERVICES:
+            used = (
+                after[service]["cpu_stats"]["cpu_usage"]["total_usage"]
+                - before[service]["cpu_stats"]["cpu_usage"]["total_usage"]
+            )
+            memory = after[service]["memory_stats"]
+            anonymous = memory.get("stats", {}).get("anon", memory.get("usage", 0))
+            measured[service] = (anonymous / 2**20, used / 1e9 / seconds * 100)
+        return measured
