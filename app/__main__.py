@@ -131,16 +131,15 @@ def _install_requirements(into: str) -> int:
     the project's .wheels directory when the local stack put one there)."""
     from pathlib import Path
 
-    from app.project import ProjectError, load_project, project_pins
+    from app.project import ProjectError, project_pins, read_project_file
     from app.requirements import WHEELS_DIR, RequirementsError, install
 
     directory = get_settings().model_project
     if directory is None:
         print("error: MLAPI_MODEL_PROJECT is not set: only a model project has extra packages", file=sys.stderr)
         return 2
-    try:
-        project = load_project(directory)
-        pins = project_pins(project)
+    try:  # mlapi.toml alone: the data is read (or fetched) when the build trains, not here
+        pins = project_pins(directory, read_project_file(directory).model)
         wheels = directory / WHEELS_DIR
         install(pins, Path(into), wheels if wheels.is_dir() else None, f"{directory} model.requirements")
     except (ProjectError, RequirementsError) as exc:

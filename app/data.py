@@ -107,13 +107,13 @@ def load_project_dataset(directory: Path, cache_dir: Path | None = None, check_o
         imported = imported_model(project)
     except ProjectError as exc:
         raise DatasetError(f"MLAPI_MODEL_PROJECT: {exc}") from None
-    schema, X = _encoded(project, data)
+    schema, X, y = _encoded(project, data)
     if imported is not None:
         check_imported(imported, schema, X, f"MLAPI_MODEL_PROJECT: {directory / 'mlapi.toml'} model.model_file")
     return Dataset(
         project.feature_names,
         X,
-        schema.encode_target(list(data.target)),
+        y,
         project.model.name,
         f"projects/{project.store_key()}",
         schema,
@@ -127,13 +127,14 @@ def load_project_dataset(directory: Path, cache_dir: Path | None = None, check_o
     )
 
 
-def _encoded(project: ModelProject, data: ProjectData) -> tuple[Schema, np.ndarray]:
+def _encoded(project: ModelProject, data: ProjectData) -> tuple[Schema, np.ndarray, np.ndarray]:
+    """The project's schema (classes from the data) and its rows and target in the service's numeric form."""
     columns = tuple(
         Column(name, spec.type, spec.nullable, tuple(spec.values or ())) for name, spec in project.features.items()
     )
     classes = tuple(sorted(set(data.target))) if project.model.task == "classification" else ()
     schema = Schema(columns, project.model.task, classes)
-    return schema, schema.encode_frame(data.features)
+    return schema, schema.encode_frame(data.features), schema.encode_target(list(data.target))
 
 
 def refetched(dataset: Dataset, directory: Path, cache_dir: Path) -> Dataset:
@@ -143,14 +144,14 @@ def refetched(dataset: Dataset, directory: Path, cache_dir: Path) -> Dataset:
         project, data = open_project(directory, cache_dir, stale_ok=False)
     except ProjectError as exc:
         raise DatasetError(str(exc)) from None
-    schema, X = _encoded(project, data)
+    schema, X, y = _encoded(project, data)
     if f"projects/{project.store_key()}" != dataset.store or schema != dataset.schema:
         raise DatasetError(
             f"{project.model.data_label} now has other columns, types, values or classes than the served model was "
             f"trained on ({list(schema.names)}, classes {list(schema.classes)}): declare the schema under [features] "
             "and deploy the project again"
         )
-    return replace(dataset, X=X, y=schema.encode_target(list(data.target)), times=data.times, data_sha256=data.sha256)
+    return replace(dataset, X=X, y=y, times=data.times, data_sha256=data.sha256)
 
 
 def check_imported(imported: ImportedModel, schema: Schema, X: np.ndarray, where: str) -> None:

@@ -204,12 +204,8 @@ def load_project(directory: Path) -> ModelProject:
     return open_project(directory)[0]
 
 
-def open_project(
-    directory: Path, cache_dir: Path | None = None, stale_ok: bool = True
-) -> tuple[ModelProject, ProjectData]:
-    """The project in ``directory`` and its data, each column in its declared type. Data from a URL is fetched into
-    ``cache_dir`` (a temporary directory if None); when the fetch fails and ``stale_ok``, the copy fetched last time
-    is used, with a warning (a replica restarting while the data's host is down still serves)."""
+def read_project_file(directory: Path) -> ProjectFile:
+    """``mlapi.toml`` alone, parsed and validated: what needs no data (the image build's requirements step)."""
     path = directory / PROJECT_FILE
     if not path.is_file():
         raise ProjectError(
@@ -220,9 +216,20 @@ def open_project(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProjectError(f"{path}: not valid TOML ({exc})") from None
     try:
-        parsed = ProjectFile.model_validate(raw)
+        return ProjectFile.model_validate(raw)
     except ValidationError as exc:
         raise ProjectError(_describe(exc, str(path))) from None
+
+
+def open_project(
+    directory: Path, cache_dir: Path | None = None, stale_ok: bool = True
+) -> tuple[ModelProject, ProjectData]:
+    """The project in ``directory`` and its data, each column in its declared type. Data from a URL is fetched into
+    ``cache_dir`` (a temporary directory if None); when the fetch fails and ``stale_ok``, the copy fetched last time
+    is used, with a warning (a replica restarting while the data's host is down still serves)."""
+    path = directory / PROJECT_FILE
+    parsed = read_project_file(directory)
+    project_pins(directory, parsed.model)  # refused before anything is fetched or trained, as the image build would
     declared = {
         name: spec if isinstance(spec, FeatureSpec) else FeatureSpec(type=spec)
         for name, spec in parsed.features.items()
@@ -270,7 +277,6 @@ def open_project(
     else:
         features = infer_schema(frame[data_features])
     project = ModelProject(directory, parsed.model, features)
-    project_pins(project)  # refused before anything trains, as the image build would refuse it
     data = typed(project, frame)  # the data must fit the schema before anything trains on it
     data = replace(data, sha256=sha256)
     if split_column is None:
@@ -674,12 +680,12 @@ def import_pickle(source: Path, project: ModelProject, name: str = "model.skops"
     return target
 
 
-def project_pins(project: ModelProject) -> list[Pin]:
+def project_pins(directory: Path, model: ModelSection) -> list[Pin]:
     """The project's extra packages (model.requirements) still to install beside the service's, each checked."""
-    if project.model.requirements is None:
+    if model.requirements is None:
         return []
-    where = f"{project.directory / PROJECT_FILE} model.requirements"
-    path = project.directory / project.model.requirements
+    where = f"{directory / PROJECT_FILE} model.requirements"
+    path = directory / model.requirements
     if not path.is_file():
         raise ProjectError(f"{where}: {path} does not exist (a requirements file in the project, name==version lines)")
     try:
