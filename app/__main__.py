@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=settings.graceful_timeout_s,
             server_header=False,
+            # Traefik's access log has every public request (client, status, duration); the replica's own would
+            # repeat it, with the health checks, at a sixth of a single prediction's CPU (docs/benchmarks.md).
+            access_log=False,
         )
         DrainingServer(config, drain_seconds=settings.drain_seconds).run()
         return 0
