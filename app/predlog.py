@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     id TEXT PRIMARY KEY,
     ts REAL NOT NULL,
     model_version TEXT NOT NULL,
-    features TEXT NOT NULL,
+    features BLOB NOT NULL,
     prediction REAL NOT NULL,
     lower REAL NOT NULL,
     upper REAL NOT NULL,
@@ -44,7 +45,7 @@ CREATE TABLE IF NOT EXISTS observations (
     rowid INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
     prediction_id TEXT,
-    features TEXT NOT NULL,
+    features BLOB NOT NULL,
     target REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS observations_prediction ON observations (prediction_id);
@@ -82,6 +83,58 @@ class PredictionRecord:
     confidence: float
     ood: bool
     latency_ms: float
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """One call's answered rows as arrays, queued as one item: the writer thread turns them into rows, off the
+    request path (10,000 record objects cost a 10,000-row call 20 ms; see docs/benchmarks.md)."""
+
+    ids: list[str]
+    ts: np.ndarray  # [N] unix time
+    model_version: str
+    features: np.ndarray  # [N, F] float64, NaN for a gap
+    prediction: np.ndarray  # [N]
+    lower: np.ndarray
+    upper: np.ndarray
+    confidence: float
+    ood: np.ndarray  # [N] bool
+    latency_ms: float
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def head(self, count: int) -> PredictionBatch:
+        """The first ``count`` rows (what still fits in the queue)."""
+        return PredictionBatch(
+            self.ids[:count],
+            self.ts[:count],
+            self.model_version,
+            self.features[:count],
+            self.prediction[:count],
+            self.lower[:count],
+            self.upper[:count],
+            self.confidence,
+            self.ood[:count],
+            self.latency_ms,
+        )
+
+    def rows(self, encoded_features: list[Any]) -> Iterator[tuple]:
+        """The rows to insert, in INSERT_PREDICTIONS's column order."""
+        count = len(self.ids)
+        return zip(
+            self.ids,
+            self.ts.tolist(),
+            repeat(self.model_version, count),
+            encoded_features,
+            self.prediction.tolist(),
+            self.lower.tolist(),
+            self.upper.tolist(),
+            repeat(self.confidence, count),
+            self.ood.astype(int).tolist(),
+            repeat(self.latency_ms, count),
+            strict=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,10 +178,10 @@ class PredictionLog(ABC):
         self.retention = retention
         self._pruned_at = 0.0
         # Each call's records travel as one item (a 10,000-row batch: one put, not 10,000); the bound is in rows.
-        self._queue: queue.Queue[list[PredictionRecord] | None] = queue.Queue()
+        self._queue: queue.Queue[PredictionBatch | None] = queue.Queue()
         self._capacity = queue_size
-        self._queued = 0  # rows waiting, under _queued_lock
-        self._queued_lock = threading.Lock()
+        self._queued = 0  # rows waiting, under _room
+        self._room = threading.Condition()  # notified when the writer has taken rows off the queue
         self._on_drop = on_drop
         self._shared_lock = threading.Lock()
         self._shared_connection: Any = None
@@ -152,6 +205,10 @@ class PredictionLog(ABC):
 
     @abstractmethod
     def encode_features(self, features: list[float]) -> Any: ...
+
+    def encode_matrix(self, features: np.ndarray) -> list[Any]:
+        """Each row of an [N, F] matrix as the store keeps it."""
+        return [self.encode_features(row) for row in features.tolist()]
 
     @abstractmethod
     def decode_features(self, stored: Any) -> list[float]: ...
@@ -197,15 +254,21 @@ class PredictionLog(ABC):
             raise StoreUnavailable(f"the prediction log store failed: {exc}") from exc
 
     # -- predictions --------------------------------------------------------------------------------------------
-    def record(self, records: list[PredictionRecord]) -> None:
-        """Queue records without ever blocking; what does not fit drops, and says how many."""
-        with self._queued_lock:
-            taken = records[: max(0, self._capacity - self._queued)]
+    def record(self, batch: PredictionBatch, wait_s: float = 0.0) -> None:
+        """Queue a call's rows; what does not fit within ``wait_s`` drops, and says how many. Single rows on the
+        event loop never wait; a batch on a worker thread waits a bounded time, so a steady stream of batches runs at
+        the writer's pace instead of losing most of its log (measured: 86 % of 10,000-row batches dropped without)."""
+        with self._room:
+            if wait_s > 0:
+                wanted = min(len(batch), self._capacity)
+                self._room.wait_for(lambda: self._capacity - self._queued >= wanted, timeout=wait_s)
+            room = max(0, self._capacity - self._queued)
+            taken = batch if len(batch) <= room else batch.head(room)
             self._queued += len(taken)
-        if taken:
+        if len(taken):
             self._queue.put_nowait(taken)
-        if len(taken) < len(records):
-            self._on_drop(len(records) - len(taken))
+        if len(taken) < len(batch):
+            self._on_drop(len(batch) - len(taken))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record has been written or dropped (used by tests and shutdown)."""
@@ -223,14 +286,14 @@ class PredictionLog(ABC):
             if self._shared_connection is not None:
                 self._drop_shared()
 
-    def _next_batch(self) -> tuple[list[PredictionRecord], int] | None:
-        """The records of the next few queued calls (at least 500 rows when that many wait), and how many calls."""
+    def _next_batch(self) -> list[PredictionBatch] | None:
+        """The next few queued calls (at least 500 rows when that many wait), written in one transaction."""
         first = self._queue.get()
         if first is None:
             self._queue.task_done()
             return None
-        batch, calls = list(first), 1
-        while len(batch) < 500:
+        calls, rows = [first], len(first)
+        while rows < 500:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -239,14 +302,14 @@ class PredictionLog(ABC):
                 self._queue.put(None)  # keep the stop signal for the outer loop
                 self._queue.task_done()
                 break
-            batch.extend(item)
-            calls += 1
-        return batch, calls
+            calls.append(item)
+            rows += len(item)
+        return calls
 
     def _run(self) -> None:
         connection: Any = None
-        while (taken := self._next_batch()) is not None:
-            batch, calls = taken
+        while (calls := self._next_batch()) is not None:
+            rows = sum(len(call) for call in calls)
             try:
                 if not self.has_room():
                     raise StorageFull(
@@ -256,34 +319,20 @@ class PredictionLog(ABC):
                 if time.monotonic() - self._pruned_at > self.retention.prune_every_s:
                     self.prune(connection)
                 with self._transaction(connection):
-                    connection.cursor().executemany(
-                        self._sql(INSERT_PREDICTIONS),
-                        [
-                            (
-                                r.id,
-                                r.ts,
-                                r.model_version,
-                                self.encode_features(r.features),
-                                r.prediction,
-                                r.lower,
-                                r.upper,
-                                r.confidence,
-                                int(r.ood),
-                                r.latency_ms,
-                            )
-                            for r in batch
-                        ],
-                    )
+                    cursor = connection.cursor()
+                    for call in calls:
+                        cursor.executemany(self._sql(INSERT_PREDICTIONS), call.rows(self.encode_matrix(call.features)))
             except (StorageFull, *self.errors) as exc:  # disk full, read-only, locked, away: logging degrades
-                log.warning("prediction log: dropped %d records: %s", len(batch), exc)
-                self._on_drop(len(batch))
+                log.warning("prediction log: dropped %d records: %s", rows, exc)
+                self._on_drop(rows)
                 with contextlib.suppress(Exception):
                     connection.close()
                 connection = None
             finally:
-                with self._queued_lock:
-                    self._queued -= len(batch)
-                for _ in range(calls):
+                with self._room:
+                    self._queued -= rows
+                    self._room.notify_all()
+                for _ in calls:
                     self._queue.task_done()
         if connection is not None:
             connection.close()
@@ -392,11 +441,19 @@ class SqliteLog(PredictionLog):
     def _transaction(self, connection: sqlite3.Connection) -> contextlib.AbstractContextManager:
         return connection  # sqlite3's connection commits or rolls back as a context manager
 
-    def encode_features(self, features: list[float]) -> str:
-        return json.dumps(features)
+    # Features are stored as little-endian float64 bytes (a row of F features: 8 F bytes, NaN for a gap): a 10,000-row
+    # batch encodes in 3 ms, against 50-70 ms as JSON text. Logs written before kept JSON text; both are read.
+    def encode_features(self, features: list[float]) -> bytes:
+        return np.asarray(features, dtype="<f8").tobytes()
 
-    def decode_features(self, stored: str) -> list[float]:
-        return json.loads(stored)
+    def encode_matrix(self, features: np.ndarray) -> list[bytes]:
+        raw, width = np.ascontiguousarray(features, dtype="<f8").tobytes(), 8 * features.shape[1]
+        return [raw[start : start + width] for start in range(0, len(raw), width)]
+
+    def decode_features(self, stored: bytes | str) -> list[float]:
+        if isinstance(stored, str):
+            return json.loads(stored)
+        return np.frombuffer(stored, dtype="<f8").tolist()
 
     def has_room(self) -> bool:
         return shutil.disk_usage(self.path.parent).free >= self.retention.min_free_bytes

@@ -113,7 +113,15 @@ class Settings(BaseSettings):
         description="Free space kept on the data volume: below it, prediction records are dropped (counted) and "
         "observations refused with a 507, so model saves and certificate renewals still fit.",
     )
-    log_queue_size: int = Field(10_000, ge=1)
+    log_queue_size: int = Field(
+        50_000, ge=1, description="Prediction-log rows waiting for the writer at most; beyond it rows drop (counted)."
+    )
+    log_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a batch call waits for room in the prediction log's queue before its rows drop "
+        "(single rows never wait).",
+    )
     reload_interval_s: float = Field(
         2.0, gt=0, description="How often a replica checks the registry's current pointer (promotions, rollbacks)."
     )

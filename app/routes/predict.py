@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.batching import Overloaded
 from app.columns import parse_columns
 from app.limits import MAX_ERRORS
-from app.predlog import PredictionRecord
+from app.predlog import PredictionBatch
 from app.routes.common import (
     AnswerResponse,
     Service,
@@ -45,22 +45,37 @@ def overloaded(exc: Overloaded) -> HTTPException:
     )
 
 
-def prediction_ids(count: int) -> list[str]:
-    """``count`` random UUIDs (version 4, as hex), from one read of the OS's randomness: uuid.uuid4() per row cost
-    a 10,000-row batch 33 ms."""
+def prediction_ids(count: int, now_ms: int | None = None) -> list[str]:
+    """``count`` UUIDs of version 7 (RFC 9562, as hex): the time in milliseconds first, so the log's primary key
+    grows at its end (inserting a 10,000-row batch: 33 ms, against 69 ms with random version 4 ids), then the row's
+    index in the call, so a call's ids sort in its order; 12 random bits per call and 40 per row. One read of the OS's
+    randomness for all of them (uuid.uuid4() per row cost a 10,000-row batch 33 ms)."""
+    if count == 0:
+        return []
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint8).reshape(count, 16).copy()
-    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # the version: 4
-    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # the variant: RFC 4122
+    raw[:, :6] = np.frombuffer(now_ms.to_bytes(6, "big"), dtype=np.uint8)  # unix_ts_ms
+    raw[:, 6] = 0x70 | (raw[0, 6] & 0x0F)  # the version, 7, and the call's 12 random bits (rand_a), shared by its rows
+    raw[:, 7] = raw[0, 7]
+    index = np.arange(count, dtype=">u4").view(np.uint8).reshape(count, 4)
+    raw[:, 8] = 0x80 | (index[:, 1] & 0x3F)  # the variant (RFC 9562), then the row's index: 22 bits
+    raw[:, 9:11] = index[:, 2:4]
     text = raw.tobytes().hex()
     return [text[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
 def record_predictions(
-    service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
+    service: ModelService,
+    X: np.ndarray,
+    result: Prediction,
+    confidence: float,
+    route: str,
+    started: float,
+    log_wait_s: float = 0.0,
 ) -> tuple[list[str], list[float], list[float], list[float]]:
     """Every answered row logged (under a new prediction id) and counted; the ids and the numbers as Python lists.
     A row without a finite answer refuses the whole call: inside the accepted ranges it should not happen, and a
-    null or a 500 is never an answer."""
+    null or a 500 is never an answer. ``log_wait_s``: how long a call off the event loop may wait for the log."""
     finite = np.isfinite(result.points) & np.isfinite(result.lower) & np.isfinite(result.upper)
     if not finite.all():
         bad = np.flatnonzero(~finite)[:MAX_ERRORS].tolist()
@@ -69,38 +84,39 @@ def record_predictions(
         )
     latency_ms = (time.perf_counter() - started) * 1000 / len(X)
     now = time.time()
-    points, lower, upper = result.points.tolist(), result.lower.tolist(), result.upper.tolist()
-    ids = prediction_ids(len(points))
-    rows = X.tolist()
-    service.prediction_log.record(
-        [
-            PredictionRecord(
-                ids[i],
-                now,
-                result.version,
-                rows[i],
-                points[i],
-                lower[i],
-                upper[i],
-                confidence,
-                bool(reasons),
-                latency_ms,
-            )
-            for i, reasons in enumerate(result.ood)
-        ]
+    ids = prediction_ids(len(X), int(now * 1000))
+    flags = np.fromiter((bool(reasons) for reasons in result.ood), dtype=bool, count=len(X))
+    batch = PredictionBatch(
+        ids,
+        np.full(len(X), now),
+        result.version,
+        X,
+        result.points,
+        result.lower,
+        result.upper,
+        confidence,
+        flags,
+        latency_ms,
     )
+    service.prediction_log.record(batch, log_wait_s)
     service.metrics.predictions.labels(route).inc(len(X))
-    flagged = sum(1 for reasons in result.ood if reasons)
+    flagged = int(flags.sum())
     if flagged:
         service.metrics.ood.inc(flagged)
-    return ids, points, lower, upper
+    return ids, result.points.tolist(), result.lower.tolist(), result.upper.tolist()
 
 
 def answer(
-    service: ModelService, X: np.ndarray, result: Prediction, confidence: float, route: str, started: float
+    service: ModelService,
+    X: np.ndarray,
+    result: Prediction,
+    confidence: float,
+    route: str,
+    started: float,
+    log_wait_s: float = 0.0,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The response items for a prediction, with the rows logged and counted."""
-    ids, points, lower, upper = record_predictions(service, X, result, confidence, route, started)
+    ids, points, lower, upper = record_predictions(service, X, result, confidence, route, started, log_wait_s)
     if result.probabilities is not None and result.sets is not None:
         return result.version, classified(ids, result, confidence, service.dataset.schema.classes)
     # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
@@ -146,7 +162,7 @@ def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route:
         result = service.predict(X, confidence)
     except NotReady as exc:
         raise not_ready(exc) from exc
-    version, items = answer(service, X, result, confidence, route, started)
+    version, items = answer(service, X, result, confidence, route, started, service.settings.log_wait_s)
     # Serialized directly; `response_model=BatchResponse` still documents the shape in OpenAPI.
     return AnswerResponse({"model_version": version, "predictions": items})
 

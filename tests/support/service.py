@@ -11,9 +11,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.datasets import load_diabetes
+
+if TYPE_CHECKING:
+    from app.predlog import PredictionBatch
 
 FEATURES = tuple(load_diabetes().feature_names)
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -49,6 +53,24 @@ def write_csv(path: Path, rows: list[int]) -> Path:
         for index in rows:
             writer.writerow([*data.data[index].tolist(), float(data.target[index])])
     return path
+
+
+def logged_rows(count: int, first_ts: float, features: list[float], id_prefix: str = "") -> PredictionBatch:
+    """``count`` answered rows for a prediction log, one second apart from ``first_ts``, ids in time order."""
+    from app.predlog import PredictionBatch
+
+    return PredictionBatch(
+        [f"{id_prefix}{i:08d}" for i in range(count)],
+        first_ts + np.arange(count, dtype=float),
+        "v0001",
+        np.tile(np.asarray(features, dtype=float), (count, 1)),
+        np.ones(count),
+        np.full(count, 0.5),
+        np.full(count, 1.5),
+        0.9,
+        np.zeros(count, dtype=bool),
+        1.0,
+    )
 
 
 def metric_value(exposition: str, sample_name: str, **labels: str) -> float | None:

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support.service import ADMIN_TOKEN, FEATURES, admin_headers, ingest_headers, metric_value, record
+from tests.support.service import (
+    ADMIN_TOKEN,
+    FEATURES,
+    admin_headers,
+    ingest_headers,
+    logged_rows,
+    metric_value,
+    record,
+)
 
 SQLITE_ONLY = pytest.mark.parametrize("log_backend", ["sqlite"])  # about the data volume's own file
 
@@ -401,7 +409,7 @@ def test_a_422_never_echoes_the_input(client: TestClient) -> None:
 # -- the volume never fills: retention, a free-space floor ------------------------------------------------------------
 def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path, log_backend: str, request) -> None:
     from app.pglog import PostgresLog
-    from app.predlog import PredictionRecord, Retention, SqliteLog
+    from app.predlog import Retention, SqliteLog
 
     retention = Retention(max_age_s=3600, max_rows=1000)
     if log_backend == "sqlite":
@@ -410,14 +418,8 @@ def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path, log_backend: 
         log = PostgresLog(request.getfixturevalue("postgres").database(), 5000, retention=retention).start()
     now = time.time()
 
-    def records(count: int, start: float) -> list[PredictionRecord]:
-        return [
-            PredictionRecord(f"{start}-{i}", start + i, "v0001", [0.0], 1.0, 0.0, 2.0, 0.9, False, 1.0)
-            for i in range(count)
-        ]
-
-    log.record(records(10, now - 7200))  # two hours old: beyond the retention
-    log.record(records(1500, now - 1000))
+    log.record(logged_rows(10, now - 7200, [0.0], id_prefix="old-"))  # two hours old: beyond the retention
+    log.record(logged_rows(1500, now - 1000, [0.0], id_prefix="new-"))
     assert log.flush()
     assert log.prune(now=now) == 10 + 500
     assert log.count_predictions() == 1000
@@ -438,3 +440,30 @@ def test_below_the_free_space_floor_observations_are_refused_and_predictions_go_
     dropped = metric_value(client.get("/metrics").text, "mlapi_prediction_log_dropped_total")
     assert dropped == 1.0
     assert client.app.state.service.prediction_log.count_predictions() == 0
+
+
+def test_batches_wait_a_bounded_time_for_the_log_single_rows_never(tmp_path) -> None:
+    """A writer slower than the calls: batches that may wait are all written, at the writer's pace; calls that may
+    not (single rows on the event loop) drop what does not fit, counted; a batch larger than the whole queue waits
+    for an empty queue, not forever."""
+    from app.predlog import SqliteLog
+
+    class SlowWriter(SqliteLog):
+        def encode_matrix(self, features: np.ndarray) -> list[bytes]:
+            time.sleep(0.05)
+            return super().encode_matrix(features)
+
+    dropped: list[int] = []
+    log = SlowWriter(tmp_path / "log.sqlite3", 100, on_drop=dropped.append).start()
+    now = time.time()
+    for call in range(5):
+        log.record(logged_rows(100, now, [0.0], id_prefix=f"wait-{call}-"), wait_s=2.0)
+    assert log.flush() and log.count_predictions() == 500 and dropped == []
+    for call in range(5):
+        log.record(logged_rows(100, now, [0.0], id_prefix=f"now-{call}-"))
+    assert log.flush() and sum(dropped) >= 300 and log.count_predictions() == 500 + 500 - sum(dropped)
+    started = time.monotonic()
+    log.record(logged_rows(250, now, [0.0], id_prefix="large-"), wait_s=2.0)
+    assert time.monotonic() - started < 1.0, "waited for room the queue can never have"
+    assert log.flush()
+    log.close()

@@ -134,15 +134,22 @@ def test_the_columnar_form_is_documented(client: TestClient) -> None:
     assert {"200", "413", "422"} <= set(operation["responses"])
 
 
-def test_prediction_ids_are_random_uuid4s() -> None:
-    """The batch path's ids (one read of the OS's randomness): valid version-4 UUIDs, as uuid.uuid4().hex gave."""
+def test_prediction_ids_are_uuid7s_in_time_then_call_order() -> None:
+    """The batch path's ids (one read of the OS's randomness): valid version-7 UUIDs (RFC 9562) carrying the
+    millisecond, sorting in the call's row order and after an earlier call's, distinct between calls."""
     import uuid
 
     from app.routes.predict import prediction_ids
 
-    ids = prediction_ids(10_000)
-    assert len(set(ids)) == 10_000
-    assert all(uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in ids)
+    ids = prediction_ids(10_000, now_ms=1_700_000_000_123)
+    assert len(set(ids)) == 10_000 and ids == sorted(ids)
+    parsed = [uuid.UUID(hex=i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 and u.hex == i for u, i in zip(parsed, ids, strict=True))
+    assert {int.from_bytes(u.bytes[:6], "big") for u in parsed} == {1_700_000_000_123}
+    later = prediction_ids(3, now_ms=1_700_000_000_124)
+    assert min(later) > max(ids)
+    same_millisecond = [prediction_ids(100, now_ms=1_700_000_000_123) for _ in range(50)]
+    assert len({i for call in same_millisecond for i in call} | set(ids)) == 10_000 + 50 * 100
     assert prediction_ids(0) == []
 
 

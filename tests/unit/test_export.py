@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -15,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.export import export_lines
-from app.predlog import PredictionRecord, SqliteLog
+from app.predlog import SqliteLog
 from app.tabular import Schema
-from tests.support.service import FEATURES, admin_headers, ingest_headers, record
+from tests.support.service import FEATURES, admin_headers, ingest_headers, logged_rows, record
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -126,12 +127,7 @@ def test_a_large_log_streams_in_bounded_memory(tmp_path: Path) -> None:
     log = SqliteLog(tmp_path / "predictions.sqlite3", queue_size=200_000).start()
     rows = 100_000
     features = [0.01] * len(FEATURES)
-    log.record(
-        [
-            PredictionRecord(f"{i:08d}", 1000.0 + i, "v0001", features, 1.0, 0.5, 1.5, 0.9, False, 1.0)
-            for i in range(rows)
-        ]
-    )
+    log.record(logged_rows(rows, 1000.0, features))
     assert log.flush(timeout=60)
     schema = Schema.numbers(FEATURES)
     try:
@@ -142,3 +138,31 @@ def test_a_large_log_streams_in_bounded_memory(tmp_path: Path) -> None:
     assert (small_count, count) == (10_001, rows + 1)
     assert peak < 1.5 * small_peak, f"100k rows peaked at {peak / 2**20:.1f} MiB, 10k at {small_peak / 2**20:.1f}"
     assert peak < size / 4, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB export"
+
+
+def test_a_log_written_as_json_text_reads_beside_new_binary_rows(tmp_path: Path) -> None:
+    """Logs from before features were stored as float64 bytes kept JSON text in the same column: a replica of this
+    version on the old volume reads both, and a gap (NaN) survives the new form."""
+    import sqlite3
+
+    path, now = tmp_path / "predictions.sqlite3", time.time()  # within the retention
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE predictions (id TEXT PRIMARY KEY, ts REAL NOT NULL, model_version TEXT NOT NULL, "
+        "features TEXT NOT NULL, prediction REAL NOT NULL, lower REAL NOT NULL, upper REAL NOT NULL, "
+        "confidence REAL NOT NULL, ood INTEGER NOT NULL, latency_ms REAL NOT NULL);"
+    )
+    with old:
+        old.execute(
+            "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?)",
+            ("old", now - 20, "v0001", json.dumps([0.25, -1.5]), 1.0, 0.5, 1.5, 0.9, 0, 1.0),
+        )
+    old.close()
+    log = SqliteLog(path, queue_size=100).start()
+    log.record(logged_rows(2, now - 10, [0.125, float("nan")]))
+    assert log.flush()
+    exported = list(log.export(now - 30))
+    log.close()
+    assert [row.id for row in exported] == ["old", "00000000", "00000001"]
+    assert exported[0].features == [0.25, -1.5]
+    assert exported[1].features[0] == 0.125 and math.isnan(exported[1].features[1])
