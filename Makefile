@@ -86,9 +86,10 @@ SNAPSHOT ?= latest
 local-restore: venv
 	$(PY) -m infra.local restore $(SNAPSHOT)
 
+# One run, one table of p1-p7 at the end (issue 28): the stack's figures go to bench_peer through a file.
 bench: venv $(PEERS_STAMP)
-	$(PY) -m benchmarks.bench_stack
-	$(PY) -m benchmarks.bench_peer
+	$(PY) -m benchmarks.bench_stack --results .local/bench/stack.json
+	$(PY) -m benchmarks.bench_peer --stack-results .local/bench/stack.json
 
 clean:
 	rm -rf $(VENV) .venv-clients .venv-peers .venv-report .pytest_cache .ruff_cache

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
     parser.add_argument("--calls", type=int, default=20, help="at most this many 10k-row batch calls per phase")
     parser.add_argument("--write", action="store_true", help="add the table to docs/benchmarks.md")
+    parser.add_argument(
+        "--results", type=Path, help="also write the figures bench_peer compares with MLServer (p3, p6, p7) as JSON"
+    )
     args = parser.parse_args(argv)
     client = local.engine()
     data = load_diabetes()
@@ -274,6 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     table += cpu_table(proxied_cpu, direct_cpu)
     publish(table, write=args.write)
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        figures = {
+            "proxied_rps": proxied,
+            "replicas": len(replicas),
+            "p50_ms": steady["p50"],
+            "p99_ms": steady["p99"],
+            "steady_rps": steady["rate"],
+            "image_mb": image_mb,
+        }
+        args.results.write_text(json.dumps(figures))
     return 0
 
 
