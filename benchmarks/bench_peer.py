@@ -138,7 +138,8 @@ def start_mlserver(root: Path, port: int, name: str, model: object) -> subproces
 def start_ours(root: Path, port: int, project: Path | None = None) -> subprocess.Popen:
     """``python -m app serve`` as a replica runs it: its first version built beforehand (``python -m app train
     --into``, as the image build does), so the serving process never trains."""
-    environment = {**os.environ, "MLAPI_HOLDOUT_SEED": "42"}
+    # No pinned holdout seed: with one, a replica trains its own first version rather than import the built one.
+    environment = dict(os.environ)
     if project is not None:
         environment["MLAPI_MODEL_PROJECT"] = str(project)
     first_version = root / "first-version"
