@@ -37,14 +37,22 @@ MIDDLEWARES = {
 }
 
 
-def without(middleware: str | None = None, access_log: bool = True) -> None:
-    """Make the spec declare the stack without one middleware on every router, or without the access log."""
+RETRY = f"traefik.http.middlewares.{PREDICT_ROUTER}-retry.retry."
+
+
+def without(middleware: str | None = None, access_log: bool = True, retry: dict[str, str | None] | None = None) -> None:
+    """Make the spec declare the stack without one middleware on every router, or without the access log, or with
+    the prediction route's retry options changed (None: the option left out)."""
 
     def flags(inputs, network):
         return tuple(f for f in traefik.traefik_flags(inputs, network) if access_log or f != "--accesslog=true")
 
     def labels(inputs, network, port):
         declared = traefik.model_labels(inputs, network, port)
+        for option, value in (retry or {}).items():
+            declared.pop(RETRY + option, None)
+            if value is not None:
+                declared[RETRY + option] = value
         if middleware is None:
             return declared
         return {
@@ -59,13 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
     parser.add_argument("--write", action="store_true", help="add the table to docs/benchmarks.md")
+    parser.add_argument("--only", help="run only the variants whose label contains this text")
     args = parser.parse_args(argv)
     variants = [
         ("everything (as deployed)", {}),
         *((f"without {what}", {"middleware": name}) for name, what in MIDDLEWARES.items()),
         ("without the access log", {"access_log": False}),
+        ("retry on connection errors only (no status)", {"retry": {"status": None}}),
+        ("retry with the default body limit (no maxrequestbodybytes)", {"retry": {"maxrequestbodybytes": None}}),
+        ("retry of bodies up to 64 KiB", {"retry": {"maxrequestbodybytes": str(64 * 1024)}}),
         ("everything, again", {}),
     ]
+    if args.only:
+        variants = [variant for variant in variants if args.only in variant[0]]
     client = local.engine()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlapi-bench-") as tmp:
