@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -210,39 +212,54 @@ def wait_v2_ready(client: httpx.Client, name: str, timeout_s: float) -> None:
     raise SystemExit(f"bench_peer: MLServer was not ready within {timeout_s:.0f} s")
 
 
-def diabetes_pair(root: Path, seconds: float) -> dict[str, tuple[float, float, str]]:
-    """p1, p2 and p4: the default ridge on the diabetes data, ours and MLServer side by side."""
-    data = load_diabetes()
-    row = data.data[7].tolist()
-    rows = np.resize(data.data, (BATCH_ROWS, data.data.shape[1]))
+@contextmanager
+def side_by_side(
+    root: Path, name: str, model: object, project: Path | None = None
+) -> Iterator[tuple[subprocess.Popen, subprocess.Popen, httpx.Client, httpx.Client]]:
+    """Ours (the project, or the default) and MLServer serving ``model`` as ``name``, both ready; a client for each."""
     ours_port, peer_port = free_port(), free_port()
-    ours = start_ours(root / "ours", ours_port)
-    peer = start_mlserver(
-        root / "mlserver", peer_port, "diabetes", build_estimator("ridge", seed=0).fit(data.data, data.target)
-    )
+    ours = start_ours(root / f"ours-{name}", ours_port, project)
+    peer = start_mlserver(root / f"mlserver-{name}", peer_port, name, model)
     try:
         with (
             httpx.Client(base_url=f"http://127.0.0.1:{ours_port}", timeout=120) as mine,
             httpx.Client(base_url=f"http://127.0.0.1:{peer_port}", timeout=120) as theirs,
         ):
-            wait_ready(mine, 300, "ours")
-            wait_v2_ready(theirs, "diabetes", 120)
-            names = data.feature_names
-            (root / "ours.json").write_text(json.dumps({"features": dict(zip(names, row, strict=True))}))
-            single = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, len(row)], "data": row}]}
-            (root / "peer.json").write_text(json.dumps(single))
-            ours_single = hey(f"http://127.0.0.1:{ours_port}/predict", root / "ours.json", seconds)
-            peer_single = hey(f"http://127.0.0.1:{peer_port}/v2/models/diabetes/infer", root / "peer.json", seconds)
-            columns = json.dumps({"columns": list(names), "rows": rows.tolist()}).encode()
-            tensor = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape)}]}
-            tensor["inputs"][0]["data"] = rows.ravel().tolist()
-            ours_batch = batches(mine, "/predict/columns", columns, seconds)
-            ours_v2_batch = batches(mine, "/v2/models/diabetes/infer", json.dumps(tensor).encode(), seconds)
-            peer_batch = batches(theirs, "/v2/models/diabetes/infer", json.dumps(tensor).encode(), seconds)
-            (ours_rss, ours_anonymous), (peer_rss, peer_anonymous) = memory_mb(ours.pid), memory_mb(peer.pid)
-            dropped = log_dropped(mine)
+            wait_ready(mine, 300, f"ours ({name})")
+            wait_v2_ready(theirs, name, 120)
+            yield ours, peer, mine, theirs
     finally:
-        stop(ours, peer)
+        for process in (ours, peer):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def url(client: httpx.Client, path: str) -> str:
+    return str(client.base_url).rstrip("/") + path
+
+
+def diabetes_pair(root: Path, seconds: float) -> dict[str, tuple[float, float, str]]:
+    """p1, p2 and p4: the default ridge on the diabetes data, ours and MLServer side by side."""
+    data = load_diabetes()
+    row = data.data[7].tolist()
+    rows = np.resize(data.data, (BATCH_ROWS, data.data.shape[1]))
+    names = data.feature_names
+    (root / "ours.json").write_text(json.dumps({"features": dict(zip(names, row, strict=True))}))
+    single = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, len(row)], "data": row}]}
+    (root / "peer.json").write_text(json.dumps(single))
+    columns = json.dumps({"columns": list(names), "rows": rows.tolist()}).encode()
+    tensor = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape)}]}
+    tensor["inputs"][0]["data"] = rows.ravel().tolist()
+    infer = "/v2/models/diabetes/infer"
+    ridge = build_estimator("ridge", seed=0).fit(data.data, data.target)
+    with side_by_side(root, "diabetes", ridge) as (ours, peer, mine, theirs):
+        ours_single = hey(url(mine, "/predict"), root / "ours.json", seconds)
+        peer_single = hey(url(theirs, infer), root / "peer.json", seconds)
+        ours_batch = batches(mine, "/predict/columns", columns, seconds)
+        ours_v2_batch = batches(mine, infer, json.dumps(tensor).encode(), seconds)
+        peer_batch = batches(theirs, infer, json.dumps(tensor).encode(), seconds)
+        (ours_rss, ours_anonymous), (peer_rss, peer_anonymous) = memory_mb(ours.pid), memory_mb(peer.pid)
+        dropped = log_dropped(mine)
     if dropped:
         raise SystemExit(f"bench_peer: the prediction log dropped {dropped:,.0f} rows: the batch figures are not ours")
     return {
@@ -257,31 +274,12 @@ def diabetes_pair(root: Path, seconds: float) -> dict[str, tuple[float, float, s
 def penguins_pair(root: Path, seconds: float) -> dict[str, tuple[float, float, str]]:
     """p5: the penguins classifier (categories, integers, gaps), ours with its conformal sets, single rows."""
     model, ours_body, peer_body = penguins_pipeline()
-    ours_port, peer_port = free_port(), free_port()
-    ours = start_ours(root / "ours-penguins", ours_port, PENGUINS)
-    peer = start_mlserver(root / "mlserver-penguins", peer_port, "penguins", model)
-    try:
-        with (
-            httpx.Client(base_url=f"http://127.0.0.1:{ours_port}", timeout=120) as mine,
-            httpx.Client(base_url=f"http://127.0.0.1:{peer_port}", timeout=120) as theirs,
-        ):
-            wait_ready(mine, 300, "ours (penguins)")
-            wait_v2_ready(theirs, "penguins", 120)
-            (root / "ours-penguins.json").write_text(json.dumps(ours_body))
-            (root / "peer-penguins.json").write_text(json.dumps(peer_body))
-            ours_single = hey(f"http://127.0.0.1:{ours_port}/predict", root / "ours-penguins.json", seconds)
-            peer_single = hey(
-                f"http://127.0.0.1:{peer_port}/v2/models/penguins/infer", root / "peer-penguins.json", seconds
-            )
-    finally:
-        stop(ours, peer)
+    (root / "ours-penguins.json").write_text(json.dumps(ours_body))
+    (root / "peer-penguins.json").write_text(json.dumps(peer_body))
+    with side_by_side(root, "penguins", model, PENGUINS) as (_, _, mine, theirs):
+        ours_single = hey(url(mine, "/predict"), root / "ours-penguins.json", seconds)
+        peer_single = hey(url(theirs, "/v2/models/penguins/infer"), root / "peer-penguins.json", seconds)
     return {"p5": (ours_single, peer_single, "req/s")}
-
-
-def stop(*processes: subprocess.Popen) -> None:
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> int:
