@@ -40,9 +40,14 @@ MIDDLEWARES = {
 RETRY = f"traefik.http.middlewares.{PREDICT_ROUTER}-retry.retry."
 
 
-def without(middleware: str | None = None, access_log: bool = True, retry: dict[str, str | None] | None = None) -> None:
+def without(
+    middleware: str | None = None,
+    access_log: bool = True,
+    retry: dict[str, str | None] | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Make the spec declare the stack without one middleware on every router, or without the access log, or with
-    the prediction route's retry options changed (None: the option left out)."""
+    the prediction route's retry options changed (None: the option left out), or with more in Traefik's environment."""
 
     def flags(inputs, network):
         return tuple(f for f in traefik.traefik_flags(inputs, network) if access_log or f != "--accesslog=true")
@@ -60,7 +65,10 @@ def without(middleware: str | None = None, access_log: bool = True, retry: dict[
             for key, value in declared.items()
         }
 
-    spec.traefik_flags, spec.model_labels = flags, labels
+    def runtime_env(memory_mb):
+        return {**traefik.go_runtime_env(memory_mb), **(env or {})}
+
+    spec.traefik_flags, spec.model_labels, spec.go_runtime_env = flags, labels, runtime_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         ("retry on connection errors only (no status)", {"retry": {"status": None}}),
         ("retry with the default body limit (no maxrequestbodybytes)", {"retry": {"maxrequestbodybytes": None}}),
         ("retry of bodies up to 64 KiB", {"retry": {"maxrequestbodybytes": str(64 * 1024)}}),
+        ("everything, with Go's default GC (GOGC=100)", {"env": {"GOGC": "100"}}),
         ("everything, again", {}),
     ]
     if args.only:

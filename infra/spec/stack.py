@@ -55,8 +55,10 @@ from infra.spec.traefik import (
     PROVIDER_REFRESH_S,
     PROXY_HEALTH_INTERVAL_S,
     TLS_FILE,
+    TRAEFIK_TMPFS_MB,
     WEB_PORT,
     WEBSECURE_PORT,
+    go_runtime_env,
     model_labels,
     tls_options_yaml,
     traefik_env,
@@ -265,7 +267,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         name=TRAEFIK_CONTAINER,
         image=inputs.traefik_image,
         command=traefik_flags(inputs, NETWORK),
-        env=traefik_env(inputs),
+        env={**traefik_env(inputs), **go_runtime_env(TRAEFIK_MEMORY_MB)},
         labels={},
         mounts=(
             Mount(f"{root}/traefik", "/acme"),
@@ -282,7 +284,11 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         network=NETWORK,
         user=f"{TRAEFIK_UID}:{TRAEFIK_UID}",
         healthcheck=Healthcheck(("CMD", "traefik", "healthcheck", "--ping"), start_period_s=10),
-        confinement=Confinement(memory_bytes=TRAEFIK_MEMORY_MB * MiB, process_limit=TRAEFIK_PROCESS_LIMIT),
+        confinement=Confinement(
+            memory_bytes=TRAEFIK_MEMORY_MB * MiB,
+            tmpfs_bytes=TRAEFIK_TMPFS_MB * MiB,
+            process_limit=TRAEFIK_PROCESS_LIMIT,
+        ),
     )
     docker_api = ContainerSpec(
         name=DOCKER_API_CONTAINER,

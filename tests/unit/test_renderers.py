@@ -35,7 +35,7 @@ from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME, allow
 from infra.spec.durations import go_duration
 from infra.spec.inputs import StackInputs, check_cron
 from infra.spec.stack import APP_COMMAND, MODEL_UID, TRAEFIK_UID, build_stack, source_tag
-from infra.spec.traefik import acme_storage, traefik_flags
+from infra.spec.traefik import acme_storage, go_runtime_env, traefik_flags
 from tests.support.shims import shim_dir
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDLpmSenSMqSDvSFdAqQgtlaOqlopDyCgvc7ldJdpEPP operator@example"
@@ -244,6 +244,18 @@ def test_traefik_flags_switch_ca_and_trust() -> None:
     mounts = build_stack(local).traefik.mounts
     assert mounts[-1].source == "/tmp/ca.pem" and mounts[-1].read_only
     assert len(build_stack(INPUTS).traefik.mounts) == len(mounts) - 1
+
+
+def test_traefiks_collector_fits_its_container_with_the_buffering_tmpfs() -> None:
+    """GOMEMLIMIT is Traefik's memory limit less the tmpfs the buffering middleware spills to (same cgroup) and room
+    for what Go does not manage; the container's tmpfs is that size; a limit too small to leave a heap is refused."""
+    traefik = build_stack(INPUTS).traefik
+    assert traefik.env["GOGC"] == "400"
+    limit_mb = traefik.confinement.memory_bytes // 2**20
+    tmpfs_mb = traefik.confinement.tmpfs_bytes // 2**20
+    assert traefik.env["GOMEMLIMIT"] == f"{limit_mb - tmpfs_mb - 32}MiB" == "160MiB"
+    with pytest.raises(ValueError, match="Traefik's memory limit 150 MiB leaves 54 MiB"):
+        go_runtime_env(150)
 
 
 @pytest.mark.parametrize("good", ["0 * * * *", "*/15 2-4 * * 1-5", "5,35 * 1 1,6 0", "@hourly", " 0  3 * * * "])
