@@ -144,8 +144,12 @@ class LoggedPrediction(PredictionRecord):
 
 INSERT_PREDICTIONS = "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
 INSERT_OBSERVATIONS = "INSERT INTO observations (ts, prediction_id, features, target) VALUES (?,?,?,?)"
-PRUNE_AGED = "DELETE FROM predictions WHERE ts < ?"
-PRUNE_CAPPED = "DELETE FROM predictions WHERE ts <= (SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?)"
+# Retention deletes in chunks, the oldest first: one pass over millions of rows held the writer for seconds, and the
+# calls waiting on its queue dropped their log (measured in bench_peer). The writer deletes a chunk a pass.
+PRUNE_CHUNK = 20_000
+PRUNE_AGED = "DELETE FROM predictions WHERE id IN (SELECT id FROM predictions WHERE ts < ? ORDER BY ts LIMIT ?)"
+PRUNE_CAPPED = "DELETE FROM predictions WHERE id IN (SELECT id FROM predictions WHERE ts <= ? ORDER BY ts LIMIT ?)"
+CAP_TS = "SELECT ts FROM predictions ORDER BY ts DESC LIMIT 1 OFFSET ?"  # the newest time beyond the row cap
 RECENT_FEATURES = "SELECT features FROM predictions ORDER BY ts DESC LIMIT ?"
 # A page of the log after (ts, id), with the newest observation of each prediction: keyset pages keep both the
 # replica's memory and the lock on the shared connection bounded however long the export runs.
@@ -316,8 +320,9 @@ class PredictionLog(ABC):
                         f"below the free-space floor ({self.retention.min_free_bytes // 2**20} MiB free kept)"
                     )
                 connection = connection if self._usable(connection) else self.connect()
-                if time.monotonic() - self._pruned_at > self.retention.prune_every_s:
-                    self.prune(connection)
+                due = time.monotonic() - self._pruned_at > self.retention.prune_every_s
+                if due and self.prune(connection, max_chunks=1) >= PRUNE_CHUNK:
+                    self._pruned_at = 0.0  # more to delete: another chunk after the next write
                 with self._transaction(connection):
                     cursor = connection.cursor()
                     for call in calls:
@@ -337,16 +342,25 @@ class PredictionLog(ABC):
         if connection is not None:
             connection.close()
 
-    def prune(self, connection: Any = None, now: float | None = None) -> int:
-        """Delete predictions older than the retention or beyond the row cap (the oldest first); how many went."""
+    def prune(self, connection: Any = None, now: float | None = None, max_chunks: int | None = None) -> int:
+        """Delete predictions older than the retention, then beyond the row cap, the oldest first: for each, at most
+        ``max_chunks`` chunks of PRUNE_CHUNK rows (all when None), each chunk its own transaction. How many went."""
         self._pruned_at = time.monotonic()
         now = time.time() if now is None else now
         # The writer thread prunes on its own connection; anyone else uses the shared one, under its lock.
         owner = contextlib.nullcontext(connection) if connection is not None else self._shared()
-        with owner as used, self._transaction(used):
-            aged = used.execute(self._sql(PRUNE_AGED), (now - self.retention.max_age_s,))
-            capped = used.execute(self._sql(PRUNE_CAPPED), (self.retention.max_rows,))
-        return aged.rowcount + capped.rowcount
+        deleted = 0
+        with owner as used:
+            capped = used.execute(self._sql(CAP_TS), (self.retention.max_rows,)).fetchone()
+            for query, bound in ((PRUNE_AGED, now - self.retention.max_age_s), (PRUNE_CAPPED, capped and capped[0])):
+                chunks = 0
+                while bound is not None and (max_chunks is None or chunks < max_chunks):
+                    with self._transaction(used):
+                        went = used.execute(self._sql(query), (bound, PRUNE_CHUNK)).rowcount
+                    deleted, chunks = deleted + went, chunks + 1
+                    if went < PRUNE_CHUNK:
+                        break
+        return deleted
 
     def recent_features(self, limit: int) -> np.ndarray:
         rows = self._query(RECENT_FEATURES, (limit,))

@@ -428,6 +428,32 @@ def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path, log_backend: 
     log.close()
 
 
+def test_the_writer_prunes_a_chunk_a_pass_so_it_never_stalls(tmp_path, log_backend: str, request, monkeypatch) -> None:
+    """Beyond the row cap by many chunks, the writer deletes one chunk of the oldest rows a pass, comes back for the
+    next after its next write, and converges on the cap; a full prune (the admin's) takes the rest at once."""
+    from app import predlog
+    from app.pglog import PostgresLog
+
+    monkeypatch.setattr(predlog, "PRUNE_CHUNK", 100)
+    retention = predlog.Retention(max_age_s=3600, max_rows=1000, prune_every_s=3600)
+    if log_backend == "sqlite":
+        log = predlog.SqliteLog(tmp_path / "log.sqlite3", 5000, retention=retention).start()
+    else:
+        log = PostgresLog(request.getfixturevalue("postgres").database(), 5000, retention=retention).start()
+    now = time.time()
+    log.record(logged_rows(1500, now - 1000, [0.0], id_prefix="first-"))
+    assert log.flush() and log.count_predictions() == 1500  # pruned at the first pass, before these rows
+    assert log.prune(max_chunks=1) == 100 and log.count_predictions() == 1400  # one chunk, the oldest
+    log._pruned_at = 0.0  # due now: the next writes each bring one chunk
+    for call in range(3):
+        log.record(logged_rows(1, now - 10 + call, [0.0], id_prefix=f"later-{call}-"))
+        assert log.flush()
+    assert log.count_predictions() == 1400 + 3 - 300
+    assert log.prune() == 103 and log.count_predictions() == 1000
+    assert log.export(now - 1000).__next__().id == "first-00000503"  # the oldest went first
+    log.close()
+
+
 @SQLITE_ONLY
 def test_below_the_free_space_floor_observations_are_refused_and_predictions_go_on(make_client) -> None:
     client = make_client(min_free_mb=10**9)  # a floor no disk meets: the volume counts as full
