@@ -94,9 +94,9 @@ class PostgresLog(PredictionLog):
     errors = (psycopg.Error,)
 
     def __init__(
-        self, conninfo: str, queue_size: int, connect_timeout_s: int = 5, namespace: str | None = None, **options: Any
+        self, conninfo: str, queue_bytes: int, connect_timeout_s: int = 5, namespace: str | None = None, **options: Any
     ) -> None:
-        super().__init__(queue_size, **options)
+        super().__init__(queue_bytes, **options)
         self._conninfo = conninfo
         self._connect_timeout_s = connect_timeout_s
         self._namespace = namespace

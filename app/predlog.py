@@ -104,20 +104,10 @@ class PredictionBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def head(self, count: int) -> PredictionBatch:
-        """The first ``count`` rows (what still fits in the queue)."""
-        return PredictionBatch(
-            self.ids[:count],
-            self.ts[:count],
-            self.model_version,
-            self.features[:count],
-            self.prediction[:count],
-            self.lower[:count],
-            self.upper[:count],
-            self.confidence,
-            self.ood[:count],
-            self.latency_ms,
-        )
+    @property
+    def nbytes(self) -> int:
+        """About what the batch holds in memory while queued: its arrays, its ids, the objects around them."""
+        return self.features.nbytes + len(self.ids) * (5 * 8 + 90) + 1000
 
     def rows(self, encoded_features: list[Any]) -> Iterator[tuple]:
         """The rows to insert, in INSERT_PREDICTIONS's column order."""
@@ -175,7 +165,7 @@ class PredictionLog(ABC):
 
     def __init__(
         self,
-        queue_size: int,
+        queue_bytes: int,
         on_drop: Callable[[int], None] = lambda n: None,
         retention: Retention = Retention(),
     ) -> None:
@@ -183,8 +173,8 @@ class PredictionLog(ABC):
         self._pruned_at = 0.0
         # Each call's records travel as one item (a 10,000-row batch: one put, not 10,000); the bound is in rows.
         self._queue: queue.Queue[PredictionBatch | None] = queue.Queue()
-        self._capacity = queue_size
-        self._queued = 0  # rows waiting, under _room
+        self._capacity = queue_bytes
+        self._queued = 0  # bytes waiting, under _room
         self._room = threading.Condition()  # notified when the writer has taken rows off the queue
         self._on_drop = on_drop
         self._shared_lock = threading.Lock()
@@ -259,20 +249,25 @@ class PredictionLog(ABC):
 
     # -- predictions --------------------------------------------------------------------------------------------
     def record(self, batch: PredictionBatch, wait_s: float = 0.0) -> None:
-        """Queue a call's rows; what does not fit within ``wait_s`` drops, and says how many. Single rows on the
-        event loop never wait; a batch on a worker thread waits a bounded time, so a steady stream of batches runs at
-        the writer's pace instead of losing most of its log (measured: 86 % of 10,000-row batches dropped without)."""
+        """Queue a call's rows; a call that does not fit within ``wait_s`` drops, and says how many rows. The queue is
+        bounded in memory (one call always fits in an empty queue). Single rows on the event loop never wait; a batch
+        on a worker thread waits a bounded time, so a steady stream of batches runs at the writer's pace instead of
+        losing most of its log (measured: 86 % of 10,000-row batches dropped without)."""
+        size = batch.nbytes
         with self._room:
+
+            def fits() -> bool:
+                return self._queued == 0 or self._queued + size <= self._capacity
+
             if wait_s > 0:
-                wanted = min(len(batch), self._capacity)
-                self._room.wait_for(lambda: self._capacity - self._queued >= wanted, timeout=wait_s)
-            room = max(0, self._capacity - self._queued)
-            taken = batch if len(batch) <= room else batch.head(room)
-            self._queued += len(taken)
-        if len(taken):
-            self._queue.put_nowait(taken)
-        if len(taken) < len(batch):
-            self._on_drop(len(batch) - len(taken))
+                self._room.wait_for(fits, timeout=wait_s)
+            taken = fits()
+            if taken:
+                self._queued += size
+        if taken:
+            self._queue.put_nowait(batch)
+        else:
+            self._on_drop(len(batch))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record has been written or dropped (used by tests and shutdown)."""
@@ -313,7 +308,7 @@ class PredictionLog(ABC):
     def _run(self) -> None:
         connection: Any = None
         while (calls := self._next_batch()) is not None:
-            rows = sum(len(call) for call in calls)
+            rows, size = sum(len(call) for call in calls), sum(call.nbytes for call in calls)
             try:
                 if not self.has_room():
                     raise StorageFull(
@@ -335,7 +330,7 @@ class PredictionLog(ABC):
                 connection = None
             finally:
                 with self._room:
-                    self._queued -= rows
+                    self._queued -= size
                     self._room.notify_all()
                 for _ in calls:
                     self._queue.task_done()
@@ -445,8 +440,8 @@ class SqliteLog(PredictionLog):
     no_limit = -1
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: Path, queue_size: int, **options: Any) -> None:
-        super().__init__(queue_size, **options)
+    def __init__(self, path: Path, queue_bytes: int, **options: Any) -> None:
+        super().__init__(queue_bytes, **options)
         self.path = path
 
     def connect(self) -> sqlite3.Connection:

@@ -113,11 +113,12 @@ class Settings(BaseSettings):
         description="Free space kept on the data volume: below it, prediction records are dropped (counted) and "
         "observations refused with a 507, so model saves and certificate renewals still fit.",
     )
-    log_queue_size: int = Field(
-        20_000,
+    log_queue_mb: int = Field(
+        32,
         ge=1,
-        description="Prediction-log rows waiting for the writer at most (two 10,000-row calls; a row holds its "
-        "features as float64, so 20,000 rows of 500 features are 80 MB); beyond it rows drop (counted).",
+        description="Memory the prediction log's queue may hold for the writer (10,000-row calls of 10 features: "
+        "~15; single rows: ~27,000); it absorbs the writer's pauses (a checkpoint, a retention pass); beyond it a "
+        "call's rows drop (counted).",
     )
     log_wait_s: float = Field(
         2.0,

@@ -72,7 +72,10 @@ def database_url(settings: Settings) -> str | None:
 
 
 def open_stores(
-    settings: Settings, on_drop: Callable[[int], None], store: str = "", trusted: frozenset[str] = frozenset()
+    settings: Settings,
+    on_drop: Callable[[int], None],
+    store: str = "",
+    trusted: frozenset[str] = frozenset(),
 ) -> tuple[Registry | SharedRegistry, PredictionLog]:
     """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
     several nodes; start-up waits for it; a model project's tables in a namespace of its own), else the file
@@ -82,18 +85,17 @@ def open_stores(
         max_rows=settings.log_max_rows,
         min_free_bytes=settings.min_free_mb * 2**20,
     )
+    queue_bytes = settings.log_queue_mb * 2**20
     url = database_url(settings)
     if url is None:
         directory = settings.data_dir / store
         directory.mkdir(parents=True, exist_ok=True)
-        log = SqliteLog(
-            directory / "predictions.sqlite3", settings.log_queue_size, on_drop=on_drop, retention=retention
-        )
+        log = SqliteLog(directory / "predictions.sqlite3", queue_bytes, on_drop=on_drop, retention=retention)
         return Registry(directory, trusted), log.start()
     from app.pglog import PostgresLog, namespace_of, wait_for_database  # only where PostgreSQL is used
     from app.pgregistry import SharedRegistry
 
     wait_for_database(url, settings.database_wait_s)
     namespace = namespace_of(store)  # a project's tables in a namespace of their own, like its directory
-    log = PostgresLog(url, settings.log_queue_size, namespace=namespace, on_drop=on_drop, retention=retention)
+    log = PostgresLog(url, queue_bytes, namespace=namespace, on_drop=on_drop, retention=retention)
     return SharedRegistry(url, namespace=namespace, trusted=trusted), log.start()

@@ -413,9 +413,9 @@ def test_the_prediction_log_is_pruned_by_age_and_by_rows(tmp_path, log_backend: 
 
     retention = Retention(max_age_s=3600, max_rows=1000)
     if log_backend == "sqlite":
-        log = SqliteLog(tmp_path / "log.sqlite3", 5000, retention=retention).start()
+        log = SqliteLog(tmp_path / "log.sqlite3", 2**20, retention=retention).start()
     else:
-        log = PostgresLog(request.getfixturevalue("postgres").database(), 5000, retention=retention).start()
+        log = PostgresLog(request.getfixturevalue("postgres").database(), 2**20, retention=retention).start()
     now = time.time()
 
     log.record(logged_rows(10, now - 7200, [0.0], id_prefix="old-"))  # two hours old: beyond the retention
@@ -437,9 +437,9 @@ def test_the_writer_prunes_a_chunk_a_pass_so_it_never_stalls(tmp_path, log_backe
     monkeypatch.setattr(predlog, "PRUNE_CHUNK", 100)
     retention = predlog.Retention(max_age_s=3600, max_rows=1000, prune_every_s=3600)
     if log_backend == "sqlite":
-        log = predlog.SqliteLog(tmp_path / "log.sqlite3", 5000, retention=retention).start()
+        log = predlog.SqliteLog(tmp_path / "log.sqlite3", 2**20, retention=retention).start()
     else:
-        log = PostgresLog(request.getfixturevalue("postgres").database(), 5000, retention=retention).start()
+        log = PostgresLog(request.getfixturevalue("postgres").database(), 2**20, retention=retention).start()
     now = time.time()
     log.record(logged_rows(1500, now - 1000, [0.0], id_prefix="first-"))
     assert log.flush() and log.count_predictions() == 1500  # pruned at the first pass, before these rows
@@ -469,9 +469,9 @@ def test_below_the_free_space_floor_observations_are_refused_and_predictions_go_
 
 
 def test_batches_wait_a_bounded_time_for_the_log_single_rows_never(tmp_path) -> None:
-    """A writer slower than the calls: batches that may wait are all written, at the writer's pace; calls that may
-    not (single rows on the event loop) drop what does not fit, counted; a batch larger than the whole queue waits
-    for an empty queue, not forever."""
+    """A writer slower than the calls, a queue that holds one call: calls that may wait (batches) are all written, at
+    the writer's pace; calls that may not (single rows on the event loop) drop whole when it is full, counted; a call
+    larger than the whole queue is taken when the queue is empty, without waiting."""
     from app.predlog import SqliteLog
 
     class SlowWriter(SqliteLog):
@@ -480,7 +480,8 @@ def test_batches_wait_a_bounded_time_for_the_log_single_rows_never(tmp_path) -> 
             return super().encode_matrix(features)
 
     dropped: list[int] = []
-    log = SlowWriter(tmp_path / "log.sqlite3", 100, on_drop=dropped.append).start()
+    one_call = logged_rows(100, 0.0, [0.0]).nbytes
+    log = SlowWriter(tmp_path / "log.sqlite3", one_call, on_drop=dropped.append).start()
     now = time.time()
     for call in range(5):
         log.record(logged_rows(100, now, [0.0], id_prefix=f"wait-{call}-"), wait_s=2.0)
@@ -488,8 +489,8 @@ def test_batches_wait_a_bounded_time_for_the_log_single_rows_never(tmp_path) -> 
     for call in range(5):
         log.record(logged_rows(100, now, [0.0], id_prefix=f"now-{call}-"))
     assert log.flush() and sum(dropped) >= 300 and log.count_predictions() == 500 + 500 - sum(dropped)
-    started = time.monotonic()
+    before, started = log.count_predictions(), time.monotonic()
     log.record(logged_rows(250, now, [0.0], id_prefix="large-"), wait_s=2.0)
     assert time.monotonic() - started < 1.0, "waited for room the queue can never have"
-    assert log.flush()
+    assert log.flush() and log.count_predictions() == before + 250
     log.close()

@@ -124,7 +124,7 @@ def export_peak(log: SqliteLog, since: float, schema: Schema) -> tuple[int, int,
 def test_a_large_log_streams_in_bounded_memory(tmp_path: Path) -> None:
     """100,000 logged rows exported page by page: the peak allocation is that of a 10,000-row export, not ten times
     it, and a fraction of the text, so neither a replica nor the laptop holds the log in memory."""
-    log = SqliteLog(tmp_path / "predictions.sqlite3", queue_size=200_000).start()
+    log = SqliteLog(tmp_path / "predictions.sqlite3", queue_bytes=2**26).start()
     rows = 100_000
     features = [0.01] * len(FEATURES)
     log.record(logged_rows(rows, 1000.0, features))
@@ -158,7 +158,7 @@ def test_a_log_written_as_json_text_reads_beside_new_binary_rows(tmp_path: Path)
             ("old", now - 20, "v0001", json.dumps([0.25, -1.5]), 1.0, 0.5, 1.5, 0.9, 0, 1.0),
         )
     old.close()
-    log = SqliteLog(path, queue_size=100).start()
+    log = SqliteLog(path, queue_bytes=2**20).start()
     log.record(logged_rows(2, now - 10, [0.125, float("nan")]))
     assert log.flush()
     exported = list(log.export(now - 30))

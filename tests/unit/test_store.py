@@ -82,7 +82,7 @@ def test_replicas_starting_together_create_the_schema_once(postgres: PostgresSer
 
     def start() -> None:
         try:
-            logs.append(PostgresLog(url, 10).start())
+            logs.append(PostgresLog(url, 2**20).start())
         except BaseException as exc:  # collected and asserted below
             failures.append(exc)
 
