@@ -171,7 +171,7 @@ class PredictionLog(ABC):
     ) -> None:
         self.retention = retention
         self._pruned_at = 0.0
-        # Each call's records travel as one item (a 10,000-row batch: one put, not 10,000); the bound is in rows.
+        # Each call's rows travel as one item (a 10,000-row batch: one put, not 10,000); the bound is in bytes.
         self._queue: queue.Queue[PredictionBatch | None] = queue.Queue()
         self._capacity = queue_bytes
         self._queued = 0  # bytes waiting, under _room

@@ -72,10 +72,7 @@ def database_url(settings: Settings) -> str | None:
 
 
 def open_stores(
-    settings: Settings,
-    on_drop: Callable[[int], None],
-    store: str = "",
-    trusted: frozenset[str] = frozenset(),
+    settings: Settings, on_drop: Callable[[int], None], store: str = "", trusted: frozenset[str] = frozenset()
 ) -> tuple[Registry | SharedRegistry, PredictionLog]:
     """The model registry and the prediction log: in PostgreSQL when a database URL is configured (replicas on
     several nodes; start-up waits for it; a model project's tables in a namespace of its own), else the file

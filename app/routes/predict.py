@@ -72,10 +72,10 @@ def record_predictions(
     route: str,
     started: float,
     log_wait_s: float = 0.0,
-) -> tuple[list[str], list[float], list[float], list[float]]:
-    """Every answered row logged (under a new prediction id) and counted; the ids and the numbers as Python lists.
-    A row without a finite answer refuses the whole call: inside the accepted ranges it should not happen, and a
-    null or a 500 is never an answer. ``log_wait_s``: how long a call off the event loop may wait for the log."""
+) -> PredictionBatch:
+    """Every answered row logged (under a new prediction id) and counted; what was logged, for the answer. A row
+    without a finite answer refuses the whole call: inside the accepted ranges it should not happen, and a null or a
+    500 is never an answer. ``log_wait_s``: how long a call off the event loop may wait for the log."""
     finite = np.isfinite(result.points) & np.isfinite(result.lower) & np.isfinite(result.upper)
     if not finite.all():
         bad = np.flatnonzero(~finite)[:MAX_ERRORS].tolist()
@@ -103,22 +103,15 @@ def record_predictions(
     flagged = int(flags.sum())
     if flagged:
         service.metrics.ood.inc(flagged)
-    return ids, result.points.tolist(), result.lower.tolist(), result.upper.tolist()
+    return batch
 
 
-def answer(
-    service: ModelService,
-    X: np.ndarray,
-    result: Prediction,
-    confidence: float,
-    route: str,
-    started: float,
-    log_wait_s: float = 0.0,
-) -> tuple[str, list[dict[str, Any]]]:
-    """The response items for a prediction, with the rows logged and counted."""
-    ids, points, lower, upper = record_predictions(service, X, result, confidence, route, started, log_wait_s)
+def answer(service: ModelService, result: Prediction, logged: PredictionBatch) -> tuple[str, list[dict[str, Any]]]:
+    """The response items for a prediction whose rows ``logged`` holds (record_predictions: ids, confidence)."""
+    ids, confidence = logged.ids, logged.confidence
     if result.probabilities is not None and result.sets is not None:
         return result.version, classified(ids, result, confidence, service.dataset.schema.classes)
+    points, lower, upper = logged.prediction.tolist(), logged.lower.tolist(), logged.upper.tolist()
     # Plain dicts, not response models: for a 10k-row batch, building and re-validating 10k pydantic
     # objects cost more than the prediction itself (see docs/benchmarks.md). The shape is PredictionResult's.
     items: list[dict[str, Any]] = []
@@ -162,7 +155,8 @@ def batch_answer(service: ModelService, X: np.ndarray, confidence: float, route:
         result = service.predict(X, confidence)
     except NotReady as exc:
         raise not_ready(exc) from exc
-    version, items = answer(service, X, result, confidence, route, started, service.settings.log_wait_s)
+    logged = record_predictions(service, X, result, confidence, route, started, service.settings.log_wait_s)
+    version, items = answer(service, result, logged)
     # Serialized directly; `response_model=BatchResponse` still documents the shape in OpenAPI.
     return AnswerResponse({"model_version": version, "predictions": items})
 
@@ -190,7 +184,9 @@ def predict_router(settings: Settings, schemas: RequestSchemas, feature_names: t
             raise not_ready(exc) from exc
         except Overloaded as exc:
             raise overloaded(exc) from exc
-        version, items = answer(service, X, result, body.confidence, "predict", started)
+        version, items = answer(
+            service, result, record_predictions(service, X, result, body.confidence, "predict", started)
+        )
         return AnswerResponse({"model_version": version, **items[0]})  # the shape of PredictResponse, unvalidated
 
     @router.post(

@@ -401,16 +401,15 @@ def v2_router(
         log_wait_s: float = 0.0,
     ) -> Response:
         try:  # logged and metered
-            record_predictions(service, X, result, float(confidence), "v2_infer", started, log_wait_s)
+            logged = record_predictions(service, X, result, float(confidence), "v2_infer", started, log_wait_s)
         except RequestValidationError:
             raise V2Error(400, "these inputs give no finite prediction") from None
-        flags = np.array([bool(reasons) for reasons in result.ood])
         if result.probabilities is not None and result.sets is not None:
             labels = np.array(classes, dtype=object)[result.points.astype(np.intp)]
             arrays = {"label": labels, "probabilities": result.probabilities, "prediction_set": result.sets}
         else:
             arrays = {"predict": result.points, "lower": result.lower, "upper": result.upper}
-        arrays["out_of_distribution"] = flags
+        arrays["out_of_distribution"] = logged.ood
         outputs, chunks = output_tensors(arrays, request)
         document: dict[str, Any] = {
             "model_name": model_name,
