@@ -424,6 +424,7 @@ def build_stack_images(client: docker.DockerClient, progress: Callable[[str], No
     tell = progress or (lambda line: None)
     started = time.monotonic()
     pending: dict[str, float] = {}
+    present: set[str] = set()  # the tags there before this call: "already built" is a fact, not a short duration
 
     def timed(role: str, build: Callable[..., str], *args: object) -> str:
         began = time.monotonic()
@@ -433,7 +434,7 @@ def build_stack_images(client: docker.DockerClient, progress: Callable[[str], No
         finally:
             pending.pop(role, None)
         took = time.monotonic() - began
-        tell(f"image {role}: {tag} " + (f"built in {took:.0f} s" if took >= 1 else "(already built)"))
+        tell(f"image {role}: {tag} " + ("(already built)" if tag in present else f"built in {took:.0f} s"))
         return tag
 
     def ticker(done: threading.Event) -> None:
@@ -445,6 +446,7 @@ def build_stack_images(client: docker.DockerClient, progress: Callable[[str], No
     threading.Thread(target=ticker, args=(done,), daemon=True).start()
     try:
         with exclusive_builds(), ThreadPoolExecutor(max_workers=5) as pool:
+            present.update(tag for image in client.images.list() for tag in image.tags)
             wheels = pool.submit(download_wheels, APP_DIR / "requirements.lock")  # build_model finds them ready
             base = pool.submit(timed, "base", build_base, client)
             runtime = pool.submit(timed, "runtime", build_runtime, client)

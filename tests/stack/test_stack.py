@@ -1121,8 +1121,9 @@ def test_a_second_up_changes_nothing(stack: local.LocalStack, capsys: pytest.Cap
     traefik_id = client.containers.get(TRAEFIK_CONTAINER).id
     again = local.up(stack.options)
     said = capsys.readouterr().out.splitlines()
+    told = [line for line in said if line.startswith("image ")]
     for role in ("base", "runtime", "docker-api", "traefik", "pebble", "monitoring", "model"):
-        assert any(line.startswith(f"image {role}: ") and "(already built)" in line for line in said), said
+        assert any(line.startswith(f"image {role}: ") and "(already built)" in line for line in told), (role, told)
     for step in ("images ready in", "deploying: mlapi-model, mlapi-alertmanager, mlapi-prometheus",
                  "mlapi-model: unchanged", "mlapi is up at"):  # fmt: skip
         assert any(step in line for line in said), (step, said)
