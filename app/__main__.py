@@ -153,7 +153,7 @@ def _init(data: str, project: str | None, target: str, task: str | None, name: s
     """Write ``mlapi.toml`` with the schema inferred from the data, for the user to review."""
     from pathlib import Path
 
-    from app.project import PROJECT_FILE, ProjectError, init_project
+    from app.project import PARQUET_READER, PARQUET_REQUIREMENTS, PROJECT_FILE, ProjectError, data_format, init_project
 
     directory = Path(project) if project else Path(data).parent
     destination = directory / PROJECT_FILE
@@ -167,6 +167,13 @@ def _init(data: str, project: str | None, target: str, task: str | None, name: s
         return 1
     destination.write_text(text)
     print(f"wrote {destination}: review the feature types, then: MLAPI_MODEL_PROJECT={directory} python -m app serve")
+    if data_format(data) == "parquet":  # the model image reads Parquet only with the project's own pyarrow
+        requirements = directory / PARQUET_REQUIREMENTS
+        if not requirements.exists():
+            requirements.write_text(f"{PARQUET_READER}  # reads the Parquet data\n")
+            print(f"wrote {requirements}: {PARQUET_READER}, which reads the Parquet data in the model image")
+        elif "pyarrow" not in requirements.read_text().lower():
+            print(f"add {PARQUET_READER} to {requirements}: the model image reads the Parquet data with it")
     return 0
 
 
@@ -193,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP service (uvicorn)")
-    init = commands.add_parser("init", help="write mlapi.toml for a CSV file, with the schema inferred from it")
-    init.add_argument("data", help="the training data (CSV), inside the project directory")
+    init = commands.add_parser(
+        "init", help="write mlapi.toml for a CSV or Parquet file, with the schema inferred from it"
+    )
+    init.add_argument("data", help="the training data (CSV or Parquet), inside the project directory")
     init.add_argument("--project", help="the project directory (default: the data file's directory)")
     init.add_argument("--target", required=True, help="the column to predict")
     init.add_argument("--task", choices=("regression", "classification"), help="default: from the target's values")

@@ -9,6 +9,7 @@ fix.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import hashlib
 import importlib
 import json
@@ -18,9 +19,10 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +47,11 @@ TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 MAX_CATEGORIES = 200  # more distinct strings than this is free text or an identifier, not a category
 DEFAULT_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# What reads Parquet. The model image leaves it out (160 MB installed) unless the project pins it in
+# model.requirements; this version is the one the tests read Parquet with (requirements.in).
+PARQUET_READER = "pyarrow==26.0.1"
+PARQUET_REQUIREMENTS = "requirements.txt"  # what `init` names, and writes with PARQUET_READER, for Parquet data
 STRICT = ConfigDict(extra="forbid")
 
 
@@ -140,8 +147,11 @@ class ModelSection(BaseModel):
             raise ValueError(
                 f"{redacted(value)}: {scheme}:// is not fetched: use an https URL (an S3 or GCS presigned URL works)"
             )
-        if not value.lower().endswith(".csv"):
-            raise ValueError(f"{value!r}: data must be a .csv file in the project, or an https:// URL of one")
+        if data_format(value) is None:
+            raise ValueError(
+                f"{value!r}: data must be a CSV file (.csv) or a Parquet file ({', '.join(PARQUET_SUFFIXES)}) in the "
+                "project, or an https:// URL of one"
+            )
         return value
 
     @property
@@ -209,7 +219,7 @@ def read_project_file(directory: Path) -> ProjectFile:
     path = directory / PROJECT_FILE
     if not path.is_file():
         raise ProjectError(
-            f"{path}: no {PROJECT_FILE} here (write one with: python -m app init <data.csv> --target <column>)"
+            f"{path}: no {PROJECT_FILE} here (write one with: python -m app init <data file> --target <column>)"
         )
     try:
         raw = tomllib.loads(path.read_text())
@@ -229,7 +239,13 @@ def open_project(
     is used, with a warning (a replica restarting while the data's host is down still serves)."""
     path = directory / PROJECT_FILE
     parsed = read_project_file(directory)
-    project_pins(directory, parsed.model)  # refused before anything is fetched or trained, as the image build would
+    pins = project_pins(directory, parsed.model)  # refused before anything is fetched or trained, as the build would
+    if data_format(parsed.model.data) == "parquet" and "pyarrow" not in {pin.name for pin in pins}:
+        raise ProjectError(
+            f"{path}: model.data: {parsed.model.data_label} is Parquet, read with pyarrow, which the model image "
+            f"carries only for a project that asks for it: add {PARQUET_READER} to the project's requirements "
+            f"file (model.requirements)"
+        )
     declared = {
         name: spec if isinstance(spec, FeatureSpec) else FeatureSpec(type=spec)
         for name, spec in parsed.features.items()
@@ -303,20 +319,36 @@ def times_of(values: list[str | None], where: str, shown: str) -> np.ndarray:
     return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
 
 
+def data_format(reference: str) -> Literal["csv", "parquet"] | None:
+    """How ``model.data`` is read, from its file name or its URL's path (a URL with neither suffix is CSV)."""
+    name = urllib.parse.urlsplit(reference).path if is_url(reference) else reference
+    suffix = PurePosixPath(name.lower()).suffix
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "csv" if suffix == ".csv" or is_url(reference) else None
+
+
 def read_raw(
-    path: Path, missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING, label: str | None = None
+    path: Path,
+    missing_values: list[str] | tuple[str, ...] = DEFAULT_MISSING,
+    label: str | None = None,
 ) -> pd.DataFrame:
-    """The CSV as strings, None where a cell holds one of ``missing_values``: types come from the schema, not from
-    pandas' guesses. ``label``: how errors name the data (a URL's fetched copy is named by its URL)."""
+    """The data as strings, None where a value is missing (a CSV cell or Parquet text holding one of
+    ``missing_values``, a Parquet null or NaN): types come from the schema, not from pandas' or the file's guesses,
+    so a Parquet file and the CSV of the same table give the same project. ``label``: how errors name the data (a
+    URL's fetched copy is named by its URL)."""
     where = label or path
     if not path.is_file():
         raise ProjectError(f"{where}: the data file does not exist (model.data in {PROJECT_FILE})")
-    try:
-        with path.open(newline="") as handle:
-            header = next(csv.reader(handle), [])
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=list(missing_values))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
-        raise ProjectError(f"{where}: not a readable CSV file ({exc})") from None
+    if data_format(path.name) == "parquet":
+        header, frame = _read_parquet(path, where, missing_values)
+    else:
+        try:
+            with path.open(newline="") as handle:
+                header = next(csv.reader(handle), [])
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=list(missing_values))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
+            raise ProjectError(f"{where}: not a readable CSV file ({exc})") from None
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:  # pandas would rename them silently (name.1)
         raise ProjectError(f"{where}: column names appear more than once: {duplicated}")
@@ -325,11 +357,48 @@ def read_raw(
     return frame.astype(object).where(frame.notna(), None)
 
 
+def _read_parquet(
+    path: Path, where: str | Path, missing_values: list[str] | tuple[str, ...]
+) -> tuple[list[str], pd.DataFrame]:
+    """The column names and the values as the text a CSV of the table would hold."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ProjectError(
+            f"{where}: a Parquet file needs pyarrow, which is not installed here: pip install {PARQUET_READER}"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ProjectError(f"{where}: not a readable Parquet file ({exc})") from None
+    missing = set(missing_values)
+    columns = [[_parquet_text(value, missing) for value in column.to_pylist()] for column in table.columns]
+    frame = pd.DataFrame(dict(enumerate(columns)), dtype=object)
+    frame.columns = pd.Index(table.column_names, dtype=object)
+    return table.column_names, frame
+
+
+def _parquet_text(value: Any, missing: set[str]) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return None if value in missing else value
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)  # int, float (its shortest round-trip form), Decimal
+
+
 def fetched(model: ModelSection, path: Path, cache_dir: Path | None, stale_ok: bool) -> tuple[Path, str]:
     """The data at ``model.data`` (a URL) as a local file and its sha256: fetched now, else (``stale_ok``) the copy
     fetched last time into ``cache_dir``."""
     directory = cache_dir or Path(tempfile.gettempdir()) / "mlapi-data"
-    copy = directory / f"{hashlib.sha256(model.data.encode()).hexdigest()[:16]}.csv"
+    suffix = ".parquet" if data_format(model.data) == "parquet" else ".csv"
+    copy = directory / f"{hashlib.sha256(model.data.encode()).hexdigest()[:16]}{suffix}"
     try:
         sha256 = fetch(model.data, copy, max_bytes=int(model.data_max_mb * 2**20), timeout_s=model.data_timeout_s)
     except FetchError as exc:
@@ -479,6 +548,8 @@ def render_project_file(model: ModelSection, features: dict[str, FeatureSpec]) -
     ]
     if model.ignore:
         lines.append(f"ignore = {json.dumps(model.ignore)}")
+    if model.requirements:
+        lines.append(f"requirements = {json.dumps(model.requirements)}  # extra packages for the model image")
     if list(model.missing_values) != list(DEFAULT_MISSING):
         lines.append(f"missing_values = {json.dumps(model.missing_values)}")
     lines += [
@@ -513,7 +584,10 @@ def init_project(
     features = [c for c in frame.columns if c != target and c not in ignore]
     default_name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-") or "model"
     try:
-        model = ModelSection(name=name or default_name[:63], task=task, target=target, data=relative, ignore=ignore)
+        model = ModelSection(
+            name=name or default_name[:63], task=task, target=target, data=relative, ignore=ignore,
+            requirements=PARQUET_REQUIREMENTS if data_format(relative) == "parquet" else None,
+        )  # fmt: skip
     except ValidationError as exc:
         raise ProjectError(_describe(exc, "init")) from None
     return render_project_file(model, infer_schema(frame[features]))

@@ -28,7 +28,7 @@ def check_project(project: Path) -> None:
     """The app's own check of a model project: its schema against its data, its pipeline code called once."""
     if not (project / "mlapi.toml").is_file():
         raise ProjectRefused(
-            f"{project}: no mlapi.toml here (write one with: python -m app init <data.csv> --target <column>)"
+            f"{project}: no mlapi.toml here (write one with: python -m app init <data file> --target <column>)"
         )
     result = subprocess.run(
         [sys.executable, "-m", "app", "check"],

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import gevent.ssl
 import numpy as np
+import pandas as pd
 import pytest
 import tritonclient.http as triton
 from docker.types import Mount
 
+from app.project import PARQUET_READER
 from infra.local import stack as local
 from infra.local.engine import (
     HASH_LABEL,
@@ -1036,19 +1038,24 @@ def by_name():
     columns = ColumnTransformer([("places", places, ["island", "sex"]), ("sizes", SimpleImputer(), sizes)])
     return make_pipeline(columns, LogisticRegression(max_iter=2000))
 """
-# The project's one extra package, fetched from PyPI on the host and installed into the image offline.
-USERS_REQUIREMENTS = "Unidecode==1.4.0\n"
+# The project's extra packages, fetched from PyPI on the host and installed into the image offline: one its code
+# imports, and the one that reads its Parquet data.
+USERS_REQUIREMENTS = f"Unidecode==1.4.0\n{PARQUET_READER}\n"
 
 
 def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
-    """`make local-up MODEL=<dir>`: a classifier over categories and gaps, trained by the project's own code (a
-    ColumnTransformer selecting columns by name) with a package of its own requirements, checked, baked into the
-    model image, rolled out and served over HTTPS; a plain `up` afterwards is the bundled model again."""
+    """`make local-up MODEL=<dir>`: a classifier over categories and gaps, its data in Parquet, trained by the
+    project's own code (a ColumnTransformer selecting columns by name) with packages of its own requirements,
+    checked, baked into the model image, rolled out and served over HTTPS; a plain `up` afterwards is the bundled
+    model again."""
     project = tmp_path / "penguins"
     shutil.copytree(EXAMPLES / "penguins", project)
+    data = project / "data" / "penguins.csv"
+    pd.read_csv(data).to_parquet(data.with_suffix(".parquet"))
+    data.unlink()
     (project / "penguin_pipeline.py").write_text(USERS_CODE)
     (project / "requirements.txt").write_text(USERS_REQUIREMENTS)
-    toml = (project / "mlapi.toml").read_text()
+    toml = (project / "mlapi.toml").read_text().replace("data/penguins.csv", "data/penguins.parquet")
     keys = (
         'pipeline = "penguin_pipeline:by_name"\nrequirements = "requirements.txt"\n'
         'trusted_types = ["penguin_pipeline.ascii_folded"]\n'

@@ -170,7 +170,7 @@ def test_an_untrusted_certificate_is_refused(
     [
         ("http://data.internal/d.csv", "plain http can be changed on the way: use https"),
         ("s3://bucket/d.csv?token=s3cr3t", "s3:// is not fetched: use an https URL (an S3 or GCS presigned URL works)"),
-        ("data/d.parquet", "data must be a .csv file in the project, or an https:// URL of one"),
+        ("data/d.feather", "data must be a CSV file (.csv) or a Parquet file (.parquet, .pq) in the project"),
     ],
 )
 def test_a_data_url_that_is_not_https_names_the_fix(tmp_path: Path, url: str, says: str) -> None:
