@@ -128,10 +128,11 @@ def _train(dataset: Dataset, into: str | None) -> int:
 
 def _install_requirements(into: str) -> int:
     """The image build's step: the configured project's extra packages, checked, installed into ``into`` (offline from
-    the project's .wheels directory when the local stack put one there)."""
+    the project's .wheels directory when the local stack put one there), and its Debian packages listed there, one a
+    line, for the build's system stage (app/Dockerfile.project)."""
     from pathlib import Path
 
-    from app.project import ProjectError, project_pins, read_project_file
+    from app.project import SYSTEM_PACKAGES_LIST, ProjectError, project_pins, read_project_file
     from app.requirements import WHEELS_DIR, RequirementsError, install
 
     directory = get_settings().model_project
@@ -139,12 +140,14 @@ def _install_requirements(into: str) -> int:
         print("error: MLAPI_MODEL_PROJECT is not set: only a model project has extra packages", file=sys.stderr)
         return 2
     try:  # mlapi.toml alone: the data is read (or fetched) when the build trains, not here
-        pins = project_pins(directory, read_project_file(directory).model)
+        model = read_project_file(directory).model
+        pins = project_pins(directory, model)
         wheels = directory / WHEELS_DIR
         install(pins, Path(into), wheels if wheels.is_dir() else None, f"{directory} model.requirements")
     except (ProjectError, RequirementsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    (Path(into) / SYSTEM_PACKAGES_LIST).write_text("".join(f"{name}\n" for name in model.system_packages))
     print(f"installed {[pin.text for pin in pins]} into {into}" if pins else "no extra packages")
     return 0
 

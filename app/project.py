@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import math
+import re
 import sys
 import tempfile
 import time
@@ -47,6 +48,9 @@ TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 MAX_CATEGORIES = 200  # more distinct strings than this is free text or an identifier, not a category
 DEFAULT_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+SYSTEM_PACKAGES_LIST = "system-packages.txt"  # model.system_packages for the image build's system stage
+SHARED_OBJECT_MISSING = re.compile(r"(\S+\.so[.\d]*): cannot open shared object file")
+DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # What reads Parquet. The model image leaves it out (160 MB installed) unless the project pins it in
 # model.requirements; this version is the one the tests read Parquet with (requirements.in).
@@ -117,6 +121,26 @@ class ModelSection(BaseModel):
     model_file: str | None = Field(
         None, description="a fitted pipeline in skops format, in the project: served as the first version"
     )
+    system_packages: list[str] = Field(
+        default_factory=list,
+        max_length=30,
+        description="Debian packages (of the model image's release) a package needs, such as libgomp1 for LightGBM",
+    )
+
+    @field_validator("system_packages")
+    @classmethod
+    def debian_package_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if "=" in name:
+                raise ValueError(
+                    f"{name!r}: a name without a version: the model image's Debian release installs its current "
+                    "(security-patched) version, and mirrors drop the old ones"
+                )
+            if not DEBIAN_PACKAGE.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a Debian package name (lower-case letters, digits, + - ., such as libgomp1)"
+                )
+        return value
 
     @field_validator("requirements")
     @classmethod
@@ -632,7 +656,7 @@ def pipeline_factory(project: ModelProject, missing_ok: bool = False) -> Callabl
         )  # fmt: skip
         return None
     except Exception as exc:
-        raise ProjectError(f"{where}: importing {path.name} failed: {type(exc).__name__}: {exc}") from None
+        raise ProjectError(f"{where}: importing {path.name} failed: {failure(exc)}") from None
     if Path(getattr(module, "__file__", "") or "").resolve() != path.resolve():
         raise ProjectError(
             f"{where}: the module name {module_name!r} is already taken by {getattr(module, '__file__', 'a builtin')}: "
@@ -710,7 +734,7 @@ def imported_model(project: ModelProject) -> ImportedModel | None:
     try:
         estimator = sio.loads(blob, trusted=[*DATA_TYPES, *project.model.trusted_types])
     except Exception as exc:
-        raise ProjectError(f"{where}: loading {path.name} failed: {type(exc).__name__}: {exc}") from None
+        raise ProjectError(f"{where}: loading {path.name} failed: {failure(exc)}") from None
     lacking = missing_methods(estimator, project.model.task, fitted=True)
     if lacking:
         raise ProjectError(f"{where}: {type(estimator).__name__} has no {' or '.join(lacking)}")
@@ -752,6 +776,18 @@ def import_pickle(source: Path, project: ModelProject, name: str = "model.skops"
         text = toml.read_text()
         toml.write_text(text.replace("[model]\n", f"[model]\nmodel_file = {json.dumps(name)}\n", 1))
     return target
+
+
+def failure(exc: BaseException) -> str:
+    """An error of the project's code or model file, with the fix when it is a system library a package lacks."""
+    text = f"{type(exc).__name__}: {exc}"
+    library = SHARED_OBJECT_MISSING.search(str(exc))
+    if library:
+        text += (
+            f" (a system library a package needs: add the Debian package that ships {library.group(1)} to "
+            "model.system_packages, such as libgomp1 for libgomp.so.1)"
+        )
+    return text
 
 
 def project_pins(directory: Path, model: ModelSection) -> list[Pin]:

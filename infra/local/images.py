@@ -251,12 +251,15 @@ def check_project(project: Path) -> None:
         raise BuildError(f"MODEL={project}: {exc}") from None
 
 
-def build_project_image(client: docker.DockerClient, model_image: str, project: Path) -> str:
+def build_project_image(client: docker.DockerClient, model_image: str, base: str, project: Path) -> str:
     """The model image with a model project in it, from app/Dockerfile.project (the Pulumi program builds the same
     file on the VM): the service reads it from MLAPI_MODEL_PROJECT. The project's extra packages are fetched here, on
-    the host, into the build context's .wheels/ (the build itself is offline). The caller has checked the project."""
+    the host, into the build context's .wheels/ (pip in the build is offline); its Debian packages come from the
+    Debian mirror through ``base`` (the runtime has apt but no dpkg). The caller has checked the project."""
     files = sorted(p for p in project.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    digest = content_hash(model_image, *(str(p.relative_to(project)) for p in files), *(p.read_bytes() for p in files))
+    digest = content_hash(
+        model_image, base, *(str(p.relative_to(project)) for p in files), *(p.read_bytes() for p in files)
+    )
     tag = f"mlapi-model-project:{digest}"
     if has_image(client, tag):
         return tag
@@ -270,7 +273,7 @@ def build_project_image(client: docker.DockerClient, model_image: str, project: 
                 shutil.copy2(wheel, wheels)
         run_step(
             ["docker", "build", "--quiet", "-t", tag, "-f", str(PROJECT_DOCKERFILE), "--build-arg",
-             f"MODEL_IMAGE={model_image}", context],
+             f"MODEL_IMAGE={model_image}", "--build-arg", f"SYSTEM_IMAGE={base}", context],
             f"docker build of the model project {project}",
             env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
         )  # fmt: skip

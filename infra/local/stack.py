@@ -214,7 +214,7 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     built = images.build_stack_images(client, progress=say)
     if options.model_project is not None:
         say(f"image model-project: building from {options.model_project}…")
-        built["model"] = images.build_project_image(client, built["model"], options.model_project)
+        built["model"] = images.build_project_image(client, built["model"], built["base"], options.model_project)
     images_ready = time.monotonic()
     say(f"images ready in {images_ready - started:.0f} s; deploying the stack…")
 

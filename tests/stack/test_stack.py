@@ -1018,9 +1018,9 @@ def test_v2_inference_through_the_edge_equals_predict(stack: local.LocalStack) -
 
 
 USERS_CODE = """
+from lightgbm import LGBMClassifier  # its wheel loads libgomp.so.1: model.system_packages brings Debian's libgomp1
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
 from unidecode import unidecode  # not in the service's image: the project's requirements.txt brings it
@@ -1036,18 +1036,18 @@ def by_name():
     )
     sizes = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm"]
     columns = ColumnTransformer([("places", places, ["island", "sex"]), ("sizes", SimpleImputer(), sizes)])
-    return make_pipeline(columns, LogisticRegression(max_iter=2000))
+    return make_pipeline(columns, LGBMClassifier(n_estimators=50, verbose=-1))
 """
-# The project's extra packages, fetched from PyPI on the host and installed into the image offline: one its code
+# The project's extra packages, fetched from PyPI on the host and installed into the image offline: two its code
 # imports, and the one that reads its Parquet data.
-USERS_REQUIREMENTS = f"Unidecode==1.4.0\n{PARQUET_READER}\n"
+USERS_REQUIREMENTS = f"Unidecode==1.4.0\nlightgbm==4.7.0\n{PARQUET_READER}\n"
 
 
 def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.LocalStack, tmp_path: Path) -> None:
     """`make local-up MODEL=<dir>`: a classifier over categories and gaps, its data in Parquet, trained by the
-    project's own code (a ColumnTransformer selecting columns by name) with packages of its own requirements,
-    checked, baked into the model image, rolled out and served over HTTPS; a plain `up` afterwards is the bundled
-    model again."""
+    project's own code (LightGBM behind a ColumnTransformer selecting columns by name) with packages of its own
+    requirements and a Debian library of its system_packages, checked, baked into the model image, rolled out and
+    served over HTTPS; a plain `up` afterwards is the bundled model again."""
     project = tmp_path / "penguins"
     shutil.copytree(EXAMPLES / "penguins", project)
     data = project / "data" / "penguins.csv"
@@ -1057,8 +1057,9 @@ def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.L
     (project / "requirements.txt").write_text(USERS_REQUIREMENTS)
     toml = (project / "mlapi.toml").read_text().replace("data/penguins.csv", "data/penguins.parquet")
     keys = (
-        'pipeline = "penguin_pipeline:by_name"\nrequirements = "requirements.txt"\n'
-        'trusted_types = ["penguin_pipeline.ascii_folded"]\n'
+        'pipeline = "penguin_pipeline:by_name"\nrequirements = "requirements.txt"\nsystem_packages = ["libgomp1"]\n'
+        'trusted_types = ["penguin_pipeline.ascii_folded", "lightgbm.basic.Booster", "lightgbm.sklearn.LGBMClassifier",'
+        ' "collections.OrderedDict"]\n'
     )
     (project / "mlapi.toml").write_text(toml.replace("[features]", f"{keys}\n[features]", 1))
     try:
