@@ -371,10 +371,12 @@ def build_pebble(client: docker.DockerClient, base: str) -> str:
 
 
 # Where the official images have them <- Debian's files. Debian's Alertmanager reads its notification templates from
-# /usr/share (the upstream binary embeds them).
+# /usr/share (the upstream binary embeds them). The official images are built on busybox, whose wget their health
+# checks use: Debian's busybox is that here.
 MONITORING_FILES = {
     "bin/prometheus": "/usr/bin/prometheus",
     "bin/alertmanager": "/usr/bin/prometheus-alertmanager",
+    "bin/busybox": "/usr/bin/busybox",
     **{
         f"usr/share/prometheus/alertmanager/{name}": f"/usr/share/prometheus/alertmanager/{name}"
         for name in ("default.tmpl", "email.tmpl")
@@ -385,19 +387,24 @@ MONITORING_FILES = {
 def build_monitoring(client: docker.DockerClient, runtime: str) -> str:
     missing = [path for path in MONITORING_FILES.values() if not Path(path).is_file()]
     if missing:
-        raise BuildError(f"{', '.join(missing)} missing: apt-get install -y prometheus prometheus-alertmanager")
+        raise BuildError(f"{', '.join(missing)} missing: apt-get install -y prometheus prometheus-alertmanager busybox")
     files = {target: Path(source).read_bytes() for target, source in MONITORING_FILES.items()}
-    tag = f"mlapi-monitoring:{content_hash(runtime, *files, *files.values())}"
+    dockerfile = "\n".join([
+        f"FROM {runtime}",
+        *(f"COPY {Path(target).name} /{target}" for target in files),
+        "RUN ln -s busybox /bin/wget",
+        "USER 65534:65534",
+        "",
+    ])  # fmt: skip
+    tag = f"mlapi-monitoring:{content_hash(dockerfile, *files.values())}"
     if has_image(client, tag):
         return tag
     with tempfile.TemporaryDirectory(prefix="mlapi-monitoring-") as context:
-        lines = [f"FROM {runtime}"]
         for target, content in files.items():
             copied = Path(context) / Path(target).name
             copied.write_bytes(content)
             copied.chmod(0o755 if target.startswith("bin/") else 0o644)  # COPY keeps it (no --chmod without BuildKit)
-            lines.append(f"COPY {copied.name} /{target}")
-        (Path(context) / "Dockerfile").write_text("\n".join([*lines, "USER 65534:65534", ""]))
+        (Path(context) / "Dockerfile").write_text(dockerfile)
         run_step(
             ["docker", "build", "--quiet", "-t", tag, context],
             "docker build of the monitoring image",

@@ -202,6 +202,19 @@ def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
     )  # fmt: skip
 
 
+def self_check(port: int) -> Healthcheck:
+    """Prometheus' and Alertmanager's own health endpoint, asked with the busybox wget their official images are
+    built on (the local monitoring image carries Debian's busybox for it): swarm replaces a task that hangs, not only
+    one that exits. A slow WAL replay at start is not unhealthy: /-/healthy answers while /-/ready waits."""
+    return Healthcheck(
+        ("CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}/-/healthy"),
+        interval_s=30,
+        timeout_s=5,
+        retries=3,
+        start_period_s=60,
+    )
+
+
 def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile, ...]) -> MonitoringSpec:
     """Prometheus and Alertmanager on the manager (their data on the volume), on the overlay only: nothing publishes
     their ports (`mlapi` or an SSH tunnel reach them). One task each, replaced stop-first (one writer per data
@@ -209,7 +222,6 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
     digest = hashlib.sha256("".join(item.content for item in files).encode()).hexdigest()[:12]
     common = {
         "labels": {},
-        "healthcheck": None,  # the official images have no client to check themselves with; swarm restarts a crash
         "replicas": 1,
         "update": RolloutPolicy(failure_action="rollback", order="stop-first"),
         "rollback": RolloutPolicy(failure_action="pause", order="stop-first"),
@@ -230,6 +242,7 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
             f"--web.listen-address=:{PROMETHEUS_PORT}",
         ),
         env={"MLAPI_CONFIG_DIGEST": digest},
+        healthcheck=self_check(PROMETHEUS_PORT),
         mounts=(Mount(f"{root}/prometheus/data", "/prometheus"), Mount(f"{root}/prometheus/config", CONFIG_DIR, True)),
         secrets=(),
         confinement=Confinement(memory_bytes=PROMETHEUS_MEMORY_MB * MiB),
@@ -246,6 +259,7 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
             "--cluster.listen-address=",  # one instance: no gossip port, no peer discovery
         ),
         env={},
+        healthcheck=self_check(ALERTMANAGER_PORT),
         mounts=(Mount(f"{root}/alertmanager", "/alertmanager"),),
         secrets=(SecretFile(ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_CONFIG_FILE, PROMETHEUS_UID),),
         confinement=Confinement(memory_bytes=ALERTMANAGER_MEMORY_MB * MiB),

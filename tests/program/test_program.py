@@ -927,12 +927,15 @@ def rules_in(setup: str) -> str:
 def test_prometheus_and_alertmanager_run_on_the_manager_unpublished(deployment: Deployment) -> None:
     prometheus = deployment.one(SERVICE, "-prometheus").inputs
     alertmanager = deployment.one(SERVICE, "-alertmanager").inputs
-    for service, memory_mb in ((prometheus, 200), (alertmanager, 50)):
+    for service, memory_mb, port in ((prometheus, 200, 9090), (alertmanager, 50, 9093)):
         task = service["taskSpec"]
         assert task["placement"] == {"constraints": ["node.role==manager"]}  # their data is on the manager's volume
         assert task["resources"] == {"limits": {"memoryBytes": memory_mb * 2**20}}
         assert task["containerSpec"]["user"] == "65534:65534" and task["containerSpec"]["readOnly"] is True
-        assert "healthcheck" not in task["containerSpec"]
+        # The official images' busybox wget asks their own health endpoint: swarm replaces one that hangs.
+        health = task["containerSpec"]["healthcheck"]
+        assert health["tests"] == ["CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}/-/healthy"]
+        assert (health["interval"], health["timeout"], health["retries"]) == ("30s", "5s", 3)
         assert "ports" not in service.get("endpointSpec", {})  # reached over the overlay, `mlapi` or a tunnel only
         assert service["updateConfig"]["order"] == "stop-first" and service["mode"]["replicated"]["replicas"] == 1
     container = prometheus["taskSpec"]["containerSpec"]

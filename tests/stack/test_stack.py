@@ -919,6 +919,14 @@ def test_monitoring_services_equal_what_pulumi_declares(stack: local.LocalStack)
         assert got["Resources"]["Limits"]["MemoryBytes"] == want["resources"]["limits"]["memoryBytes"]
         assert got["Placement"]["Constraints"] == want["placement"]["constraints"]
         assert not client.api.inspect_service(name).get("Endpoint", {}).get("Ports")
+        # The same self-check as the official images' (busybox wget, here Debian's busybox), and it passes.
+        assert container["Healthcheck"]["Test"] == declared_container["healthcheck"]["tests"]
+
+        def healthy(service: str = name) -> bool:
+            tasks = client.containers.list(filters={"label": f"com.docker.swarm.service.name={service}"})
+            return bool(tasks) and all(task.attrs["State"]["Health"]["Status"] == "healthy" for task in tasks)
+
+        wait_until(healthy, 90, f"{name} healthy", interval=2)
 
 
 def test_prometheus_scrapes_every_replica_and_traefik_and_a_missing_replica_reaches_the_webhook(
