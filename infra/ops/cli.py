@@ -10,6 +10,7 @@ Examples::
     mlapi predictions --since 24h -o yesterday.csv
     mlapi report --since 7d -o week.html  # Evidently: drift, quality on the ground truth, interval coverage
     mlapi exec -- python -m app check
+    mlapi ui prometheus               # Prometheus' own UI at http://127.0.0.1:9090/, published nowhere on the VM
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from rich.table import Table
 from infra.host.backup import BACKUP_LOG
 from infra.host.setup import HEARTBEAT_LOG
 from infra.ops import status as stack_status
+from infra.ops.forward import relay_command, serve
 from infra.ops.parquet import jsonl_to_parquet
 from infra.ops.target import Target, TargetError, pulumi_identity_file, pulumi_outputs, stack_target
+from infra.spec.monitoring import ALERTMANAGER_PORT, ALERTMANAGER_SERVICE, PROMETHEUS_PORT, PROMETHEUS_SERVICE
 from infra.spec.postgres import POSTGRES_SERVICE
 from infra.spec.stack import MODEL_SERVICE, RETRAIN_LOG, TRAEFIK_CONTAINER
 
@@ -62,6 +65,18 @@ class LogSource(StrEnum):
     backup = "backup"
     heartbeat = "heartbeat"
     postgres = "postgres"
+
+
+class MonitoringUI(StrEnum):
+    prometheus = "prometheus"
+    alertmanager = "alertmanager"
+
+
+# Each UI's service on the overlay and its port (also the default local port).
+MONITORING_UIS = {
+    MonitoringUI.prometheus: (PROMETHEUS_SERVICE, PROMETHEUS_PORT),
+    MonitoringUI.alertmanager: (ALERTMANAGER_SERVICE, ALERTMANAGER_PORT),
+}
 
 
 class ExportFormat(StrEnum):
@@ -438,6 +453,31 @@ def exec_in_replica(
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     interactive = ["-it"] if tty else ["-i"]
     raise typer.Exit(target.attach(["docker", "exec", *interactive, target.model_container(), *command], tty=tty))
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    which: Annotated[MonitoringUI, typer.Argument(help="whose web UI")] = MonitoringUI.prometheus,
+    port: Annotated[int | None, typer.Option(help="the port on this machine (default: the service's own)")] = None,
+) -> None:
+    """Prometheus' (or Alertmanager's) own web UI on this machine's loopback, until Ctrl-C. Their ports are published
+    nowhere: each connection goes over SSH into a model replica, which is on their network. Example: mlapi ui"""
+    target = target_of(ctx)
+    service, service_port = MONITORING_UIS[which]
+    container = target.model_container()
+
+    def connect() -> list[str]:
+        return target.argv(relay_command(container, service, service_port))
+
+    def ready(url: str) -> None:
+        out.print(f"{which.value} of {target.name}: {url}  (Ctrl-C stops)", markup=False, highlight=False)
+
+    try:
+        serve(service_port if port is None else port, connect, ready)
+    except OSError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
