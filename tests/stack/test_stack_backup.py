@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import ssl
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 from docker.types import Mount
@@ -295,6 +297,40 @@ def test_mlapi_logs_show_a_line_written_in_a_replica_and_exec_runs_as_its_user(s
     assert edge.returncode == 0 and edge.stdout.strip(), edge.stderr
     who = mlapi(stack, "exec", "--", "id", "-u")
     assert who.returncode == 0 and who.stdout.strip() == str(MODEL_UID), who.stderr
+
+
+@pytest.mark.parametrize(
+    ("which", "path", "says"),
+    [
+        ("prometheus", "/api/v1/targets?state=active", '"job":"mlapi-model"'),
+        ("alertmanager", "/api/v2/status", '"cluster"'),
+    ],
+)
+def test_mlapi_ui_brings_a_monitoring_ui_published_nowhere_to_this_machine(
+    stack: local.LocalStack, which: str, path: str, says: str
+) -> None:
+    """`mlapi ui`: Prometheus' and Alertmanager's own web servers at 127.0.0.1 here, each connection carried into a
+    model replica on their network; neither service publishes a port."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infra.ops", "--local", "ui", which, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mlapi_environment(stack), cwd=PROJECT_DIR,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        told = process.stdout.readline()
+        assert f"{which} of the local stack: http://127.0.0.1:{port}/" in told, told + process.stderr.read()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            answer = client.get(path)
+            assert answer.status_code == 200 and says in answer.text.replace(" ", ""), answer.text[:500]
+            # Its pages too on the VM; Debian's builds, which the local stack runs, leave the web pages out.
+            assert client.get("/-/healthy").status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0, process.stderr.read() if process.stderr else ""
+    service = {"prometheus": "mlapi-prometheus", "alertmanager": "mlapi-alertmanager"}[which]
+    assert not docker_engine().api.inspect_service(service).get("Endpoint", {}).get("Ports")
 
 
 def test_backup_destroy_up_restore_brings_back_data_and_certificate(stack: local.LocalStack) -> None:
