@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from infra.config.project import PROJECT_DOCKERFILE, check_project
@@ -35,9 +37,11 @@ from infra.ops.smoke import wait_healthy
 from infra.spec.docker_api import DOCKER_API_CONTAINER, SOCKET
 from infra.spec.inputs import DEFAULT_DATA_ROOT
 from infra.spec.stack import APP_COMMAND, MODEL_SERVICE, MODEL_UID, TRAEFIK_CONTAINER, TRAEFIK_UID, project_tag
-from testbed.stack import COUNT_PREDICTIONS, wait_until
+from testbed.stack import COUNT_PREDICTIONS, free_port, wait_until
 from testbed.standin import DOMAIN, TASK, Environment
 from tests.support.service import record
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -352,9 +356,9 @@ def test_server_replacement_keeps_models_log_and_certificate(env: Environment) -
     assert env.pebble_orders() == orders, "no new ACME order after a server replacement"
 
 
-def mlapi_over_ssh(
+def mlapi_over_ssh_command(
     env: Environment, tmp_path: Path, *args: str, host_key: str | None = None
-) -> subprocess.CompletedProcess:
+) -> tuple[list[str], dict[str, str]]:
     """`mlapi` against the stand-in as against a Pulumi stack: its outputs saved to a file, SSH with the host key
     pinned from them. PATH without the fixture's ssh wrapper: only mlapi's own options decide what is trusted."""
     outputs = tmp_path / "standin.json"
@@ -368,14 +372,38 @@ def mlapi_over_ssh(
             }
         )
     )
-    return subprocess.run(
-        [sys.executable, "-m", "infra.ops", "--outputs", str(outputs), "--identity", str(env.key), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=600,
-    )
+    command = [sys.executable, "-m", "infra.ops", "--outputs", str(outputs), "--identity", str(env.key), *args]
+    return command, {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def mlapi_over_ssh(
+    env: Environment, tmp_path: Path, *args: str, host_key: str | None = None
+) -> subprocess.CompletedProcess:
+    command, environment = mlapi_over_ssh_command(env, tmp_path, *args, host_key=host_key)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=PROJECT_ROOT, timeout=600)
+
+
+def test_mlapi_ui_reaches_prometheus_on_the_server_over_ssh(env: Environment, tmp_path: Path) -> None:
+    """`mlapi ui` as an operator runs it against a Pulumi stack: each connection over the pinned SSH into a replica,
+    and from there to Prometheus on the overlay; the targets it answers are the server's."""
+    port = free_port()
+    command, environment = mlapi_over_ssh_command(env, tmp_path, "ui", "prometheus", "--port", str(port))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               cwd=PROJECT_ROOT)  # fmt: skip
+    try:
+        assert process.stdout is not None
+        told = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in told, told + (process.stderr.read() if process.stderr else "")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for _ in range(3):  # three connections: each its own relay
+                answer = client.get("/api/v1/targets?state=active", headers={"Connection": "close"})
+                assert answer.status_code == 200, answer.text[:500]
+            jobs = {target["labels"]["job"] for target in answer.json()["data"]["activeTargets"]}
+            assert {"mlapi-model", "traefik", "prometheus", "alertmanager"} <= jobs
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0
 
 
 def test_mlapi_operates_the_server_over_ssh_with_the_pinned_host_key(env: Environment, tmp_path: Path) -> None:
