@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         ("d", "model image size", f"{image_mb:.0f} MB", None, "≤ 300 MB"),
         (
             "m",
-            "Prometheus + Alertmanager: memory after the load (anonymous), MB",
+            "Prometheus + Alertmanager + node exporter: memory after the load (anonymous), MB",
             " + ".join(f"{loaded[service][0]:.0f}" for service in MonitoringMeter.SERVICES),
             None,
             "≤ 250 MB together",
         ),
         (
             "m",
-            "Prometheus + Alertmanager: CPU at idle, then during the load of (a), % of one core",
+            "Prometheus + Alertmanager + node exporter: CPU at idle, then during the load of (a), % of one core",
             f"{sum(v[1] for v in idle.values()):.1f} %, {sum(v[1] for v in loaded.values()):.1f} %",
             None,
             "≤ 5 % at idle",

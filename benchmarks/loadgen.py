@@ -14,7 +14,7 @@ import docker
 from docker.types import Mount
 from sklearn.datasets import load_diabetes
 
-from infra.spec.monitoring import ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
+from infra.spec.monitoring import ALERTMANAGER_SERVICE, NODE_EXPORTER_SERVICE, PROMETHEUS_SERVICE
 from infra.spec.stack import MODEL_SERVICE, NETWORK, TRAEFIK_CONTAINER
 
 CONNECTIONS = 8  # wrk/hey connections: 4 per replica when direct
@@ -150,11 +150,11 @@ class CpuMeter:
 
 
 class MonitoringMeter:
-    """What Prometheus and Alertmanager take on the stack (issue 27's goal: at most 250 MB together, at most 5 % of a
-    core at idle): each container's memory (its cgroup's anonymous memory, what the kernel cannot drop) and the CPU
-    its cgroup used between two readings."""
+    """What Prometheus, Alertmanager and the node exporter take on the stack (issue 27's goal: at most 250 MB
+    together, at most 5 % of a core at idle): each container's memory (its cgroup's anonymous memory, what the kernel
+    cannot drop) and the CPU its cgroup used between two readings."""
 
-    SERVICES = (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE)
+    SERVICES = (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE, NODE_EXPORTER_SERVICE)  # one node: one exporter
 
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client

@@ -215,9 +215,10 @@ def two_node_cluster(tmp: Path) -> Iterator[Cluster]:
         token = env.ssh(manager, JOIN_TOKEN_COMMAND).strip()
         env.worker_node_id = env.ssh(worker, render_worker_join(worker.ip, manager.ip), stdin=token).strip()
         env.ssh(manager, render_node_ready(env.worker_node_id, WORKER))
-        # Images: from a registry in production; here saved and loaded over ssh://, the model's onto both nodes.
+        # Images: from a registry in production; here saved and loaded over ssh://, the model's and the monitoring
+        # one (the node exporter runs on every node) onto both nodes.
         on_manager = ("traefik", "docker_api", "model", "postgres", "monitoring")
-        for node, roles in ((manager, on_manager), (worker, ("model",))):
+        for node, roles in ((manager, on_manager), (worker, ("model", "monitoring"))):
             remote = env.remote(node)
             try:
                 load_images(client, remote, {built[role] for role in roles})

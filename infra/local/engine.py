@@ -229,7 +229,9 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
         ),
         "name": spec.name,
         "labels": dict(spec.labels),
-        "mode": api.ServiceMode("replicated", replicas=spec.replicas),
+        "mode": api.ServiceMode("global")
+        if spec.global_mode
+        else api.ServiceMode("replicated", replicas=spec.replicas),
         "update_config": _rollout(spec.update, api.UpdateConfig),
         "rollback_config": _rollout(spec.rollback, api.RollbackConfig),
         "endpoint_spec": api.EndpointSpec(mode=spec.endpoint_mode),
@@ -272,13 +274,22 @@ def apply_service(
             # Only service-level fields changed (labels such as Traefik's routing and limits, the replica count):
             # no task is replaced, so no rollout status will come; a stale one from an earlier update must not count.
             deadline = time.monotonic() + timeout
-            while len(running_tasks(client, spec.name)) < spec.replicas:
+            while len(running_tasks(client, spec.name)) < desired_tasks(client, spec):
                 if time.monotonic() > deadline:
-                    raise RolloutFailed(f"service {spec.name}: fewer than {spec.replicas} tasks running")
+                    raise RolloutFailed(f"service {spec.name}: fewer than {desired_tasks(client, spec)} tasks running")
                 time.sleep(0.5)
             return Rollout("relabelled", round(time.monotonic() - started, 2))
-    wait_for_rollout(client, spec.name, spec.replicas, timeout=timeout, updating=action == "updated")
+    wait_for_rollout(client, spec.name, desired_tasks(client, spec), timeout=timeout, updating=action == "updated")
     return Rollout(action, round(time.monotonic() - started, 2))
+
+
+def desired_tasks(client: docker.DockerClient, spec: ServiceSpec) -> int:
+    """How many tasks the service runs when converged: its replicas, or (global) one on every node that takes
+    tasks."""
+    if not spec.global_mode:
+        return spec.replicas
+    nodes = client.api.nodes()
+    return sum(1 for n in nodes if n["Status"]["State"] == "ready" and n["Spec"]["Availability"] == "active")
 
 
 def running_tasks(client: docker.DockerClient, name: str) -> list[dict]:
@@ -333,8 +344,8 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
 # -- the whole stack -----------------------------------------------------------------------------------------------
 def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
     """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, the services
-    (PostgreSQL first, with workers; Alertmanager, then Prometheus, last). ``tokens``: the value of each swarm
-    secret the services mount, by base name."""
+    (PostgreSQL first, with workers; the monitoring last: the node exporters, Alertmanager, then Prometheus).
+    ``tokens``: the value of each swarm secret the services mount, by base name."""
     missing = sorted(set(spec.secret_bases) - set(tokens))
     if missing:
         raise ValueError(f"deploy_stack: no value for the secrets {missing}")
@@ -347,8 +358,8 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
         apply_service(client, spec.postgres, spec.network, secrets)
     rollout = apply_service(client, spec.model, spec.network, secrets)
     if spec.monitoring is not None:
-        apply_service(client, spec.monitoring.alertmanager, spec.network, secrets)
-        apply_service(client, spec.monitoring.prometheus, spec.network, secrets)
+        for watching in spec.monitoring.services:
+            apply_service(client, watching, spec.network, secrets)
     for base, (_, name) in secrets.items():
         remove_unused_secrets(client, base, keep=name)
     return rollout

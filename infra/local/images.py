@@ -377,6 +377,7 @@ MONITORING_FILES = {
     "bin/prometheus": "/usr/bin/prometheus",
     "bin/alertmanager": "/usr/bin/prometheus-alertmanager",
     "bin/busybox": "/usr/bin/busybox",
+    "bin/node_exporter": "/usr/bin/prometheus-node-exporter",
     **{
         f"usr/share/prometheus/alertmanager/{name}": f"/usr/share/prometheus/alertmanager/{name}"
         for name in ("default.tmpl", "email.tmpl")
@@ -387,7 +388,8 @@ MONITORING_FILES = {
 def build_monitoring(client: docker.DockerClient, runtime: str) -> str:
     missing = [path for path in MONITORING_FILES.values() if not Path(path).is_file()]
     if missing:
-        raise BuildError(f"{', '.join(missing)} missing: apt-get install -y prometheus prometheus-alertmanager busybox")
+        packages = "prometheus prometheus-alertmanager prometheus-node-exporter busybox"
+        raise BuildError(f"{', '.join(missing)} missing: apt-get install -y {packages}")
     files = {target: Path(source).read_bytes() for target, source in MONITORING_FILES.items()}
     dockerfile = "\n".join([
         f"FROM {runtime}",

@@ -179,7 +179,9 @@ def service(
             if spec.placement_prefs or spec.constraints
             else None,
         ),
-        mode=docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas)),
+        mode=docker.ServiceModeArgs(global_=True)
+        if spec.global_mode
+        else docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas)),
         update_config=docker.ServiceUpdateConfigArgs(**_rollout(spec.update)),
         rollback_config=docker.ServiceRollbackConfigArgs(**_rollout(spec.rollback)),
         endpoint_spec=docker.ServiceEndpointSpecArgs(mode=spec.endpoint_mode),

@@ -261,8 +261,8 @@ class ModelStack(pulumi.ComponentResource):
     def _monitoring(
         self, name: str, cfg: DeployConfig, spec: StackSpec, platform: str, on_host: pulumi.ResourceOptions
     ) -> None:
-        """Prometheus and Alertmanager; Alertmanager's configuration (the webhook URL, the SMTP password) as a swarm
-        secret."""
+        """Prometheus and Alertmanager, a node exporter on every node; Alertmanager's configuration (the webhook URL,
+        the SMTP password) as a swarm secret. Workers pull the exporter's image by its reference themselves."""
         assert spec.monitoring is not None
         watch = spec.monitoring
         config = pulumi.Output.secret(watch.alertmanager_config(cfg.alert_routes(spec.domain)))
@@ -273,6 +273,19 @@ class ModelStack(pulumi.ComponentResource):
         )  # fmt: skip
         self.prometheus_image = docker.RemoteImage(
             f"{name}-prometheus-image", name=watch.prometheus.image, platform=platform, keep_locally=True, opts=on_host
+        )
+        self.node_exporter_image = docker.RemoteImage(
+            f"{name}-node-exporter-image", name=watch.node_exporter.image, platform=platform, keep_locally=True,
+            opts=on_host,
+        )  # fmt: skip
+        # By reference, not by the manager's image ID: each worker pulls it (swarm pins the digest it resolved).
+        self.node_exporter = service(
+            f"{name}-node-exporter",
+            watch.node_exporter,
+            watch.node_exporter.image,
+            self.network,
+            {},
+            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.node_exporter_image])),
         )
         self.alertmanager = service(
             f"{name}-alertmanager",

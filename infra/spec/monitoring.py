@@ -20,10 +20,14 @@ import yaml
 # The official images on the VM (the local stack runs Debian's binaries of these lines: infra/local/images.py).
 PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
 ALERTMANAGER_IMAGE = "prom/alertmanager:v0.28.1"
+NODE_EXPORTER_IMAGE = "prom/node-exporter:v1.9.1"
 PROMETHEUS_SERVICE = "mlapi-prometheus"
 ALERTMANAGER_SERVICE = "mlapi-alertmanager"
+NODE_EXPORTER_SERVICE = "mlapi-node-exporter"  # one task on every node: the host's own metrics
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
+NODE_EXPORTER_PORT = 9100
+NODE_JOB = "node"
 PROMETHEUS_UID = 65534  # nobody: the official images' user
 CONFIG_DIR = "/etc/prometheus"  # prometheus.yml and rules.yml, from the host (read-only)
 RULES_FILE = "rules.yml"
@@ -205,28 +209,27 @@ class ScrapeTargets:
     model_port: int
     traefik: str  # host:port of Traefik's metrics entry point
     alertmanager: str  # host:port
+    node_exporter: str = NODE_EXPORTER_SERVICE  # every task of it (one a node), by swarm's DNS
 
 
 def prometheus_config(targets: ScrapeTargets, interval_s: int) -> str:
-    """prometheus.yml: the replicas (each task, as swarm's DNS lists them), Traefik, Alertmanager and itself; the
-    rules file beside it; alerts to Alertmanager."""
+    """prometheus.yml: the replicas and every node's exporter (each task, as swarm's DNS lists them), Traefik,
+    Alertmanager and itself; the rules file beside it; alerts to Alertmanager."""
     every = f"{interval_s}s"
+
+    def tasks(job: str, service: str, port: int) -> dict[str, Any]:
+        return {
+            "job_name": job,
+            "dns_sd_configs": [{"names": [f"tasks.{service}"], "type": "A", "port": port, "refresh_interval": every}],
+        }
+
     document = {
         "global": {"scrape_interval": every, "evaluation_interval": every, "scrape_timeout": f"{min(interval_s, 10)}s"},
         "rule_files": [f"{CONFIG_DIR}/{RULES_FILE}"],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [targets.alertmanager]}]}]},
         "scrape_configs": [
-            {
-                "job_name": MODEL_JOB,
-                "dns_sd_configs": [
-                    {
-                        "names": [f"tasks.{targets.model_service}"],
-                        "type": "A",
-                        "port": targets.model_port,
-                        "refresh_interval": every,
-                    }
-                ],
-            },
+            tasks(MODEL_JOB, targets.model_service, targets.model_port),
+            tasks(NODE_JOB, targets.node_exporter, NODE_EXPORTER_PORT),
             {"job_name": "traefik", "static_configs": [{"targets": [targets.traefik]}]},
             {"job_name": "alertmanager", "static_configs": [{"targets": [targets.alertmanager]}]},
             {"job_name": "prometheus", "static_configs": [{"targets": [f"localhost:{PROMETHEUS_PORT}"]}]},

@@ -29,6 +29,8 @@ from infra.spec.monitoring import (
     ALERTMANAGER_PORT,
     ALERTMANAGER_SERVICE,
     CONFIG_DIR,
+    NODE_EXPORTER_PORT,
+    NODE_EXPORTER_SERVICE,
     PROMETHEUS_PORT,
     PROMETHEUS_SERVICE,
     PROMETHEUS_UID,
@@ -131,6 +133,7 @@ TRAEFIK_MEMORY_MB = 256
 DOCKER_API_MEMORY_MB = 64
 PROMETHEUS_MEMORY_MB = 200  # a few thousand series; with Alertmanager, the 250 MB monitoring may take on the VM
 ALERTMANAGER_MEMORY_MB = 50
+NODE_EXPORTER_MEMORY_MB = 32  # on every node
 REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
 TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking syscall
 REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
@@ -145,7 +148,7 @@ def replica_memory_mb(inputs: StackInputs) -> int:
     """What is left after the host and the edge (every node is sized as if it ran them, as the manager does),
     shared by a node's replicas plus the one a start-first update adds."""
     free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
-    free -= PROMETHEUS_MEMORY_MB + ALERTMANAGER_MEMORY_MB
+    free -= PROMETHEUS_MEMORY_MB + ALERTMANAGER_MEMORY_MB + NODE_EXPORTER_MEMORY_MB
     if inputs.nodes > 1:
         free -= POSTGRES_MEMORY_MB
     low, high = REPLICA_MEMORY_MB
@@ -202,12 +205,12 @@ def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
     )  # fmt: skip
 
 
-def self_check(port: int) -> Healthcheck:
-    """Prometheus' and Alertmanager's own health endpoint, asked with the busybox wget their official images are
-    built on (the local monitoring image carries Debian's busybox for it): swarm replaces a task that hangs, not only
-    one that exits. A slow WAL replay at start is not unhealthy: /-/healthy answers while /-/ready waits."""
+def self_check(port: int, path: str = "/-/healthy") -> Healthcheck:
+    """A monitoring service's own health endpoint, asked with the busybox wget their official images are built on
+    (the local monitoring image carries Debian's busybox for it): swarm replaces a task that hangs, not only one that
+    exits. A slow WAL replay at start is not unhealthy: /-/healthy answers while /-/ready waits."""
     return Healthcheck(
-        ("CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}/-/healthy"),
+        ("CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}{path}"),
         interval_s=30,
         timeout_s=5,
         retries=3,
@@ -265,13 +268,33 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
         confinement=Confinement(memory_bytes=ALERTMANAGER_MEMORY_MB * MiB),
         **common,
     )
+    node_exporter = ServiceSpec(
+        name=NODE_EXPORTER_SERVICE,
+        image=inputs.node_exporter_image,
+        # The host's /proc, /sys and root filesystem, read-only: its CPU, memory, disks and network, not the task's.
+        command=(
+            "/bin/node_exporter",
+            "--path.procfs=/host/proc",
+            "--path.sysfs=/host/sys",
+            "--path.rootfs=/host/root",
+            f"--web.listen-address=:{NODE_EXPORTER_PORT}",
+            "--collector.filesystem.mount-points-exclude=^/(dev|proc|run|sys|var/lib/docker)($|/)",
+        ),
+        env={},
+        healthcheck=self_check(NODE_EXPORTER_PORT, "/metrics"),
+        mounts=(Mount("/proc", "/host/proc", True), Mount("/sys", "/host/sys", True), Mount("/", "/host/root", True)),
+        secrets=(),
+        confinement=Confinement(memory_bytes=NODE_EXPORTER_MEMORY_MB * MiB),
+        global_mode=True,
+        **{**common, "constraints": ()},
+    )
     directories = (
         HostDirectory(f"{root}/prometheus", 0, "0755"),
         HostDirectory(f"{root}/prometheus/config", 0, "0755"),
         HostDirectory(f"{root}/prometheus/data", PROMETHEUS_UID, "0700"),
         HostDirectory(f"{root}/alertmanager", PROMETHEUS_UID, "0700"),
     )
-    return MonitoringSpec(prometheus, alertmanager, inputs.monitoring_interval_s, directories, files)
+    return MonitoringSpec(prometheus, alertmanager, node_exporter, inputs.monitoring_interval_s, directories, files)
 
 
 def build_stack(inputs: StackInputs) -> StackSpec:

@@ -104,7 +104,7 @@ class Confinement:
 class ServiceSpec(Workload):
     """A replicated swarm service. ``labels`` are service labels, which Traefik's swarm provider reads."""
 
-    replicas: int
+    replicas: int  # with global_mode: ignored, one task on every node
     update: RolloutPolicy
     rollback: RolloutPolicy
     restart: RestartPolicy
@@ -119,6 +119,7 @@ class ServiceSpec(Workload):
     args: tuple[str, ...] = ()
     user: str | None = None  # uid:gid; None: the image's own
     init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
+    global_mode: bool = False  # one task on every node (the node exporter) instead of ``replicas``
     # A replica holds the model and, while it retrains, the observations it fits on (bounded by the row cap).
     confinement: Confinement = Confinement(memory_bytes=1024 * MiB)
 
@@ -156,16 +157,22 @@ class ConfigFile:
 
 @dataclass(frozen=True)
 class MonitoringSpec:
-    """Prometheus and Alertmanager on the manager. Alertmanager's configuration is a swarm secret (it holds the
-    webhook URL and the SMTP password): ``alertmanager_config(routes)`` is its value."""
+    """Prometheus and Alertmanager on the manager, a node exporter on every node. Alertmanager's configuration is a
+    swarm secret (it holds the webhook URL and the SMTP password): ``alertmanager_config(routes)`` is its value."""
 
     prometheus: ServiceSpec
     alertmanager: ServiceSpec
+    node_exporter: ServiceSpec
     interval_s: int
     # Their data directories and Prometheus' configuration and rules: laid out by the deploy step, never at boot
     # (user-data that changed would replace the server).
     directories: tuple[HostDirectory, ...]
     files: tuple[ConfigFile, ...]
+
+    @property
+    def services(self) -> tuple[ServiceSpec, ...]:
+        """In the order they start: the exporters, Alertmanager, then the Prometheus that scrapes and sends."""
+        return (self.node_exporter, self.alertmanager, self.prometheus)
 
     def alertmanager_config(self, routes: AlertRoutes) -> str:
         return alertmanager_config(routes, self.interval_s)
@@ -189,7 +196,7 @@ class StackSpec:
     def services(self) -> tuple[ServiceSpec, ...]:
         """In the order they start: the database before the replicas that need it, Alertmanager before the
         Prometheus that sends to it."""
-        watch = (self.monitoring.alertmanager, self.monitoring.prometheus) if self.monitoring else ()
+        watch = self.monitoring.services if self.monitoring else ()
         return (*((self.postgres,) if self.postgres else ()), self.model, *watch)
 
     @property

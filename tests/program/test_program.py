@@ -293,7 +293,7 @@ def test_model_service(deployment: Deployment) -> None:
     # Least privilege: no capabilities, a read-only root, a memory limit (the image runs as a non-root user).
     assert container["readOnly"] is True and container["capDrops"] == ["ALL"] and "capAdds" not in container
     # cx23, 4 GB: what is left after the host (512 MiB), Traefik (256) and the proxy (64), over 2 replicas + 1
-    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 1004 * 2**20}}
+    assert inputs["taskSpec"]["resources"] == {"limits": {"memoryBytes": 994 * 2**20}}
     assert container["env"]["MLAPI_PROCESS_LIMIT"] == str(512 * 3)
     assert container["env"]["MLAPI_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
     assert container["env"]["MLAPI_INGEST_TOKEN_FILE"] == "/run/secrets/ingest_token"
@@ -401,7 +401,7 @@ def test_public_docs_can_be_turned_off() -> None:
 
 @pytest.mark.parametrize(
     ("server_type", "replicas", "replica_mb"),
-    [("cx23", "2", 1004), ("cpx11", "2", 384), ("cx53", "2", 2048), ("cx23", "8", 384), ("cx99", "2", 384)],
+    [("cx23", "2", 994), ("cpx11", "2", 384), ("cx53", "2", 2048), ("cx23", "8", 384), ("cx99", "2", 384)],
 )
 def test_memory_limits_follow_the_server_size(server_type: str, replicas: str, replica_mb: int) -> None:
     """Unknown types are sized as the smallest (2 GB): limits can be lower than the server allows, never higher."""
@@ -916,6 +916,28 @@ WEBHOOK = "https://hooks.slack.com/services/T0FJORD/B0ALERTS/s3cr3tw3bh00kt0k3n"
 def alertmanager_config(deployment: Deployment) -> dict:
     """Alertmanager's configuration, as the swarm secret carries it."""
     return yaml.safe_load(base64.urlsafe_b64decode(deployment.one(SECRET, "-alertmanager-config").inputs["data"]))
+
+
+def test_a_node_exporter_runs_on_every_node_reading_the_host_read_only(deployment: Deployment) -> None:
+    exporter = deployment.one(SERVICE, "-node-exporter").inputs
+    assert exporter["mode"] == {"global": True}  # one task on each node, workers included
+    task = exporter["taskSpec"]
+    container = task["containerSpec"]
+    # By reference: a worker pulls it itself (the manager's image ID means nothing there).
+    assert container["image"] == "prom/node-exporter:v1.9.1"
+    assert "prom/node-exporter:v1.9.1" in {
+        i.inputs["name"] for i in deployment.of_type("docker:index/remoteImage:RemoteImage")
+    }
+    assert [(m["source"], m["target"], m.get("readOnly")) for m in container["mounts"] if m["type"] == "bind"] == [
+        ("/proc", "/host/proc", True), ("/sys", "/host/sys", True), ("/", "/host/root", True),
+    ]  # fmt: skip
+    assert {"--path.procfs=/host/proc", "--path.sysfs=/host/sys", "--path.rootfs=/host/root"} <= set(
+        container["commands"]
+    )
+    assert container["user"] == "65534:65534" and container["readOnly"] is True and container["capDrops"] == ["ALL"]
+    assert container["healthcheck"]["tests"] == ["CMD", "wget", "--spider", "-q", "http://127.0.0.1:9100/metrics"]
+    assert task["resources"] == {"limits": {"memoryBytes": 32 * 2**20}} and "placement" not in task
+    assert "ports" not in exporter.get("endpointSpec", {})  # Prometheus reaches it over the overlay only
 
 
 def rules_in(setup: str) -> str:

@@ -257,6 +257,7 @@ def test_a_single_vm_has_no_postgresql() -> None:
     assert sorted(r.name for r in single.of_type(SERVICE)) == [
         "mlapi-dev-alertmanager",
         "mlapi-dev-model",
+        "mlapi-dev-node-exporter",
         "mlapi-dev-prometheus",
     ]
     env = single.one(SERVICE, "-model").inputs["taskSpec"]["containerSpec"]["env"]

@@ -46,7 +46,7 @@ from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_
 from infra.ops.smoke import wait_healthy
 from infra.spec.acme import LETSENCRYPT_PRODUCTION
 from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME, PROXY_SOCKET, PROXY_SOCKET_DIR, SOCKET
-from infra.spec.monitoring import ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE
+from infra.spec.monitoring import ALERTMANAGER_SERVICE, NODE_EXPORTER_SERVICE, PROMETHEUS_SERVICE
 from infra.spec.stack import (
     MODEL_SERVICE,
     MODEL_UID,
@@ -57,7 +57,7 @@ from infra.spec.stack import (
     build_stack,
 )
 from infra.spec.traefik import ACME_CA_BUNDLE_PATH, WEB_PORT, WEBSECURE_PORT, acme_storage
-from testbed.monitoring import WebhookReceiver, targets_by_job, webhook_receiver
+from testbed.monitoring import WebhookReceiver, prometheus_query, targets_by_job, webhook_receiver
 from testbed.stack import (
     COUNT_PREDICTIONS,
     TIMINGS,
@@ -901,12 +901,14 @@ def test_local_model_service_equals_what_pulumi_declares(stack: local.LocalStack
 
 
 def test_monitoring_services_equal_what_pulumi_declares(stack: local.LocalStack) -> None:
-    """Prometheus and Alertmanager as the program declares them, but for the image (Debian's binaries locally) and
-    the test-short timings (the Prometheus files' digest)."""
+    """Prometheus, Alertmanager and the node exporter as the program declares them, but for the image (Debian's
+    binaries locally) and the test-short timings (the Prometheus files' digest)."""
     declared = run_program({**VALID_CONFIG, "domain": stack.options.domain, "acmeEmail": stack.options.acme_email})
     client = docker_engine()
-    for name in (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE):
-        want = declared.one("docker:index/service:Service", name.removeprefix("mlapi")).inputs["taskSpec"]
+    for name in (PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE, NODE_EXPORTER_SERVICE):
+        service = declared.one("docker:index/service:Service", name.removeprefix("mlapi")).inputs
+        want = service["taskSpec"]
+        assert ("Global" in client.api.inspect_service(name)["Spec"]["Mode"]) == ("global" in service["mode"])
         got = client.api.inspect_service(name)["Spec"]["TaskTemplate"]
         container, declared_container = got["ContainerSpec"], want["containerSpec"]
         assert container["Command"] == declared_container["commands"]
@@ -917,7 +919,7 @@ def test_monitoring_services_equal_what_pulumi_declares(stack: local.LocalStack)
             if m["type"] == "bind"
         ]
         assert got["Resources"]["Limits"]["MemoryBytes"] == want["resources"]["limits"]["memoryBytes"]
-        assert got["Placement"]["Constraints"] == want["placement"]["constraints"]
+        assert got.get("Placement", {}).get("Constraints") == want.get("placement", {}).get("constraints")
         assert not client.api.inspect_service(name).get("Endpoint", {}).get("Ports")
         # The same self-check as the official images' (busybox wget, here Debian's busybox), and it passes.
         assert container["Healthcheck"]["Test"] == declared_container["healthcheck"]["tests"]
@@ -932,7 +934,8 @@ def test_monitoring_services_equal_what_pulumi_declares(stack: local.LocalStack)
 def test_prometheus_scrapes_every_replica_and_traefik_and_a_missing_replica_reaches_the_webhook(
     stack: local.LocalStack, alert_receiver: WebhookReceiver
 ) -> None:
-    """The alert path for real: Prometheus scrapes both replicas (swarm DNS), Traefik, Alertmanager and itself; one
+    """The alert path for real: Prometheus scrapes both replicas and the node exporter (swarm DNS), Traefik,
+    Alertmanager and itself; the host's own filesystems are in the exporter's metrics; one
     replica fewer fires ModelReplicaMissing, Alertmanager posts it to the webhook with its runbook, and the resolve
     notice follows when the replica is back."""
     client = docker_engine()
@@ -940,10 +943,13 @@ def test_prometheus_scrapes_every_replica_and_traefik_and_a_missing_replica_reac
     def all_up() -> bool:
         jobs = targets_by_job(client, NETWORK)
         return jobs.get("mlapi-model") == ["up", "up"] and all(
-            jobs.get(job) == ["up"] for job in ("traefik", "alertmanager", "prometheus")
+            jobs.get(job) == ["up"] for job in ("node", "traefik", "alertmanager", "prometheus")
         )
 
     wait_until(all_up, 60, "every scrape target up", interval=2)
+    # The host's, not the task's: the data root's filesystem is among those the exporter reports.
+    mounts = prometheus_query(client, NETWORK, "/api/v1/query?query=node_filesystem_size_bytes")["data"]["result"]
+    assert any(series["metric"]["mountpoint"] == "/" for series in mounts), mounts
     service = client.services.get(MODEL_SERVICE)
     fired = len(alert_receiver.alerts("ModelReplicaMissing", "firing"))
     resolved = len(alert_receiver.alerts("ModelReplicaMissing", "resolved"))

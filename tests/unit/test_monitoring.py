@@ -66,9 +66,12 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
     assert "SUCCESS" in result.stdout + result.stderr
     document = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in document["scrape_configs"]}
-    assert set(jobs) == {"mlapi-model", "traefik", "alertmanager", "prometheus"}
-    # Every replica, on every node, by swarm's DNS; Traefik's metrics on the port only the overlay reaches.
+    assert set(jobs) == {"mlapi-model", "node", "traefik", "alertmanager", "prometheus"}
+    # Every replica and every node's exporter, by swarm's DNS; Traefik's metrics on the port only the overlay reaches.
     assert jobs["mlapi-model"]["dns_sd_configs"][0]["names"] == [f"tasks.{MODEL_SERVICE}"]
+    assert jobs["node"]["dns_sd_configs"][0] == {
+        "names": ["tasks.mlapi-node-exporter"], "type": "A", "port": 9100, "refresh_interval": "15s"
+    }  # fmt: skip
     assert jobs["traefik"]["static_configs"][0]["targets"] == ["mlapi-traefik:8082"]
     assert "--entrypoints.metrics.address=:8082" in SPEC.traefik.command
     assert not any(port.container_port == 8082 for port in SPEC.traefik.ports)

@@ -5,9 +5,6 @@ hash checking; the image build's own command, run here offline against wheels ma
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 
 from app.project import ProjectError, load_project
 from app.requirements import Pin, RequirementsError, parse_pins, service_versions, to_install
-from tests.support.projects import penguins_with_code
+from tests.support.projects import app_command, penguins_with_code
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 # The project's own code needs a package the service does not have: it scales the bill's length by a constant the
@@ -66,19 +63,6 @@ def project_with_requirements(tmp_path: Path, requirements: str) -> Path:
     directory = penguins_with_code(tmp_path / "penguins", {"scaled.py": CODE, "requirements.txt": requirements}, keys)
     make_wheel(directory / ".wheels", "tinyscale", "1.2.0", "def scale(X):\n    return X / 10.0\n")
     return directory
-
-
-def app_command(project: Path, *args: str, packages: Path | None = None) -> subprocess.CompletedProcess:
-    environment = {
-        "PATH": os.environ["PATH"],
-        "MLAPI_MODEL_PROJECT": str(project),
-        "MLAPI_DATA_DIR": str(project.parent / "data"),
-        **({"PYTHONPATH": str(packages)} if packages else {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args], env=environment, cwd=PROJECT_DIR, capture_output=True, text=True,
-        timeout=300, check=False,
-    )  # fmt: skip
 
 
 # -- the rules ------------------------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.project import SYSTEM_PACKAGES_LIST, ProjectError, load_project
-from tests.support.projects import penguins_with_code
-from tests.unit.test_requirements import app_command
+from tests.support.projects import app_command, penguins_with_code
 
 # The project's code loads a shared library this machine does not have, as lightgbm's does libgomp.so.1.
 LOADS_A_LIBRARY = """
