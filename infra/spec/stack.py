@@ -208,10 +208,12 @@ def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
 def self_check(port: int, path: str = "/-/healthy") -> Healthcheck:
     """A monitoring service's own health endpoint, asked with the busybox wget their official images are built on
     (the local monitoring image carries Debian's busybox for it): swarm replaces a task that hangs, not only one that
-    exits. A slow WAL replay at start is not unhealthy: /-/healthy answers while /-/ready waits."""
+    exits. A slow WAL replay at start is not unhealthy: /-/healthy answers while /-/ready waits. Every 5 s: swarm
+    counts a new task only once its first check passed (a deploy waits that long), and the engines here predate the
+    start interval that would check sooner only while starting."""
     return Healthcheck(
         ("CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}{path}"),
-        interval_s=30,
+        interval_s=5,
         timeout_s=5,
         retries=3,
         start_period_s=60,

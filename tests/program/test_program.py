@@ -957,7 +957,7 @@ def test_prometheus_and_alertmanager_run_on_the_manager_unpublished(deployment: 
         # The official images' busybox wget asks their own health endpoint: swarm replaces one that hangs.
         health = task["containerSpec"]["healthcheck"]
         assert health["tests"] == ["CMD", "wget", "--spider", "-q", f"http://127.0.0.1:{port}/-/healthy"]
-        assert (health["interval"], health["timeout"], health["retries"]) == ("30s", "5s", 3)
+        assert (health["interval"], health["timeout"], health["retries"]) == ("5s", "5s", 3)
         assert "ports" not in service.get("endpointSpec", {})  # reached over the overlay, `mlapi` or a tunnel only
         assert service["updateConfig"]["order"] == "stop-first" and service["mode"]["replicated"]["replicas"] == 1
     container = prometheus["taskSpec"]["containerSpec"]
