@@ -269,6 +269,7 @@ def standin_inputs(domain: str, network: PebbleNetwork, built: dict[str, str], *
         prometheus_image=built["monitoring"],
         alertmanager_image=built["monitoring"],
         node_exporter_image=built["monitoring"],
+        postgres_exporter_image=built["monitoring"],
         rate_limit_per_s=LOCAL_RATE_LIMIT,
         rate_limit_burst=LOCAL_RATE_LIMIT,
         in_flight_per_client=LOCAL_IN_FLIGHT,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import docker
@@ -344,7 +345,7 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
 # -- the whole stack -----------------------------------------------------------------------------------------------
 def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
     """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, the services
-    (PostgreSQL first, with workers; the monitoring last: the node exporters, Alertmanager, then Prometheus).
+    (PostgreSQL first, with workers; the monitoring last, its services at once).
     ``tokens``: the value of each swarm secret the services mount, by base name."""
     missing = sorted(set(spec.secret_bases) - set(tokens))
     if missing:
@@ -358,8 +359,11 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
         apply_service(client, spec.postgres, spec.network, secrets)
     rollout = apply_service(client, spec.model, spec.network, secrets)
     if spec.monitoring is not None:
-        for watching in spec.monitoring.services:
-            apply_service(client, watching, spec.network, secrets)
+        # At once: each waits for its first passing health check, and none needs another to start (Prometheus
+        # retries a scrape or an alert until its target answers).
+        watching = spec.monitoring.services
+        with ThreadPoolExecutor(len(watching)) as pool:
+            list(pool.map(lambda service: apply_service(client, service, spec.network, secrets), watching))
     for base, (_, name) in secrets.items():
         remove_unused_secrets(client, base, keep=name)
     return rollout

@@ -378,6 +378,7 @@ MONITORING_FILES = {
     "bin/alertmanager": "/usr/bin/prometheus-alertmanager",
     "bin/busybox": "/usr/bin/busybox",
     "bin/node_exporter": "/usr/bin/prometheus-node-exporter",
+    "bin/postgres_exporter": "/usr/bin/prometheus-postgres-exporter",
     **{
         f"usr/share/prometheus/alertmanager/{name}": f"/usr/share/prometheus/alertmanager/{name}"
         for name in ("default.tmpl", "email.tmpl")
@@ -388,7 +389,7 @@ MONITORING_FILES = {
 def build_monitoring(client: docker.DockerClient, runtime: str) -> str:
     missing = [path for path in MONITORING_FILES.values() if not Path(path).is_file()]
     if missing:
-        packages = "prometheus prometheus-alertmanager prometheus-node-exporter busybox"
+        packages = "prometheus prometheus-alertmanager prometheus-node-exporter prometheus-postgres-exporter busybox"
         raise BuildError(f"{', '.join(missing)} missing: apt-get install -y {packages}")
     files = {target: Path(source).read_bytes() for target, source in MONITORING_FILES.items()}
     dockerfile = "\n".join([

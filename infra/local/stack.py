@@ -147,6 +147,7 @@ def local_inputs(options: LocalOptions, built: dict[str, str], ca_bundle: Path) 
             "prometheus_image": built["monitoring"],
             "alertmanager_image": built["monitoring"],
             "node_exporter_image": built["monitoring"],
+            "postgres_exporter_image": built["monitoring"],
             "data_root": str(options.data_root),
             "model_replicas": options.model_replicas,
             # Every local client (and every load test) reaches Traefik from one address, the bridge's gateway.

@@ -261,8 +261,9 @@ class ModelStack(pulumi.ComponentResource):
     def _monitoring(
         self, name: str, cfg: DeployConfig, spec: StackSpec, platform: str, on_host: pulumi.ResourceOptions
     ) -> None:
-        """Prometheus and Alertmanager, a node exporter on every node; Alertmanager's configuration (the webhook URL,
-        the SMTP password) as a swarm secret. Workers pull the exporter's image by its reference themselves."""
+        """Prometheus and Alertmanager, a node exporter on every node and, with workers, PostgreSQL's exporter;
+        Alertmanager's configuration (the webhook URL, the SMTP password) as a swarm secret. Workers pull the node
+        exporter's image by its reference themselves."""
         assert spec.monitoring is not None
         watch = spec.monitoring
         config = pulumi.Output.secret(watch.alertmanager_config(cfg.alert_routes(spec.domain)))
@@ -287,6 +288,19 @@ class ModelStack(pulumi.ComponentResource):
             {},
             pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.node_exporter_image])),
         )
+        if watch.postgres_exporter is not None:
+            self.postgres_exporter_image = docker.RemoteImage(
+                f"{name}-postgres-exporter-image", name=watch.postgres_exporter.image, platform=platform,
+                keep_locally=True, opts=on_host,
+            )  # fmt: skip
+            self.postgres_exporter = service(
+                f"{name}-postgres-exporter",
+                watch.postgres_exporter,
+                self.postgres_exporter_image.image_id,
+                self.network,
+                {POSTGRES_PASSWORD_SECRET: self.postgres_password_secret},
+                on_host,
+            )
         self.alertmanager = service(
             f"{name}-alertmanager",
             watch.alertmanager,
@@ -320,6 +334,7 @@ class ModelStack(pulumi.ComponentResource):
         )
         password = self.postgres_password.result
         password_secret = swarm_secret(f"{name}-postgres-password-secret", POSTGRES_PASSWORD_SECRET, password, on_host)
+        self.postgres_password_secret = password_secret  # PostgreSQL's exporter reads it too
         secrets[DATABASE_URL_SECRET] = swarm_secret(
             f"{name}-database-url-secret", DATABASE_URL_SECRET, password.apply(database_url), on_host
         )

@@ -15,6 +15,7 @@ from infra.spec.monitoring import (
     DEFAULT_LATENCY_OBJECTIVE_MS,
     DEFAULT_RETENTION,
     NODE_EXPORTER_IMAGE,
+    POSTGRES_EXPORTER_IMAGE,
     PROMETHEUS_IMAGE,
     check_duration,
 )
@@ -92,6 +93,7 @@ class StackInputs(BaseModel):
     prometheus_image: str = PROMETHEUS_IMAGE
     alertmanager_image: str = ALERTMANAGER_IMAGE
     node_exporter_image: str = NODE_EXPORTER_IMAGE
+    postgres_exporter_image: str = POSTGRES_EXPORTER_IMAGE  # with workers only
     backups: bool = False  # a backup repository is configured: the backup alerts apply
     monitoring_retention: str = DEFAULT_RETENTION  # how long Prometheus keeps samples (a size bound applies too)
     latency_objective_ms: int = Field(DEFAULT_LATENCY_OBJECTIVE_MS, ge=10, le=60_000)  # p99 at the edge

@@ -21,6 +21,7 @@ import yaml
 PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
 ALERTMANAGER_IMAGE = "prom/alertmanager:v0.28.1"
 NODE_EXPORTER_IMAGE = "prom/node-exporter:v1.9.1"
+POSTGRES_EXPORTER_IMAGE = "prometheuscommunity/postgres-exporter:v0.17.1"
 PROMETHEUS_SERVICE = "mlapi-prometheus"
 ALERTMANAGER_SERVICE = "mlapi-alertmanager"
 NODE_EXPORTER_SERVICE = "mlapi-node-exporter"  # one task on every node: the host's own metrics
@@ -28,6 +29,8 @@ PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
 NODE_EXPORTER_PORT = 9100
 NODE_JOB = "node"
+POSTGRES_EXPORTER_SERVICE = "mlapi-postgres-exporter"  # with workers, where PostgreSQL holds models and logs
+POSTGRES_EXPORTER_PORT = 9187
 PROMETHEUS_UID = 65534  # nobody: the official images' user
 CONFIG_DIR = "/etc/prometheus"  # prometheus.yml and rules.yml, from the host (read-only)
 RULES_FILE = "rules.yml"
@@ -210,11 +213,13 @@ class ScrapeTargets:
     traefik: str  # host:port of Traefik's metrics entry point
     alertmanager: str  # host:port
     node_exporter: str = NODE_EXPORTER_SERVICE  # every task of it (one a node), by swarm's DNS
+    postgres_exporter: str | None = None  # host:port, with workers (PostgreSQL); None: no such job
 
 
 def prometheus_config(targets: ScrapeTargets, interval_s: int) -> str:
     """prometheus.yml: the replicas and every node's exporter (each task, as swarm's DNS lists them), Traefik,
-    Alertmanager and itself; the rules file beside it; alerts to Alertmanager."""
+    Alertmanager, itself and, with workers, PostgreSQL's exporter; the rules file beside it; alerts to
+    Alertmanager."""
     every = f"{interval_s}s"
 
     def tasks(job: str, service: str, port: int) -> dict[str, Any]:
@@ -233,6 +238,11 @@ def prometheus_config(targets: ScrapeTargets, interval_s: int) -> str:
             {"job_name": "traefik", "static_configs": [{"targets": [targets.traefik]}]},
             {"job_name": "alertmanager", "static_configs": [{"targets": [targets.alertmanager]}]},
             {"job_name": "prometheus", "static_configs": [{"targets": [f"localhost:{PROMETHEUS_PORT}"]}]},
+            *(
+                [{"job_name": "postgres", "static_configs": [{"targets": [targets.postgres_exporter]}]}]
+                if targets.postgres_exporter
+                else []
+            ),
         ],
     }
     return yaml.safe_dump(document, sort_keys=False)

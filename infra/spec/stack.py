@@ -31,6 +31,8 @@ from infra.spec.monitoring import (
     CONFIG_DIR,
     NODE_EXPORTER_PORT,
     NODE_EXPORTER_SERVICE,
+    POSTGRES_EXPORTER_PORT,
+    POSTGRES_EXPORTER_SERVICE,
     PROMETHEUS_PORT,
     PROMETHEUS_SERVICE,
     PROMETHEUS_UID,
@@ -134,6 +136,7 @@ DOCKER_API_MEMORY_MB = 64
 PROMETHEUS_MEMORY_MB = 200  # a few thousand series; with Alertmanager, the 250 MB monitoring may take on the VM
 ALERTMANAGER_MEMORY_MB = 50
 NODE_EXPORTER_MEMORY_MB = 32  # on every node
+POSTGRES_EXPORTER_MEMORY_MB = 32  # with workers, on the manager
 REPLICA_MEMORY_MB = (384, 2048)  # a replica below 384 MiB cannot retrain; above 2 GiB it has no use for more
 TRAEFIK_PROCESS_LIMIT = 1024  # Go threads: a few per core plus one per blocking syscall
 REPLICA_PROCESS_LIMIT = 512  # uvicorn, its thread pool, BLAS threads per core, the log writer
@@ -150,7 +153,7 @@ def replica_memory_mb(inputs: StackInputs) -> int:
     free = inputs.server_memory_mb - HOST_RESERVED_MB - TRAEFIK_MEMORY_MB - DOCKER_API_MEMORY_MB
     free -= PROMETHEUS_MEMORY_MB + ALERTMANAGER_MEMORY_MB + NODE_EXPORTER_MEMORY_MB
     if inputs.nodes > 1:
-        free -= POSTGRES_MEMORY_MB
+        free -= POSTGRES_MEMORY_MB + POSTGRES_EXPORTER_MEMORY_MB
     low, high = REPLICA_MEMORY_MB
     return max(low, min(high, free // (replicas_per_node(inputs) + 1)))
 
@@ -193,7 +196,11 @@ def postgres_service(inputs: StackInputs, root: str) -> ServiceSpec:
 def monitoring_files(inputs: StackInputs, root: str) -> tuple[ConfigFile, ...]:
     """prometheus.yml and the alert rules, in the directory Prometheus mounts read-only."""
     targets = ScrapeTargets(
-        MODEL_SERVICE, MODEL_PORT, f"{TRAEFIK_CONTAINER}:{METRICS_PORT}", f"{ALERTMANAGER_SERVICE}:{ALERTMANAGER_PORT}"
+        MODEL_SERVICE,
+        MODEL_PORT,
+        f"{TRAEFIK_CONTAINER}:{METRICS_PORT}",
+        f"{ALERTMANAGER_SERVICE}:{ALERTMANAGER_PORT}",
+        postgres_exporter=f"{POSTGRES_EXPORTER_SERVICE}:{POSTGRES_EXPORTER_PORT}" if inputs.nodes > 1 else None,
     )
     rules = alert_rules(inputs.model_replicas, inputs.backups, inputs.latency_objective_ms)
     rules = rules_document(rules, inputs.alert_wait)
@@ -290,13 +297,37 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
         global_mode=True,
         **{**common, "constraints": ()},
     )
+    postgres_exporter = ServiceSpec(
+        name=POSTGRES_EXPORTER_SERVICE,
+        image=inputs.postgres_exporter_image,
+        command=("/bin/postgres_exporter", f"--web.listen-address=:{POSTGRES_EXPORTER_PORT}"),
+        # The replicas' database user, its password from the same swarm secret PostgreSQL reads, over the overlay.
+        env={
+            "DATA_SOURCE_URI": f"{POSTGRES_SERVICE}:{POSTGRES_PORT}/{POSTGRES_DB}?sslmode=disable",
+            "DATA_SOURCE_USER": POSTGRES_USER,
+            "DATA_SOURCE_PASS_FILE": f"/run/secrets/{POSTGRES_PASSWORD_FILE}",
+        },
+        healthcheck=self_check(POSTGRES_EXPORTER_PORT, "/metrics"),
+        mounts=(),
+        secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, PROMETHEUS_UID),),
+        confinement=Confinement(memory_bytes=POSTGRES_EXPORTER_MEMORY_MB * MiB),
+        **common,
+    )
     directories = (
         HostDirectory(f"{root}/prometheus", 0, "0755"),
         HostDirectory(f"{root}/prometheus/config", 0, "0755"),
         HostDirectory(f"{root}/prometheus/data", PROMETHEUS_UID, "0700"),
         HostDirectory(f"{root}/alertmanager", PROMETHEUS_UID, "0700"),
     )
-    return MonitoringSpec(prometheus, alertmanager, node_exporter, inputs.monitoring_interval_s, directories, files)
+    return MonitoringSpec(
+        prometheus,
+        alertmanager,
+        node_exporter,
+        postgres_exporter if inputs.nodes > 1 else None,
+        inputs.monitoring_interval_s,
+        directories,
+        files,
+    )
 
 
 def build_stack(inputs: StackInputs) -> StackSpec:

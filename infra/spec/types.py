@@ -163,6 +163,7 @@ class MonitoringSpec:
     prometheus: ServiceSpec
     alertmanager: ServiceSpec
     node_exporter: ServiceSpec
+    postgres_exporter: ServiceSpec | None  # with workers: PostgreSQL's own metrics
     interval_s: int
     # Their data directories and Prometheus' configuration and rules: laid out by the deploy step, never at boot
     # (user-data that changed would replace the server).
@@ -172,7 +173,8 @@ class MonitoringSpec:
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
         """In the order they start: the exporters, Alertmanager, then the Prometheus that scrapes and sends."""
-        return (self.node_exporter, self.alertmanager, self.prometheus)
+        exporters = (self.node_exporter, *((self.postgres_exporter,) if self.postgres_exporter else ()))
+        return (*exporters, self.alertmanager, self.prometheus)
 
     def alertmanager_config(self, routes: AlertRoutes) -> str:
         return alertmanager_config(routes, self.interval_s)

@@ -3,9 +3,11 @@ DNS-01 certificates with a scoped token, a load balancer with the PROXY protocol
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+import yaml
 
 from infra.host.cluster_plan import JOIN_TOKEN_COMMAND, MANAGER_PRIVATE_IP, SWARM_PORTS
 from infra.program.dns_challenge import DNS_WRITE, ZONE_READ
@@ -250,6 +252,31 @@ def test_with_workers_models_and_logs_live_in_postgresql_on_the_manager(cluster:
     assert (
         "SEED_MARKER=/srv/mlapi/model/holds-the-data-volume\n" in cluster.one(REMOTE, "swarm-address").inputs["create"]
     )
+
+
+def test_with_workers_prometheus_scrapes_postgresqls_exporter(cluster: Deployment) -> None:
+    exporter = cluster.one(SERVICE, "postgres-exporter").inputs
+    container = exporter["taskSpec"]["containerSpec"]
+    assert container["image"].startswith("sha256:")  # the manager's pulled image: it runs there only
+    assert "prometheuscommunity/postgres-exporter:v0.17.1" in {
+        image.inputs["name"] for image in cluster.of_type("docker:index/remoteImage:RemoteImage")
+    }
+    # The replicas' user, the password from PostgreSQL's own secret (a file readable by the exporter's user only).
+    assert container["env"] == {
+        "DATA_SOURCE_URI": "mlapi-postgres:5432/mlapi?sslmode=disable",
+        "DATA_SOURCE_USER": "mlapi",
+        "DATA_SOURCE_PASS_FILE": "/run/secrets/postgres_password",
+    }
+    [secret] = container["secrets"]
+    assert (secret["fileName"], secret["fileUid"], secret["fileMode"]) == ("postgres_password", "65534", 0o400)
+    assert secret["secretName"].startswith("mlapi-postgres-password")
+    assert container["user"] == "65534:65534" and container["readOnly"] is True
+    assert exporter["taskSpec"]["placement"] == {"constraints": ["node.role==manager"]}
+    assert "ports" not in exporter.get("endpointSpec", {})
+    setup = cluster.one(REMOTE, "host-setup").inputs["create"]
+    [line] = [row for row in setup.splitlines() if "/prometheus/config/prometheus.yml" in row and "base64 -d" in row]
+    jobs = {job["job_name"]: job for job in yaml.safe_load(base64.b64decode(line.split()[1]))["scrape_configs"]}
+    assert jobs["postgres"]["static_configs"] == [{"targets": ["mlapi-postgres-exporter:9187"]}]
 
 
 def test_a_single_vm_has_no_postgresql() -> None:

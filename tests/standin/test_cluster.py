@@ -8,6 +8,7 @@ request. Every step runs the same rendered scripts the Pulumi program runs (infr
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import pytest
@@ -71,6 +72,36 @@ def test_replicas_spread_over_both_nodes_and_traefik_reaches_both(cluster: Clust
     # The worker's replica keeps nothing of its own: models and logs are in the shared store.
     listing = cluster.ssh(cluster.worker, f"ls -A {DATA_ROOT}/model").split()
     assert "models" not in listing and not [name for name in listing if name.startswith("predictions")], listing
+
+
+PROMETHEUS_API = (
+    "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+    "'http://mlapi-prometheus:9090' + sys.argv[1], timeout=10).read().decode())"
+)
+
+
+def prometheus_api(cluster: Cluster, path: str) -> dict:
+    """Prometheus' API on the manager, asked from a model replica there (its port is published nowhere)."""
+    replica = cluster.ssh(cluster.manager, "docker ps -q --filter label=com.docker.swarm.service.name=mlapi-model")
+    command = f"docker exec {replica.split()[0]} python -c {shlex.quote(PROMETHEUS_API)} {shlex.quote(path)}"
+    return json.loads(cluster.ssh(cluster.manager, command))
+
+
+# 2b
+def test_prometheus_scrapes_the_host_of_both_nodes_and_postgresql(cluster: Cluster) -> None:
+    """With a worker: a node exporter on each node, and PostgreSQL's exporter connected to the database."""
+
+    def jobs() -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for target in prometheus_api(cluster, "/api/v1/targets?state=active")["data"]["activeTargets"]:
+            found.setdefault(target["labels"]["job"], []).append(target["health"])
+        return found
+
+    wait_until(lambda: jobs().get("node") == ["up", "up"] and jobs().get("postgres") == ["up"], 120, "both exporters")
+    [up] = prometheus_api(cluster, "/api/v1/query?query=pg_up")["data"]["result"]
+    assert up["value"][1] == "1", up  # the exporter reached the database with the replicas' user and secret
+    hosts = prometheus_api(cluster, "/api/v1/query?query=node_uname_info")["data"]["result"]
+    assert len({series["metric"]["instance"] for series in hosts}) == 2, hosts  # one exporter a node
 
 
 # 3
