@@ -11,6 +11,7 @@ Lifecycle rules that make every later `pulumi up` safe (README: "Changing things
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pulumi
@@ -42,7 +43,7 @@ from infra.spec.stack import (
     POSTGRES_PASSWORD_SECRET,
     project_tag,
 )
-from infra.spec.types import StackSpec
+from infra.spec.types import ServiceSpec, StackSpec
 
 
 class ModelStack(pulumi.ComponentResource):
@@ -268,55 +269,27 @@ class ModelStack(pulumi.ComponentResource):
         watch = spec.monitoring
         config = pulumi.Output.secret(watch.alertmanager_config(cfg.alert_routes(spec.domain)))
         secret = swarm_secret(f"{name}-alertmanager-config", ALERTMANAGER_CONFIG_SECRET, config, on_host)
-        self.alertmanager_image = docker.RemoteImage(
-            f"{name}-alertmanager-image", name=watch.alertmanager.image, platform=platform, keep_locally=True,
-            opts=on_host,
-        )  # fmt: skip
-        self.prometheus_image = docker.RemoteImage(
-            f"{name}-prometheus-image", name=watch.prometheus.image, platform=platform, keep_locally=True, opts=on_host
-        )
-        self.node_exporter_image = docker.RemoteImage(
-            f"{name}-node-exporter-image", name=watch.node_exporter.image, platform=platform, keep_locally=True,
-            opts=on_host,
-        )  # fmt: skip
-        # By reference, not by the manager's image ID: each worker pulls it (swarm pins the digest it resolved).
-        self.node_exporter = service(
-            f"{name}-node-exporter",
-            watch.node_exporter,
-            watch.node_exporter.image,
-            self.network,
-            {},
-            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.node_exporter_image])),
-        )
-        if watch.postgres_exporter is not None:
-            self.postgres_exporter_image = docker.RemoteImage(
-                f"{name}-postgres-exporter-image", name=watch.postgres_exporter.image, platform=platform,
-                keep_locally=True, opts=on_host,
-            )  # fmt: skip
-            self.postgres_exporter = service(
-                f"{name}-postgres-exporter",
-                watch.postgres_exporter,
-                self.postgres_exporter_image.image_id,
-                self.network,
-                {POSTGRES_PASSWORD_SECRET: self.postgres_password_secret},
-                on_host,
+
+        def pulled(part: str, workload: ServiceSpec, secrets: dict[str, docker.Secret], *, by_reference: bool = False,
+                   after: Sequence[pulumi.Resource] = ()) -> docker.Service:  # fmt: skip
+            """The part's official image pulled on the manager, and its service. ``by_reference``: the service names
+            the image, not the manager's image ID, so that each worker pulls it (swarm pins the digest it
+            resolved)."""
+            image = docker.RemoteImage(
+                f"{name}-{part}-image", name=workload.image, platform=platform, keep_locally=True, opts=on_host
             )
-        self.alertmanager = service(
-            f"{name}-alertmanager",
-            watch.alertmanager,
-            self.alertmanager_image.image_id,
-            self.network,
-            {ALERTMANAGER_CONFIG_SECRET: secret},
-            on_host,
-        )
-        self.prometheus = service(
-            f"{name}-prometheus",
-            watch.prometheus,
-            self.prometheus_image.image_id,
-            self.network,
-            {},
-            pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.alertmanager])),
-        )
+            return service(
+                f"{name}-{part}", workload, workload.image if by_reference else image.image_id, self.network, secrets,
+                pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[image, *after])),
+            )  # fmt: skip
+
+        self.node_exporter = pulled("node-exporter", watch.node_exporter, {}, by_reference=True)
+        if watch.postgres_exporter is not None:
+            self.postgres_exporter = pulled(
+                "postgres-exporter", watch.postgres_exporter, {POSTGRES_PASSWORD_SECRET: self.postgres_password_secret}
+            )
+        self.alertmanager = pulled("alertmanager", watch.alertmanager, {ALERTMANAGER_CONFIG_SECRET: secret})
+        self.prometheus = pulled("prometheus", watch.prometheus, {}, after=[self.alertmanager])
 
     def _postgres(
         self,
