@@ -465,10 +465,11 @@ def ui(
     nowhere: each connection goes over SSH into a model replica, which is on their network. Example: mlapi ui"""
     target = target_of(ctx)
     service, service_port = MONITORING_UIS[which]
-    container = target.model_container()
+    target.model_container()  # a stack with no replica running is said now, not at the first connection
 
     def connect() -> list[str]:
-        return target.argv(relay_command(container, service, service_port))
+        # A replica of now: a rolling update replaces them while the forward runs.
+        return target.argv(relay_command(target.model_container(), service, service_port))
 
     def ready(url: str) -> None:
         out.print(f"{which.value} of {target.name}: {url}  (Ctrl-C stops)", markup=False, highlight=False)

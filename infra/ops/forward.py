@@ -24,7 +24,8 @@ def relay_command(container: str, host: str, port: int) -> list[str]:
 
 class Forwarder(socketserver.ThreadingTCPServer):
     """Listens on 127.0.0.1:``port``; each connection is piped through the process ``connect()`` returns the argv
-    of. ``failed``: told what a relay process said when it ended with an error."""
+    of (asked anew for each connection). ``failed``: told why a connection could not be carried: what ``connect``
+    raised, or what a relay process said when it ended with an error."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -39,9 +40,12 @@ class _Connection(socketserver.BaseRequestHandler):
     server: Forwarder
 
     def handle(self) -> None:
-        process = subprocess.Popen(
-            self.server.connect(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        try:
+            command = self.server.connect()
+        except Exception as exc:  # said, and this connection closed; the forward keeps listening
+            self.server.failed(str(exc))
+            return
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         client: socket.socket = self.request
 

@@ -87,6 +87,31 @@ def test_a_service_that_refuses_is_said_and_the_connection_closes(service: int) 
     assert len(failures) == 1 and "ConnectionRefusedError" in failures[0], failures
 
 
+def test_a_connection_that_cannot_be_made_is_said_and_the_next_one_is_carried(service: int) -> None:
+    """``connect`` is asked for each connection (`mlapi ui` finds a replica of now): when it fails, that connection
+    closes with the reason said, and the forward keeps serving."""
+    failures: list[str] = []
+    attempts = iter([RuntimeError("no running mlapi-model replica on the local stack: gone")])
+
+    def connect() -> list[str]:
+        for failure in attempts:
+            raise failure
+        return [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", str(service)]
+
+    forwarder = Forwarder(0, connect, failures.append)
+    threading.Thread(target=forwarder.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{forwarder.server_address[1]}/"
+    try:
+        with pytest.raises(httpx.HTTPError), httpx.Client(timeout=30) as client:
+            client.post(url, content=b"first")
+        with httpx.Client(timeout=30) as client:
+            assert client.post(url, content=b"second").content.endswith(b"dnoces")
+    finally:
+        forwarder.shutdown()
+        forwarder.server_close()
+    assert failures == ["no running mlapi-model replica on the local stack: gone"]
+
+
 def test_a_port_in_use_names_the_option(service: int) -> None:
     from infra.ops.forward import serve
 
