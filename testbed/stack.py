@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import socket
 import ssl
@@ -37,10 +38,22 @@ def docker_engine() -> docker.DockerClient:
     return client
 
 
+# Below the kernel's ephemeral range (32768-60999), where Docker also picks the host ports it publishes on its own:
+# a port the kernel handed out here could be taken by another lane's container before the stack binds it ("port is
+# already allocated", seen once in CI).
+FREE_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the range Docker and the kernel allocate from."""
+    for port in random.sample(FREE_PORTS, 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on 127.0.0.1")
 
 
 def tls_context(stack: LocalStack) -> ssl.SSLContext:
