@@ -274,10 +274,10 @@ def apply_service(
         if after["Spec"]["TaskTemplate"] == current["Spec"]["TaskTemplate"]:
             # Only service-level fields changed (labels such as Traefik's routing and limits, the replica count):
             # no task is replaced, so no rollout status will come; a stale one from an earlier update must not count.
-            deadline = time.monotonic() + timeout
-            while len(running_tasks(client, spec.name)) < desired_tasks(client, spec):
+            deadline, wanted = time.monotonic() + timeout, desired_tasks(client, spec)
+            while len(running_tasks(client, spec.name)) < wanted:
                 if time.monotonic() > deadline:
-                    raise RolloutFailed(f"service {spec.name}: fewer than {desired_tasks(client, spec)} tasks running")
+                    raise RolloutFailed(f"service {spec.name}: fewer than {wanted} tasks running")
                 time.sleep(0.5)
             return Rollout("relabelled", round(time.monotonic() - started, 2))
     wait_for_rollout(client, spec.name, desired_tasks(client, spec), timeout=timeout, updating=action == "updated")

@@ -297,21 +297,25 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
         global_mode=True,
         **{**common, "constraints": ()},
     )
-    postgres_exporter = ServiceSpec(
-        name=POSTGRES_EXPORTER_SERVICE,
-        image=inputs.postgres_exporter_image,
-        command=("/bin/postgres_exporter", f"--web.listen-address=:{POSTGRES_EXPORTER_PORT}"),
-        # The replicas' database user, its password from the same swarm secret PostgreSQL reads, over the overlay.
-        env={
-            "DATA_SOURCE_URI": f"{POSTGRES_SERVICE}:{POSTGRES_PORT}/{POSTGRES_DB}?sslmode=disable",
-            "DATA_SOURCE_USER": POSTGRES_USER,
-            "DATA_SOURCE_PASS_FILE": f"/run/secrets/{POSTGRES_PASSWORD_FILE}",
-        },
-        healthcheck=self_check(POSTGRES_EXPORTER_PORT, "/metrics"),
-        mounts=(),
-        secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, PROMETHEUS_UID),),
-        confinement=Confinement(memory_bytes=POSTGRES_EXPORTER_MEMORY_MB * MiB),
-        **common,
+    postgres_exporter = (
+        None
+        if inputs.nodes == 1
+        else ServiceSpec(
+            name=POSTGRES_EXPORTER_SERVICE,
+            image=inputs.postgres_exporter_image,
+            command=("/bin/postgres_exporter", f"--web.listen-address=:{POSTGRES_EXPORTER_PORT}"),
+            # The replicas' database user, its password from the same swarm secret PostgreSQL reads, over the overlay.
+            env={
+                "DATA_SOURCE_URI": f"{POSTGRES_SERVICE}:{POSTGRES_PORT}/{POSTGRES_DB}?sslmode=disable",
+                "DATA_SOURCE_USER": POSTGRES_USER,
+                "DATA_SOURCE_PASS_FILE": f"/run/secrets/{POSTGRES_PASSWORD_FILE}",
+            },
+            healthcheck=self_check(POSTGRES_EXPORTER_PORT, "/metrics"),
+            mounts=(),
+            secrets=(SecretFile(POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD_FILE, PROMETHEUS_UID),),
+            confinement=Confinement(memory_bytes=POSTGRES_EXPORTER_MEMORY_MB * MiB),
+            **common,
+        )
     )
     directories = (
         HostDirectory(f"{root}/prometheus", 0, "0755"),
@@ -323,7 +327,7 @@ def monitoring_services(inputs: StackInputs, root: str, files: tuple[ConfigFile,
         prometheus,
         alertmanager,
         node_exporter,
-        postgres_exporter if inputs.nodes > 1 else None,
+        postgres_exporter,
         inputs.monitoring_interval_s,
         directories,
         files,
