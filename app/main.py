@@ -11,6 +11,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from app.batching import MicroBatcher
 from app.data import load_configured
 from app.errors import store_unavailable, validation_error
+from app.handover import Handover, Peers, parse_peers
 from app.limits import BodyLimit
 from app.metrics import BackupStatus, Resources, ServiceMetrics
 from app.predlog import StoreUnavailable
@@ -69,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             V2Error: v2_error,
         },
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    generation = dataset.store or dataset.name  # the registry: one per project name and schema
+    peers = Peers(parse_peers(settings.peers), generation) if settings.peers else None
+    app.add_middleware(Handover, peers=peers, generation=generation, on_offer=metrics.count_handover)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # added last: outermost, before any buffering
     Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True
     )

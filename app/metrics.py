@@ -30,6 +30,13 @@ class ServiceMetrics:
             registry=registry,
         )
         self.observations = Counter("mlapi_observations_total", "Ground-truth observations stored.", registry=registry)
+        self.handovers = Counter(
+            "mlapi_handover_requests_total",
+            "Predictions refused here and offered to the other replicas (a project switch), by whether one of another "
+            "generation answered.",
+            ["outcome"],
+            registry=registry,
+        )
         # Drift on a schedule (drift_interval_s), not per request: what the FeatureDrift alert reads.
         self.feature_psi = Gauge(
             "mlapi_feature_psi",
@@ -53,6 +60,9 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=registry,
         )
+
+    def count_handover(self, answered: bool) -> None:
+        self.handovers.labels(outcome="answered" if answered else "refused everywhere").inc()
 
 
 class BackupStatus(Collector):

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="With the shared registry (PostgreSQL): only a replica that finds this file creates the first "
         "version (importing this node's file registry, else training one); the others wait for it. Unset: any may.",
     )
+    peers: str | None = Field(
+        None,
+        description="host:port of the service's replicas (in a swarm: tasks.<service>:<port>, every task's address). "
+        "During a project switch a prediction this replica refuses (422, V2 400/404) is answered by a replica of the "
+        "other generation (app/handover.py). Unset: refused here, as always.",
+    )
     first_version_dir: Path | None = Field(
         None,
         description="Registries trained when the image was built (`python -m app train --into`): an empty registry "

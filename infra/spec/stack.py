@@ -393,6 +393,9 @@ def build_stack(inputs: StackInputs) -> StackSpec:
             "MLAPI_ADMIN_TOKEN_FILE": f"/run/secrets/{ADMIN_SECRET_FILE}",
             "MLAPI_INGEST_TOKEN_FILE": f"/run/secrets/{INGEST_SECRET_FILE}",
             "MLAPI_DRAIN_SECONDS": str(DRAIN_S),
+            # Every task of the service: during a project switch, a request one generation refuses is answered by
+            # the other (app/handover.py).
+            "MLAPI_PEERS": f"tasks.{MODEL_SERVICE}:{MODEL_PORT}",
             # RLIMIT_NPROC counts every process of the model's user on the node: all replicas, and one more during
             # a start-first update. Swarm services cannot set ulimits through the provider, so the app sets it.
             "MLAPI_PROCESS_LIMIT": str(REPLICA_PROCESS_LIMIT * (replicas_per_node(inputs) + 1)),

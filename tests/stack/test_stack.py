@@ -134,6 +134,24 @@ def record_load(what: str, report: LoadReport, event: tuple[float, float] | None
     assert not report.failed, f"{what}: {report.summary()}; first failures: {report.failed[:5]}"
 
 
+def record_switch(what: str, old: LoadReport, new: LoadReport) -> None:
+    """A switch to another schema: once one request valid under the new schema was answered, none sent after it
+    fails, and none valid under the old schema failed before then (they may only fail once no old replica is left)."""
+    answered = sorted(o.at for o in new.outcomes if o.status == 200)
+    assert answered, f"{what}: no request of the new schema was answered: {new.summary()}"
+    first = answered[0]
+    new_failed = [o for o in new.failed if o.at - o.seconds > first]  # sent after the first answer came back
+    old_failed = [o for o in old.failed if o.at < first]
+    handed = sum(bool(o.via) for o in old.outcomes + new.outcomes)
+    TIMINGS.append(
+        f"{what}: new schema {new.summary()}, first answered {first - new.started_at:.0f} s in, then "
+        f"{len(new_failed)} failed; old schema {old.summary()}, {len(old_failed)} failed before that; "
+        f"{handed} answered by a replica of the other generation"
+    )
+    assert not new_failed, f"{what}: new-schema requests failed after the switch began: {new_failed[:5]}"
+    assert not old_failed, f"{what}: old-schema requests failed before the new model served: {old_failed[:5]}"
+
+
 def serial(stack: local.LocalStack) -> str:
     return peer_certificate(stack)["serialNumber"]
 
@@ -1099,9 +1117,19 @@ def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.L
         ' "collections.OrderedDict"]\n'
     )
     (project / "mlapi.toml").write_text(toml.replace("[features]", f"{keys}\n[features]", 1))
+    bird = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0, "flipper_length_mm": 215,
+            "body_mass_g": None, "sex": None, "year": 2009}  # fmt: skip
+    # Clients of both schemas, through the build and the switch (app/handover.py).
+    bird_request = ("/predict", json.dumps({"features": bird, "confidence": 0.9}).encode())
+    old_schema = load(stack, rate=8, clients=2, max_seconds=400, batch=None)
+    new_schema = load(stack, rate=8, clients=2, max_seconds=400, single=bird_request, batch=None)
     try:
         since = int(time.time())
-        served = local.up(replace(stack.options, model_project=project), quiet=True)
+        with old_schema, new_schema:
+            old_schema.wait_for_answers_after(old_schema.report.started_at)
+            served = local.up(replace(stack.options, model_project=project), quiet=True)
+            new_schema.wait_for_answers_after(time.monotonic())
+        record_switch("switch to a model project", old_schema.report, new_schema.report)
         assert served.rollout.startswith("updated"), served.rollout
         status, _, body = https(stack, "GET", "/model")
         card = json.loads(body)
@@ -1110,8 +1138,6 @@ def test_local_up_with_a_model_project_serves_it_through_the_edge(stack: local.L
         logs = b"".join(docker_engine().services.get(MODEL_SERVICE).logs(stdout=True, stderr=True, since=since))
         assert b"first version v0001: the one built into the image" in logs, logs.decode()[-2000:]
         assert b"in the serving process" not in logs
-        bird = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0, "flipper_length_mm": 215,
-                "body_mass_g": None, "sex": None, "year": 2009}  # fmt: skip
         status, _, body = https(stack, "POST", "/predict", {"features": bird, "confidence": 0.9})
         assert status == 200, body
         answer = json.loads(body)

@@ -38,6 +38,7 @@ class Outcome:
     status: int  # 0 for a connection-level failure
     detail: str = ""
     seconds: float = 0.0
+    via: str = ""  # a replica of another generation answered (app/handover.py): the answer's Via header
 
 
 @dataclass
@@ -95,8 +96,12 @@ class Load:
         max_seconds: float = 120,
         max_requests: int = 20_000,
         rate: float | None = None,
+        single: tuple[str, bytes] = ("/predict", SINGLE),
+        batch: tuple[str, bytes] | None = ("/predict/batch", BATCH),
     ) -> None:
+        """``single`` and ``batch``: the (path, JSON body) a client sends; every fourth request is the batch, if any."""
         self.domain, self.port, self.address = domain, port, address
+        self.single, self.batch = single, batch
         self.rate = rate
         self.context = ssl.create_default_context(cafile=cafile)
         self.clients, self.max_seconds, self.max_requests = clients, max_seconds, max_requests
@@ -126,7 +131,7 @@ class Load:
             if time.monotonic() > deadline:
                 self._ended_by_itself()
                 break
-            path, body = ("/predict", SINGLE) if (sent + index) % 4 else ("/predict/batch", BATCH)
+            path, body = self.single if (sent + index) % 4 or self.batch is None else self.batch
             began = time.monotonic()
             try:
                 connection = connection or self._connect()
@@ -136,7 +141,14 @@ class Load:
                 response = connection.getresponse()
                 payload = response.read()
                 now = time.monotonic()
-                outcome = Outcome(now, path, response.status, payload[:120].decode(errors="replace"), now - began)
+                outcome = Outcome(
+                    now,
+                    path,
+                    response.status,
+                    payload[:120].decode(errors="replace"),
+                    now - began,
+                    response.getheader("Via", ""),
+                )
                 if response.getheader("Connection", "").lower() == "close":
                     connection.close()
                     connection = None
