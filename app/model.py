@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
 from sklearn.pipeline import Pipeline
 
+from app.compiled import Step, UnknownCategory, compile_pipeline, covering_rows
 from app.data import Dataset, fingerprint, split_share
 from app.estimators import build_pipeline, frame_step
 from app.tabular import Column, Schema
@@ -124,6 +125,9 @@ class Predictor:
     # Per level, the distance from the point down to the lower bound and up to the upper one, when they are the same
     # for every input; None until measured, () when they are not.
     _offsets: tuple[np.ndarray, np.ndarray] | tuple[()] | None = field(default=None, init=False, repr=False)
+    # The fitted pipeline as array operations (app/compiled.py) once it gave scikit-learn's answers; False when it
+    # cannot be compiled or did not; None until tried.
+    _compiled: Step | bool | None = field(default=None, init=False, repr=False)
 
     def predict(self, X: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Point predictions and the interval bounds at ``confidence`` (one of the calibrated levels)."""
@@ -131,7 +135,7 @@ class Predictor:
         offsets = self.interval_offsets()
         if offsets:  # one model call: the bounds are the point minus and plus what MAPIE calibrated
             below, above = offsets
-            points = self.conformal.predict(X)
+            points = self.point(X)
             return points, points - below[index], points + above[index]
         points, intervals = self.conformal.predict_interval(X)
         return points, intervals[:, 0, index], intervals[:, 1, index]
@@ -154,7 +158,41 @@ class Predictor:
         return self._offsets
 
     def point(self, X: np.ndarray) -> np.ndarray:
+        compiled = self.compiled()
+        if compiled is not None:
+            try:
+                return compiled(X)
+            except UnknownCategory:
+                pass  # scikit-learn's own error
         return self.conformal.predict(X)
+
+    def _fitted(self) -> Any:
+        """The fitted estimator inside MAPIE's split conformal wrapper (MAPIE is pinned)."""
+        if self.metadata.task == "classification":
+            return self.conformal._mapie_classifier.estimator_.single_estimator_
+        return self.conformal._mapie_regressor.estimator_.single_estimator_
+
+    def _reference(self, X: np.ndarray) -> np.ndarray:
+        """What scikit-learn answers: the classifier's probabilities, the regressor's points."""
+        if self.metadata.task == "classification":
+            # Finite-checks skipped: the request schema refused non-finite numbers; NaN gaps are the imputers' to fill.
+            with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+                return self._fitted().predict_proba(X)
+        return self.conformal.predict(X)
+
+    def compiled(self) -> Step | None:
+        """The compiled pipeline, once it answered as scikit-learn does on rows covering every gap and category."""
+        if self._compiled is None:
+            self._compiled = False
+            compiled = compile_pipeline(self._fitted())
+            if compiled is not None:
+                schema = self.metadata.schema()
+                sizes = {i: len(c.values) or 2 for i, c in enumerate(schema.columns) if not c.numeric}
+                rows = covering_rows(self.probe_rows(), schema.nullable_mask, sizes)
+                expected, got = self._reference(rows), compiled(rows)
+                if got.shape == expected.shape and np.allclose(got, expected, rtol=1e-9, atol=1e-12):
+                    self._compiled = compiled
+        return self._compiled or None
 
     def probe_rows(self) -> np.ndarray:
         """Valid inputs spread over the training range: each measurement at its mean, minimum, maximum and mean plus
@@ -187,9 +225,11 @@ class Predictor:
         probabilities go to MAPIE's own set function, called as ``_MapieClassifier.predict`` calls it (MAPIE is
         pinned; tests/unit/test_classification.py holds the sets equal to ``predict_set``'s)."""
         inner = self.conformal._mapie_classifier
-        # Finite-checks skipped: the request schema refused non-finite numbers; NaN gaps are the imputers' to fill.
-        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-            probabilities = inner.estimator_.single_estimator_.predict_proba(X)
+        compiled = self.compiled()
+        try:
+            probabilities = compiled(X) if compiled is not None else self._reference(X)
+        except UnknownCategory:
+            probabilities = self._reference(X)  # scikit-learn's own error
         probabilities = check_proba_normalized(probabilities, axis=1)
         sets = inner.conformity_score_function_.predict_set(
             X,
