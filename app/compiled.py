@@ -41,8 +41,10 @@ def compile_pipeline(pipeline: object) -> Step | None:
     final = _linear(estimator.steps[-1][1])
     if final is None or any(part is None for part in parts):
         return None
-    steps = [prepare, *parts, final]
+    return _chain([prepare, *parts, final])  # type: ignore[list-item]
 
+
+def _chain(steps: list[Step]) -> Step:
     def run(X: np.ndarray) -> np.ndarray:
         for step in steps:
             X = step(X)
@@ -74,15 +76,7 @@ def _step(step: object) -> Step | None:
     """One fitted transformer of the standard pipeline, or a pipeline of them."""
     if isinstance(step, Pipeline):
         parts = [_step(part) for _, part in step.steps]
-        if any(part is None for part in parts):
-            return None
-
-        def chained(X: np.ndarray) -> np.ndarray:
-            for part in parts:
-                X = part(X)  # type: ignore[misc]
-            return X
-
-        return chained
+        return None if any(part is None for part in parts) else _chain(parts)  # type: ignore[arg-type]
     if isinstance(step, SimpleImputer):
         return _imputer(step)
     if isinstance(step, StandardScaler):

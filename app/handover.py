@@ -141,11 +141,8 @@ def _addresses(host: str, port: int) -> list[str]:
 class Handover:
     """ASGI middleware: a prediction request this replica refuses is offered to the other generation (see above)."""
 
-    def __init__(
-        self, app: ASGIApp, peers: Peers | None, generation: str, on_offer: Callable[[bool], None] | None = None
-    ) -> None:
-        self.app, self.peers, self.generation = app, peers, generation
-        self.on_offer = on_offer or (lambda answered: None)
+    def __init__(self, app: ASGIApp, peers: Peers, generation: str, on_offer: Callable[[bool], None]) -> None:
+        self.app, self.peers, self.generation, self.on_offer = app, peers, generation, on_offer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PATHS):
@@ -154,9 +151,6 @@ class Handover:
         headers = list(scope.get("headers") or [])
         if any(key == FORWARDED for key, _ in headers):
             await self.app(scope, receive, self._tagged(send))  # the replica that passed it on wants to know
-            return
-        if self.peers is None:
-            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         held: list[Message] = []

@@ -70,9 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             V2Error: v2_error,
         },
     )
-    generation = dataset.store or dataset.name  # the registry: one per project name and schema
-    peers = Peers(parse_peers(settings.peers), generation) if settings.peers else None
-    app.add_middleware(Handover, peers=peers, generation=generation, on_offer=metrics.count_handover)
+    if settings.peers:  # a replica of a swarm service: its peers may be another generation during a switch
+        generation = dataset.store or dataset.name  # the registry: one per project name and schema
+        peers = Peers(parse_peers(settings.peers), generation)
+        app.add_middleware(Handover, peers=peers, generation=generation, on_offer=metrics.count_handover)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # added last: outermost, before any buffering
     Instrumentator(registry=metrics_registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True

@@ -158,13 +158,19 @@ class Predictor:
         return self._offsets
 
     def point(self, X: np.ndarray) -> np.ndarray:
+        """A regressor's point predictions."""
+        return self._outputs(X)
+
+    def _outputs(self, X: np.ndarray) -> np.ndarray:
+        """What the fitted pipeline answers (a classifier's probabilities, a regressor's points): the compiled
+        pipeline once it agreed with scikit-learn, else scikit-learn's own."""
         compiled = self.compiled()
         if compiled is not None:
             try:
                 return compiled(X)
             except UnknownCategory:
                 pass  # scikit-learn's own error
-        return self.conformal.predict(X)
+        return self._reference(X)
 
     def _fitted(self) -> Any:
         """The fitted estimator inside MAPIE's split conformal wrapper (MAPIE is pinned)."""
@@ -225,12 +231,7 @@ class Predictor:
         probabilities go to MAPIE's own set function, called as ``_MapieClassifier.predict`` calls it (MAPIE is
         pinned; tests/unit/test_classification.py holds the sets equal to ``predict_set``'s)."""
         inner = self.conformal._mapie_classifier
-        compiled = self.compiled()
-        try:
-            probabilities = compiled(X) if compiled is not None else self._reference(X)
-        except UnknownCategory:
-            probabilities = self._reference(X)  # scikit-learn's own error
-        probabilities = check_proba_normalized(probabilities, axis=1)
+        probabilities = check_proba_normalized(self._outputs(X), axis=1)
         sets = inner.conformity_score_function_.predict_set(
             X,
             np.array([1 - confidence]),

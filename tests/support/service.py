@@ -107,14 +107,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def served_app(settings: object) -> Iterator[str]:
+def served_app(settings: object, port: int | None = None) -> Iterator[str]:
     """The app for ``settings`` served by uvicorn on 127.0.0.1 in a thread, for clients that speak HTTP themselves
-    (tritonclient); yields ``host:port``."""
+    (tritonclient); yields ``host:port``. ``port``: one chosen beforehand (a free one if None)."""
     import uvicorn
 
     from app.main import create_app
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

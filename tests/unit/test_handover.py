@@ -6,37 +6,24 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from app.handover import FORWARDED, GENERATION, Peers, parse_peers
-from app.main import create_app
 from app.settings import Settings
-from testbed.stack import free_port, wait_until
+from testbed.stack import free_port
 from tests.support.projects import EXAMPLES, PENGUIN
-from tests.support.service import ADMIN_TOKEN, INGEST_TOKEN, metric_value, record
+from tests.support.service import ADMIN_TOKEN, INGEST_TOKEN, metric_value, record, served_app
 
 
+@dataclass(frozen=True)
 class Replica:
-    def __init__(self, settings: Settings, port: int) -> None:
-        self.port = port
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    """A served app (tests.support.service.served_app), called over HTTP as its peers call it."""
 
-    def __enter__(self) -> Replica:
-        self.thread.start()
-        wait_until(lambda: self.call("GET", "/ready")[0] == 200, 120, f"the replica on {self.port} to be ready", 0.1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    port: int
 
     def call(
         self, method: str, path: str, body: dict | None = None, headers: dict[str, str] | None = None
@@ -47,8 +34,6 @@ class Replica:
             connection.request(method, path, body=json.dumps(body) if body is not None else None, headers=sent)
             response = connection.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        except OSError:
-            return 0, {}, b""
         finally:
             connection.close()
 
@@ -72,10 +57,11 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Replica, 
     tmp_path = tmp_path_factory.mktemp("handover")
     old_port, new_port = free_port(), free_port()
     peers = f"127.0.0.1:{old_port},localhost:{new_port}"
-    old = Replica(settings(tmp_path, "old", peers), old_port)
-    new = Replica(settings(tmp_path, "new", peers, model_project=EXAMPLES / "penguins"), new_port)
-    with old, new:
-        yield old, new
+    with (
+        served_app(settings(tmp_path, "old", peers), old_port),
+        served_app(settings(tmp_path, "new", peers, model_project=EXAMPLES / "penguins"), new_port),
+    ):
+        yield Replica(old_port), Replica(new_port)
 
 
 def test_a_request_of_the_other_schema_is_answered_by_the_other_generation(switch: tuple[Replica, Replica]) -> None:
