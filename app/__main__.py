@@ -126,6 +126,19 @@ def _train(dataset: Dataset, into: str | None) -> int:
     return 0
 
 
+def _data_needs_credentials() -> bool:
+    """Whether the configured project's data is an s3:// URL (read from mlapi.toml alone, nothing fetched)."""
+    from app.project import ProjectError, read_project_file
+
+    directory = get_settings().model_project
+    if directory is None:
+        return False
+    try:
+        return read_project_file(directory).model.data.lower().startswith("s3://")
+    except ProjectError:
+        return False  # the training that follows names what is wrong
+
+
 def _install_requirements(into: str) -> int:
     """The image build's step: the configured project's extra packages, checked, installed into ``into`` (offline from
     the project's .wheels directory when the local stack put one there), and its Debian packages listed there, one a
@@ -224,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="train the first version into a file registry, unless it has one (the image build runs it)"
     )
     train.add_argument("--into", help="the registries' directory (default: MLAPI_FIRST_VERSION_DIR, else the data dir)")
+    train.add_argument(
+        "--at-build",
+        action="store_true",
+        help="the image build's run: a project whose data needs credentials (s3://) is left to the deploy's "
+        "training job, which has them",
+    )
     commands.add_parser("retrain", help="ask the running service to retrain and promote only if better")
     commands.add_parser("versions", help="list model versions and retrain history")
     commands.add_parser("metrics", help="print the Prometheus metrics (not routed from the internet)")
@@ -244,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "requirements":
         return _install_requirements(args.into)
 
+    if args.command == "train" and args.at_build and _data_needs_credentials():
+        print(
+            "the first version is not trained in the image: s3:// data needs credentials, which an image must never "
+            "hold; the deploy's training job trains it onto the data volume before the replicas start",
+            file=sys.stderr,
+        )
+        return 0
     if args.command in ("train", "check", "reference"):
         from app.data import DatasetError, load_configured
 

@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.datasource import FetchError, fetch, is_url, redacted
+from app.datasource import FetchError, S3Location, fetch, is_url, redacted, s3_object
 from app.requirements import Pin, RequirementsError, parse_pins, service_versions, to_install
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,12 @@ class ModelSection(BaseModel):
     split: SplitSpec = Field(default_factory=SplitSpec)
     data_max_mb: float = Field(200.0, gt=0, description="data from a URL: the largest download accepted")
     data_timeout_s: float = Field(60.0, gt=0, description="data from a URL: how long one download may take")
+    data_endpoint: str | None = Field(
+        None, description="s3:// data from an S3-compatible store: its https endpoint (default: AWS)"
+    )
+    data_region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]{1,40}$", description="s3:// data: the bucket's region (default: boto3's own)"
+    )
     pipeline: str | None = Field(
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
@@ -166,17 +172,45 @@ class ModelSection(BaseModel):
             scheme = value.split("://", 1)[0].lower()
             if scheme == "https":
                 return value
+            if scheme == "s3":
+                s3_object(value)
+                return value
             if scheme == "http":
                 raise ValueError(f"{redacted(value)}: plain http can be changed on the way: use https")
             raise ValueError(
-                f"{redacted(value)}: {scheme}:// is not fetched: use an https URL (an S3 or GCS presigned URL works)"
+                f"{redacted(value)}: {scheme}:// is not fetched: use an https:// or s3:// URL (a GCS object has a "
+                "presigned https URL)"
             )
         if data_format(value) is None:
             raise ValueError(
                 f"{value!r}: data must be a CSV file (.csv) or a Parquet file ({', '.join(PARQUET_SUFFIXES)}) in the "
-                "project, or an https:// URL of one"
+                "project, or an https:// or s3:// URL of one"
             )
         return value
+
+    @field_validator("data_endpoint")
+    @classmethod
+    def https_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+                raise ValueError(
+                    f"{value!r}: the S3 endpoint is an https URL with a host and nothing after it, such as "
+                    "https://fsn1.your-objectstorage.com"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def s3_keys_only_for_s3(self) -> ModelSection:
+        if not self.data.lower().startswith("s3://"):
+            given = [key for key in ("data_endpoint", "data_region") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} apply to s3:// data only, and model.data is {self.data_label}")
+        return self
+
+    @property
+    def s3(self) -> S3Location:
+        return S3Location(self.data_endpoint, self.data_region)
 
     @property
     def data_label(self) -> str:
@@ -424,7 +458,9 @@ def fetched(model: ModelSection, path: Path, cache_dir: Path | None, stale_ok: b
     suffix = ".parquet" if data_format(model.data) == "parquet" else ".csv"
     copy = directory / f"{hashlib.sha256(model.data.encode()).hexdigest()[:16]}{suffix}"
     try:
-        sha256 = fetch(model.data, copy, max_bytes=int(model.data_max_mb * 2**20), timeout_s=model.data_timeout_s)
+        sha256 = fetch(
+            model.data, copy, max_bytes=int(model.data_max_mb * 2**20), timeout_s=model.data_timeout_s, s3=model.s3
+        )
     except FetchError as exc:
         if not (stale_ok and copy.is_file()):
             raise ProjectError(f"{path}: model.data: {exc}") from None

@@ -55,9 +55,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def https_files(directory: Path) -> Iterator[tuple[str, Served, Path]]:
-    """(base URL, what it serves, the certificate to trust, e.g. as SSL_CERT_FILE)."""
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """(key, certificate) for 127.0.0.1, valid for a day: a server's own CA for a test to trust."""
     directory.mkdir(parents=True, exist_ok=True)
     key, certificate = directory / "key.pem", directory / "cert.pem"
     subprocess.run(
@@ -67,6 +66,13 @@ def https_files(directory: Path) -> Iterator[tuple[str, Served, Path]]:
         check=True,
         capture_output=True,
     )  # fmt: skip
+    return key, certificate
+
+
+@contextmanager
+def https_files(directory: Path) -> Iterator[tuple[str, Served, Path]]:
+    """(base URL, what it serves, the certificate to trust, e.g. as SSL_CERT_FILE)."""
+    key, certificate = self_signed(directory)
     served = Served()
     handler = type("Handler", (_Handler,), {"served": served})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

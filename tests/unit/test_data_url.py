@@ -169,7 +169,7 @@ def test_an_untrusted_certificate_is_refused(
     ("url", "says"),
     [
         ("http://data.internal/d.csv", "plain http can be changed on the way: use https"),
-        ("s3://bucket/d.csv?token=s3cr3t", "s3:// is not fetched: use an https URL (an S3 or GCS presigned URL works)"),
+        ("ftp://data:s3cr3t@files.internal/d.csv", "ftp:// is not fetched: use an https:// or s3:// URL"),
         ("data/d.feather", "data must be a CSV file (.csv) or a Parquet file (.parquet, .pq) in the project"),
     ],
 )
