@@ -11,7 +11,8 @@ from pathlib import Path
 import pulumi
 
 from infra.config.keys import ConfigError, load_config
-from infra.config.project import ProjectRefused, check_project, resolve_project
+from infra.config.keys import error as key_error
+from infra.config.project import ProjectRefused, check_project, data_needs_credentials, resolve_project
 from infra.host.cluster_plan import LOAD_BALANCER_PRIVATE_IP
 from infra.host.deploy import server_memory_mb
 from infra.program.cluster import Cluster, LoadBalancerFront, PrivateNetwork
@@ -29,9 +30,15 @@ except ConfigError as error:
     raise pulumi.RunError(str(error)) from None
 
 model_project = resolve_project(cfg.model_project) if cfg.model_project else None
+data_credentials = model_project is not None and data_needs_credentials(model_project)
+if data_credentials and cfg.data_credentials is None:
+    raise pulumi.RunError(
+        str(key_error("dataAccessKeyId", "is required: the model project's data is an s3:// object"))
+        + " and: pulumi config set --secret dataSecretAccessKey <secret access key>"
+    )
 if model_project is not None:
-    try:  # the app's own check, before anything is built or deployed
-        check_project(model_project)
+    try:  # the app's own check (with the stack's data credentials), before anything is built or deployed
+        check_project(model_project, cfg.data_credentials if data_credentials else None)
     except ProjectRefused as error:
         raise pulumi.RunError(
             f"modelProject: {error} (fix the project, or `pulumi config rm modelProject` for the bundled model)"
@@ -62,6 +69,7 @@ inputs = StackInputs(
         server_memory_mb(cfg.server_type), server_memory_mb(cfg.worker_server_type or cfg.server_type)
     ),
     acme_challenge=cfg.acme_challenge,
+    data_credentials=data_credentials,
     proxy_protocol_ips=(f"{LOAD_BALANCER_PRIVATE_IP}/32",) if cfg.load_balancer else (),
     public_docs=cfg.public_docs,
     hsts_preload=cfg.hsts_preload,

@@ -100,9 +100,11 @@ def data_cache(settings: Settings) -> Path:
 
 
 def load_project_dataset(directory: Path, cache_dir: Path | None = None, check_only: bool = False) -> Dataset:
-    """A model project's data in the service's numeric form (app/tabular.py), with the project's schema."""
+    """A model project's data in the service's numeric form (app/tabular.py), with the project's schema. A check
+    (before a deploy) fetches data from a URL now or fails: a copy fetched earlier proves nothing about the stack's
+    access to it."""
     try:
-        project, data = open_project(directory, cache_dir)
+        project, data = open_project(directory, cache_dir, stale_ok=not check_only)
         pipeline = pipeline_factory(project, missing_ok=check_only)
         imported = imported_model(project)
     except ProjectError as exc:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_model
 
 from infra.spec.backup import BackupSettings
+from infra.spec.data_access import credentials_file_text
 from infra.spec.inputs import DEFAULT_MODEL_REPLICAS, DEFAULT_RETRAIN_SCHEDULE, StackInputs, ascii_digits, check_cron
 from infra.spec.monitoring import (
     DEFAULT_LATENCY_OBJECTIVE_MS,
@@ -362,6 +363,11 @@ KEYS: tuple[Key, ...] = (
     Key("modelProject", "model_project", str | None, None, "examples/penguins",
         "model project to serve (mlapi.toml, its data and code; docs/model-projects.md): a directory relative to the "
         "Pulumi project, or absolute; default: the bundled diabetes model"),
+    Key("dataAccessKeyId", "data_access_key_id", str | None, None, "AKIA…",
+        "the access key the stack reads a model project's s3:// data with (needed for such data; a key allowed "
+        "s3:GetObject on that object only)", matching(r"[A-Za-z0-9+/=_-]{8,128}", "is not an access key ID")),
+    Key("dataSecretAccessKey", "data_secret_access_key", SecretStr | None, None, "--secret <secret access key>",
+        "the secret of dataAccessKeyId (a secret: a swarm secret on the VM, never in an image)", secret_text),
     Key("retrainSchedule", "retrain_schedule", str, DEFAULT_RETRAIN_SCHEDULE, '"0 3 * * *"',
         "cron expression for scheduled retraining", cron),
     Key("modelReplicas", "model_replicas", int, DEFAULT_MODEL_REPLICAS, "2",
@@ -457,6 +463,13 @@ class _Derived(BaseModel):
         return AlertRoutes(webhook, email)
 
     @property
+    def data_credentials(self) -> str | None:
+        """The AWS credentials file for s3:// model data (holds a secret), if the keys are set."""
+        if not (self.data_access_key_id and self.data_secret_access_key):
+            return None
+        return credentials_file_text(self.data_access_key_id, self.data_secret_access_key.get_secret_value())
+
+    @property
     def backup(self) -> BackupSettings | None:
         repository = self.backup_repository
         if not repository:
@@ -505,6 +518,16 @@ CROSS_CHECKS: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
         "backupPassword",
         lambda v: bool(v.get("backup_repository")) and not v.get("backup_password"),
         "is required when backupRepository is set",
+    ),
+    (
+        "dataSecretAccessKey",
+        lambda v: bool(v.get("data_access_key_id")) and not v.get("data_secret_access_key"),
+        "is required when dataAccessKeyId is set",
+    ),
+    (
+        "dataAccessKeyId",
+        lambda v: bool(v.get("data_secret_access_key")) and not v.get("data_access_key_id"),
+        "is required when dataSecretAccessKey is set",
     ),
     (
         "modelImage",

@@ -16,6 +16,7 @@ import docker
 from docker import types as api
 from docker.types import Healthcheck, Mount
 
+from infra.spec.data_access import FIRST_TRAINING_TIMEOUT_S
 from infra.spec.stack import SWARM_ADVERTISE_ADDR, SWARM_LISTEN_ADDR, secret_name
 from infra.spec.types import Confinement, ContainerSpec, RolloutPolicy, ServiceSpec, StackSpec
 from infra.spec.types import Healthcheck as SpecHealthcheck
@@ -232,6 +233,8 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
         "labels": dict(spec.labels),
         "mode": api.ServiceMode("global")
         if spec.global_mode
+        else api.ServiceMode("replicated-job", concurrency=1)
+        if spec.job
         else api.ServiceMode("replicated", replicas=spec.replicas),
         "update_config": _rollout(spec.update, api.UpdateConfig),
         "rollback_config": _rollout(spec.rollback, api.RollbackConfig),
@@ -342,6 +345,36 @@ def remove_service(client: docker.DockerClient, name: str, timeout: float = 60) 
         time.sleep(0.5)
 
 
+def run_job(
+    client: docker.DockerClient, spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, str]], timeout: float
+) -> str:
+    """Run a one-shot job (``spec.job``) to completion, as the deploy step does on the host
+    (infra/host/scripts/run-job.sh): a previous run's service is replaced; its output is returned, or raised with
+    swarm's error when the task failed or did not finish within ``timeout`` seconds. The service is removed after."""
+    remove_service(client, spec.name)
+    args = service_args(spec, network, secrets)
+    for unused in ("update_config", "rollback_config", "endpoint_spec"):  # a job is never updated or reached
+        args.pop(unused)
+    client.api.create_service(**args)
+    deadline, state = time.monotonic() + timeout, "new"
+    try:
+        while time.monotonic() < deadline:
+            tasks = client.api.tasks(filters={"service": spec.name})
+            state = tasks[0]["Status"]["State"] if tasks else "new"
+            if state in ("complete", "failed", "rejected", "orphaned"):
+                break
+            time.sleep(1)
+        output = b"".join(
+            client.api.service_logs(spec.name, stdout=True, stderr=True, follow=False, timestamps=False)
+        ).decode(errors="replace")
+        if state != "complete":
+            errors = "; ".join(failed_task_errors(client, spec.name)) or f"still {state} after {timeout:.0f} s"
+            raise RolloutFailed(f"the job {spec.name} did not complete ({errors}); its output:\n{output[-4000:]}")
+        return output
+    finally:
+        remove_service(client, spec.name)
+
+
 # -- the whole stack -----------------------------------------------------------------------------------------------
 def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str, str]) -> Rollout:
     """What `pulumi up` does on the host, in the same order: swarm mode, network, secrets, Traefik, the services
@@ -357,6 +390,8 @@ def deploy_stack(client: docker.DockerClient, spec: StackSpec, tokens: dict[str,
     run_container(client, spec.traefik)
     if spec.postgres is not None:
         apply_service(client, spec.postgres, spec.network, secrets)
+    if spec.first_training is not None:
+        run_job(client, spec.first_training, spec.network, secrets, FIRST_TRAINING_TIMEOUT_S)
     rollout = apply_service(client, spec.model, spec.network, secrets)
     if spec.monitoring is not None:
         # At once: each waits for its first passing health check, and none needs another to start (Prometheus

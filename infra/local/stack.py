@@ -34,11 +34,13 @@ from pathlib import Path
 import docker
 from docker.types import Mount
 
+from infra.config.project import data_needs_credentials
 from infra.host.setup import layout_script
 from infra.local import images
 from infra.local.engine import deploy_stack, ensure_network, ensure_swarm, remove_service, remove_unused_secrets
 from infra.local.pebble import PEBBLE_CONTAINER, PEBBLE_DIRECTORY, fetch_pebble_root, pebble_files, run_pebble
 from infra.ops.smoke import wait_healthy
+from infra.spec.data_access import DATA_CREDENTIALS_SECRET, FIRST_TRAINING_JOB, credentials_file_text
 from infra.spec.docker_api import DOCKER_API_CONTAINER, DOCKER_API_VOLUME
 from infra.spec.inputs import StackInputs
 from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET, ALERTMANAGER_SERVICE, PROMETHEUS_SERVICE, AlertRoutes
@@ -160,6 +162,21 @@ def local_inputs(options: LocalOptions, built: dict[str, str], ca_bundle: Path) 
     )
 
 
+def host_data_credentials(project: Path) -> str:
+    """The credentials file the stack's replicas fetch s3:// data with: this machine's AWS credentials, as boto3 finds
+    them (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile), never the project's files."""
+    import boto3  # the dev venv's (requirements-dev.lock)
+
+    found = boto3.session.Session().get_credentials()
+    if found is None:
+        raise LocalStackError(
+            f"MODEL={project}: model.data is an s3:// object and no AWS credentials are set here: export "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for a user that may read it"
+        )
+    frozen = found.get_frozen_credentials()
+    return credentials_file_text(frozen.access_key, frozen.secret_key, frozen.token)
+
+
 def stack_tokens(state_dir: Path) -> dict[str, str]:
     """The local stack's bearer tokens, made once into the state dir (on the VM they come from the program as swarm
     secrets): admin-token for /admin, ingest-token for POST /observations."""
@@ -211,8 +228,11 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     client = engine()
     started = time.monotonic()
     say("building images (cached after the first run)…")
+    data_credentials = None
     if options.model_project is not None:
         images.check_project(options.model_project)  # before anything is built or stopped
+        if data_needs_credentials(options.model_project):
+            data_credentials = host_data_credentials(options.model_project)
     built = images.build_stack_images(client, progress=say)
     if options.model_project is not None:
         say(f"image model-project: building from {options.model_project}…")
@@ -228,7 +248,9 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     _remove_pre_swarm_containers(client)
     # Pebble reaches Traefik on the overlay by its alias: the ports Traefik listens on inside its container.
     pebble_dir = pebble_files(options.state_dir, (WEB_PORT, WEBSECURE_PORT))
-    inputs = local_inputs(options, built, pebble_dir / "ca.pem")
+    inputs = local_inputs(options, built, pebble_dir / "ca.pem").model_copy(
+        update={"data_credentials": data_credentials is not None}
+    )
     spec = build_stack(inputs)
     ensure_network(client, spec.network)
     run_pebble(client, built["pebble"], pebble_dir, spec.network)
@@ -247,6 +269,9 @@ def up(options: LocalOptions | None = None, *, quiet: bool = False) -> LocalStac
     tokens = stack_tokens(options.state_dir)
     if spec.monitoring is not None:
         tokens[ALERTMANAGER_CONFIG_SECRET] = spec.monitoring.alertmanager_config(AlertRoutes(options.alert_webhook_url))
+    if data_credentials is not None:
+        tokens[DATA_CREDENTIALS_SECRET] = data_credentials
+        say(f"{FIRST_TRAINING_JOB}: the project's s3:// data is fetched with your AWS credentials (a swarm secret)")
     say(f"deploying: {', '.join(service.name for service in spec.services)} (rolling, start-first)…")
     rollout = deploy_stack(client, spec, tokens)  # what the VM gets, over ssh:// there
     say(f"{MODEL_SERVICE}: {rollout.action} in {rollout.seconds} s; waiting for {url}/health over verified HTTPS…")

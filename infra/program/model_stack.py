@@ -19,10 +19,11 @@ import pulumi_command as command
 import pulumi_docker as docker
 import pulumi_random as random
 
-from infra.config.keys import DeployConfig
+from infra.config.keys import DeployConfig, error
 from infra.config.project import PROJECT_DOCKERFILE
 from infra.host.backup import INSTALL_CREDENTIALS, credentials_bundle, host_setup_parts, load_pending_dump
 from infra.host.deploy import docker_ssh_options, platform_for, smoke_command
+from infra.host.jobs import run_job_command
 from infra.host.setup import (
     INSTALL_HEARTBEAT_URL,
     REMOVE_HEARTBEAT_URL,
@@ -34,6 +35,7 @@ from infra.program.cluster import Cluster
 from infra.program.dns_challenge import install_token_command, scoped_token
 from infra.program.docker_resources import container, service, swarm_secret, swarm_token
 from infra.program.host import Host
+from infra.spec.data_access import DATA_CREDENTIALS_SECRET, FIRST_TRAINING_TIMEOUT_S
 from infra.spec.monitoring import ALERTMANAGER_CONFIG_SECRET
 from infra.spec.postgres import database_url
 from infra.spec.stack import (
@@ -238,6 +240,10 @@ class ModelStack(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[postgres]),
             )
             model_dependencies.append(self.pending_dump)
+        if spec.first_training is not None:
+            model_dependencies.append(
+                self._first_training(name, cfg, spec, host, model_image_ref, secrets, on_host, model_dependencies)
+            )
         self.model = service(
             f"{name}-model",
             spec.model,
@@ -258,6 +264,44 @@ class ModelStack(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.traefik, self.model, host.dns_a, host.dns_aaaa]),
         )
         self.register_outputs({})
+
+    def _first_training(
+        self,
+        name: str,
+        cfg: DeployConfig,
+        spec: StackSpec,
+        host: Host,
+        image: pulumi.Input[str],
+        secrets: dict[str, docker.Secret],
+        on_host: pulumi.ResourceOptions,
+        after: Sequence[pulumi.Resource],
+    ) -> command.remote.Command:
+        """A project whose data needs credentials: the credentials as a swarm secret (added to ``secrets``, the
+        replicas mount it), and the job that trains the first version onto the data volume with it, run again for
+        each new image (it keeps a registry that has a version)."""
+        job = spec.first_training
+        assert job is not None
+        credentials = cfg.data_credentials
+        if credentials is None:
+            raise error("dataAccessKeyId", "is required: the model project's data is an s3:// object")
+        self.data_secret = swarm_secret(
+            f"{name}-data-credentials", DATA_CREDENTIALS_SECRET, pulumi.Output.secret(credentials), on_host
+        )
+        secrets[DATA_CREDENTIALS_SECRET] = self.data_secret
+        self.first_training = command.remote.Command(
+            f"{name}-first-training",
+            connection=host.connection,
+            create=pulumi.Output.all(image, self.data_secret.name).apply(
+                lambda resolved: run_job_command(
+                    job, resolved[0], spec.network, {DATA_CREDENTIALS_SECRET: resolved[1]}, FIRST_TRAINING_TIMEOUT_S
+                )
+            ),
+            triggers=[image, self.data_secret.name],
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[self.host_setup, self.network, self.data_secret, *after]
+            ),
+        )
+        return self.first_training
 
     def _monitoring(
         self, name: str, cfg: DeployConfig, spec: StackSpec, platform: str, on_host: pulumi.ResourceOptions

@@ -78,6 +78,8 @@ class StackInputs(BaseModel):
         4096, ge=1024, description="the smallest node's memory: the containers' limits follow it"
     )
     acme_challenge: Literal["tls", "dns"] = "tls"  # dns: Cloudflare DNS-01, the token in DNS_TOKEN_FILE
+    # The model project's data needs credentials (s3://): a swarm secret for the replicas, a first training job.
+    data_credentials: bool = False
     # Addresses whose PROXY protocol header Traefik trusts (a load balancer in front); empty: none is read.
     proxy_protocol_ips: tuple[str, ...] = ()
     public_docs: bool = True  # /docs, /redoc and /openapi.json routed from the internet

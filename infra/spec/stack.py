@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from infra.spec.data_access import first_training_job, with_data_credentials
 from infra.spec.docker_api import (
     DOCKER_API_CONFIG_FILE,
     DOCKER_API_CONFIG_PATH,
@@ -444,6 +445,8 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         placement_prefs=(PLACEMENT_SPREAD,) if inputs.nodes > 1 else (),
         max_replicas_per_node=replicas_per_node(inputs) + 1 if inputs.nodes > 1 else None,
     )
+    if inputs.data_credentials:
+        model = with_data_credentials(model, MODEL_UID)
     return StackSpec(
         network=NETWORK,
         traefik=traefik,
@@ -465,6 +468,7 @@ def build_stack(inputs: StackInputs) -> StackSpec:
         domain=inputs.domain,
         postgres=postgres_service(inputs, root) if clustered else None,
         monitoring=monitoring_services(inputs, root, monitoring_files(inputs, root)),
+        first_training=first_training_job(model, model.env["MLAPI_DATA_DIR"]) if inputs.data_credentials else None,
     )
 
 

@@ -120,6 +120,7 @@ class ServiceSpec(Workload):
     user: str | None = None  # uid:gid; None: the image's own
     init: bool = True  # tini as PID 1, so a signal to the task reaches uvicorn
     global_mode: bool = False  # one task on every node (the node exporter) instead of ``replicas``
+    job: bool = False  # run once to completion (swarm's replicated-job), not kept running
     # A replica holds the model and, while it retrains, the observations it fits on (bounded by the row cap).
     confinement: Confinement = Confinement(memory_bytes=1024 * MiB)
 
@@ -193,6 +194,8 @@ class StackSpec:
     config_files: tuple[ConfigFile, ...] = ()  # Traefik's dynamic configuration, the Docker API proxy's
     postgres: ServiceSpec | None = None  # with workers: the shared store of models and logs, on the manager
     monitoring: MonitoringSpec | None = None
+    # A project whose data needs credentials: its first version, trained before the model service starts.
+    first_training: ServiceSpec | None = None
 
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
@@ -203,8 +206,9 @@ class StackSpec:
 
     @property
     def secret_bases(self) -> tuple[str, ...]:
-        """Every swarm secret the services mount, by base name."""
-        return tuple(dict.fromkeys(item.secret for service in self.services for item in service.secrets))
+        """Every swarm secret the services (and the first training job) mount, by base name."""
+        mounting = (*self.services, *((self.first_training,) if self.first_training else ()))
+        return tuple(dict.fromkeys(item.secret for service in mounting for item in service.secrets))
 
     @property
     def volumes(self) -> tuple[str, ...]:

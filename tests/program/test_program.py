@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ from tests.support.pulumi_harness import (
     plaintext_strings,
     run_program,
 )
+from tests.support.s3 import S3Server, penguins_in_s3, s3_server
 
 
 @pytest.fixture(scope="module")
@@ -907,6 +909,61 @@ def test_a_project_that_cannot_be_served_fails_the_program_before_anything_is_de
         run_program({**VALID_CONFIG, "modelProject": str(project)})
     with pytest.raises(Exception, match=r"modelProject: .*no mlapi.toml here"):
         run_program({**VALID_CONFIG, "modelProject": "examples"})
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+def test_a_project_with_s3_data_gets_its_credentials_as_a_secret_and_a_first_training_job(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3:// data: the app's check fetches it with the configured key (a wrong key fails the program), the key
+    becomes a swarm secret the replicas mount, and a job run on the host before the service trains the first version
+    with it (the image build cannot: an image never holds credentials)."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(s3.certificate))
+    project = penguins_in_s3(tmp_path / "penguins", s3)
+    config = {**VALID_CONFIG, "modelProject": str(project)}
+    with pytest.raises(Exception, match=r"configuration 'dataAccessKeyId' .*is required: the model project's data is"):
+        run_program(config)
+    assert_config_refused({**VALID_CONFIG, "dataAccessKeyId": "AKIAEXAMPLE1"}, "dataSecretAccessKey", "is required")
+    keys = {"dataAccessKeyId": s3.reader_keys["aws_access_key_id"]}
+    with pytest.raises(Exception, match=r"modelProject: .*penguins/penguins.csv answered HTTP 403"):
+        run_program({**config, **keys, "dataSecretAccessKey": "not-the-secret"})
+
+    secret_key = s3.reader_keys["aws_secret_access_key"]
+    served = run_program({**config, **keys, "dataSecretAccessKey": secret_key})
+    secret = served.one(SECRET, "-data-credentials")
+    assert base64.urlsafe_b64decode(secret.inputs["data"]).decode() == s3.credentials_text()
+    assert secret.inputs["name"].startswith("mlapi-data-credentials-")
+    model = served.one(SERVICE, "-model").inputs["taskSpec"]["containerSpec"]
+    assert {"fileName": "data_credentials", "secretId": secret.id, "secretName": secret.inputs["name"]}.items() <= {
+        **next(s for s in model["secrets"] if s["secretName"] == secret.inputs["name"]),
+        "fileName": "data_credentials",
+    }.items()
+    assert model["env"]["MLAPI_DATA_CREDENTIALS_FILE"] == "/run/secrets/data_credentials"
+    assert model["env"]["AWS_EC2_METADATA_DISABLED"] == "true"
+
+    job = served.one(REMOTE, "-first-training")
+    script = job.inputs["create"]
+    image = served.one(IMAGE, "-model-project-image").inputs["imageName"]
+    arguments = script.split("JOB_ARGS='", 1)[1].split("'\n", 1)[0].splitlines()
+    assert arguments[-7:] == [image, "python", "-m", "app", "train", "--into", "/data"]
+    for expected in (
+        "--network", "mlapi", "--restart-condition", "none", "--read-only", "--init",
+        "--constraint", "node.role==manager", "type=bind,source=/srv/mlapi/model,target=/data",
+        f"source={secret.inputs['name']},target=data_credentials,uid=10001,gid=10001,mode=0400",
+        "MLAPI_DATA_CREDENTIALS_FILE=/run/secrets/data_credentials",
+    ):  # fmt: skip
+        assert expected in arguments, expected
+    assert not any("TOKEN_FILE" in argument or "DATABASE" in argument for argument in arguments)  # nothing else
+    assert 'docker service create --quiet --detach --name "$JOB" --mode replicated-job' in script
+    assert all(secret_key not in text for text in plaintext_strings(job.wire))
+    assert all(secret_key not in text for text in plaintext_strings(secret.wire))
+    assert "mlapi-dev-first-training" in {d._name for d in served.one(SERVICE, "-model").opts.depends_on}
+    assert not [r for r in run_program(VALID_CONFIG).of_type(REMOTE) if r.name.endswith("-first-training")]
 
 
 # -- monitoring ------------------------------------------------------------------------------------------------------

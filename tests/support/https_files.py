@@ -55,13 +55,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """(key, certificate) for 127.0.0.1, valid for a day: a server's own CA for a test to trust."""
+def self_signed(directory: Path, names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(key, certificate) for 127.0.0.1 (and the DNS ``names``), valid for a day: a server's own CA for a test to
+    trust."""
     directory.mkdir(parents=True, exist_ok=True)
     key, certificate = directory / "key.pem", directory / "cert.pem"
+    alternatives = ",".join(["IP:127.0.0.1", *(f"DNS:{name}" for name in names)])
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-subj", "/CN=127.0.0.1", "-addext", f"subjectAltName={alternatives}",
          "-keyout", str(key), "-out", str(certificate)],
         check=True,
         capture_output=True,

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from app.datasource import CREDENTIALS_ENV
 from app.project import PROJECT_FILE, ProjectError, load_project
+from tests.support.demand import PROJECT, demand_csv, sha
 from tests.support.s3 import BUCKET, REGION, S3Server, s3_server
 from tests.support.service import admin_headers
-from tests.unit.test_data_url import PROJECT, demand_csv, sha
 
 REPO = Path(__file__).resolve().parents[2]
 

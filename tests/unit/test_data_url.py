@@ -5,9 +5,6 @@ message."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,37 +18,9 @@ from app.project import PROJECT_FILE, ProjectError, load_project
 from app.registry import Registry
 from app.settings import Settings
 from app.training import development_and_holdout
+from tests.support.demand import PROJECT, demand_csv, sha
 from tests.support.https_files import Served, https_files
 from tests.support.service import admin_headers, metric_value
-
-PROJECT = """[model]
-name = "demand"
-task = "regression"
-target = "demand"
-data = "{url}"
-{more}
-[features]
-temperature = "number"
-weekday = {{ type = "category", values = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] }}
-"""
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-def demand_csv(n_rows: int, seed: int = 0, order: np.ndarray | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    rows = [
-        [
-            round(15 + 10 * np.sin(i / 20) + rng.normal(), 3),
-            DAYS[i % 7],
-            round(200 + 8 * (15 + 10 * np.sin(i / 20)) + rng.normal(0, 5), 3),
-        ]
-        for i in range(n_rows)
-    ]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["temperature", "weekday", "demand"])
-    writer.writerows(rows if order is None else [rows[i] for i in order])
-    return out.getvalue().encode()
 
 
 @pytest.fixture
@@ -65,10 +34,6 @@ def project_at(directory: Path, url: str, more: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / PROJECT_FILE).write_text(PROJECT.format(url=url, more=more))
     return directory
-
-
-def sha(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
 
 
 def test_the_data_is_fetched_at_start_and_at_each_retrain(
