@@ -3,11 +3,15 @@ one-shot job (an image never holds the credentials, so the build cannot): throug
 (infra/host/scripts/run-job.sh, `pulumi up`'s step) and through the local engine's run_job (`make local-up`, the
 stand-in), against moto in a container on the stack's network checking every signature. The job gets the data's
 swarm secret and nothing else of the replica's; a wrong key fails the deploy with the store's answer and trains
-nothing; a second run keeps the version it finds."""
+nothing; a second run keeps the version it finds. Then the model service starts from that version (no replica
+trains) and a retrain, asked for the way the host's cron asks (`mlapi-app retrain`), fetches the object again with
+the secret the replicas mount."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,13 +22,22 @@ import pytest
 
 from infra.host.jobs import run_job_command
 from infra.local import images
-from infra.local.engine import ensure_network, ensure_secret, ensure_swarm, remove_unused_secrets, run_job
+from infra.local.engine import (
+    apply_service,
+    ensure_network,
+    ensure_secret,
+    ensure_swarm,
+    remove_service,
+    remove_unused_secrets,
+    run_job,
+)
 from infra.local.stack import prepare_host
 from infra.spec.data_access import DATA_CREDENTIALS_SECRET, FIRST_TRAINING_JOB
 from infra.spec.inputs import StackInputs
-from infra.spec.stack import NETWORK, build_stack
-from infra.spec.types import Mount
+from infra.spec.stack import ADMIN_SECRET, INGEST_SECRET, MODEL_SERVICE, NETWORK, build_stack
+from infra.spec.types import Mount, ServiceSpec
 from testbed.stack import docker_engine
+from tests.support.projects import EXAMPLES
 from tests.support.s3 import S3Server, penguins_in_s3, s3_container
 
 pytestmark = pytest.mark.stack
@@ -38,7 +51,9 @@ def engine() -> Iterator[Engine]:
     ensure_swarm(client)
     ensure_network(client, NETWORK)
     yield client, images.build_stack_images(client)
-    remove_unused_secrets(client, DATA_CREDENTIALS_SECRET, keep="")
+    remove_service(client, MODEL_SERVICE)
+    for base in (DATA_CREDENTIALS_SECRET, ADMIN_SECRET, INGEST_SECRET):
+        remove_unused_secrets(client, base, keep="")
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +81,16 @@ def test_the_first_training_job_trains_from_s3_with_the_data_secret_only(
     )
     prepare_host(client, spec, data_root, built["base"])
     assert spec.first_training is not None
-    # Only here: this S3 has its own CA, which the job is told to trust.
-    job = replace(
-        spec.first_training,
-        env={**spec.first_training.env, "AWS_CA_BUNDLE": "/tls/cert.pem"},
-        mounts=(*spec.first_training.mounts, Mount(str(s3.certificate.parent), "/tls", read_only=True)),
-    )
+
+    def trusting_s3(workload: ServiceSpec) -> ServiceSpec:
+        """Only here: this S3 has its own CA, which the job and the replicas are told to trust."""
+        return replace(
+            workload,
+            env={**workload.env, "AWS_CA_BUNDLE": "/tls/cert.pem"},
+            mounts=(*workload.mounts, Mount(str(s3.certificate.parent), "/tls", read_only=True)),
+        )
+
+    job = trusting_s3(spec.first_training)
     registry = data_root / "model" / "projects"
 
     wrong = ensure_secret(
@@ -101,3 +120,27 @@ def test_the_first_training_job_trains_from_s3_with_the_data_secret_only(
     assert again.returncode == 0 and f"{FIRST_TRAINING_JOB}: complete" in again.stdout, again.stdout + again.stderr
     assert '"version": "v0001"' in again.stdout  # kept, not trained again
     assert not client.services.list(filters={"name": FIRST_TRAINING_JOB})  # each run removed its service
+
+    # The replicas: they start from the job's version, and retrain from the object with the secret they mount.
+    remove_service(client, MODEL_SERVICE)
+    tokens = {ADMIN_SECRET: secrets.token_urlsafe(24), INGEST_SECRET: secrets.token_urlsafe(24)}
+    mounted = {base: ensure_secret(client, base, value) for base, value in tokens.items()}
+    model = replace(trusting_s3(spec.model), replicas=1)
+    assert apply_service(client, model, NETWORK, {**mounted, DATA_CREDENTIALS_SECRET: right}).action == "created"
+    logs = b"".join(client.services.get(MODEL_SERVICE).logs(stdout=True, stderr=True)).decode()
+    assert "in the serving process" not in logs, logs[-2000:]
+
+    def mlapi_app(*arguments: str) -> subprocess.CompletedProcess[str]:
+        """The host's `mlapi-app` (spec.app_script), as cron runs it."""
+        return subprocess.run(
+            ["sh", "-s", "--", *arguments], input=spec.app_script, capture_output=True, text=True, timeout=600
+        )
+
+    versions = json.loads(mlapi_app("versions").stdout)
+    assert versions["current"] == "v0001" and [v["version"] for v in versions["versions"]] == ["v0001"], versions
+    fewer = b"".join((EXAMPLES / "penguins" / "data" / "penguins.csv").read_bytes().splitlines(keepends=True)[:300])
+    s3.put("penguins/penguins.csv", fewer)
+    retrained = mlapi_app("retrain")
+    outcome = json.loads(retrained.stdout)
+    assert outcome["data_sha256"] == hashlib.sha256(fewer).hexdigest(), retrained.stdout + retrained.stderr
+    assert outcome["outcome"] in ("promoted", "rejected"), outcome
