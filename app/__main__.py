@@ -165,22 +165,30 @@ def _install_requirements(into: str) -> int:
     return 0
 
 
-def _init(data: str, project: str | None, target: str, task: str | None, name: str | None, ignore: list[str]) -> int:
+def _init(args: argparse.Namespace) -> int:
     """Write ``mlapi.toml`` with the schema inferred from the data, for the user to review."""
     from pathlib import Path
 
+    from app.datasource import is_url
     from app.project import PARQUET_READER, PARQUET_REQUIREMENTS, PROJECT_FILE, ProjectError, data_format, init_project
 
+    data, project = args.data, args.project
+    if is_url(data) and not project:
+        print("error: --project: name the directory mlapi.toml goes to (the data is a URL)", file=sys.stderr)
+        return 1
     directory = Path(project) if project else Path(data).parent
     destination = directory / PROJECT_FILE
     if destination.exists():
         print(f"{destination} exists; nothing written (remove it to infer the schema again)", file=sys.stderr)
         return 1
     try:
-        text = init_project(directory, Path(data), target, task, name, ignore)
+        text = init_project(
+            directory, data, args.target, args.task, args.name, args.ignore, args.data_endpoint, args.data_region
+        )
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    directory.mkdir(parents=True, exist_ok=True)  # a new project for data from a URL
     destination.write_text(text)
     print(f"wrote {destination}: review the feature types, then: MLAPI_MODEL_PROJECT={directory} python -m app serve")
     if data_format(data) == "parquet":  # the model image reads Parquet only with the project's own pyarrow
@@ -219,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     init = commands.add_parser(
         "init", help="write mlapi.toml for a CSV or Parquet file, with the schema inferred from it"
     )
-    init.add_argument("data", help="the training data (CSV or Parquet), inside the project directory")
+    init.add_argument(
+        "data", help="the training data (CSV or Parquet): a file in the project directory, or an https:// or s3:// URL"
+    )
     init.add_argument("--project", help="the project directory (default: the data file's directory)")
+    init.add_argument("--data-endpoint", help="s3:// data in an S3-compatible store: its https endpoint")
+    init.add_argument("--data-region", help="s3:// data: the bucket's region")
     init.add_argument("--target", required=True, help="the column to predict")
     init.add_argument("--task", choices=("regression", "classification"), help="default: from the target's values")
     init.add_argument("--name", help="the model's name in the API (default: the directory's name)")
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-model":
         return _import_model(args.source, args.project, args.name)
     if args.command == "init":
-        return _init(args.data, args.project, args.target, args.task, args.name, args.ignore)
+        return _init(args)
     if args.command == "retrain":
         return _retrain()
     if args.command == "metrics":

@@ -606,6 +606,9 @@ def render_project_file(model: ModelSection, features: dict[str, FeatureSpec]) -
         f"target = {json.dumps(model.target)}",
         f"data = {json.dumps(model.data)}",
     ]
+    for key in ("data_endpoint", "data_region"):
+        if getattr(model, key) is not None:
+            lines.append(f"{key} = {json.dumps(getattr(model, key))}")
     if model.ignore:
         lines.append(f"ignore = {json.dumps(model.ignore)}")
     if model.requirements:
@@ -628,15 +631,39 @@ def render_project_file(model: ModelSection, features: dict[str, FeatureSpec]) -
 
 
 def init_project(
-    directory: Path, data: Path, target: str, task: str | None, name: str | None, ignore: list[str]
+    directory: Path,
+    data: str | Path,
+    target: str,
+    task: str | None,
+    name: str | None,
+    ignore: list[str],
+    data_endpoint: str | None = None,
+    data_region: str | None = None,
 ) -> str:
-    """The text of an ``mlapi.toml`` in ``directory`` for ``data``, which must lie inside it."""
-    if not data.resolve().is_relative_to(directory.resolve()):
-        raise ProjectError(f"{data}: the data must be inside the project directory {directory} (copy it there)")
-    relative = data.resolve().relative_to(directory.resolve()).as_posix()
-    frame = read_raw(data)
+    """The text of an ``mlapi.toml`` in ``directory`` for ``data``: a file inside it, or an https:// or s3:// URL
+    (fetched once here to infer the schema, as the service fetches it; ``data_endpoint`` and ``data_region``: where
+    s3:// data is served from)."""
+    where = {"data_endpoint": data_endpoint, "data_region": data_region}
+    given = {key: value for key, value in where.items() if value is not None}
+    data = str(data)
+    if is_url(data):
+        try:  # validated as the project will be, and fetched with the project's limits
+            probe = ModelSection(name="init", task="regression", target=target, data=data, **given)
+        except ValidationError as exc:
+            raise ProjectError(_describe(exc, "init")) from None
+        with tempfile.TemporaryDirectory(prefix="mlapi-init-") as cache:
+            copy, _ = fetched(probe, Path("init"), Path(cache), stale_ok=False)
+            frame = read_raw(copy, label=probe.data_label)
+        reference, shown = data, probe.data_label
+    else:
+        path = Path(data)
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise ProjectError(f"{data}: the data must be inside the project directory {directory} (copy it there)")
+        reference = path.resolve().relative_to(directory.resolve()).as_posix()
+        frame = read_raw(path)
+        shown = path.name
     if target not in frame.columns:
-        raise ProjectError(f"--target: column {target!r} is not in {data.name} (its columns: {list(frame.columns)})")
+        raise ProjectError(f"--target: column {target!r} is not in {shown} (its columns: {list(frame.columns)})")
     values = [v for v in frame[target] if v is not None]
     if task is None:  # a numeric target with many values is a regression; text or few values, classes
         numeric = all(_as_number(v) is not None for v in values)
@@ -645,8 +672,8 @@ def init_project(
     default_name = "".join(c if c.isalnum() else "-" for c in directory.resolve().name.lower()).strip("-") or "model"
     try:
         model = ModelSection(
-            name=name or default_name[:63], task=task, target=target, data=relative, ignore=ignore,
-            requirements=PARQUET_REQUIREMENTS if data_format(relative) == "parquet" else None,
+            name=name or default_name[:63], task=task, target=target, data=reference, ignore=ignore,
+            requirements=PARQUET_REQUIREMENTS if data_format(reference) == "parquet" else None, **given,
         )  # fmt: skip
     except ValidationError as exc:
         raise ProjectError(_describe(exc, "init")) from None

@@ -152,3 +152,33 @@ def test_the_image_build_leaves_s3_data_to_the_training_job_which_reads_credenti
     assert json.loads(job.stdout)["version"] == "v0001"
     again = app("train", "--into", str(tmp_path / "data"), stdin=reader.read_text())  # a second deploy: kept
     assert again.returncode == 0 and json.loads(again.stdout)["version"] == "v0001"
+
+
+def test_init_infers_the_schema_of_an_s3_object_and_writes_where_it_is(
+    s3: S3Server, reader: Path, tmp_path: Path
+) -> None:
+    """`python -m app init s3://…`: the object fetched once, as the service will, to infer the schema; mlapi.toml
+    names the URL and the store, and the project it describes passes `check`."""
+    s3.put("init/demand.csv", demand_csv(200))
+    project = tmp_path / "demand"
+    env = {**os.environ, "MLAPI_DATA_DIR": str(tmp_path / "data")}
+
+    def app(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, cwd=REPO)
+
+    url = f"s3://{BUCKET}/init/demand.csv"
+    nowhere = app("init", url, "--target", "demand")
+    assert nowhere.returncode == 1 and "--project: name the directory mlapi.toml goes to" in nowhere.stderr
+    written = app("init", url, "--project", str(project), "--target", "demand",
+                  "--data-endpoint", s3.endpoint, "--data-region", REGION)  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    toml = (project / PROJECT_FILE).read_text()
+    assert f'data = "{url}"\ndata_endpoint = "{s3.endpoint}"\ndata_region = "{REGION}"\n' in toml, toml
+    assert 'task = "regression"' in toml and '"temperature" = { type = "number" }' in toml
+    assert '"weekday" = { type = "category", values = ["fri", "mon", "sat", "sun", "thu", "tue", "wed"] }' in toml
+    env["MLAPI_MODEL_PROJECT"] = str(project)
+    checked = app("check")
+    assert checked.returncode == 0 and "demand: regression, 200 rows" in checked.stdout, checked.stderr
+    missing = app("init", f"s3://{BUCKET}/init/none.csv", "--project", str(tmp_path / "other"), "--target", "demand",
+                  "--data-endpoint", s3.endpoint, "--data-region", REGION)  # fmt: skip
+    assert missing.returncode == 1 and "init/none.csv answered HTTP 404 NoSuchKey" in missing.stderr, missing.stderr
