@@ -18,7 +18,7 @@ from typing import Any
 
 CHUNK = 1 << 20
 # An AWS credentials file ([default] aws_access_key_id, aws_secret_access_key, optional aws_session_token) for s3://
-# data: a swarm secret in the stack, the deploy's stdin for its training job. Unset: boto3's own chain (the
+# data: a swarm secret in the stack (the replicas and the first-training job mount it). Unset: boto3's own chain (the
 # environment, ~/.aws, a profile), which is what a laptop has.
 CREDENTIALS_ENV = "MLAPI_DATA_CREDENTIALS_FILE"
 

@@ -2,7 +2,8 @@
 store): fetched with the credentials in MLAPI_DATA_CREDENTIALS_FILE (else boto3's own chain) at start and at each
 retrain, over verified TLS, bounded in size; its hash kept with each version; a refusal names the key and never a
 secret. The image build leaves such a project's first version to the deploy's training job, which gets the
-credentials on its stdin. The S3 here is moto's server, checking every signature against IAM."""
+credentials as the replicas get them (a file: the swarm secret). The S3 here is moto's server, checking every
+signature against IAM."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_an_inconsistent_s3_project_names_the_key(tmp_path: Path, data: str, mor
     assert says in str(refused.value), str(refused.value)
 
 
-def test_the_image_build_leaves_s3_data_to_the_training_job_which_reads_credentials_on_stdin(
+def test_the_image_build_leaves_s3_data_to_the_training_job_which_has_the_credentials(
     s3: S3Server, reader: Path, tmp_path: Path
 ) -> None:
     """The two commands of app/Dockerfile.project and of the deploy's training job (infra/spec/stack.py)."""
@@ -134,23 +135,21 @@ def test_the_image_build_leaves_s3_data_to_the_training_job_which_reads_credenti
     env = {**os.environ, "MLAPI_MODEL_PROJECT": str(project), "MLAPI_DATA_DIR": str(tmp_path / "data")}
     env.pop(CREDENTIALS_ENV)
 
-    def app(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app", *args], env=env, input=stdin, capture_output=True, text=True, cwd=REPO
-        )
+    def app(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, cwd=REPO)
 
     at_build = app("train", "--at-build", "--into", str(tmp_path / "image"))
     assert at_build.returncode == 0, at_build.stderr
     assert "s3:// data needs credentials, which an image must never hold" in at_build.stderr
     assert not (tmp_path / "image").exists()
 
-    job = app("train", "--into", str(tmp_path / "data"), stdin=reader.read_text())
-    assert job.returncode == 2 and "no credentials for S3" in job.stderr  # the job without its stdin credentials
-    env[CREDENTIALS_ENV] = "/dev/stdin"
-    job = app("train", "--into", str(tmp_path / "data"), stdin=reader.read_text())
+    job = app("train", "--into", str(tmp_path / "data"))
+    assert job.returncode == 2 and "no credentials for S3" in job.stderr  # a job without the secret
+    env[CREDENTIALS_ENV] = str(reader)
+    job = app("train", "--into", str(tmp_path / "data"))
     assert job.returncode == 0, job.stderr
     assert json.loads(job.stdout)["version"] == "v0001"
-    again = app("train", "--into", str(tmp_path / "data"), stdin=reader.read_text())  # a second deploy: kept
+    again = app("train", "--into", str(tmp_path / "data"))  # a second deploy: kept
     assert again.returncode == 0 and json.loads(again.stdout)["version"] == "v0001"
 
 
