@@ -128,13 +128,14 @@ def _train(dataset: Dataset, into: str | None) -> int:
 
 def _data_needs_credentials() -> bool:
     """Whether the configured project's data is an s3:// URL (read from mlapi.toml alone, nothing fetched)."""
+    from app.datasource import needs_credentials
     from app.project import ProjectError, read_project_file
 
     directory = get_settings().model_project
     if directory is None:
         return False
     try:
-        return read_project_file(directory).model.data.lower().startswith("s3://")
+        return needs_credentials(read_project_file(directory).model.data)
     except ProjectError:
         return False  # the training that follows names what is wrong
 

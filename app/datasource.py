@@ -31,6 +31,11 @@ def is_url(value: str) -> bool:
     return "://" in value
 
 
+def needs_credentials(url: str) -> bool:
+    """Data read with credentials of the stack's own (an s3:// object), not from the URL alone."""
+    return urllib.parse.urlsplit(url).scheme == "s3"
+
+
 def redacted(url: str) -> str:
     """The URL without a user, password or query: presigned URLs carry their credentials there."""
     parts = urllib.parse.urlsplit(url)
@@ -63,10 +68,9 @@ class S3Location:
 def fetch(url: str, destination: Path, *, max_bytes: int, timeout_s: float, s3: S3Location | None = None) -> str:
     """Download ``url`` to ``destination`` (replaced whole, or left as it was) and return the content's sha256.
     ``timeout_s`` bounds the whole download, not only each read."""
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme == "s3":
+    if needs_credentials(url):
         return _fetch_s3(url, destination, max_bytes, timeout_s, s3 or S3Location())
-    if scheme != "https":
+    if urllib.parse.urlsplit(url).scheme != "https":
         raise FetchError(f"{redacted(url)}: only https:// and s3:// URLs are fetched")
     return _fetch_https(url, destination, max_bytes, timeout_s)
 

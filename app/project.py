@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.datasource import FetchError, S3Location, fetch, is_url, redacted, s3_object
+from app.datasource import FetchError, S3Location, fetch, is_url, needs_credentials, redacted, s3_object
 from app.requirements import Pin, RequirementsError, parse_pins, service_versions, to_install
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class ModelSection(BaseModel):
 
     @model_validator(mode="after")
     def s3_keys_only_for_s3(self) -> ModelSection:
-        if not self.data.lower().startswith("s3://"):
+        if not needs_credentials(self.data):
             given = [key for key in ("data_endpoint", "data_region") if getattr(self, key) is not None]
             if given:
                 raise ValueError(f"{' and '.join(given)} apply to s3:// data only, and model.data is {self.data_label}")

@@ -236,9 +236,16 @@ def service_args(spec: ServiceSpec, network: str, secrets: dict[str, tuple[str, 
         else api.ServiceMode("replicated-job", concurrency=1)
         if spec.job
         else api.ServiceMode("replicated", replicas=spec.replicas),
-        "update_config": _rollout(spec.update, api.UpdateConfig),
-        "rollback_config": _rollout(spec.rollback, api.RollbackConfig),
-        "endpoint_spec": api.EndpointSpec(mode=spec.endpoint_mode),
+        # A job is never updated, rolled back or reached.
+        **(
+            {}
+            if spec.job
+            else {
+                "update_config": _rollout(spec.update, api.UpdateConfig),
+                "rollback_config": _rollout(spec.rollback, api.RollbackConfig),
+                "endpoint_spec": api.EndpointSpec(mode=spec.endpoint_mode),
+            }
+        ),
     }
 
 
@@ -352,10 +359,7 @@ def run_job(
     (infra/host/scripts/run-job.sh): a previous run's service is replaced; its output is returned, or raised with
     swarm's error when the task failed or did not finish within ``timeout`` seconds. The service is removed after."""
     remove_service(client, spec.name)
-    args = service_args(spec, network, secrets)
-    for unused in ("update_config", "rollback_config", "endpoint_spec"):  # a job is never updated or reached
-        args.pop(unused)
-    client.api.create_service(**args)
+    client.api.create_service(**service_args(spec, network, secrets))
     deadline, state = time.monotonic() + timeout, "new"
     try:
         while time.monotonic() < deadline:
